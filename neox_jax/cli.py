@@ -1,0 +1,106 @@
+"""`neox-jax`: convert | info | demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _model_config(name_or_path: str):
+    """NeoXConfig from a preset name, a Hugging Face folder/config.json, a neox_jax checkpoint or NeoX YAML."""
+    from neox_jax import checkpoint
+    from neox_jax.config import PRESETS, NeoXConfig
+
+    p = Path(name_or_path)
+    if name_or_path.lower().removeprefix("eleutherai/") in PRESETS and not p.exists():
+        return NeoXConfig.preset(name_or_path)
+    if checkpoint.is_params_checkpoint(p):
+        return checkpoint.load_config(p)
+    if p.suffix in (".yml", ".yaml"):
+        return NeoXConfig.from_neox_yaml(p)
+    if p.exists():
+        return NeoXConfig.from_hf(p)
+    raise SystemExit(f"error: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+
+
+def cmd_info(args):
+    import jax
+    from flax import nnx
+
+    from neox_jax.model import GPTNeoX
+
+    cfg = _model_config(args.model)
+    print(f"{args.model}")
+    for field, value in cfg.to_dict().items():
+        print(f"  {field:26s} {value}")
+    print(f"  {'head_dim':26s} {cfg.head_dim}\n  {'rotary_ndims':26s} {cfg.rotary_ndims}")
+    abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0)))
+    print("\nparameters (shape, logical axes):")
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        name = ".".join(str(k) for k in path)
+        print(f"  {name:42s} {str(tuple(var.value.shape)):26s} {var.get_metadata().get('out_sharding')}")
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    print(f"\ntotal parameters: {total:,} ({total / 1e6:.1f}M)")
+
+
+def cmd_convert(args):
+    from flax import nnx
+
+    from neox_jax import checkpoint
+    from neox_jax.convert import hf
+    from neox_jax.pretrained import from_pretrained
+
+    t0 = time.perf_counter()
+    if args.direction == "hf-to-orbax":
+        model = from_pretrained(args.src, param_dtype=args.dtype or "float32", show_progress=True)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        out = checkpoint.save_params_checkpoint(args.dst, params, model.config)
+    else:
+        params, config = checkpoint.load_params_checkpoint(args.src)
+        out = hf.save_params(params, config, args.dst, dtype=args.dtype, show_progress=True)
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+
+
+def cmd_demo(args):
+    from neox_jax.demo import run_demo
+
+    run_demo(args.out, args.preset)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="neox-jax", description="GPT-NeoX / Pythia in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="print a model's config, parameter shapes and count")
+    p.add_argument("model", help="preset name (pythia-70m, neox-20b, ...), HF folder, neox_jax checkpoint or NeoX .yml")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="convert weights between Hugging Face and Orbax")
+    p.add_argument("direction", choices=["hf-to-orbax", "orbax-to-hf"])
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype of the written weights (default: float32 into Orbax, as stored into HF)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("demo", help="the embedded default job: build, convert and check a small model")
+    p.add_argument("--out", default="outputs/demo", help="folder for the demo's files")
+    p.add_argument("--preset", default="pythia-14m")
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    from neox_jax.config import ConfigError
+    from neox_jax.convert.hf import CheckpointError
+
+    try:
+        args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

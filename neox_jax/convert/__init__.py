@@ -1,0 +1,1 @@
+"""Converters between neox_jax parameters and other checkpoint formats."""

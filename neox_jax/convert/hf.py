@@ -1,0 +1,325 @@
+"""Hugging Face GPT-NeoX checkpoints <-> neox_jax parameters, one tensor at a time.
+
+Reading memory-maps safetensors (single file or sharded with `model.safetensors.index.json`) and reads
+`pytorch_model.bin` only through `torch.load(weights_only=True)`. Each stacked parameter is assembled from
+its per-layer tensors, moved to the device, and its host copy dropped before the next one, so the model
+never sits twice in host RAM. Writing goes the other way, shard by shard.
+
+The mapping is a table: Hugging Face name <-> parameter path, and whether the matrix is transposed
+(torch `[out, in]` vs our `[in, out]`); every other difference is a reshape to the shapes the model declares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+
+from neox_jax.config import NeoXConfig
+from neox_jax.progress import progress
+
+# (Hugging Face name, parameter path, transposed)
+LAYER_TABLE = (
+    ("input_layernorm.weight", "input_layernorm.scale", False),
+    ("input_layernorm.bias", "input_layernorm.bias", False),
+    ("post_attention_layernorm.weight", "post_attention_layernorm.scale", False),
+    ("post_attention_layernorm.bias", "post_attention_layernorm.bias", False),
+    ("attention.query_key_value.weight", "attention.query_key_value.kernel", True),
+    ("attention.query_key_value.bias", "attention.query_key_value.bias", False),
+    ("attention.dense.weight", "attention.dense.kernel", True),
+    ("attention.dense.bias", "attention.dense.bias", False),
+    ("mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.kernel", True),
+    ("mlp.dense_h_to_4h.bias", "mlp.dense_h_to_4h.bias", False),
+    ("mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.kernel", True),
+    ("mlp.dense_4h_to_h.bias", "mlp.dense_4h_to_h.bias", False),
+)
+TOP_TABLE = (
+    ("gpt_neox.embed_in.weight", "embed_in.embedding", False),
+    ("gpt_neox.final_layer_norm.weight", "final_layer_norm.scale", False),
+    ("gpt_neox.final_layer_norm.bias", "final_layer_norm.bias", False),
+    ("embed_out.weight", "embed_out.kernel", True),
+)
+LAYER_PREFIX = "gpt_neox.layers.{}."
+# Buffers that old checkpoints carry and that hold no learned value.
+IGNORED = re.compile(r"gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")
+# transformers v5 names the output layer lm_head.
+ALIASES = {"lm_head.weight": "embed_out.weight"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model; the message lists every problem."""
+
+
+def hf_shapes(cfg: NeoXConfig) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor name of this config with its torch shape."""
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    layer = {
+        "input_layernorm.weight": (d,), "input_layernorm.bias": (d,),
+        "post_attention_layernorm.weight": (d,), "post_attention_layernorm.bias": (d,),
+        "attention.query_key_value.weight": (3 * d, d), "attention.query_key_value.bias": (3 * d,),
+        "attention.dense.weight": (d, d), "attention.dense.bias": (d,),
+        "mlp.dense_h_to_4h.weight": (f, d), "mlp.dense_h_to_4h.bias": (f,),
+        "mlp.dense_4h_to_h.weight": (d, f), "mlp.dense_4h_to_h.bias": (d,),
+    }
+    shapes = {"gpt_neox.embed_in.weight": (v, d), "gpt_neox.final_layer_norm.weight": (d,),
+              "gpt_neox.final_layer_norm.bias": (d,), "embed_out.weight": (v, d)}
+    for i in range(cfg.num_layers):
+        shapes.update({LAYER_PREFIX.format(i) + k: s for k, s in layer.items()})
+    return shapes
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+
+class TensorSource:
+    """Names, shapes and lazily read numpy tensors of a Hugging Face checkpoint folder or file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._files: dict[str, Path] = {}  # tensor name -> file
+        self._handles: dict[Path, object] = {}
+        self._torch_state: dict | None = None
+        folder = self.path if self.path.is_dir() else self.path.parent
+        if not self.path.exists():
+            raise FileNotFoundError(f"no checkpoint at {self.path}")
+        index = folder / "model.safetensors.index.json"
+        if self.path.is_file() and self.path.suffix == ".safetensors":
+            self._add_safetensors(self.path)
+        elif self.path.is_file() and self.path.suffix in (".bin", ".pt"):
+            self._load_torch(self.path)
+        elif index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            for file in sorted(set(weight_map.values())):
+                self._add_safetensors(folder / file)
+        elif (folder / "model.safetensors").is_file():
+            self._add_safetensors(folder / "model.safetensors")
+        elif (folder / "pytorch_model.bin").is_file():
+            self._load_torch(folder / "pytorch_model.bin")
+        else:
+            raise FileNotFoundError(
+                f"{self.path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+    def _add_safetensors(self, file: Path):
+        from safetensors import SafetensorError, safe_open
+
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: listed in the safetensors index but missing")
+        try:
+            handle = safe_open(str(file), framework="numpy")
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e}); "
+                                  "it may be truncated, re-download it") from None
+        self._handles[file] = handle
+        for name in handle.keys():
+            self._files[ALIASES.get(name, name)] = file
+
+    def _load_torch(self, file: Path):
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(f"{file} is a PyTorch pickle: install torch (pip install 'neox-jax[torch]') "
+                              "or convert it to safetensors") from None
+        # weights_only: never run code from a pickle; mmap: do not read the whole file up front.
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        self._torch_state = {ALIASES.get(k, k): v for k, v in state.items()}
+        for name in self._torch_state:
+            self._files[name] = file
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._torch_state is not None:
+            return tuple(self._torch_state[name].shape)
+        return tuple(self._slice(name).get_shape())
+
+    def _raw_name(self, name: str) -> str:
+        handle = self._handles[self._files[name]]
+        if name in handle.keys():
+            return name
+        return next(k for k, v in ALIASES.items() if v == name)
+
+    def _slice(self, name):
+        return self._handles[self._files[name]].get_slice(self._raw_name(name))
+
+    def get(self, name: str) -> np.ndarray:
+        if self._torch_state is not None:
+            import torch
+
+            t = self._torch_state[name]
+            if t.dtype == torch.bfloat16:
+                import ml_dtypes
+
+                return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            return t.numpy()
+        return self._handles[self._files[name]].get_tensor(self._raw_name(name))
+
+
+def check_tensors(source: TensorSource, cfg: NeoXConfig):
+    """One error listing every missing, unexpected and mis-shaped tensor."""
+    expected = hf_shapes(cfg)
+    present = {n for n in source.names() if not IGNORED.match(n)}
+    missing = sorted(set(expected) - present, key=_natural)
+    unexpected = sorted(present - set(expected), key=_natural)
+    misshaped = [f"{n}: checkpoint {source.shape(n)}, config expects {expected[n]}"
+                 for n in sorted(present & set(expected), key=_natural) if source.shape(n) != expected[n]]
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            problems.append(f"{len(items)} {title}:\n    " + "\n    ".join(shown))
+    if problems:
+        raise CheckpointError(f"checkpoint {source.path} does not match the config "
+                              f"({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}):\n  "
+                              + "\n  ".join(problems))
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _to_ours(x: np.ndarray, transposed: bool, shape, dtype) -> np.ndarray:
+    x = x.T if transposed else x
+    return np.asarray(x, dtype=dtype).reshape(shape)
+
+
+def _to_hf(x: np.ndarray, transposed: bool, hf_shape) -> np.ndarray:
+    if transposed:  # our [in, ...] kernel flattened to [in, out], then torch's [out, in]
+        return np.ascontiguousarray(x.reshape(hf_shape[::-1]).T)
+    return np.ascontiguousarray(x.reshape(hf_shape))
+
+
+def _get_path(tree, path: str):
+    for key in path.split("."):
+        tree = tree[key]
+    return tree
+
+
+def read_params(source: TensorSource, cfg: NeoXConfig, abstract_params,
+                place: Callable[[str, np.ndarray], jax.Array] = lambda path, x: jax.device_put(x),
+                show_progress: bool = False) -> Iterator[tuple[str, jax.Array]]:
+    """Yield (path, array) for every parameter; `abstract_params` gives shapes and dtypes."""
+    check_tensors(source, cfg)
+    jobs = [(path, hf, t, None) for hf, path, t in TOP_TABLE]
+    jobs += [("layers." + path, hf, t, cfg.num_layers) for hf, path, t in LAYER_TABLE]
+    for path, hf, transposed, layers in progress(jobs, "reading", enabled=show_progress):
+        target = _get_path(abstract_params, path)
+        if layers is None:
+            host = _to_ours(source.get(hf), transposed, target.shape, target.dtype)
+        else:
+            host = np.empty(target.shape, target.dtype)
+            for i in range(layers):
+                host[i] = _to_ours(source.get(LAYER_PREFIX.format(i) + hf), transposed, target.shape[1:],
+                                   target.dtype)
+        yield path, place(path, host)
+        del host
+
+
+# ---- the model ------------------------------------------------------------------------------------
+
+
+def load_model(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str = "float32",
+               config: NeoXConfig | None = None, show_progress: bool = False):
+    """A `GPTNeoX` with the weights of a Hugging Face checkpoint folder (or file, with `config`)."""
+    from neox_jax.model import GPTNeoX
+
+    path = Path(path)
+    if config is None:
+        config = NeoXConfig.from_hf(path if path.is_dir() else path.parent)
+    overrides = {"param_dtype": param_dtype}
+    if dtype is not None:
+        overrides["dtype"] = dtype
+    config = config.replace(**overrides)
+    source = TensorSource(path)
+    abstract = nnx.eval_shape(lambda: GPTNeoX(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    params = nnx.to_pure_dict(state)
+    for p, array in read_params(source, config, params, show_progress=show_progress):
+        keys = p.split(".")
+        _get_path(params, ".".join(keys[:-1]))[keys[-1]] = array
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def iter_hf_tensors(params, cfg: NeoXConfig, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """(Hugging Face name, torch-layout numpy array) for every tensor, read from `params` lazily."""
+    shapes = hf_shapes(cfg)
+
+    def convert(x, transposed, name):
+        out = _to_hf(np.asarray(x), transposed, shapes[name])
+        return out if dtype is None else out.astype(dtype)
+
+    for hf, path, transposed in TOP_TABLE[:1]:
+        yield hf, convert(_get_path(params, path), transposed, hf)
+    for i in range(cfg.num_layers):
+        for hf, path, transposed in LAYER_TABLE:
+            name = LAYER_PREFIX.format(i) + hf
+            yield name, convert(_get_path(params, "layers." + path)[i], transposed, name)
+    for hf, path, transposed in TOP_TABLE[1:]:
+        yield hf, convert(_get_path(params, path), transposed, hf)
+
+
+def save_params(params, cfg: NeoXConfig, path: str | os.PathLike, *, dtype=None,
+                max_shard_bytes: int = 5 * 2**30, show_progress: bool = False) -> Path:
+    """Write a Hugging Face folder: config.json and safetensors shards (indexed when more than one).
+
+    Files are written under temporary names and renamed when complete, so an interrupted export never
+    leaves a file that looks finished.
+    """
+    from safetensors.numpy import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = None if dtype is None else np.dtype(dtype)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    written: list[Path] = []
+    weight_map: dict[str, int] = {}
+    size = 0
+    total = len(hf_shapes(cfg))
+
+    def flush():
+        tmp = out / f".shard{len(written)}.safetensors.tmp"
+        save_file(shards[-1], str(tmp), metadata={"format": "pt"})
+        written.append(tmp)
+        shards[-1] = {}
+
+    for name, x in progress(iter_hf_tensors(params, cfg, dtype), "writing", total=total, enabled=show_progress):
+        if size and size + x.nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        shards[-1][name] = x
+        weight_map[name] = len(written)
+        size += x.nbytes
+    flush()
+
+    n = len(written)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    hf_config = cfg.to_hf()
+    stored = dtype or np.dtype(_get_path(params, "final_layer_norm.scale").dtype)
+    hf_config["torch_dtype"] = hf_config["dtype"] = str(stored)  # v4 and v5 spellings
+    for tmp, name in zip(written, names):
+        os.replace(tmp, out / name)
+    if n > 1:
+        index = {"metadata": {"total_size": sum((out / f).stat().st_size for f in names)},
+                 "weight_map": {k: names[v] for k, v in weight_map.items()}}
+        _write_json(out / "model.safetensors.index.json", index)
+    _write_json(out / "config.json", hf_config)
+    return out
+
+
+def _write_json(path: Path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_model(model, path: str | os.PathLike, *, dtype=None, show_progress: bool = False) -> Path:
+    """Write `model` as a Hugging Face folder that `transformers` loads (dtype: as stored by default)."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return save_params(params, model.config, path, dtype=dtype, show_progress=show_progress)

@@ -1,0 +1,232 @@
+"""The GPT-NeoX model in Flax NNX: the exact math of GPT-NeoX and Hugging Face `GPTNeoXForCausalLM`.
+
+Shape suffixes: b batch, t query length, s key length, d hidden (embed), n heads, h head_dim,
+f intermediate (mlp), v vocab, r rotary dims, l layers.
+
+Parameters are stored in `param_dtype` and cast to the compute `dtype` where they are used; LayerNorm,
+rotary angles and the softmax run in fp32 whatever the compute dtype (Pythia overflows in fp16
+otherwise). Every parameter carries logical axis names (`out_sharding` metadata) that
+`neox_jax.sharding` maps onto the mesh; the model never names a mesh axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from neox_jax.config import NeoXConfig
+from neox_jax.sharding import constrain
+
+F32 = jnp.float32
+
+
+def _std(method: str, cfg: NeoXConfig) -> float:
+    h, layers = cfg.hidden_size, cfg.num_layers
+    return {
+        "small_init": math.sqrt(2 / (5 * h)),  # "Transformers without Tears"
+        "wang_init": 2 / layers / math.sqrt(h),
+        "normal": cfg.init_std,
+        "scaled_normal": cfg.init_std / math.sqrt(2 * layers),
+    }[method]
+
+
+def _param(rngs: nnx.Rngs | None, std: float | str, shape, axes, cfg: NeoXConfig) -> nnx.Param:
+    """A parameter of `shape` with logical `axes`: N(0, std), or "zeros" / "ones"."""
+    dtype = jnp.dtype(cfg.param_dtype)
+    if std == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif std == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, cfg: NeoXConfig):
+        self.eps = cfg.layer_norm_eps
+        self.scale = _param(None, "ones", (cfg.hidden_size,), ("embed",), cfg)
+        self.bias = _param(None, "zeros", (cfg.hidden_size,), ("embed",), cfg)
+
+    def __call__(self, x_btd):
+        x = x_btd.astype(F32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(F32) + self.bias[...].astype(F32)).astype(x_btd.dtype)
+
+
+class Dense(nnx.Module):
+    """A projection written as an einsum over named kernel axes, with an optional bias."""
+
+    def __init__(self, rngs, cfg, std, kernel_shape, kernel_axes, bias_shape=None, bias_axes=None):
+        self.kernel = _param(rngs, std, kernel_shape, kernel_axes, cfg)
+        self.bias = _param(None, "zeros", bias_shape, bias_axes, cfg) if bias_shape else None
+
+    def __call__(self, spec: str, x):
+        y = jnp.einsum(spec, x, self.kernel[...].astype(x.dtype))
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+def rotary_cos_sin(positions_bt, rotary_ndims: int, base: float):
+    """fp32 cos/sin [b, t, r] of GPT-NeoX's rotary (inv_freq over the rotary dims only)."""
+    inv_freq_r2 = 1.0 / base ** (jnp.arange(0, rotary_ndims, 2, dtype=F32) / rotary_ndims)
+    freqs = positions_bt.astype(F32)[..., None] * inv_freq_r2
+    emb_btr = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb_btr), jnp.sin(emb_btr)
+
+
+def apply_rotary(x_btnh, cos_btr, sin_btr):
+    """rotate_half convention (`cat(-x2, x1)`) on the first r dims of each head; the rest pass through."""
+    r = cos_btr.shape[-1]
+    x_rot, x_pass = x_btnh[..., :r].astype(F32), x_btnh[..., r:]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
+    cos, sin = cos_btr[:, :, None, :], sin_btr[:, :, None, :]
+    rotated = x_rot * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    return jnp.concatenate([rotated.astype(x_btnh.dtype), x_pass], axis=-1)
+
+
+def attend(q_btnh, k_bsnh, v_bsnh, mask_bts):
+    """Softmax attention with fp32 scores; `mask_bts` is True where query t may see key s."""
+    scale = 1.0 / math.sqrt(q_btnh.shape[-1])
+    scores_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bsnh, preferred_element_type=F32) * scale
+    # finfo.min, not -inf: a query that may see nothing (a pad position) gets a uniform row, not NaN.
+    scores_bnts = jnp.where(mask_bts[:, None], scores_bnts, jnp.finfo(F32).min)
+    probs_bnts = jax.nn.softmax(scores_bnts, axis=-1).astype(v_bsnh.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs_bnts, v_bsnh)
+
+
+class Embed(nnx.Module):
+    def __init__(self, cfg: NeoXConfig, rngs: nnx.Rngs):
+        self.embedding = _param(rngs, _std(cfg.init_method, cfg), (cfg.vocab_size, cfg.hidden_size),
+                                ("vocab", "embed"), cfg)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: NeoXConfig, rngs: nnx.Rngs):
+        d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        self.rotary_ndims, self.rotary_base = cfg.rotary_ndims, cfg.rotary_base
+        # Fused QKV with NeoX's per-head [heads, 3, head_dim] output layout: a tensor-parallel shard of
+        # `heads` holds whole heads with their q, k and v.
+        self.query_key_value = Dense(rngs, cfg, _std(cfg.init_method, cfg), (d, n, 3, h),
+                                     ("embed", "heads", "qkv", "head_dim"), (n, 3, h), ("heads", "qkv", "head_dim"))
+        self.dense = Dense(rngs, cfg, _std(cfg.output_layer_init_method, cfg), (n, h, d),
+                           ("heads", "head_dim", "embed"), (d,), ("embed",))
+
+    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts):
+        qkv_btnkh = self.query_key_value("btd,dnkh->btnkh", x_btd)
+        q, k, v = qkv_btnkh[:, :, :, 0], qkv_btnkh[:, :, :, 1], qkv_btnkh[:, :, :, 2]
+        q, k = apply_rotary(q, cos_btr, sin_btr), apply_rotary(k, cos_btr, sin_btr)
+        out_btnh = attend(q, k, v, mask_bts)
+        return self.dense("btnh,nhd->btd", out_btnh)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: NeoXConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.approximate = cfg.activation == "gelu_fast"
+        self.dense_h_to_4h = Dense(rngs, cfg, _std(cfg.init_method, cfg), (d, f), ("embed", "mlp"), (f,), ("mlp",))
+        self.dense_4h_to_h = Dense(rngs, cfg, _std(cfg.output_layer_init_method, cfg), (f, d), ("mlp", "embed"),
+                                   (d,), ("embed",))
+
+    def __call__(self, x_btd):
+        h_btf = jax.nn.gelu(self.dense_h_to_4h("btd,df->btf", x_btd), approximate=self.approximate)
+        return self.dense_4h_to_h("btf,fd->btd", h_btf)
+
+
+class Block(nnx.Module):
+    """One NeoX layer: two independent LayerNorms, parallel or sequential residual."""
+
+    def __init__(self, cfg: NeoXConfig, rngs: nnx.Rngs):
+        self.parallel = cfg.use_parallel_residual
+        self.input_layernorm = LayerNorm(cfg)
+        self.post_attention_layernorm = LayerNorm(cfg)
+        self.attention = Attention(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts):
+        attn_btd = self.attention(self.input_layernorm(x_btd), cos_btr, sin_btr, mask_bts)
+        if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
+            return x_btd + attn_btd + self.mlp(self.post_attention_layernorm(x_btd))
+        h_btd = x_btd + attn_btd
+        return h_btd + self.mlp(self.post_attention_layernorm(h_btd))
+
+
+_REMAT = {
+    "full": None,  # save nothing inside a layer: recompute it all on the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def positions_from_mask(attention_mask_bt):
+    """Position of each token counting real tokens only, so a left-padded prompt matches its unpadded self."""
+    return jnp.maximum(jnp.cumsum(attention_mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class GPTNeoX(nnx.Module):
+    """GPT-NeoX causal LM. `model(input_ids, attention_mask=None)` returns fp32 logits [b, t, vocab]."""
+
+    def __init__(self, config: NeoXConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        cfg = config
+        self.embed_in = Embed(cfg, rngs)
+
+        # Layers are stacked on a leading `layers` axis and applied with a scan: compile time stays flat in
+        # depth, and the stack can be cut into pipeline stages by a reshape.
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs):
+            return Block(cfg, rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_layer_norm = LayerNorm(cfg)
+        self.embed_out = Dense(rngs, cfg, _std(cfg.init_method, cfg), (cfg.hidden_size, cfg.vocab_size),
+                               ("embed", "vocab"))
+
+    def embed(self, input_ids_bt):
+        x_btd = jnp.take(self.embed_in.embedding[...], input_ids_bt, axis=0).astype(self.config.dtype)
+        return constrain(x_btd, ("batch", "length", "embed"))
+
+    def apply_layers(self, x_btd, positions_bt, mask_bts):
+        cfg = self.config
+        cos_btr, sin_btr = rotary_cos_sin(positions_bt, cfg.rotary_ndims, cfg.rotary_base)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(x_btd, params):
+            x_btd = nnx.merge(graphdef, params)(x_btd, cos_btr, sin_btr, mask_bts)
+            return constrain(x_btd, ("batch", "length", "embed")), None
+
+        if cfg.remat_policy != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
+        x_btd, _ = jax.lax.scan(layer, x_btd, stacked)
+        return x_btd
+
+    def logits(self, x_btd):
+        x_btd = self.final_layer_norm(x_btd)
+        logits_btv = jnp.einsum("btd,dv->btv", x_btd, self.embed_out.kernel[...].astype(x_btd.dtype),
+                                preferred_element_type=F32)
+        return constrain(logits_btv, ("batch", "length", "vocab"))
+
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        """Logits for `input_ids` [b, t].
+
+        attention_mask [b, t]: 1 for real tokens, 0 for padding (left padding); padded keys are never
+        attended and positions count real tokens only. positions [b, t] overrides that.
+        """
+        input_ids = jnp.asarray(input_ids)
+        b, t = input_ids.shape
+        causal_ts = jnp.tril(jnp.ones((t, t), bool))
+        if attention_mask is None:
+            mask_bts = jnp.broadcast_to(causal_ts, (b, t, t))
+            default_positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        else:
+            attention_mask = jnp.asarray(attention_mask)
+            mask_bts = causal_ts[None] & attention_mask[:, None, :].astype(bool)
+            default_positions = positions_from_mask(attention_mask)
+        positions = default_positions if positions is None else jnp.asarray(positions)
+        x_btd = self.apply_layers(self.embed(input_ids), positions, mask_bts)
+        return self.logits(x_btd)
