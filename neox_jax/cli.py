@@ -40,7 +40,7 @@ def cmd_info(args):
     print("\nparameters (shape, logical axes):")
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         name = ".".join(str(k) for k in path)
-        print(f"  {name:42s} {str(tuple(var.value.shape)):26s} {var.get_metadata().get('out_sharding')}")
+        print(f"  {name:42s} {str(tuple(var.shape)):26s} {var.get_metadata().get('out_sharding')}")
     total = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     print(f"\ntotal parameters: {total:,} ({total / 1e6:.1f}M)")
 

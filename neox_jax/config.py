@@ -146,7 +146,7 @@ class NeoXConfig:
             raise ConfigError(f"{where}: tie_word_embeddings=true; NeoX models have an untied embed_out")
         if not hf.get("attention_bias", True):
             raise ConfigError(f"{where}: attention_bias=false is not supported (NeoX and Pythia use biases)")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # v5 lets rope_scaling win
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ConfigError(f"{where}: rope type {rope.get('rope_type', rope.get('type'))!r} is not "
                               "supported; only the default NeoX rotary")
@@ -216,21 +216,17 @@ class NeoXConfig:
         def get(key, default=None):
             return args.get(key, default)
 
-        for key, ok, why in (
-            ("norm", lambda v: v == "layernorm", "only 'layernorm' is supported"),
-            ("pos_emb", lambda v: v == "rotary", "only 'rotary' is supported"),
-            ("no_weight_tying", lambda v: v is True, "tied embeddings are not supported; set it to true"),
-            ("gpt_j_tied", lambda v: v is False, "tied GPT-J LayerNorms are not supported"),
-            ("num_kv_heads", lambda v: v is None or v == get("num_attention_heads"), "GQA is not supported"),
-            ("activation", lambda v: v == "gelu", "only 'gelu' is supported"),
-        ):
-            default = {"norm": "layernorm", "pos_emb": "learned", "no_weight_tying": False,
-                       "gpt_j_tied": False, "activation": "gelu"}.get(key)
-            if not ok(get(key, default)):
-                raise ConfigError(f"{where}: {key}={get(key, default)!r}: {why}")
         for key in ("num_layers", "hidden_size", "num_attention_heads"):
             if get(key) is None:
                 raise ConfigError(f"{where}: {key} is not set in any of these files")
+        # key: (GPT-NeoX default, the only value this model implements)
+        for key, (default, needed) in {"norm": ("layernorm", "layernorm"), "pos_emb": ("learned", "rotary"),
+                                       "no_weight_tying": (False, True), "gpt_j_tied": (False, False),
+                                       "activation": ("gelu", "gelu")}.items():
+            if get(key, default) != needed:
+                raise ConfigError(f"{where}: {key}={get(key, default)!r} is not supported; set {key}: {needed!r}")
+        if get("num_kv_heads") not in (None, get("num_attention_heads")):
+            raise ConfigError(f"{where}: num_kv_heads={get('num_kv_heads')} (grouped-query attention) is not supported")
         multiple = int(get("make_vocab_size_divisible_by", 128)) * int(get("model_parallel_size", 1) or 1)
         vocab = math.ceil(tokenizer_vocab_size / multiple) * multiple
         dtype = "float32"
@@ -310,8 +306,10 @@ def load_neox_yaml(*paths: str | os.PathLike) -> dict:
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            hint = ("; is a comma missing at the end of the setting before it?"
+                    if "expected ',' or" in str(e.problem) else "")
             raise ConfigError(f"{p}:{line}: malformed YAML: {e.problem or e.context}"
-                              + (f" ({e.context})" if e.context and e.problem else "")) from None
+                              + (f" ({e.context})" if e.context and e.problem else "") + hint) from None
         if data is None:
             continue
         if not isinstance(data, dict):

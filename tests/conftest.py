@@ -1,0 +1,55 @@
+"""Test setup: 8 emulated CPU devices (set before jax is imported) and shared helpers."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# ../shared beside the checkout holds the real tokenizer, NeoX configs and NeoX-written data.
+SHARED = Path(os.environ.get("NEOX_JAX_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+@pytest.fixture
+def shared():
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"shared data folder {SHARED / 'data'} is absent: set NEOX_JAX_SHARED to the folder "
+                    "holding data/20B_tokenizer.json and data/neox-configs")
+    return SHARED / "data"
+
+
+def make_hf_model(seed=0, **overrides):
+    """A transformers GPTNeoXForCausalLM with every parameter random (biases and LayerNorms too, so that a
+    layout bug in any of them shows), fp32, eval mode."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    kwargs = dict(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=160, rotary_pct=0.25, rotary_emb_base=10000, max_position_embeddings=1024,
+                  hidden_act="gelu", use_parallel_residual=True, layer_norm_eps=1e-5)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "layer_norm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.08 if p.ndim > 1 else 0.05)
+    return model
+
+
+def hf_logits(model, ids, attention_mask=None, position_ids=None):
+    import torch
+
+    kwargs = {}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = torch.tensor(np.asarray(attention_mask))
+    if position_ids is not None:
+        kwargs["position_ids"] = torch.tensor(np.asarray(position_ids))
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(ids)), **kwargs).logits.float().numpy()
