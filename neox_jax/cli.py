@@ -63,6 +63,44 @@ def cmd_convert(args):
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
 
 
+def _train_config(name_or_path: str, overrides: dict):
+    from neox_jax.config import PRESETS, TrainConfig
+
+    if name_or_path.lower().removeprefix("eleutherai/") in PRESETS and not Path(name_or_path).exists():
+        return TrainConfig.from_dict({"model": name_or_path, **overrides})
+    return TrainConfig.from_yaml(name_or_path, **overrides)
+
+
+def cmd_plan(args):
+    import math
+
+    import jax
+
+    from neox_jax.sharding import parse_mesh
+
+    overrides = {}
+    if args.mesh:
+        overrides["mesh"] = parse_mesh(args.mesh)
+    if args.micro_batch:
+        overrides["micro_batch_size"] = args.micro_batch
+    if args.seq_length:
+        overrides["seq_length"] = args.seq_length
+    cfg = _train_config(args.config, overrides)
+    if any(v == -1 for v in cfg.mesh.values()):
+        raise SystemExit(f"error: mesh {dict(cfg.mesh)} has a -1 entry: give every axis with --mesh to plan it")
+    n = math.prod(cfg.mesh.values())
+    # Emulate the mesh's devices on the CPU; this must precede the first use of a JAX backend.
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
+    from neox_jax.plan import plan
+
+    print(f"planning {args.config}: {cfg.model.num_params / 1e9:.2f}B parameters, seq {cfg.seq_length}, "
+          f"micro batch {cfg.micro_batch_size} x {cfg.grad_accum_steps} accumulation, {cfg.precision}, "
+          f"ZeRO stage {cfg.zero_stage}, remat {cfg.model.remat_policy}; compiling for {n} emulated devices...",
+          flush=True)
+    print(plan(cfg, args.device).report(args.device))
+
+
 def cmd_demo(args):
     from neox_jax.demo import run_demo
 
@@ -84,6 +122,14 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="storage dtype of the written weights (default: float32 into Orbax, as stored into HF)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("plan", help="compile the train step for a mesh on emulated devices and report memory")
+    p.add_argument("config", help="training YAML (ours or GPT-NeoX's) or a preset name")
+    p.add_argument("--mesh", help="e.g. data=12,pipe=4,tensor=2 (default: the config's)")
+    p.add_argument("--micro-batch", type=int, help="sequences per data-parallel replica per microstep")
+    p.add_argument("--seq-length", type=int)
+    p.add_argument("--device", default="a100-40gb", choices=["a100-40gb", "a100-80gb", "h100-80gb", "h200-141gb"])
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("demo", help="the embedded default job: build, convert and check a small model")
     p.add_argument("--out", default="outputs/demo", help="folder for the demo's files")

@@ -344,3 +344,115 @@ PRESETS: dict[str, dict] = {
                      max_position_embeddings=2048, activation="gelu_fast"),
 }
 PRESETS["gpt-neox-20b"] = PRESETS["neox-20b"]
+
+
+# ---- training ----------------------------------------------------------------------------------------
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_WORKING_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train: layout, batch, precision, optimizer. `model` is the NeoXConfig to train."""
+
+    model: NeoXConfig = dataclasses.field(default_factory=NeoXConfig)
+    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": -1, "pipe": 1, "tensor": 1})
+    seq_length: int = 2048
+    micro_batch_size: int = 4  # sequences per data-parallel replica per microstep
+    grad_accum_steps: int = 1
+    precision: str = "fp32"  # fp32 | bf16 (bf16 working weights, fp32 master) | fp16 (same, loss-scaled)
+    zero_stage: int = 1  # 0: optimizer state replicated over data; 1: split over data; 3: parameters too (FSDP)
+    # optimizer (AdamW, GPT-NeoX's recipe)
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup: float = 0.01  # fraction of train_iters (< 1) or a number of steps (>= 1)
+    decay_style: str = "cosine"
+    train_iters: int = 1000
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.zero_stage not in (0, 1, 3):
+            raise ConfigError(f"zero_stage={self.zero_stage}: choose 0, 1 or 3 (FSDP)")
+        for name in ("seq_length", "micro_batch_size", "grad_accum_steps", "train_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.seq_length > self.model.max_position_embeddings:
+            raise ConfigError(f"seq_length={self.seq_length} exceeds the model's max_position_embeddings="
+                              f"{self.model.max_position_embeddings}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+        # The working weights are stored in the precision's dtype; the fp32 master copy lives with the optimizer.
+        working = _WORKING_DTYPE[self.precision]
+        if self.model.param_dtype != working or self.model.dtype != working:
+            object.__setattr__(self, "model", self.model.replace(param_dtype=working, dtype=working))
+
+    def global_batch_size(self, data: int) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * data
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in fields:
+                import difflib
+
+                near = difflib.get_close_matches(key, sorted(fields), n=1)
+                raise ConfigError(f"unknown training setting {key!r}"
+                                  + (f"; did you mean {near[0]!r}?" if near else f"; valid: {sorted(fields)}"))
+        model = d.pop("model", "pythia-70m")
+        if isinstance(model, str):
+            model = NeoXConfig.preset(model)
+        elif isinstance(model, Mapping):
+            model = dict(model)
+            preset = model.pop("preset", None)
+            model = NeoXConfig.preset(preset, **model) if preset else NeoXConfig.from_dict(model)
+        return cls(model=model, **d)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "TrainConfig":
+        """Our YAML format (see configs/README.md), or GPT-NeoX YAML files read directly."""
+        p = Path(path)
+        raw = load_neox_yaml(p)
+        if "num_layers" in raw:  # a GPT-NeoX config
+            return cls.from_neox_yaml(p, **overrides)
+        return cls.from_dict({**raw, **overrides})
+
+    @classmethod
+    def from_neox_yaml(cls, *paths: str | os.PathLike, **overrides: Any) -> "TrainConfig":
+        args = load_neox_yaml(*paths)
+        model = NeoXConfig.from_neox_yaml(*paths)
+        opt = (args.get("optimizer") or {}).get("params", {})
+        precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[model.dtype]
+        iters = int(args.get("train_iters", 1000))
+        d = dict(
+            model=model,
+            mesh={"data": -1, "pipe": max(1, int(args.get("pipe_parallel_size", 1) or 1)),
+                  "tensor": int(args.get("model_parallel_size", 1) or 1)},
+            seq_length=int(args.get("seq_length", 2048)),
+            micro_batch_size=int(args.get("train_micro_batch_size_per_gpu", 4)),
+            grad_accum_steps=int(args.get("gradient_accumulation_steps", args.get("gas", 1))),
+            precision=precision,
+            zero_stage=min(int((args.get("zero_optimization") or {}).get("stage", 0)), 1),
+            lr=float(opt.get("lr", 1e-3)),
+            min_lr=float(args.get("min_lr", 0.0)),
+            warmup=float(args.get("warmup", 0.01)),
+            decay_style=str(args.get("lr_decay_style", "cosine")),
+            train_iters=iters,
+            betas=tuple(opt.get("betas", (0.9, 0.999))),
+            eps=float(opt.get("eps", 1e-8)),
+            weight_decay=float(args.get("weight_decay", 0.01)),
+            grad_clip=float(args.get("gradient_clipping", 1.0)),
+            seed=int(args.get("seed", 1234)),
+        )
+        d.update(overrides)
+        return cls(**d)

@@ -1,18 +1,31 @@
-"""Logical axis names -> mesh axes, as data.
+"""Meshes, and logical axis names -> mesh axes, as data.
 
-The model names the logical axes of every parameter and of the activations at layer boundaries; this
-table alone decides where they live on a `(data, pipe, tensor)` mesh (Megatron tensor parallelism:
-heads and mlp column-parallel, their output projections row-parallel, vocab-parallel embeddings).
+The model names the logical axes of every parameter and of the activations at layer boundaries; the
+rules table below alone decides where they live on the `(data, pipe, tensor)` mesh:
+
+- Megatron tensor parallelism: QKV and `dense_h_to_4h` column-parallel (`heads`, `mlp` on `tensor`),
+  `attention.dense` and `dense_4h_to_h` row-parallel (the same names on their input side), embedding and
+  output vocab-parallel.
+- batch on `data`; the stacked `layers` axis on `pipe` (the pipeline issue turns that into real stages).
+- ZeRO-1: optimizer state (and the fp32 master copy) additionally split over `data` along their largest
+  dimension that divides; with FSDP (ZeRO-3) the parameters are split that way too.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Mapping
+
 import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from neox_jax.config import ConfigError
 
 MESH_AXES = ("data", "pipe", "tensor")
 
-# logical name -> mesh axis (or None: replicated along every mesh axis)
+# logical name -> mesh axis (None: replicated)
 LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"),
     ("length", None),
@@ -26,14 +39,77 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+# ---- mesh -------------------------------------------------------------------------------------------
+
+
+def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:
+    """`"data=12,pipe=4,tensor=2"` or a mapping -> {data, pipe, tensor}; missing axes are 1."""
+    if isinstance(spec, str):
+        items = {}
+        for part in filter(None, spec.split(",")):
+            name, _, value = part.partition("=")
+            try:
+                items[name.strip()] = int(value)
+            except ValueError:
+                raise ConfigError(f"mesh entry {part!r}: expected AXIS=SIZE, e.g. data=12,pipe=4,tensor=2") from None
+        spec = items
+    unknown = sorted(set(spec) - set(MESH_AXES))
+    if unknown:
+        raise ConfigError(f"mesh axes {unknown} unknown: the mesh axes are {', '.join(MESH_AXES)}")
+    return {axis: int(spec.get(axis, 1)) for axis in MESH_AXES}
+
+
+def resolve_mesh_shape(spec: str | Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Fill one -1 entry with the rest of the devices and check the product is the device count."""
+    shape = parse_mesh(spec)
+    free = [a for a, n in shape.items() if n == -1]
+    if len(free) > 1:
+        raise ConfigError(f"mesh {shape}: at most one axis may be -1")
+    if any(n == 0 or n < -1 for n in shape.values()):
+        raise ConfigError(f"mesh {shape}: sizes must be positive (or -1 for the rest)")
+    fixed = math.prod(n for n in shape.values() if n != -1)
+    if free:
+        if num_devices % fixed:
+            raise ConfigError(f"mesh {shape}: {num_devices} devices are not divisible by {fixed}")
+        shape[free[0]] = num_devices // fixed
+    if math.prod(shape.values()) != num_devices:
+        raise ConfigError(f"mesh {shape} has {math.prod(shape.values())} devices but {num_devices} are "
+                          "available: change `mesh` so that data x pipe x tensor equals the device count")
+    return shape
+
+
+def make_mesh(spec: str | Mapping[str, int], devices=None) -> Mesh:
+    """A (data, pipe, tensor) mesh with Auto axes; tensor and pipe stay inside a host, data spans hosts."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(spec, len(devices))
+    dims = tuple(shape[a] for a in MESH_AXES)
+    hosts = len({d.process_index for d in devices})
+    if hosts > 1:
+        per_host = len(devices) // hosts
+        if shape["data"] % hosts or shape["pipe"] * shape["tensor"] > per_host:
+            raise ConfigError(f"mesh {shape} on {hosts} hosts of {per_host} devices: pipe x tensor must fit in "
+                              "one host and data must be a multiple of the host count")
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (shape["data"] // hosts, shape["pipe"], shape["tensor"]), (hosts, 1, 1), devices)
+    else:
+        # Device ids in order: tensor neighbours are adjacent (NVLink), then pipe, then data.
+        grid = np.asarray(sorted(devices, key=lambda d: d.id)).reshape(dims)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+# ---- logical -> physical ------------------------------------------------------------------------------
+
+
 def logical_to_spec(axes: tuple[str | None, ...], rules=LOGICAL_RULES) -> P:
-    """PartitionSpec for logical `axes`; a mesh axis is used at most once (later uses replicate)."""
+    """PartitionSpec for logical `axes`; a mesh axis is used at most once (a later use replicates)."""
     table = dict(rules)
     used: set[str] = set()
     out = []
     for name in axes:
         mesh_axis = table.get(name) if name is not None else None
-        if mesh_axis is not None and mesh_axis in used:
+        if mesh_axis in used:
             mesh_axis = None
         if mesh_axis is not None:
             used.add(mesh_axis)
@@ -41,11 +117,56 @@ def logical_to_spec(axes: tuple[str | None, ...], rules=LOGICAL_RULES) -> P:
     return P(*out)
 
 
+def _trim(spec: P, mesh_axes) -> P:
+    """Drop mesh axes the current mesh does not have (or that have size 1: nothing to split)."""
+    return P(*(a if a in mesh_axes else None for a in spec))
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Sharding constraint from logical names; a no-op when no mesh is active."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = logical_to_spec(axes)
-    spec = P(*(a if a in mesh.axis_names else None for a in spec))
-    return jax.lax.with_sharding_constraint(x, spec)
+    return jax.lax.with_sharding_constraint(x, _trim(logical_to_spec(axes), mesh.axis_names))
+
+
+def add_data_axis(spec: P, shape: tuple[int, ...], data: int) -> P:
+    """ZeRO / FSDP: also split over `data`, along the largest dimension that stays divisible.
+
+    Small tensors with no such dimension (biases of odd size) stay replicated over `data`.
+    """
+    if data == 1 or "data" in spec:
+        return spec
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    best = None
+    for i, (size, entry) in enumerate(zip(shape, entries)):
+        if entry is None and size % data == 0 and (best is None or size > shape[best]):
+            best = i
+    if best is None:
+        return spec
+    entries[best] = "data"
+    return P(*entries)
+
+
+def param_specs(abstract_params, axes_tree, mesh: Mesh, fsdp: bool = False):
+    """PartitionSpecs for a params tree from its logical axes (`axes_tree`, same structure)."""
+    data = mesh.shape["data"]
+
+    def spec(x, axes):
+        s = _trim(logical_to_spec(axes), mesh.axis_names)
+        return add_data_axis(s, x.shape, data) if fsdp else s
+
+    return jax.tree.map(spec, abstract_params, axes_tree)
+
+
+def zero_specs(abstract_params, specs, mesh: Mesh):
+    """ZeRO-1 specs for optimizer state and master weights: the param spec plus a split over `data`."""
+    return jax.tree.map(lambda x, s: add_data_axis(s, x.shape, mesh.shape["data"]), abstract_params, specs)
+
+
+def named(mesh: Mesh, specs):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def batch_spec() -> P:
+    return logical_to_spec(("batch", "length"))

@@ -1,0 +1,262 @@
+"""The layout planner: compile the train step for a mesh on emulated CPU devices, allocate nothing, and
+report per-device memory and collective traffic, beside an analytical estimate.
+
+The compiled figures come from XLA's CPU backend: its buffer assignment is a real schedule of the same
+partitioned program, but the CPU compiler keeps some bf16 work in fp32, so its temporaries are an upper
+bound for a GPU run. The analytical figures use exact shard shapes for the state and the activation model
+of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import defaultdict
+
+import jax
+import numpy as np
+
+from neox_jax.config import TrainConfig
+from neox_jax.train import Trainer
+
+DEVICES = {  # usable memory per device, bytes
+    "a100-40gb": 40 * 2**30,
+    "a100-80gb": 80 * 2**30,
+    "h100-80gb": 80 * 2**30,
+    "h200-141gb": 141 * 2**30,
+}
+GB = 1e9
+
+
+def sharded_bytes(abstract_tree, shardings) -> int:
+    """Bytes one device holds of a tree laid out by `shardings` (the largest shard, exactly)."""
+    total = 0
+    for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
+        total += math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+@dataclasses.dataclass
+class Plan:
+    mesh: dict
+    devices: int
+    global_batch: int
+    params: int  # bytes per device
+    master: int
+    opt_state: int
+    grads: int
+    activations_estimate: int
+    xla_argument: int
+    xla_output: int
+    xla_alias: int
+    xla_temp: int
+    collectives: dict  # mesh axes -> bytes sent per device per step
+    compile_seconds: float
+    capacity: int
+
+    @property
+    def xla_total(self) -> int:
+        return self.xla_argument + self.xla_output - self.xla_alias + self.xla_temp
+
+    @property
+    def analytic_total(self) -> int:
+        return self.params + self.master + self.opt_state + self.grads + self.activations_estimate
+
+    @property
+    def fits(self) -> bool:
+        return self.xla_total <= self.capacity
+
+    def report(self, device: str) -> str:
+        rows = [
+            ("parameters (working weights)", self.params),
+            ("fp32 master weights", self.master),
+            ("optimizer state (Adam moments)", self.opt_state),
+            ("gradients (fp32 accumulator + one microbatch)", self.grads),
+            ("activations (analytical)", self.activations_estimate),
+        ]
+        out = [f"mesh {self.mesh} on {self.devices} devices, global batch {self.global_batch} sequences",
+               "", "per device                                         analytical"]
+        out += [f"  {name:47s} {v / GB:9.2f} GB" for name, v in rows]
+        out += [f"  {'total':47s} {self.analytic_total / GB:9.2f} GB", "",
+                "XLA memory analysis of the compiled step (per device)",
+                f"  {'arguments (state + batch)':47s} {self.xla_argument / GB:9.2f} GB",
+                f"  {'outputs, less donated buffers':47s} {(self.xla_output - self.xla_alias) / GB:9.2f} GB",
+                f"  {'temporaries (activations, gradients, ...)':47s} {self.xla_temp / GB:9.2f} GB",
+                f"  {'total':47s} {self.xla_total / GB:9.2f} GB", "",
+                "collective traffic per device per step (bytes sent, ring algorithms)"]
+        for axes, v in sorted(self.collectives.items(), key=lambda kv: -kv[1]):
+            out.append(f"  over {axes:43s} {v / GB:9.3f} GB")
+        verdict = "fits" if self.fits else "does NOT fit"
+        out += ["", f"compile time {self.compile_seconds:.1f}s",
+                f"{device}: {self.capacity / 2**30:.0f} GiB per device -> {verdict} "
+                f"({100 * self.xla_total / self.capacity:.0f}% by XLA's count)"]
+        return "\n".join(out)
+
+
+def activation_bytes(cfg: TrainConfig, mesh: dict) -> int:
+    """Korthikanti et al.: per layer s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes at 16-bit; with full
+    recomputation only each layer's input (2*s*b*h) is kept, plus one layer's working set; plus the
+    fp32 logits and their gradient."""
+    m = cfg.model
+    s, b, h, a, t = cfg.seq_length, cfg.micro_batch_size, m.hidden_size, m.num_heads, mesh["tensor"]
+    width = np.dtype(m.dtype).itemsize / 2  # the formula counts 16-bit activations
+    per_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) * width
+    kept = m.num_layers * (2 * s * b * h * width if m.remat_policy != "none" else per_layer)
+    working = per_layer if m.remat_policy != "none" else 0
+    logits = 2 * s * b * (m.vocab_size / t) * 4
+    return int(kept + working + logits)
+
+
+# ---- collectives in the compiled HLO ----------------------------------------------------------------
+
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)"
+                         r"(-start)?\(")
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+
+
+def _shape_bytes(text: str) -> int:
+    return sum(_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in _SHAPE.findall(text))
+
+
+def _iota(dims, perm):
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    return ids.transpose(perm) if perm else ids
+
+
+def _first_group(line: str, n: int) -> list[int] | None:
+    """The devices of one replica group, whichever of XLA's three spellings the line uses."""
+    m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    if m:
+        return [int(x) for x in m.group(1).split(",") if x]
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+    if m:
+        perm = [int(x) for x in m.group(4).split(",")] if m.group(4) else None
+        ids = _iota([int(x) for x in m.group(3).split(",")], perm).reshape(int(m.group(1)), int(m.group(2)))
+        return list(ids[0])
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))? \{([^}]*)\}",
+                  line)
+    if m:
+        names = re.findall(r"'(\w+)'=(\d+)", m.group(1))
+        shape = [int(v) for _, v in names]
+        if m.group(2):
+            perm = [int(x) for x in m.group(3).split(",")] if m.group(3) else None
+            ids = _iota([int(x) for x in m.group(2).split(",")], perm).reshape(shape)
+        else:
+            ids = np.arange(math.prod(shape)).reshape(shape)
+        varying = [i for i, (name, _) in enumerate(names) if f"'{name}'" in m.group(4)]
+        fixed = [i for i in range(len(shape)) if i not in varying]
+        ids = ids.transpose(fixed + varying).reshape(-1, math.prod(shape[i] for i in varying))
+        return list(ids[0])
+    pairs = re.findall(r"\{(\d+),(\d+)\}", line.split("source_target_pairs=")[1]) if "source_target_pairs" in line \
+        else None
+    if pairs is not None:  # devices that actually send: the first moving pair (a permute is one pattern)
+        moving = [(int(a), int(b)) for a, b in pairs if a != b]
+        return list(moving[0]) if moving else []
+    return list(range(n)) if "replica_groups={}" in line else None
+
+
+def _computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
+    """HLO text -> {computation name: its lines}, and the entry computation's name."""
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo.splitlines():
+        header = re.match(r"(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header and not line.startswith(" "):
+            current = header.group(2)
+            comps[current] = []
+            entry = current if header.group(1) else entry
+        elif current is not None:
+            comps[current].append(line)
+    return comps, entry
+
+
+def _multipliers(comps: dict[str, list[str]], entry: str | None) -> dict[str, int]:
+    """How many times each computation runs per step: while bodies run their known trip count."""
+    mult: dict[str, int] = defaultdict(int)
+
+    def visit(name, k):
+        mult[name] += k
+        for line in comps.get(name, ()):
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            n = int(trips.group(1)) if trips and " while(" in line else 1
+            callees = re.findall(r"(?:body|condition|to_apply|calls|true_computation|false_computation)=%?"
+                                 r"([\w.\-]+)", line)
+            for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                callees += re.findall(r"%?([\w.\-]+)", group)
+            for callee in callees:
+                if callee in comps:
+                    visit(callee, k * n if callee in re.findall(r"body=%?([\w.\-]+)", line) else k)
+
+    if entry:
+        visit(entry, 1)
+    return mult
+
+
+def collective_bytes(hlo: str, mesh_shape: dict[str, int]) -> dict[str, int]:
+    """Bytes each device sends per step, by the mesh axes a collective spans."""
+    axes, dims = list(mesh_shape), tuple(mesh_shape.values())
+    n = math.prod(dims)
+    comps, entry = _computations(hlo)
+    mult = _multipliers(comps, entry)
+    out: dict[str, int] = defaultdict(int)
+    for name, lines in comps.items():
+        k = mult.get(name, 0)
+        for line in lines:
+            m = _COLLECTIVE.search(line)
+            if not m or k == 0:
+                continue
+            group = _first_group(line, n)
+            if not group:
+                continue
+            coords = np.array([np.unravel_index(i, dims) for i in group])
+            spanned = [a for i, a in enumerate(axes) if len(set(coords[:, i])) > 1] or ["(none)"]
+            size, g = _shape_bytes(m.group(1)), len(set(group))
+            kind = m.group(2)
+            if kind == "all-reduce":
+                sent = 2 * (g - 1) / g * size
+            elif kind == "all-gather":
+                sent = (g - 1) / g * size
+            elif kind == "reduce-scatter":
+                sent = (g - 1) * size
+            else:  # collective-permute, all-to-all
+                sent = size
+            out["+".join(spanned)] += int(sent * k)
+    return dict(out)
+
+
+def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
+    import time
+
+    from neox_jax.sharding import make_mesh, named
+
+    if device not in DEVICES:
+        raise ValueError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
+    mesh = make_mesh(cfg.mesh)
+    # The planner only lowers: fp16 has bf16's memory footprint, so plan it as bf16.
+    trainer = Trainer(cfg.replace(precision="bf16") if cfg.precision == "fp16" else cfg, mesh)
+    state, batch = trainer.abstract_state(), trainer.abstract_batch()
+    t0 = time.perf_counter()
+    compiled = trainer.step.lower(state, batch).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    sh = trainer.state_shardings
+    master_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), trainer.abstract_params)
+    # the fp32 accumulator in the ZeRO layout, plus one microbatch's gradients in the working layout
+    grads = (sharded_bytes(master_like, named(mesh, trainer.zero_specs))
+             + sharded_bytes(trainer.abstract_params, sh.params))
+    return Plan(
+        mesh=dict(mesh.shape), devices=mesh.size, global_batch=trainer.global_batch_size,
+        params=sharded_bytes(state.params, sh.params),
+        master=sharded_bytes(state.master, sh.master) if state.master is not None else 0,
+        opt_state=sharded_bytes(state.opt_state, sh.opt_state),
+        grads=grads,
+        activations_estimate=activation_bytes(trainer.cfg, dict(mesh.shape)),
+        xla_argument=mem.argument_size_in_bytes, xla_output=mem.output_size_in_bytes,
+        xla_alias=mem.alias_size_in_bytes, xla_temp=mem.temp_size_in_bytes,
+        collectives=collective_bytes(compiled.as_text(), dict(mesh.shape)),
+        compile_seconds=seconds, capacity=DEVICES[device],
+    )
+

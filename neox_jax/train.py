@@ -1,0 +1,169 @@
+"""Train state and the sharded train step.
+
+The state is plain pytrees (nested dicts of arrays), so Orbax saves it and any mesh restores it:
+
+    params     working weights in the precision's dtype (bf16 / fp16 / fp32), laid out by the rules table
+    master     fp32 copy of the weights when the working dtype is lower (None in fp32), ZeRO-1 layout
+    opt_state  AdamW moments, ZeRO-1 layout (split over `data` as well)
+
+One step: for each microbatch (a scan), loss and gradients w.r.t. the working weights; the gradients
+are accumulated in fp32 in the ZeRO layout (XLA turns that into a reduce-scatter over `data`); AdamW
+updates the master shards; the new working weights are cast and all-gathered back to their layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from neox_jax import sharding as shd
+from neox_jax.config import ConfigError, TrainConfig
+from neox_jax.model import GPTNeoX
+from neox_jax.optim import make_optimizer, schedule
+
+F32 = jnp.float32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    master: Any
+    opt_state: Any
+
+
+def check_layout(cfg: TrainConfig, mesh_shape: dict[str, int]):
+    """Every layout error at once, before anything is compiled; each names the setting to change."""
+    m, data, pipe, tensor = cfg.model, mesh_shape["data"], mesh_shape["pipe"], mesh_shape["tensor"]
+    problems = []
+    for what, size in (("num_heads", m.num_heads), ("intermediate_size", m.intermediate_size),
+                       ("vocab_size", m.vocab_size)):
+        if size % tensor:
+            problems.append(f"{what}={size} is not divisible by mesh tensor={tensor}: "
+                            f"choose a tensor size that divides {what}")
+    if m.num_layers % pipe:
+        problems.append(f"num_layers={m.num_layers} is not divisible by mesh pipe={pipe}: "
+                        "choose a pipe size that divides the layer count")
+    if problems:
+        raise ConfigError("impossible layout for mesh "
+                          f"data={data}, pipe={pipe}, tensor={tensor}:\n  " + "\n  ".join(problems))
+
+
+def cross_entropy(logits_btv, labels_bt):
+    logp = jax.nn.log_softmax(logits_btv.astype(F32), axis=-1)
+    return -jnp.take_along_axis(logp, labels_bt[..., None], axis=-1)[..., 0].mean()
+
+
+class Trainer:
+    """Holds the layout (mesh, shardings) and the jitted init and step for one TrainConfig."""
+
+    def __init__(self, cfg: TrainConfig, mesh: Mesh):
+        self.cfg, self.mesh = cfg, mesh
+        self.mesh_shape = dict(mesh.shape)
+        check_layout(cfg, self.mesh_shape)
+        if cfg.precision == "fp16":
+            raise ConfigError("precision=fp16 needs dynamic loss scaling, which the training loop adds; "
+                              "use precision=bf16 for now")
+        self.tx = make_optimizer(cfg)
+        self.lr = schedule(cfg)
+        abstract = nnx.eval_shape(lambda: GPTNeoX(cfg.model, rngs=nnx.Rngs(0)))
+        self.graphdef, abstract_state = nnx.split(abstract)
+        self.abstract_params = nnx.to_pure_dict(abstract_state)
+        self.logical_axes = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
+        self.has_master = cfg.model.param_dtype != "float32"
+
+        self.param_specs = shd.param_specs(self.abstract_params, self.logical_axes, mesh, fsdp=cfg.zero_stage == 3)
+        self.zero_specs = (shd.zero_specs(self.abstract_params, self.param_specs, mesh)
+                           if cfg.zero_stage >= 1 else self.param_specs)
+        abstract_master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, F32), self.abstract_params)
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_master)
+        opt_specs = optax.tree_map_params(self.tx, lambda _, spec: spec, abstract_opt, self.zero_specs,
+                                          transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+        self.state_specs = TrainState(step=P(), params=self.param_specs,
+                                      master=self.zero_specs if self.has_master else None, opt_state=opt_specs)
+        self.state_shardings = shd.named(mesh, self.state_specs)
+        self.batch_sharding = NamedSharding(mesh, P(None, *shd.batch_spec()))  # [accum, batch, length]
+
+        self.init = jax.jit(self._init, out_shardings=self.state_shardings)
+        self.grads = jax.jit(self._grads, in_shardings=(self.state_shardings.params, self.batch_sharding),
+                             out_shardings=(NamedSharding(mesh, P()), shd.named(mesh, self.zero_specs)))
+        self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding),
+                            out_shardings=(self.state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+    # ---- shapes ---------------------------------------------------------------------------------------
+    @property
+    def global_batch_size(self) -> int:
+        return self.cfg.global_batch_size(self.mesh_shape["data"])
+
+    def batch_shape(self) -> tuple[int, int, int]:
+        """Token batch [grad_accum_steps, micro_batch x data, seq_length + 1] (inputs and shifted labels)."""
+        cfg = self.cfg
+        return cfg.grad_accum_steps, cfg.micro_batch_size * self.mesh_shape["data"], cfg.seq_length + 1
+
+    def abstract_state(self) -> TrainState:
+        return jax.eval_shape(self._init, jax.random.key(0))
+
+    def abstract_batch(self) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(self.batch_shape(), jnp.int32, sharding=self.batch_sharding)
+
+    # ---- the computations ---------------------------------------------------------------------------
+    def _init(self, key) -> TrainState:
+        model = GPTNeoX(self.cfg.model, rngs=nnx.Rngs(key))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        master = jax.tree.map(lambda x: x.astype(F32), params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          master=master if self.has_master else None, opt_state=self.tx.init(master))
+
+    def loss(self, params, tokens_bt):
+        model = nnx.merge(self.graphdef, params)
+        return cross_entropy(model(tokens_bt[:, :-1]), tokens_bt[:, 1:])
+
+    def _grads(self, params, batch_mbt):
+        """Mean loss and fp32 gradients over the microbatches, accumulated in the ZeRO layout."""
+        zero = shd.named(self.mesh, self.zero_specs)
+
+        def micro(acc, tokens_bt):
+            loss, g = jax.value_and_grad(self.loss)(params, tokens_bt)
+            g = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x.astype(F32), g), zero)
+            return jax.tree.map(jnp.add, acc, g), loss
+
+        acc = jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(jnp.zeros(x.shape, F32), s),
+                           self.abstract_params, zero)
+        acc, losses = jax.lax.scan(micro, acc, batch_mbt)
+        n = batch_mbt.shape[0]
+        return losses.mean(), jax.tree.map(lambda g: g / n, acc)
+
+    def _step(self, state: TrainState, batch_mbt):
+        loss, grads = self._grads(state.params, batch_mbt)
+        master = state.master if self.has_master else state.params
+        updates, opt_state = self.tx.update(grads, state.opt_state, master)
+        master = optax.apply_updates(master, updates)
+        dtype = jnp.dtype(self.cfg.model.param_dtype)
+        params = jax.tree.map(lambda x: x.astype(dtype), master)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.lr(state.step)}
+        new = TrainState(step=state.step + 1, params=params, master=master if self.has_master else None,
+                         opt_state=opt_state)
+        return new, metrics
+
+    # ---- data ---------------------------------------------------------------------------------------
+    def put_batch(self, tokens: np.ndarray) -> jax.Array:
+        """A host batch [accum, batch, length] (this process's whole view) onto the mesh."""
+        tokens = np.asarray(tokens, np.int32)
+        if tokens.shape != self.batch_shape():
+            raise ConfigError(f"batch of shape {tokens.shape}, expected {self.batch_shape()} "
+                              "(grad_accum_steps, micro_batch_size x data, seq_length + 1)")
+        return jax.device_put(tokens, self.batch_sharding)
+
+
+def count_bytes(tree) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
