@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from neox_jax.config import NeoXConfig
 from neox_jax.sharding import constrain
@@ -188,15 +189,22 @@ class GPTNeoX(nnx.Module):
                                ("embed", "vocab"))
 
     def embed(self, input_ids_bt):
-        x_btd = jnp.take(self.embed_in.embedding[...], input_ids_bt, axis=0).astype(self.config.dtype)
+        table_ve = constrain(self.embed_in.embedding[...], ("vocab", "embed"))
+        x_btd = jnp.take(table_ve, input_ids_bt, axis=0).astype(self.config.dtype)
         return constrain(x_btd, ("batch", "length", "embed"))
 
     def apply_layers(self, x_btd, positions_bt, mask_bts):
         cfg = self.config
         cos_btr, sin_btr = rotary_cos_sin(positions_bt, cfg.rotary_ndims, cfg.rotary_base)
         graphdef, stacked = nnx.split(self.layers)
+        # Logical axes of one layer's weights (the stacked axis dropped). Constraining the weights to them
+        # inside the scan makes a sharded run gather one layer's weights at a time where they are split
+        # beyond the rules table (ZeRO-3, or `pipe` before the pipeline), instead of moving activations.
+        layer_axes = jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked),
+                                  is_leaf=lambda x: isinstance(x, P))
 
         def layer(x_btd, params):
+            params = jax.tree.map(constrain, params, layer_axes)
             x_btd = nnx.merge(graphdef, params)(x_btd, cos_btr, sin_btr, mask_bts)
             return constrain(x_btd, ("batch", "length", "embed")), None
 
@@ -207,8 +215,8 @@ class GPTNeoX(nnx.Module):
 
     def logits(self, x_btd):
         x_btd = self.final_layer_norm(x_btd)
-        logits_btv = jnp.einsum("btd,dv->btv", x_btd, self.embed_out.kernel[...].astype(x_btd.dtype),
-                                preferred_element_type=F32)
+        kernel_dv = constrain(self.embed_out.kernel[...], ("embed", "vocab"))
+        logits_btv = jnp.einsum("btd,dv->btv", x_btd, kernel_dv.astype(x_btd.dtype), preferred_element_type=F32)
         return constrain(logits_btv, ("batch", "length", "vocab"))
 
     def __call__(self, input_ids, attention_mask=None, positions=None):

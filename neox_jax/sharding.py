@@ -6,9 +6,12 @@ rules table below alone decides where they live on the `(data, pipe, tensor)` me
 - Megatron tensor parallelism: QKV and `dense_h_to_4h` column-parallel (`heads`, `mlp` on `tensor`),
   `attention.dense` and `dense_4h_to_h` row-parallel (the same names on their input side), embedding and
   output vocab-parallel.
-- batch on `data`; the stacked `layers` axis on `pipe` (the pipeline issue turns that into real stages).
-- ZeRO-1: optimizer state (and the fp32 master copy) additionally split over `data` along their largest
-  dimension that divides; with FSDP (ZeRO-3) the parameters are split that way too.
+- batch on `data`.
+- `pipe`, until the pipeline lands, splits every weight (not the stacked `layers` axis) along its largest
+  dimension that divides, so the layer scan gathers one layer's weights at a time. Splitting the stacked
+  axis itself makes XLA gather the whole stack before the scan: the 20B's full weights on every device.
+- ZeRO-1: optimizer state (and the fp32 master copy) additionally split over `data` the same way; with
+  FSDP (ZeRO-3) the parameters are split that way too.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("qkv", None),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("layers", "pipe"),
+    ("layers", None),
 )
 
 
@@ -130,38 +133,50 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, _trim(logical_to_spec(axes), mesh.axis_names))
 
 
-def add_data_axis(spec: P, shape: tuple[int, ...], data: int) -> P:
-    """ZeRO / FSDP: also split over `data`, along the largest dimension that stays divisible.
+def add_axis(spec: P, shape: tuple[int, ...], axes: tuple[str | None, ...], mesh_axis: str,
+             mesh_shape: dict[str, int]) -> P:
+    """Also split over `mesh_axis`, along the largest dimension that stays divisible: a free one if
+    possible, else one already split (the two mesh axes then share it).
 
-    Small tensors with no such dimension (biases of odd size) stay replicated over `data`.
+    The stacked `layers` dimension is never chosen (the layer scan would gather the whole stack), and
+    tensors with no such dimension (small odd-sized biases) stay replicated over that axis.
     """
-    if data == 1 or "data" in spec:
-        return spec
+    size = mesh_shape[mesh_axis]
     entries = list(spec) + [None] * (len(shape) - len(spec))
-    best = None
-    for i, (size, entry) in enumerate(zip(shape, entries)):
-        if entry is None and size % data == 0 and (best is None or size > shape[best]):
-            best = i
+    if size == 1 or any(mesh_axis in (e if isinstance(e, tuple) else (e,)) for e in entries):
+        return spec
+
+    def parts(entry):
+        return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+    def candidates(free: bool):
+        for i, (dim, entry, name) in enumerate(zip(shape, entries, axes)):
+            split = math.prod(mesh_shape[a] for a in parts(entry))
+            if name != "layers" and (entry is None) == free and dim % (split * size) == 0:
+                yield dim // split, i
+
+    best = max(candidates(True), default=None) or max(candidates(False), default=None)
     if best is None:
         return spec
-    entries[best] = "data"
+    i = best[1]
+    entries[i] = parts(entries[i]) + (mesh_axis,) if entries[i] is not None else mesh_axis
     return P(*entries)
 
 
 def param_specs(abstract_params, axes_tree, mesh: Mesh, fsdp: bool = False):
     """PartitionSpecs for a params tree from its logical axes (`axes_tree`, same structure)."""
-    data = mesh.shape["data"]
 
     def spec(x, axes):
-        s = _trim(logical_to_spec(axes), mesh.axis_names)
-        return add_data_axis(s, x.shape, data) if fsdp else s
+        s = add_axis(_trim(logical_to_spec(axes), mesh.axis_names), x.shape, axes, "pipe", dict(mesh.shape))
+        return add_axis(s, x.shape, axes, "data", dict(mesh.shape)) if fsdp else s
 
-    return jax.tree.map(spec, abstract_params, axes_tree)
+    return jax.tree.map(spec, abstract_params, axes_tree, is_leaf=lambda a: isinstance(a, P))
 
 
-def zero_specs(abstract_params, specs, mesh: Mesh):
+def zero_specs(abstract_params, specs, axes_tree, mesh: Mesh):
     """ZeRO-1 specs for optimizer state and master weights: the param spec plus a split over `data`."""
-    return jax.tree.map(lambda x, s: add_data_axis(s, x.shape, mesh.shape["data"]), abstract_params, specs)
+    return jax.tree.map(lambda x, s, axes: add_axis(s, x.shape, axes, "data", dict(mesh.shape)),
+                        abstract_params, specs, axes_tree, is_leaf=lambda a: isinstance(a, P))
 
 
 def named(mesh: Mesh, specs):

@@ -83,7 +83,7 @@ class Trainer:
         self.has_master = cfg.model.param_dtype != "float32"
 
         self.param_specs = shd.param_specs(self.abstract_params, self.logical_axes, mesh, fsdp=cfg.zero_stage == 3)
-        self.zero_specs = (shd.zero_specs(self.abstract_params, self.param_specs, mesh)
+        self.zero_specs = (shd.zero_specs(self.abstract_params, self.param_specs, self.logical_axes, mesh)
                            if cfg.zero_stage >= 1 else self.param_specs)
         abstract_master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, F32), self.abstract_params)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_master)
@@ -94,11 +94,21 @@ class Trainer:
         self.state_shardings = shd.named(mesh, self.state_specs)
         self.batch_sharding = NamedSharding(mesh, P(None, *shd.batch_spec()))  # [accum, batch, length]
 
-        self.init = jax.jit(self._init, out_shardings=self.state_shardings)
-        self.grads = jax.jit(self._grads, in_shardings=(self.state_shardings.params, self.batch_sharding),
+        self.init = jax.jit(self._under_mesh(self._init), out_shardings=self.state_shardings)
+        self.grads = jax.jit(self._under_mesh(self._grads),
+                             in_shardings=(self.state_shardings.params, self.batch_sharding),
                              out_shardings=(NamedSharding(mesh, P()), shd.named(mesh, self.zero_specs)))
-        self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding),
+        self.step = jax.jit(self._under_mesh(self._step), in_shardings=(self.state_shardings, self.batch_sharding),
                             out_shardings=(self.state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+    def _under_mesh(self, fn):
+        """Trace `fn` with the mesh set, so the model's logical constraints apply."""
+
+        def traced(*args):
+            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+                return fn(*args)
+
+        return traced
 
     # ---- shapes ---------------------------------------------------------------------------------------
     @property
@@ -150,7 +160,7 @@ class Trainer:
         master = optax.apply_updates(master, updates)
         dtype = jnp.dtype(self.cfg.model.param_dtype)
         params = jax.tree.map(lambda x: x.astype(dtype), master)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.lr(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.lr(state.step)}
         new = TrainState(step=state.step + 1, params=params, master=master if self.has_master else None,
                          opt_state=opt_state)
         return new, metrics
