@@ -85,8 +85,9 @@ class Plan:
                 f"  {'temporaries (activations, gradients, ...)':47s} {self.xla_temp / GB:9.2f} GB",
                 f"  {'total':47s} {self.xla_total / GB:9.2f} GB", "",
                 "collective traffic per device per step (bytes sent, ring algorithms)"]
-        for axes, v in sorted(((a, v) for a, v in self.collectives.items() if v), key=lambda kv: -kv[1]):
-            out.append(f"  over {axes:43s} {v / GB:9.3f} GB")
+        for axes, v in sorted(((a, v) for a, v in self.collectives.items() if v >= 1e6), key=lambda kv: -kv[1]):
+            amount = f"{v / GB:9.3f} GB" if v >= 1e8 else f"{v / 1e6:9.1f} MB"
+            out.append(f"  over {axes:43s} {amount}")
         verdict = "fits" if self.fits else "does NOT fit"
         out += ["", f"compile time {self.compile_seconds:.1f}s",
                 f"{device}: {self.capacity / 2**30:.0f} GiB per device -> {verdict} "
