@@ -1,9 +1,26 @@
-"""neox_jax: GPT-NeoX (Pythia, GPT-NeoX-20B) in JAX/Flax NNX."""
+"""neox_jax: GPT-NeoX (Pythia, GPT-NeoX-20B) in JAX/Flax NNX.
 
-from neox_jax.config import ConfigError, NeoXConfig
-from neox_jax.convert.hf import CheckpointError
-from neox_jax.model import GPTNeoX
-from neox_jax.pretrained import from_pretrained, save_pretrained
+The public names are imported on first use, so `neox_jax.data` tools (and worker processes) start without
+loading JAX.
+"""
 
-__all__ = ["CheckpointError", "ConfigError", "GPTNeoX", "NeoXConfig", "from_pretrained", "save_pretrained"]
+import importlib
+
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "CheckpointError": "neox_jax.convert.hf",
+    "ConfigError": "neox_jax.config",
+    "GPTNeoX": "neox_jax.model",
+    "NeoXConfig": "neox_jax.config",
+    "TrainConfig": "neox_jax.config",
+    "from_pretrained": "neox_jax.pretrained",
+    "save_pretrained": "neox_jax.pretrained",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'neox_jax' has no attribute {name!r}")

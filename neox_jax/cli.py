@@ -101,6 +101,39 @@ def cmd_plan(args):
     print(plan(cfg, args.device).report(args.device))
 
 
+def cmd_preprocess(args):
+    from neox_jax.data.preprocess import BadRecordError, preprocess
+
+    try:
+        summary = preprocess(args.input, args.tokenizer, args.output_prefix, jsonl_keys=args.jsonl_keys,
+                             append_eod=args.append_eod, workers=args.workers, strict=args.strict)
+    except BadRecordError as e:
+        print(f"error: {e}; nothing was written", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
+
+
+def cmd_train_tokenizer(args):
+    from neox_jax.data.preprocess import parse_record, read_records
+    from neox_jax.data.tokenizer import train_tokenizer
+
+    def texts():
+        for path in args.input:
+            for _, raw in read_records(path):
+                yield from parse_record(raw, str(path).endswith(".txt"), args.jsonl_keys)
+
+    out = train_tokenizer(texts(), args.vocab_size, args.output)
+    print(f"wrote {out} ({args.vocab_size} tokens)")
+
+
+def cmd_corpus(args):
+    from neox_jax.data.corpus import build_corpus
+
+    prefix = build_corpus(args.out, args.max_mb, args.vocab_size, args.workers)
+    print(f"data prefix: {prefix}")
+
+
 def cmd_demo(args):
     from neox_jax.demo import run_demo
 
@@ -131,6 +164,30 @@ def main(argv=None):
     p.add_argument("--device", default="a100-40gb", choices=["a100-40gb", "a100-80gb", "h100-80gb", "h200-141gb"])
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("preprocess", help="tokenize jsonl / jsonl.zst / txt into GPT-NeoX .bin/.idx")
+    p.add_argument("--input", nargs="+", required=True, help="input files (.jsonl, .jsonl.zst, .txt)")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer.json (e.g. GPT-NeoX's 20B_tokenizer.json)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
+    p.add_argument("--jsonl-keys", nargs="+", default=["text"])
+    p.add_argument("--append-eod", action="store_true", help="end each document with <|endoftext|>")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of reporting it")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("train-tokenizer", help="train a NeoX-style byte-level BPE tokenizer on local text")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--vocab-size", type=int, default=50277)
+    p.add_argument("--output", required=True, help="the tokenizer.json to write")
+    p.add_argument("--jsonl-keys", nargs="+", default=["text"])
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("corpus", help="build the embedded default corpus from Python's standard library")
+    p.add_argument("--out", default="data/stdlib")
+    p.add_argument("--max-mb", type=float, default=4.0)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_corpus)
+
     p = sub.add_parser("demo", help="the embedded default job: build, convert and check a small model")
     p.add_argument("--out", default="outputs/demo", help="folder for the demo's files")
     p.add_argument("--preset", default="pythia-14m")
@@ -141,11 +198,10 @@ def main(argv=None):
     from neox_jax.convert.hf import CheckpointError
 
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

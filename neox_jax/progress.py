@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None, enabled: bool = True,
-             stream=None) -> Iterator[T]:
+             stream=None, stats: Callable[[float], str] | None = None) -> Iterator[T]:
     """Yield from `items`, redrawing `desc [####    ] i/total elapsed` in place on a terminal.
 
-    Off a terminal (logs, CI) it prints a line at every 10% instead of redrawing.
+    `stats(elapsed_seconds)` adds a caller's figures (rates, say) to the line. Off a terminal (logs, CI) it
+    prints a line at every 10% (every 10 seconds without a total) instead of redrawing.
     """
     if not enabled:
         yield from items
@@ -22,7 +23,7 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, enabled: b
     if total is None:
         total = len(items) if hasattr(items, "__len__") else 0
     tty = stream.isatty()
-    start, last_decile = time.perf_counter(), -1
+    start = time.perf_counter()
     i = 0
 
     def draw(end=""):
@@ -32,15 +33,21 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, enabled: b
             bar = f"[{'#' * filled}{' ' * (30 - filled)}] {i}/{total}"
         else:
             bar = f"{i}"
-        stream.write(f"\r{desc} {bar} {elapsed:.1f}s{end}" if tty else f"{desc} {bar} {elapsed:.1f}s\n")
+        extra = f" {stats(elapsed)}" if stats else ""
+        line = f"{desc} {bar} {elapsed:.1f}s{extra}"
+        stream.write(f"\r{line}\033[K{end}" if tty else f"{line}\n")
         stream.flush()
 
+    last_mark, last_drawn, last_time = None, -1, -1.0
     for item in items:
         yield item
         i += 1
-        decile = 10 * i // total if total else i
-        if tty or decile != last_decile:
+        now = time.perf_counter() - start
+        mark = 10 * i // total if total else int(now) // 10
+        if (tty and now - last_time >= 0.1) or (not tty and mark != last_mark):
             draw()
-            last_decile = decile
+            last_mark, last_drawn, last_time = mark, i, now
     if tty:
         draw("\n")
+    elif last_drawn != i:
+        draw()

@@ -1,0 +1,1 @@
+"""Data: the tokenizer, NeoX's .bin/.idx format, preprocessing, GPT sampling and per-process loading."""

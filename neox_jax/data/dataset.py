@@ -1,0 +1,222 @@
+"""GPT-NeoX's GPT2Dataset sampling, splits and blending, reproduced exactly.
+
+A sample is `seq_length + 1` tokens packed across documents (consecutive samples overlap by one token).
+The order comes from three index maps built with one `np.random.RandomState(seed)` in GPT-NeoX's call order:
+
+    doc_idx      every document once per epoch, all epochs concatenated, then shuffled (one shuffle)
+    sample_idx   (position in doc_idx, token offset) where each sample starts; [num_samples + 1, 2]
+    shuffle_idx  a permutation of the samples, shuffled with the same generator
+
+so the same data, seq_length, seed and sample count give the samples GPT-NeoX gives. The maps are cached
+as .npy beside the data under GPT-NeoX's file names, written atomically. A batch is a pure function of
+(seed, step): there is no iterator state to save.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from neox_jax.data.indexed import IndexedDataset
+
+
+def split_boundaries(split: str, num_documents: int) -> list[int]:
+    """GPT-NeoX's `get_train_valid_test_split_`: "969,30,1" -> document boundaries [0, a, b, n]."""
+    sep = "," if "," in split else "/" if "/" in split else None
+    try:
+        weights = [float(s) for s in (split.split(sep) if sep else [split])]
+    except ValueError:
+        raise ValueError(f"split={split!r}: expected weights like '969,30,1'") from None
+    weights = (weights + [0.0, 0.0])[:3]
+    if sum(weights) <= 0 or min(weights) < 0:
+        raise ValueError(f"split={split!r}: weights must be non-negative with a positive sum")
+    weights = [w / sum(weights) for w in weights]
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + int(round(w * float(num_documents))))
+    diff = bounds[-1] - num_documents
+    return [bounds[0]] + [b - diff for b in bounds[1:]]
+
+
+def num_epochs(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
+    """GPT-NeoX's `_num_epochs`: the fewest epochs E >= 1 with (E * tokens - 1) // seq_length >= num_samples."""
+    if tokens_per_epoch <= 0:
+        raise ValueError("the dataset has no tokens")
+    return max(1, math.ceil((num_samples * seq_length + 1) / tokens_per_epoch))
+
+
+def build_doc_idx(documents: np.ndarray, epochs: int, rng: np.random.RandomState) -> np.ndarray:
+    doc_idx = np.tile(np.asarray(documents), epochs).astype(np.int32)
+    rng.shuffle(doc_idx)
+    return doc_idx
+
+
+def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, epochs: int,
+                     tokens_per_epoch: int) -> np.ndarray:
+    """Where each sample starts: GPT-NeoX's C++ `build_sample_idx`, vectorised.
+
+    Sample k ends (inclusive) at token k*seq_length of the doc_idx stream, which is where sample k+1
+    starts. That token lies in the first document whose cumulative end exceeds it.
+    """
+    num_samples = (epochs * tokens_per_epoch - 1) // seq_length
+    ends = np.cumsum(sizes[doc_idx].astype(np.int64))
+    positions = np.arange(1, num_samples + 1, dtype=np.int64) * seq_length
+    docs = np.searchsorted(ends, positions, side="right")
+    offsets = positions - np.concatenate([[0], ends])[docs]
+    dtype = np.int32 if ends[-1] < 2**31 else np.int64
+    out = np.zeros((num_samples + 1, 2), dtype)
+    out[1:, 0], out[1:, 1] = docs, offsets
+    return out
+
+
+def build_shuffle_idx(size: int, rng: np.random.RandomState) -> np.ndarray:
+    dtype = np.uint32 if size < np.iinfo(np.uint32).max - 1 else np.int64
+    shuffle = np.arange(size, dtype=dtype)
+    rng.shuffle(shuffle)
+    return shuffle
+
+
+def _save_atomic(path: Path, array: np.ndarray):
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
+    np.save(tmp, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+class GPTDataset:
+    """Samples of `seq_length + 1` tokens from `documents` of an indexed dataset, in GPT-NeoX's order."""
+
+    def __init__(self, indexed: IndexedDataset, documents: np.ndarray, num_samples: int, seq_length: int,
+                 seed: int, name: str = "train", cache_dir: str | os.PathLike | None = None):
+        self.indexed, self.seq_length = indexed, seq_length
+        documents = np.asarray(documents)
+        if documents.size == 0:
+            raise ValueError(f"{indexed.prefix}: the {name} split has no documents; change `split`")
+        stem = f"{Path(indexed.prefix).name}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s_packedpi"
+        folder = Path(cache_dir) if cache_dir else Path(indexed.prefix).parent
+        files = {k: folder / f"{stem}_{k}_idx.npy" for k in ("doc", "sample", "shuffle")}
+        if all(f.is_file() for f in files.values()):
+            maps = {k: np.load(f, mmap_mode="r", allow_pickle=False) for k, f in files.items()}
+        else:
+            tokens_per_epoch = int(indexed.sizes[documents].astype(np.int64).sum())
+            epochs = num_epochs(tokens_per_epoch, seq_length, num_samples)
+            rng = np.random.RandomState(seed=seed)
+            doc_idx = build_doc_idx(documents, epochs, rng)
+            sample_idx = build_sample_idx(indexed.sizes, doc_idx, seq_length, epochs, tokens_per_epoch)
+            maps = {"doc": doc_idx, "sample": sample_idx, "shuffle": build_shuffle_idx(len(sample_idx) - 1, rng)}
+            folder.mkdir(parents=True, exist_ok=True)
+            for k, f in files.items():
+                _save_atomic(f, maps[k])
+        self.doc_idx, self.sample_idx, self.shuffle_idx = maps["doc"], maps["sample"], maps["shuffle"]
+
+    def __len__(self) -> int:
+        return len(self.shuffle_idx)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """int64 [seq_length + 1]; an index past the end wraps around, as in GPT-NeoX."""
+        i = int(self.shuffle_idx[i % len(self)])
+        (doc_f, off_f), (doc_l, off_l) = self.sample_idx[i], self.sample_idx[i + 1]
+        get = self.indexed.get
+        if doc_f == doc_l:
+            sample = get(int(self.doc_idx[doc_f]), offset=int(off_f), length=int(off_l - off_f + 1))
+        else:
+            parts = [get(int(self.doc_idx[doc_f]), offset=int(off_f))]
+            parts += [get(int(self.doc_idx[j])) for j in range(doc_f + 1, doc_l)]
+            parts.append(get(int(self.doc_idx[doc_l]), length=int(off_l + 1)))
+            sample = np.concatenate(parts)
+        out = np.zeros(self.seq_length + 1, np.int64)  # GPT-NeoX pads short samples with 0
+        n = min(len(sample), self.seq_length + 1)
+        out[:n] = sample[:n]
+        return out
+
+
+def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """GPT-NeoX's deterministic greedy blend: each sample goes to the dataset furthest below its share."""
+    w = np.asarray(weights, np.float64)
+    w = w / w.sum()
+    if len(w) > 255:
+        raise ValueError("at most 255 datasets can be blended")
+    dataset_index = np.zeros(size, np.uint8)
+    sample_index = np.zeros(size, np.int64)
+    counts = np.zeros(len(w), np.int64)
+    for i in range(size):
+        errors = w * max(float(i), 1.0) - counts
+        d = int(np.argmax(errors))  # first maximum wins ties, as the C++ loop's strict `>`
+        dataset_index[i], sample_index[i] = d, counts[d]
+        counts[d] += 1
+    return dataset_index, sample_index
+
+
+class BlendedDataset:
+    def __init__(self, datasets: Sequence[GPTDataset], weights: Sequence[float]):
+        if len(datasets) != len(weights):
+            raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
+        self.datasets = list(datasets)
+        self.size = sum(len(d) for d in datasets)
+        self.dataset_index, self.sample_index = blending_indices(weights, self.size)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i %= self.size
+        return self.datasets[self.dataset_index[i]][int(self.sample_index[i])]
+
+
+def samples_per_dataset(weights: Sequence[float], num_samples: int) -> list[int]:
+    """GPT-NeoX asks each blended dataset for its share plus 0.5% slack."""
+    total = sum(weights)
+    return [int(math.ceil(num_samples * w / total * 1.005)) for w in weights]
+
+
+def build_split_datasets(prefixes: Sequence[str], weights: Sequence[float] | None, split: str,
+                         num_samples: Sequence[int], seq_length: int, seed: int,
+                         cache_dir: str | os.PathLike | None = None) -> list[GPTDataset | BlendedDataset | None]:
+    """train / valid / test datasets from one or more data prefixes, each cut by `split` into
+    contiguous document ranges, blended by `weights` when there are several. A split with no samples
+    requested (or no documents) is None."""
+    weights = list(weights) if weights else [1.0] * len(prefixes)
+    if len(weights) != len(prefixes):
+        raise ValueError(f"{len(prefixes)} data paths but {len(weights)} data weights")
+    indexed = [IndexedDataset(p) for p in prefixes]
+    out = []
+    for s, (name, wanted) in enumerate(zip(("train", "valid", "test"), num_samples)):
+        if wanted <= 0:
+            out.append(None)
+            continue
+        parts = []
+        for ds, n in zip(indexed, samples_per_dataset(weights, wanted) if len(indexed) > 1 else [wanted]):
+            lo, hi = split_boundaries(split, len(ds))[s:s + 2]
+            if hi <= lo:
+                parts = None
+                break
+            parts.append(GPTDataset(ds, np.arange(lo, hi, dtype=np.int32), n, seq_length, seed, name, cache_dir))
+        out.append(None if parts is None else parts[0] if len(parts) == 1 else BlendedDataset(parts, weights))
+    return out
+
+
+class GlobalBatches:
+    """Step n's global batch as rows [n*B, (n+1)*B) of a dataset: a pure function of the step.
+
+    Rows are ordered microstep-major, then data-parallel rank, then the rank's micro batch, as GPT-NeoX's
+    DistributedBatchSampler deals them; `rows(n, lo, hi)` gives just the rows one process feeds.
+    """
+
+    def __init__(self, dataset, grad_accum_steps: int, micro_batch_size: int, data_parallel: int):
+        self.dataset = dataset
+        self.accum, self.micro, self.dp = grad_accum_steps, micro_batch_size, data_parallel
+        self.per_microstep = micro_batch_size * data_parallel
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.accum * self.per_microstep
+
+    def batch(self, step: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """[accum, hi - lo, seq + 1] int32: microstep k holds rows lo..hi of that microstep."""
+        hi = self.per_microstep if hi is None else hi
+        base = step * self.global_batch_size
+        return np.stack([np.stack([self.dataset[base + k * self.per_microstep + j] for j in range(lo, hi)])
+                         for k in range(self.accum)]).astype(np.int32)
