@@ -111,7 +111,9 @@ def parse_record(raw: bytes, is_text: bool, keys: Sequence[str]) -> list[str]:
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_path: str, keys: Sequence[str], append_eod: bool):
+def _init_worker(tokenizer_path: str, keys: Sequence[str], append_eod: bool, single_thread: bool = False):
+    if single_thread:  # one tokenizer thread per worker process: N workers use N cores, not N x cores
+        os.environ["RAYON_NUM_THREADS"] = "1"
     _worker["tok"] = NeoXTokenizer(tokenizer_path)
     _worker["keys"], _worker["eod"] = list(keys), append_eod
 
@@ -169,7 +171,7 @@ def preprocess(inputs: Sequence[str | os.PathLike], tokenizer: str | os.PathLike
     try:
         if workers > 1:
             # spawn, not fork: the parent may hold threads (tokenizers, JAX) that fork would copy half-alive
-            pool = mp.get_context("spawn").Pool(workers, _init_worker, args)
+            pool = mp.get_context("spawn").Pool(workers, _init_worker, (*args, True))
             results = pool.imap(_encode_chunk, _chunks(inputs), chunksize=2)
         else:
             _init_worker(*args)

@@ -1,0 +1,273 @@
+"""Data: tokenizer, .bin/.idx bytes, preprocessing, GPT-NeoX's sample order, blending, loading."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from neox_jax.data.dataset import (BlendedDataset, GlobalBatches, GPTDataset, blending_indices,
+                                   build_split_datasets, split_boundaries)
+from neox_jax.data.indexed import IndexedDataset, IndexedDatasetWriter
+from neox_jax.data.preprocess import BadRecordError, preprocess
+from neox_jax.data.tokenizer import SPACE_RUNS, NeoXTokenizer, train_tokenizer
+
+FIB = "def fibRec(n):\n    if n < 2:\n        return n\n    else:\n        return fibRec(n-1) + fibRec(n-2)"
+
+
+# ---- tokenizer -------------------------------------------------------------------------------------------
+
+def test_real_tokenizer_fibrec_and_round_trip(shared):
+    tok = NeoXTokenizer(shared / "20B_tokenizer.json")
+    assert len(tok.encode(FIB)) == 39  # the paper's example
+    assert (tok.vocab_size, tok.eod_id, tok.pad_id) == (50277, 0, 1)
+    text = "naïve café — 東京\t\ttabs\n\n    four spaces\n" + " " * 30 + "thirty\r\nend  "
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode_batch(tok.encode_batch([FIB, text])) == [FIB, text]
+
+
+def test_trained_tokenizer_is_neox_style(tmp_path):
+    rng = np.random.RandomState(0)
+    words = ["".join(rng.choice(list("abcdefghij"), rng.randint(2, 7))) for _ in range(3000)]
+    texts = [FIB, "class A:\n    def f(self):\n        return 1\n", " ".join(words)] * 5
+    path = train_tokenizer(texts, 400, tmp_path / "tok.json")
+    tok = NeoXTokenizer(path)
+    assert tok.vocab_size == 400 and tok.eod_id == 0 and tok.pad_id == 1
+    spec = json.loads(path.read_text())
+    assert spec["normalizer"]["type"] == "NFC"
+    assert spec["pre_tokenizer"] == {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                     "use_regex": True}
+    runs = {t["content"]: t["id"] for t in spec["added_tokens"] if t["content"].strip() == ""}
+    assert sorted(len(r) for r in runs) == sorted(SPACE_RUNS)
+    assert tok.encode("        x")[0] == runs[" " * 8]  # 8 spaces are one token
+    assert tok.decode(tok.encode("naïve\n\t  end")) == "naïve\n\t  end"
+
+
+def test_bad_tokenizer_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer .* not found"):
+        NeoXTokenizer(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid tokenizer.json"):
+        NeoXTokenizer(tmp_path / "bad.json")
+
+
+# ---- .bin / .idx --------------------------------------------------------------------------------------------
+
+def minimal_writer(prefix, docs, dtype_code=8, dtype=np.uint16):
+    """An independent writer from the byte layout in the reference (not our code)."""
+    sizes = [len(d) for d in docs]
+    with open(f"{prefix}.bin", "wb") as f:
+        for d in docs:
+            f.write(np.asarray(d, dtype).tobytes())
+    with open(f"{prefix}.idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", dtype_code))
+        f.write(struct.pack("<Q", len(docs)) + struct.pack("<Q", len(docs) + 1))
+        f.write(np.asarray(sizes, np.int32).tobytes())
+        f.write(np.asarray(np.concatenate([[0], np.cumsum(sizes)[:-1]]) * np.dtype(dtype).itemsize,
+                           np.int64).tobytes())
+        f.write(np.arange(len(docs) + 1, dtype=np.int64).tobytes())
+
+
+@pytest.mark.parametrize("dtype,code", [(np.uint16, 8), (np.int32, 4)])
+def test_indexed_write_read_and_bytes_match_an_independent_writer(tmp_path, dtype, code):
+    rng = np.random.RandomState(0)
+    docs = [rng.randint(0, 60000, rng.randint(1, 50)) for _ in range(30)] + [np.array([], np.int64)]
+    with IndexedDatasetWriter(tmp_path / "ours", dtype) as w:
+        for d in docs:
+            w.add_document(d)
+    minimal_writer(tmp_path / "ref", docs, code, dtype)
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"ours.{ext}").read_bytes() == (tmp_path / f"ref.{ext}").read_bytes()
+    ds = IndexedDataset(tmp_path / "ref")
+    assert len(ds) == len(docs) and ds.dtype == np.dtype(dtype)
+    for d, got in zip(docs, (ds[i] for i in range(len(ds)))):
+        np.testing.assert_array_equal(got, d)
+    np.testing.assert_array_equal(ds.get(3, offset=2, length=3), docs[3][2:5])
+
+
+def test_reads_the_file_gpt_neox_wrote(shared):
+    ds = IndexedDataset(shared / "neox-preprocessed" / "tiny_text_document")
+    tok = NeoXTokenizer(shared / "20B_tokenizer.json")
+    first = json.loads((shared / "neox-preprocessed" / "tiny.jsonl").read_text().splitlines()[0])["text"]
+    assert len(ds) == 201 and ds.dtype == np.uint16
+    assert ds[0][-1] == tok.eod_id and tok.decode(ds[0][:-1]) == first
+
+
+def test_corrupt_index_is_named(tmp_path):
+    minimal_writer(tmp_path / "d", [[1, 2, 3]])
+    idx = tmp_path / "d.idx"
+    idx.write_bytes(idx.read_bytes()[:-4])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        IndexedDataset(tmp_path / "d")
+    with pytest.raises(FileNotFoundError, match="without .bin/.idx"):
+        IndexedDataset(tmp_path / "nothing")
+
+
+# ---- preprocessing ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_preprocess_is_byte_identical_to_gpt_neox(shared, tmp_path, workers):
+    data = shared / "neox-preprocessed"
+    summary = preprocess([data / "tiny.jsonl"], shared / "20B_tokenizer.json", str(tmp_path / "tiny"),
+                         append_eod=True, workers=workers, show_progress=False)
+    assert summary.documents == 201 and not summary.rejected
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"tiny_text_document.{ext}").read_bytes() == (data / f"tiny_text_document.{ext}").read_bytes()
+
+
+@pytest.fixture
+def small_tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tok.json"
+    return train_tokenizer([FIB, "hello world, the quick brown fox"] * 20, 320, path)
+
+
+def test_bad_records_are_reported_with_line_and_nothing_else_is_lost(tmp_path, small_tokenizer, capsys):
+    lines = [b'{"text": "good one"}', b'{"text": "broken', b'{"other": "x"}', b'{"text": ""}',
+             b'{"text": "bad \xff byte"}', b'{"text": "good two"}', b'[1, 2]', b'{"text": "good three"}']
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    summary = preprocess([src], small_tokenizer, str(tmp_path / "out"), show_progress=False,
+                         log=__import__("sys").stdout)
+    assert summary.documents == 3
+    assert summary.rejected == {"invalid JSON": 1, "missing key 'text'": 1, "empty text": 1, "invalid UTF-8": 1,
+                                "expected a JSON object, got list": 1}
+    rejects = (tmp_path / "out_rejects.tsv").read_text().splitlines()
+    assert [r.split("\t")[1] for r in rejects[1:]] == ["2", "3", "4", "5", "7"]
+    printed = capsys.readouterr().out
+    assert f"rejected {src}:2: invalid JSON" in printed
+    tok = NeoXTokenizer(small_tokenizer)
+    ds = IndexedDataset(tmp_path / "out_text_document")
+    assert [tok.decode(ds[i]) for i in range(len(ds))] == ["good one", "good two", "good three"]
+
+
+def test_strict_stops_and_leaves_no_output(tmp_path, small_tokenizer):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "fine"}\n{"text": 1}\n')
+    with pytest.raises(BadRecordError, match=r"in.jsonl:2: text is not a string"):
+        preprocess([src], small_tokenizer, str(tmp_path / "out"), strict=True, show_progress=False)
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_zst_and_txt_inputs_and_several_keys(tmp_path, small_tokenizer):
+    zstandard = pytest.importorskip("zstandard", reason="reading .jsonl.zst needs zstandard")
+    records = [{"text": f"doc {i}", "title": f"title {i}"} for i in range(5)]
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps(r) + "\n" for r in records).encode()))
+    summary = preprocess([tmp_path / "a.jsonl.zst"], small_tokenizer, str(tmp_path / "z"),
+                         jsonl_keys=["text", "title"], append_eod=True, show_progress=False)
+    assert summary.documents == 5
+    tok = NeoXTokenizer(small_tokenizer)
+    titles = IndexedDataset(tmp_path / "z_title_document")
+    assert tok.decode(titles[4][:-1]) == "title 4" and titles[4][-1] == tok.eod_id
+    (tmp_path / "b.txt").write_text(FIB)
+    preprocess([tmp_path / "b.txt"], small_tokenizer, str(tmp_path / "t"), show_progress=False)
+    assert tok.decode(IndexedDataset(tmp_path / "t_text_document")[0]) == FIB
+
+
+# ---- sample order ----------------------------------------------------------------------------------------
+
+def reference_index_maps(sizes, documents, num_samples, seq_length, seed):
+    """GPT-NeoX's algorithm written straightforwardly (the C++ loop of build_sample_idx included)."""
+    tokens_per_epoch = int(np.sum(sizes[documents]))
+    epochs, total = 0, 0
+    while True:
+        epochs += 1
+        total += tokens_per_epoch
+        if (total - 1) // seq_length >= num_samples:
+            break
+    rng = np.random.RandomState(seed=seed)
+    doc_idx = np.mgrid[0:epochs, 0:len(documents)][1]
+    doc_idx[:] = documents
+    doc_idx = doc_idx.reshape(-1).astype(np.int32)
+    rng.shuffle(doc_idx)
+    n = (epochs * tokens_per_epoch - 1) // seq_length
+    sample_idx = np.zeros((n + 1, 2), np.int64)
+    doc_index, offset = 0, 0
+    for s in range(1, n + 1):
+        remaining = seq_length + 1
+        while remaining != 0:
+            length = sizes[doc_idx[doc_index]] - offset
+            remaining -= length
+            if remaining <= 0:
+                offset += remaining + length - 1
+                remaining = 0
+            else:
+                doc_index += 1
+                offset = 0
+        sample_idx[s] = doc_index, offset
+    shuffle_idx = np.arange(n, dtype=np.uint32)
+    rng.shuffle(shuffle_idx)
+    return doc_idx, sample_idx, shuffle_idx
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rng = np.random.RandomState(3)
+    docs = [rng.randint(2, 1000, rng.randint(1, 40)) for _ in range(57)]
+    with IndexedDatasetWriter(tmp_path / "c", np.uint16) as w:
+        for d in docs:
+            w.add_document(d)
+    return IndexedDataset(tmp_path / "c"), docs
+
+
+@pytest.mark.parametrize("num_samples,seq_length", [(10, 16), (300, 16), (97, 33)])  # 1 to ~8 epochs
+def test_sample_order_equals_reference_neox_algorithm(corpus, tmp_path, num_samples, seq_length):
+    ds, docs = corpus
+    documents = np.arange(5, 50, dtype=np.int32)
+    ours = GPTDataset(ds, documents, num_samples, seq_length, seed=1234, cache_dir=tmp_path / "cache")
+    doc_idx, sample_idx, shuffle_idx = reference_index_maps(ds.sizes, documents, num_samples, seq_length, 1234)
+    np.testing.assert_array_equal(ours.doc_idx, doc_idx)
+    np.testing.assert_array_equal(ours.sample_idx, sample_idx)
+    np.testing.assert_array_equal(ours.shuffle_idx, shuffle_idx)
+    assert len(ours) >= num_samples
+    # each sample is the stream of shuffled documents from its start, seq_length + 1 tokens
+    stream = np.concatenate([docs[d] for d in doc_idx])
+    for i in range(len(ours)):
+        start = int(shuffle_idx[i]) * seq_length
+        np.testing.assert_array_equal(ours[i], stream[start:start + seq_length + 1])
+    # the cache is reused: same maps, loaded memory-mapped
+    again = GPTDataset(ds, documents, num_samples, seq_length, seed=1234, cache_dir=tmp_path / "cache")
+    assert isinstance(again.sample_idx, np.memmap)
+    np.testing.assert_array_equal(again.shuffle_idx, shuffle_idx)
+    assert not list((tmp_path / "cache").glob("*.tmp*"))
+
+
+def test_split_boundaries_follow_neox():
+    assert split_boundaries("969,30,1", 1000) == [0, 969, 999, 1000]
+    assert split_boundaries("995,4,1", 201) == [0, 200, 201, 201]
+    assert split_boundaries("1", 10) == [0, 10, 10, 10]
+    with pytest.raises(ValueError, match="split='a,b'"):
+        split_boundaries("a,b", 10)
+
+
+def test_blending_proportions_within_one_sample():
+    weights = [0.5, 0.3, 0.2]
+    index, sample = blending_indices(weights, 1000)
+    for n in (10, 77, 500, 1000):
+        counts = np.bincount(index[:n], minlength=3)
+        assert np.all(np.abs(counts - np.asarray(weights) * n) <= 1), (n, counts)
+    for d in range(3):  # each dataset is read in order, from 0
+        np.testing.assert_array_equal(sample[index == d], np.arange((index == d).sum()))
+
+
+def test_blended_split_datasets(corpus, tmp_path):
+    ds, _ = corpus
+    train, valid, test = build_split_datasets([ds.prefix, ds.prefix], [2.0, 1.0], "90,10,0", [60, 6, 0], 8,
+                                              seed=7, cache_dir=tmp_path)
+    assert isinstance(train, BlendedDataset) and test is None
+    assert len(train) >= 60 and len(valid) >= 6
+    assert train[5].shape == (9,) and train[5].dtype == np.int64
+
+
+def test_batch_at_step_n_is_the_same_fresh_or_after_the_steps_before(corpus, tmp_path):
+    ds, _ = corpus
+    make = lambda: GlobalBatches(GPTDataset(ds, np.arange(57), 200, 8, 1, cache_dir=tmp_path), 2, 3, 2)  # noqa
+    walked = make()
+    history = [walked.batch(n) for n in range(6)]
+    fresh = make()
+    np.testing.assert_array_equal(fresh.batch(5), history[5])
+    assert history[5].shape == (2, 6, 9)
+    # a process feeding rows 3..6 of each microstep gets exactly those rows
+    np.testing.assert_array_equal(fresh.batch(4, 3, 6), history[4][:, 3:6])
+    # rows are dealt microstep-major, then rank, then micro batch: row j of microstep k is sample 12n + 6k + j
+    np.testing.assert_array_equal(history[2][1, 4], walked.dataset[2 * 12 + 6 + 4])
