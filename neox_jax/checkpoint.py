@@ -5,7 +5,10 @@ Layout of a params checkpoint folder:
     params/            an Orbax StandardCheckpointer tree of the nested parameter dict
 
 Orbax writes into a temporary folder and renames it when complete, so an interrupted save never
-looks finished. Restore takes abstract targets, so a future mesh can restore onto any sharding.
+looks finished. Restore takes abstract targets, so a checkpoint restores onto any mesh.
+
+Training checkpoints (`TrainCheckpointer`) hold the whole train state as a flat dict of arrays keyed by
+their tree paths, beside JSON metadata (config, step, data position, integrity probe).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -62,3 +66,79 @@ def load_params_checkpoint(path: str | os.PathLike, abstract_params=None):
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(p / "params", target)
     return params, config
+
+
+# ---- training checkpoints -----------------------------------------------------------------------------------
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit the run restoring it (other shapes, or a failed integrity probe)."""
+
+
+def flatten(tree) -> tuple[dict[str, Any], Any]:
+    """{'params/layers/attention/dense/kernel': leaf, ...} and the treedef to rebuild the tree."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(_key(k) for k in path): leaf for path, leaf in leaves}, treedef
+
+
+def _key(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+class TrainCheckpointer:
+    """Orbax CheckpointManager for train states: async saves, keep the last K (and every M-th step forever),
+    JSON metadata beside the arrays. Orbax writes each step into a temporary folder and renames it once
+    complete, so a crash mid-save leaves the previous checkpoint as the latest."""
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 3, keep_every: int = 0,
+                 async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, keep_period=keep_every or None,
+                                               enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, meta: dict):
+        flat, _ = flatten(state)
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def check_shapes(self, step: int, abstract_state):
+        """Name the first tensor whose shape differs between the checkpoint and the run (or that is missing)."""
+        stored = self.manager.item_metadata(step)["state"]
+        target, _ = flatten(abstract_state)
+        for name, want in target.items():
+            have = stored.get(name) if hasattr(stored, "get") else None
+            if have is None:
+                raise CheckpointMismatchError(f"checkpoint {self.directory}/{step} has no tensor {name}: it was "
+                                              "written for another model or precision")
+            if tuple(have.shape) != tuple(want.shape):
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.directory}/{step}: {name} has shape {tuple(have.shape)} but this run's model "
+                    f"needs {tuple(want.shape)}; it was written for another model shape (use another `save` folder)")
+
+    def restore(self, step: int, abstract_state):
+        """The state at `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings) says."""
+        self.check_shapes(step, abstract_state)
+        target, treedef = flatten(abstract_state)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        flat = restored["state"]
+        return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in target])
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()

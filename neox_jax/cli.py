@@ -134,10 +134,35 @@ def cmd_corpus(args):
     print(f"data prefix: {prefix}")
 
 
-def cmd_demo(args):
-    from neox_jax.demo import run_demo
+def cmd_train(args):
+    import math
 
-    run_demo(args.out, args.preset)
+    import jax
+
+    from neox_jax.config import apply_overrides
+
+    cfg = apply_overrides(_train_config(args.config, {}), args.overrides)
+    if all(v > 0 for v in cfg.mesh.values()):
+        # On a machine without accelerators, emulate the mesh's devices on the CPU (before any backend starts).
+        jax.config.update("jax_num_cpu_devices", math.prod(cfg.mesh.values()))
+    from neox_jax.loop import train
+
+    result = train(cfg)
+    if result.checkpoint_dir:
+        print(f"checkpoints: {result.checkpoint_dir}")
+    if result.tensorboard_dir:
+        print(f"TensorBoard logs: {result.tensorboard_dir}  (view with: tensorboard --logdir {result.tensorboard_dir})")
+    return 0
+
+
+def cmd_demo(args):
+    from neox_jax.data.corpus import build_corpus
+
+    corpus = Path(args.corpus)
+    if not (corpus / "stdlib_text_document.idx").is_file():
+        print(f"building the embedded corpus in {corpus} (once)")
+        build_corpus(corpus)
+    return cmd_train(argparse.Namespace(config=args.config, overrides=args.overrides))
 
 
 def main(argv=None):
@@ -188,9 +213,15 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=cmd_corpus)
 
-    p = sub.add_parser("demo", help="the embedded default job: build, convert and check a small model")
-    p.add_argument("--out", default="outputs/demo", help="folder for the demo's files")
-    p.add_argument("--preset", default="pythia-14m")
+    p = sub.add_parser("train", help="train from a YAML config (ours or GPT-NeoX's); resumes automatically")
+    p.add_argument("config", help="training YAML (see configs/README.md) or a GPT-NeoX .yml")
+    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. train_iters=100 model.num_layers=4")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the embedded default job: build the local corpus and train configs/tiny-cpu.yml")
+    p.add_argument("--config", default="configs/tiny-cpu.yml")
+    p.add_argument("--corpus", default="data/stdlib")
+    p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)

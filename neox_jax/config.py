@@ -107,10 +107,7 @@ class NeoXConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "NeoXConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown NeoXConfig keys {unknown}; valid keys: {sorted(names)}")
+        _check_keys(d, cls, "model setting")
         return cls(**d)
 
     # ---- presets -------------------------------------------------------------------------------
@@ -259,6 +256,34 @@ class NeoXConfig:
             raise ConfigError(f"{where}: {e}") from None
 
 
+def _check_keys(d: Mapping[str, Any], cls, what: str):
+    """An unknown key is an error that names the nearest valid one."""
+    import difflib
+
+    fields = sorted(f.name for f in dataclasses.fields(cls))
+    for key in d:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
+            raise ConfigError(f"unknown {what} {key!r}"
+                              + (f"; did you mean {near[0]!r}?" if near else f"; valid settings: {', '.join(fields)}"))
+
+
+def apply_overrides(cfg: "TrainConfig", pairs: list[str]) -> "TrainConfig":
+    """`key=value` (YAML values) on a TrainConfig; `model.key=value` reaches into the model config."""
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"override {pair!r}: expected key=value, e.g. train_iters=100 or model.num_layers=4")
+        value = yaml.safe_load(raw)
+        if key.startswith("model."):
+            _check_keys({key[6:]: value}, NeoXConfig, "model setting")
+            cfg = cfg.replace(model=cfg.model.replace(**{key[6:]: value}))
+        else:
+            _check_keys({key: value}, TrainConfig, "training setting")
+            cfg = cfg.replace(**{key: value})
+    return cfg
+
+
 def _first(x, default):
     if isinstance(x, (list, tuple)):
         return x[0] if x else default
@@ -352,45 +377,99 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 _WORKING_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+DECAY_STYLES = ("cosine", "linear", "exponential", "constant")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """How to train: layout, batch, precision, optimizer. `model` is the NeoXConfig to train."""
+    """How to train: layout, batch, precision, optimizer, data, checkpoints, logging.
+
+    Every field is documented in configs/README.md. `model` is the NeoXConfig to train.
+    """
 
     model: NeoXConfig = dataclasses.field(default_factory=NeoXConfig)
+    # layout and batch
     mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": -1, "pipe": 1, "tensor": 1})
     seq_length: int = 2048
     micro_batch_size: int = 4  # sequences per data-parallel replica per microstep
     grad_accum_steps: int = 1
     precision: str = "fp32"  # fp32 | bf16 (bf16 working weights, fp32 master) | fp16 (same, loss-scaled)
     zero_stage: int = 1  # 0: optimizer state replicated over data; 1: split over data; 3: parameters too (FSDP)
-    # optimizer (AdamW, GPT-NeoX's recipe)
+    # optimizer (AdamW, GPT-NeoX's recipe) and schedule
     lr: float = 6e-4
     min_lr: float = 6e-5
-    warmup: float = 0.01  # fraction of train_iters (< 1) or a number of steps (>= 1)
+    warmup: float = 0.01  # fraction of lr_decay_iters (< 1) or a number of steps (>= 1)
     decay_style: str = "cosine"
+    legacy_schedule: bool = False  # GPT-NeoX v1.0's formula, which Pythia and the 20B trained with
     train_iters: int = 1000
+    lr_decay_iters: int = 0  # 0: train_iters
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    # fp16 dynamic loss scaling, as DeepSpeed does it
+    initial_scale_power: int = 12
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+    max_skipped_in_a_row: int = 50
     seed: int = 1234
+    # data
+    data_paths: tuple[str, ...] = ()
+    data_weights: tuple[float, ...] = ()
+    split: str = "969,30,1"
+    tokenizer: str = ""  # tokenizer.json, for samples printed during training
+    # evaluation, checkpoints, logging
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    save: str = ""  # checkpoint folder ("" = no checkpoints)
+    save_interval: int = 1000
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every N-th step's checkpoint forever (0 = off)
+    log_interval: int = 10
+    tensorboard_dir: str = ""  # "" = <save>/tensorboard, or none without `save`
+    wandb_project: str = ""  # log to Weights & Biases when set and wandb is installed
+    peak_tflops: float = 0.0  # device peak for MFU; 0 = from the device kind (A100 312, H100/H200 989 bf16)
+    sample_prompt: str = ""  # printed with a greedy continuation at the end of training
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.zero_stage not in (0, 1, 3):
             raise ConfigError(f"zero_stage={self.zero_stage}: choose 0, 1 or 3 (FSDP)")
-        for name in ("seq_length", "micro_batch_size", "grad_accum_steps", "train_iters"):
+        if self.decay_style not in DECAY_STYLES:
+            raise ConfigError(f"decay_style={self.decay_style!r}: choose one of {', '.join(DECAY_STYLES)}")
+        for name in ("seq_length", "micro_batch_size", "grad_accum_steps", "train_iters", "eval_interval",
+                     "save_interval", "log_interval", "keep_last", "loss_scale_window", "hysteresis"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.seq_length > self.model.max_position_embeddings:
             raise ConfigError(f"seq_length={self.seq_length} exceeds the model's max_position_embeddings="
                               f"{self.model.max_position_embeddings}")
-        object.__setattr__(self, "betas", tuple(self.betas))
+        if self.data_weights and len(self.data_weights) != len(self.data_paths):
+            raise ConfigError(f"data_weights has {len(self.data_weights)} entries for "
+                              f"{len(self.data_paths)} data_paths")
+        for name in ("betas", "data_paths", "data_weights"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        object.__setattr__(self, "mesh", dict(self.mesh))
         # The working weights are stored in the precision's dtype; the fp32 master copy lives with the optimizer.
         working = _WORKING_DTYPE[self.precision]
         if self.model.param_dtype != working or self.model.dtype != working:
             object.__setattr__(self, "model", self.model.replace(param_dtype=working, dtype=working))
+
+    @property
+    def decay_iters(self) -> int:
+        return self.lr_decay_iters or self.train_iters
+
+    @property
+    def warmup_iters(self) -> int:
+        return int(self.warmup * self.decay_iters) if self.warmup < 1 else int(self.warmup)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
 
     def global_batch_size(self, data: int) -> int:
         return self.micro_batch_size * self.grad_accum_steps * data
@@ -401,14 +480,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
         d = dict(d)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in fields:
-                import difflib
-
-                near = difflib.get_close_matches(key, sorted(fields), n=1)
-                raise ConfigError(f"unknown training setting {key!r}"
-                                  + (f"; did you mean {near[0]!r}?" if near else f"; valid: {sorted(fields)}"))
+        _check_keys(d, cls, "training setting")
         model = d.pop("model", "pythia-70m")
         if isinstance(model, str):
             model = NeoXConfig.preset(model)
@@ -434,6 +506,8 @@ class TrainConfig:
         opt = (args.get("optimizer") or {}).get("params", {})
         precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[model.dtype]
         iters = int(args.get("train_iters", 1000))
+        if "warmup" in args and float(args["warmup"]) >= 1:
+            raise ConfigError(f"{paths[0]}: warmup={args['warmup']}: GPT-NeoX takes a fraction of the decay iterations")
         d = dict(
             model=model,
             mesh={"data": -1, "pipe": max(1, int(args.get("pipe_parallel_size", 1) or 1)),
@@ -446,13 +520,28 @@ class TrainConfig:
             lr=float(opt.get("lr", 1e-3)),
             min_lr=float(args.get("min_lr", 0.0)),
             warmup=float(args.get("warmup", 0.01)),
-            decay_style=str(args.get("lr_decay_style", "cosine")),
+            decay_style=str(args.get("lr_decay_style", "linear")),
+            legacy_schedule=True,  # the formula GPT-NeoX v1.0 trained Pythia and the 20B with
             train_iters=iters,
+            lr_decay_iters=int(args.get("lr_decay_iters") or 0),
             betas=tuple(opt.get("betas", (0.9, 0.999))),
             eps=float(opt.get("eps", 1e-8)),
             weight_decay=float(args.get("weight_decay", 0.01)),
             grad_clip=float(args.get("gradient_clipping", 1.0)),
             seed=int(args.get("seed", 1234)),
+            initial_scale_power=int((args.get("fp16") or {}).get("initial_scale_power", 16)),
+            loss_scale_window=int((args.get("fp16") or {}).get("loss_scale_window", 1000)),
+            hysteresis=int((args.get("fp16") or {}).get("hysteresis", 2)),
+            min_loss_scale=float((args.get("fp16") or {}).get("min_loss_scale", 1)),
+            data_paths=tuple(args.get("train_data_paths") or ([args["data_path"]] if args.get("data_path") else [])),
+            data_weights=tuple(args.get("train_data_weights") or ()),
+            split=str(args.get("split", "969,30,1")),
+            eval_interval=int(args.get("eval_interval", 1000)),
+            eval_iters=int(args.get("eval_iters", 100)),
+            save=str(args.get("save") or ""),
+            save_interval=int(args.get("checkpoint_factor", args.get("save_interval", 1000)) or 1000),
+            log_interval=int(args.get("log_interval", 100)),
+            tensorboard_dir=str(args.get("tensorboard_dir") or ""),
         )
         d.update(overrides)
         return cls(**d)

@@ -2,9 +2,10 @@
 
 The state is plain pytrees (nested dicts of arrays), so Orbax saves it and any mesh restores it:
 
-    params     working weights in the precision's dtype (bf16 / fp16 / fp32), laid out by the rules table
-    master     fp32 copy of the weights when the working dtype is lower (None in fp32), ZeRO-1 layout
-    opt_state  AdamW moments, ZeRO-1 layout (split over `data` as well)
+    params      working weights in the precision's dtype (bf16 / fp16 / fp32), laid out by the rules table
+    master      fp32 copy of the weights when the working dtype is lower (None in fp32), ZeRO-1 layout
+    opt_state   AdamW moments, ZeRO-1 layout (split over `data` as well)
+    loss_scale  DeepSpeed-style dynamic loss scale (fp16 only, else None)
 
 One step: for each microbatch (a scan), loss and gradients w.r.t. the working weights; the gradients
 are accumulated in fp32 in the ZeRO layout (XLA turns that into a reduce-scatter over `data`); AdamW
@@ -28,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from neox_jax import sharding as shd
 from neox_jax.config import ConfigError, TrainConfig
 from neox_jax.model import GPTNeoX
-from neox_jax.optim import make_optimizer, schedule
+from neox_jax.optim import LossScale, applied_updates, make_optimizer, schedule
 
 F32 = jnp.float32
 
@@ -40,6 +41,7 @@ class TrainState:
     params: Any
     master: Any
     opt_state: Any
+    loss_scale: LossScale | None = None
 
 
 def check_layout(cfg: TrainConfig, mesh_shape: dict[str, int]):
@@ -71,9 +73,7 @@ class Trainer:
         self.cfg, self.mesh = cfg, mesh
         self.mesh_shape = dict(mesh.shape)
         check_layout(cfg, self.mesh_shape)
-        if cfg.precision == "fp16":
-            raise ConfigError("precision=fp16 needs dynamic loss scaling, which the training loop adds; "
-                              "use precision=bf16 for now")
+        self.fp16 = cfg.precision == "fp16"
         self.tx = make_optimizer(cfg)
         self.lr = schedule(cfg)
         abstract = nnx.eval_shape(lambda: GPTNeoX(cfg.model, rngs=nnx.Rngs(0)))
@@ -89,15 +89,21 @@ class Trainer:
         abstract_opt = jax.eval_shape(self.tx.init, abstract_master)
         opt_specs = optax.tree_map_params(self.tx, lambda _, spec: spec, abstract_opt, self.zero_specs,
                                           transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+        scalar_specs = jax.tree.map(lambda _: P(), LossScale.initial(cfg)) if self.fp16 else None
         self.state_specs = TrainState(step=P(), params=self.param_specs,
-                                      master=self.zero_specs if self.has_master else None, opt_state=opt_specs)
+                                      master=self.zero_specs if self.has_master else None, opt_state=opt_specs,
+                                      loss_scale=scalar_specs)
         self.state_shardings = shd.named(mesh, self.state_specs)
         self.batch_sharding = NamedSharding(mesh, P(None, *shd.batch_spec()))  # [accum, batch, length]
 
         self.init = jax.jit(self._under_mesh(self._init), out_shardings=self.state_shardings)
+        replicated = NamedSharding(mesh, P())
         self.grads = jax.jit(self._under_mesh(self._grads),
                              in_shardings=(self.state_shardings.params, self.batch_sharding),
-                             out_shardings=(NamedSharding(mesh, P()), shd.named(mesh, self.zero_specs)))
+                             out_shardings=(replicated, shd.named(mesh, self.zero_specs)))
+        self.eval_loss = jax.jit(self._under_mesh(self._eval_loss),
+                                 in_shardings=(self.state_shardings.params, self.batch_sharding),
+                                 out_shardings=replicated)
         self.step = jax.jit(self._under_mesh(self._step), in_shardings=(self.state_shardings, self.batch_sharding),
                             out_shardings=(self.state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
@@ -132,18 +138,23 @@ class Trainer:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         master = jax.tree.map(lambda x: x.astype(F32), params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          master=master if self.has_master else None, opt_state=self.tx.init(master))
+                          master=master if self.has_master else None, opt_state=self.tx.init(master),
+                          loss_scale=LossScale.initial(self.cfg) if self.fp16 else None)
 
     def loss(self, params, tokens_bt):
         model = nnx.merge(self.graphdef, params)
         return cross_entropy(model(tokens_bt[:, :-1]), tokens_bt[:, 1:])
 
-    def _grads(self, params, batch_mbt):
-        """Mean loss and fp32 gradients over the microbatches, accumulated in the ZeRO layout."""
+    def _grads(self, params, batch_mbt, loss_scale=1.0):
+        """Mean loss and fp32 gradients over the microbatches, accumulated in the ZeRO layout.
+
+        The loss is multiplied by `loss_scale` for differentiation and the gradients divided by it after.
+        """
         zero = shd.named(self.mesh, self.zero_specs)
+        scaled_loss = lambda p, tokens: (lambda l: (l * loss_scale, l))(self.loss(p, tokens))  # noqa: E731
 
         def micro(acc, tokens_bt):
-            loss, g = jax.value_and_grad(self.loss)(params, tokens_bt)
+            g, loss = jax.grad(scaled_loss, has_aux=True)(params, tokens_bt)
             g = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x.astype(F32), g), zero)
             return jax.tree.map(jnp.add, acc, g), loss
 
@@ -151,18 +162,31 @@ class Trainer:
                            self.abstract_params, zero)
         acc, losses = jax.lax.scan(micro, acc, batch_mbt)
         n = batch_mbt.shape[0]
-        return losses.mean(), jax.tree.map(lambda g: g / n, acc)
+        return losses.mean(), jax.tree.map(lambda g: g / (n * loss_scale), acc)
+
+    def _eval_loss(self, params, batch_mbt):
+        return jax.lax.map(lambda tokens: self.loss(params, tokens), batch_mbt).mean()
 
     def _step(self, state: TrainState, batch_mbt):
-        loss, grads = self._grads(state.params, batch_mbt)
+        scale = state.loss_scale.scale if self.fp16 else 1.0
+        loss, grads = self._grads(state.params, batch_mbt, scale)
         master = state.master if self.has_master else state.params
+        lr = self.lr(applied_updates(state.opt_state))
         updates, opt_state = self.tx.update(grads, state.opt_state, master)
-        master = optax.apply_updates(master, updates)
+        new_master = optax.apply_updates(master, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
+        loss_scale = None
+        if self.fp16:  # a step with inf/nan gradients is skipped: weights and optimizer stay as they were
+            finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            new_master, opt_state = keep(new_master, master), keep(opt_state, state.opt_state)
+            loss_scale = state.loss_scale.update(~finite, self.cfg)
+            metrics.update(loss_scale=state.loss_scale.scale, skipped=loss_scale.skipped,
+                           skipped_in_a_row=loss_scale.skipped_in_a_row)
         dtype = jnp.dtype(self.cfg.model.param_dtype)
-        params = jax.tree.map(lambda x: x.astype(dtype), master)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.lr(state.step)}
-        new = TrainState(step=state.step + 1, params=params, master=master if self.has_master else None,
-                         opt_state=opt_state)
+        params = jax.tree.map(lambda x: x.astype(dtype), new_master)
+        new = TrainState(step=state.step + 1, params=params, master=new_master if self.has_master else None,
+                         opt_state=opt_state, loss_scale=loss_scale)
         return new, metrics
 
     # ---- data ---------------------------------------------------------------------------------------
