@@ -209,7 +209,7 @@ def main(argv=None):
     p = sub.add_parser("corpus", help="build the embedded default corpus from Python's standard library")
     p.add_argument("--out", default="data/stdlib")
     p.add_argument("--max-mb", type=float, default=4.0)
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=cmd_corpus)
 

@@ -82,7 +82,10 @@ def _datasets(cfg: TrainConfig, global_batch: int):
     return train, valid
 
 
-def train(cfg: TrainConfig, *, show_progress: bool = True, print_fn=print) -> RunResult:
+def train(cfg: TrainConfig, *, max_steps: int | None = None, show_progress: bool = True,
+          print_fn=print) -> RunResult:
+    """Train to `cfg.train_iters` (or for at most `max_steps` more steps in this call), resuming from the
+    latest checkpoint in `cfg.save` when there is one."""
     mesh = make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
     dp = mesh.shape["data"]
@@ -194,7 +197,8 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, print_fn=print) -> Ru
     last_done = start
     try:
         with Loader(batches, trainer.batch_sharding, cfg.seq_length, start_step=start) as loader:
-            steps = range(start, cfg.train_iters)
+            end = cfg.train_iters if max_steps is None else min(cfg.train_iters, start + max_steps)
+            steps = range(start, end)
             for step in progress(steps, "training", total=len(steps), enabled=show_progress,
                                  stats=lambda _e: last["line"]):
                 _, batch = next(loader)
@@ -207,11 +211,11 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, print_fn=print) -> Ru
                     evaluate(last_done)
                 if stop["signal"]:
                     break
-                if last_done % cfg.save_interval == 0 and last_done < cfg.train_iters:
+                if last_done % cfg.save_interval == 0 and last_done < end:
                     save(last_done)
             if pending is not None:
                 record(*pending)
-        if last_done > start or not (checkpointer and checkpointer.latest_step() == last_done):
+        if last_done > start:  # the final (or preempted) step, waited for
             save(last_done, wait=True)
         if stop["signal"]:
             print_fn(f"\nstopped by {stop['signal']} after step {last_done}: checkpoint saved"

@@ -37,7 +37,7 @@ def stdlib_sources(max_bytes: int) -> list[tuple[str, str]]:
     return out
 
 
-def build_corpus(out_dir: str | os.PathLike, max_mb: float = 4.0, vocab_size: int = 8192,
+def build_corpus(out_dir: str | os.PathLike, max_mb: float = 4.0, vocab_size: int = 4096,
                  workers: int = 1) -> Path:
     """Write the corpus, its tokenizer and its .bin/.idx under `out_dir`; returns the data prefix."""
     out = Path(out_dir)

@@ -1,0 +1,183 @@
+"""The training loop: reproducibility, exact resume, preemption, fp16 loss scaling, checkpoints, logging."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from neox_jax import checkpoint as ckpt
+from neox_jax.config import ConfigError, NeoXConfig, TrainConfig, apply_overrides
+from neox_jax.data.indexed import IndexedDatasetWriter
+from neox_jax.loop import train
+from neox_jax.metrics import read_scalars
+
+MODEL = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+             max_position_embeddings=64, rotary_pct=0.5)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A learnable corpus: documents counting up by a per-document stride, modulo the vocabulary."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = np.random.RandomState(0)
+    with IndexedDatasetWriter(folder / "count", np.uint16) as w:
+        for _ in range(300):
+            start, stride = rng.randint(0, 128), rng.randint(1, 4)
+            w.add_document((start + stride * np.arange(rng.randint(20, 80))) % 128)
+    return str(folder / "count")
+
+
+def config(corpus, tmp, **changes) -> TrainConfig:
+    base = dict(model=MODEL, mesh={"data": 4, "pipe": 1, "tensor": 2}, seq_length=32, micro_batch_size=2,
+                grad_accum_steps=2, lr=3e-3, min_lr=3e-4, warmup=2, train_iters=8, data_paths=[corpus],
+                split="90,10,0", eval_interval=4, eval_iters=2, save=str(tmp / "ckpt"), save_interval=3,
+                log_interval=1, seed=3)
+    base.update(changes)
+    return TrainConfig.from_dict(base)
+
+
+def params_of(result):
+    return jax.tree.map(np.asarray, result.state.params)
+
+
+def assert_trees_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_identical_runs_and_exact_resume(corpus, tmp_path):
+    full = train(config(corpus, tmp_path / "a"), show_progress=False)
+    again = train(config(corpus, tmp_path / "b"), show_progress=False)
+    assert full.losses == again.losses  # bit-identical
+    assert_trees_equal(params_of(full), params_of(again))
+
+    cfg = config(corpus, tmp_path / "c")
+    first = train(cfg, max_steps=5, show_progress=False)  # stops after step 5 (a checkpoint at 3 and at 5)
+    assert first.last_step == 5
+    resumed = train(cfg, show_progress=False)
+    assert resumed.last_step == 8
+    assert {s: resumed.losses[s] for s in range(5, 8)} == {s: full.losses[s] for s in range(5, 8)}
+    assert_trees_equal(params_of(resumed), params_of(full))
+    assert ckpt.TrainCheckpointer(tmp_path / "c" / "ckpt").all_steps() == [5, 6, 8]  # the last 3 of 3, 5, 6, 8
+    # the loss falls on this learnable task, and evaluation ran at steps 4 and 8
+    assert np.mean([full.losses[s] for s in (6, 7)]) < full.losses[0] - 0.3
+    assert set(full.eval_losses) == {4, 8}
+    logged = read_scalars(next(Path(full.tensorboard_dir).glob("events.out.tfevents.*")))
+    tags = {tag for _, tag, _ in logged}
+    assert {"loss", "lr", "grad_norm", "tokens_per_sec", "tflops_per_device_6n", "eval_loss", "eval_ppl"} <= tags
+    assert [v for s, t, v in logged if t == "loss" and s == 1][0] == pytest.approx(full.losses[0], rel=1e-6)
+
+
+def test_resume_onto_another_mesh(corpus, tmp_path):
+    big = dict(mesh={"data": 2, "pipe": 2, "tensor": 2}, micro_batch_size=4, eps=1e-6)
+    full = train(config(corpus, tmp_path / "a", **big), show_progress=False)
+    cfg = config(corpus, tmp_path / "b", **big)
+    train(cfg, max_steps=4, show_progress=False)
+    moved = train(cfg.replace(mesh={"data": 8, "pipe": 1, "tensor": 1}, micro_batch_size=1), show_progress=False)
+    assert moved.last_step == 8
+    for s in range(4, 8):  # same global batch, other layout: equal up to fp32 summation order
+        assert moved.losses[s] == pytest.approx(full.losses[s], abs=1e-4)
+
+
+def _write_config(cfg: TrainConfig, path: Path) -> Path:
+    d = cfg.to_dict()
+    d["betas"], d["data_paths"], d["data_weights"] = list(d["betas"]), list(d["data_paths"]), []
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def _start(cfg_path: Path, tmp: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "neox_jax.cli", "train", str(cfg_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _wait_for_checkpoints(folder: Path, n: int, proc: subprocess.Popen, timeout: float = 240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = [p for p in folder.glob("*") if p.name.isdigit()] if folder.is_dir() else []
+        if len(done) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stdout.read()}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("no checkpoints appeared")
+
+
+def test_sigkill_during_async_saves_restarts_from_last_complete(corpus, tmp_path):
+    cfg = config(corpus, tmp_path, train_iters=400, save_interval=1, keep_last=2)
+    proc = _start(_write_config(cfg, tmp_path / "run.yml"), tmp_path)
+    _wait_for_checkpoints(tmp_path / "ckpt", 2, proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)  # saves run every step: this lands during one
+    proc.wait()
+    latest = ckpt.TrainCheckpointer(tmp_path / "ckpt").latest_step()
+    assert latest is not None and latest >= 1
+    resumed = train(cfg, max_steps=2, show_progress=False)
+    assert resumed.last_step == latest + 2
+    reference = train(cfg.replace(save=""), max_steps=latest + 2, show_progress=False)
+    assert resumed.losses[latest] == reference.losses[latest]  # resumed exactly where it left off
+    assert resumed.losses[latest + 1] == reference.losses[latest + 1]
+
+
+def test_sigterm_saves_at_the_current_step_and_exits_cleanly(corpus, tmp_path):
+    cfg = config(corpus, tmp_path, train_iters=400, save_interval=2)
+    proc = _start(_write_config(cfg, tmp_path / "run.yml"), tmp_path)
+    _wait_for_checkpoints(tmp_path / "ckpt", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    stopped = int(out.split("stopped by SIGTERM after step ")[1].split(":")[0])
+    assert ckpt.TrainCheckpointer(tmp_path / "ckpt").latest_step() == stopped
+    assert "run the same command to resume" in out
+
+
+def test_corrupted_checkpoint_fails_its_probe(corpus, tmp_path):
+    cfg = config(corpus, tmp_path, train_iters=3)
+    result = train(cfg, show_progress=False)
+    checkpointer = ckpt.TrainCheckpointer(tmp_path / "ckpt")
+    meta = checkpointer.read_meta(3)
+    # bit rot: a tensor changes under the probe that was saved with it
+    state = result.state
+    params = jax.tree.map(lambda x: x, state.params)
+    params["embed_out"]["kernel"] = params["embed_out"]["kernel"] * 1.5
+    checkpointer.save(4, type(state)(step=state.step + 1, params=params, master=state.master,
+                                     opt_state=state.opt_state, loss_scale=state.loss_scale), {**meta, "step": 4})
+    checkpointer.close()
+    with pytest.raises(ckpt.CheckpointMismatchError, match="/4 failed its integrity probe"):
+        train(cfg.replace(train_iters=6), show_progress=False)
+
+
+def test_checkpoint_of_another_model_names_the_first_mismatched_tensor(corpus, tmp_path):
+    train(config(corpus, tmp_path, train_iters=2), show_progress=False)
+    wider = config(corpus, tmp_path, train_iters=4, model={**MODEL, "intermediate_size": 96})
+    with pytest.raises(ckpt.CheckpointMismatchError,
+                       match=r"layers/mlp/dense_4h_to_h/kernel has shape \(2, 64, 32\) but .* needs \(2, 96, 32\)"):
+        train(wider, show_progress=False)
+
+
+def test_unknown_config_key_names_the_nearest(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="unknown training setting 'train_iter'; did you mean 'train_iters'"):
+        TrainConfig.from_dict({"train_iter": 3})
+    cfg = config(corpus, tmp_path)
+    with pytest.raises(ConfigError, match="did you mean 'num_layers'"):
+        apply_overrides(cfg, ["model.num_layer=3"])
+    assert apply_overrides(cfg, ["model.num_layers=3", "lr=1e-4"]).model.num_layers == 3
+    with pytest.raises(ConfigError, match="data_paths is empty"):
+        train(cfg.replace(data_paths=()), show_progress=False)
+
+
+def test_train_cli_accepts_neox_yaml_settings(shared):
+    cfg = TrainConfig.from_yaml(shared / "neox-configs" / "pythia" / "pythia-70m.yml")
+    assert cfg.legacy_schedule and cfg.decay_style == "cosine" and cfg.warmup_iters == 1430
+    assert cfg.precision == "fp16" and cfg.initial_scale_power == 12 and cfg.hysteresis == 2
+    assert (cfg.micro_batch_size, cfg.grad_accum_steps, cfg.lr, cfg.weight_decay) == (32, 1, 1e-3, 0.1)
+    assert cfg.model == NeoXConfig.from_neox_yaml(shared / "neox-configs" / "pythia" / "pythia-70m.yml").replace(
+        dtype="float16", param_dtype="float16")
