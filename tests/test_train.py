@@ -84,3 +84,15 @@ def test_bad_batch_shape_is_named():
     tr = trainer({"data": 2})
     with pytest.raises(ConfigError, match=r"expected \(2, 8, 33\)"):
         tr.put_batch(np.zeros((2, 6, 33), np.int32))
+
+
+def test_gradient_accumulation_equals_one_big_batch(reference):
+    tokens, *_ = reference  # [2 microsteps, 8 rows, 33]
+    one = trainer({"data": 1}, grad_accum_steps=1, micro_batch_size=16)
+    four = trainer({"data": 1}, grad_accum_steps=4, micro_batch_size=4)
+    state = one.init(jax.random.key(0))
+    big = tokens.reshape(1, 16, 33)
+    loss1, g1 = one.grads(state.params, one.put_batch(big))
+    loss4, g4 = four.grads(state.params, four.put_batch(big.reshape(4, 4, 33)))
+    assert abs(float(loss1) - float(loss4)) <= 1e-6
+    assert max_diff(g1, g4) <= 1e-6
