@@ -17,7 +17,8 @@ BASE = TrainConfig(model=MODEL, seq_length=32, micro_batch_size=GLOBAL_MICRO, gr
 
 def trainer(mesh_shape, **changes):
     mesh = make_mesh(mesh_shape, jax.devices()[:int(np.prod(list(mesh_shape.values())))])
-    cfg = BASE.replace(mesh=mesh_shape, micro_batch_size=GLOBAL_MICRO // mesh.shape["data"], **changes)
+    changes.setdefault("micro_batch_size", GLOBAL_MICRO // mesh.shape["data"])
+    cfg = BASE.replace(mesh=mesh_shape, **changes)
     return Trainer(cfg, mesh)
 
 
