@@ -27,6 +27,11 @@ from neox_jax.config import NeoXConfig
 CONFIG_FILE = "neox_config.json"
 
 
+def is_train_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and any(c.name.isdigit() and (c / "meta").is_dir() for c in p.iterdir())
+
+
 def is_params_checkpoint(path: str | os.PathLike) -> bool:
     p = Path(path)
     return (p / CONFIG_FILE).is_file() and (p / "params").is_dir()
@@ -137,6 +142,19 @@ class TrainCheckpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         flat = restored["state"]
         return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in target])
+
+    def restore_weights(self, step: int, abstract_params) -> dict:
+        """Only the model weights of a train state (the fp32 master when there is one), as a params tree on
+        one device. (Orbax restores the whole stored tree; the optimizer state is dropped right after.)"""
+        stored = self.manager.item_metadata(step)["state"]
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for k, v in stored.items()}
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        restored = restored["state"]
+        flat_target, treedef = flatten(abstract_params)
+        source = "master" if any(k.startswith("master/") for k in restored) else "params"
+        return jax.tree_util.tree_unflatten(
+            treedef, [restored[f"{source}/{k}"].astype(v.dtype) for k, v in flat_target.items()])
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -155,6 +155,81 @@ def cmd_train(args):
     return 0
 
 
+def _tokenizer_for(model_path: str, tokenizer: str | None):
+    from neox_jax.data.tokenizer import NeoXTokenizer
+
+    if tokenizer:
+        return NeoXTokenizer(tokenizer)
+    if (Path(model_path) / "tokenizer.json").is_file():
+        return NeoXTokenizer(Path(model_path) / "tokenizer.json")
+    raise FileNotFoundError(f"{model_path} has no tokenizer.json: give --tokenizer (e.g. GPT-NeoX's 20B_tokenizer.json)")
+
+
+def cmd_generate(args):
+    from neox_jax.generate import Generator, Sampling
+    from neox_jax.pretrained import from_pretrained
+
+    tok = _tokenizer_for(args.model, args.tokenizer)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # bad values fail before loading
+    model = from_pretrained(args.model, dtype=args.dtype)
+    generator = Generator(model)
+    stop = [tok.eod_id] + [int(t) for t in args.stop_ids]
+
+    def run(prompt: str):
+        ids = tok.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty: give some text")
+        print(prompt, end="", flush=True)
+        produced: list[int] = []
+        for token in generator.stream([ids], args.max_new_tokens, sampling, stop):
+            if int(token[0]) in stop:
+                break
+            produced.append(int(token[0]))
+            text = tok.decode(produced)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                print(text[len(tok.decode(produced[:-1])):] if len(produced) > 1 else text, end="", flush=True)
+        print()
+
+    if args.interactive:
+        print("interactive: type a prompt, empty line or Ctrl-D to quit")
+        while True:
+            try:
+                prompt = input("> ")
+            except EOFError:
+                break
+            if not prompt:
+                break
+            run(prompt)
+    else:
+        if args.prompt is None:
+            raise SystemExit("error: give --prompt TEXT or --interactive")
+        run(args.prompt)
+    return 0
+
+
+def cmd_eval(args):
+    import json
+
+    from neox_jax.data.preprocess import parse_record, read_records
+    from neox_jax.evaluate import Scorer, perplexity
+    from neox_jax.pretrained import from_pretrained
+
+    tok = _tokenizer_for(args.model, args.tokenizer)
+    texts = [t for _, raw in read_records(args.data)
+             for t in parse_record(raw, str(args.data).endswith(".txt"), ["text"])]
+    model = from_pretrained(args.model, dtype=args.dtype)
+    scorer = Scorer(model, max_length=args.max_length, batch_size=args.batch_size)
+    result = perplexity(scorer, tok.encode_batch(texts), tok.eod_id, sum(len(t.encode()) for t in texts))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_lm_eval(args):
+    from neox_jax.harness import main as harness_main
+
+    return harness_main(args.lm_eval_args) or 0
+
+
 def cmd_demo(args):
     from neox_jax.data.corpus import build_corpus
 
@@ -218,6 +293,35 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*", help="key=value settings, e.g. train_iters=100 model.num_layers=4")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("generate", help="generate text from a Hugging Face folder or neox_jax checkpoint")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the model folder)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-ids", nargs="*", default=[], help="extra token ids that end generation (EOD always does)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--interactive", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="evaluation: `eval perplexity` over a text / jsonl file")
+    p.add_argument("what", choices=["perplexity"])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help=".txt (one document) or .jsonl[.zst] with a text field")
+    p.add_argument("--tokenizer")
+    p.add_argument("--max-length", type=int, help="window length (default: the model's max positions)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness with the `neox-jax` model registered",
+                       add_help=False)
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lm_eval)
+
     p = sub.add_parser("demo", help="the embedded default job: build the local corpus and train configs/tiny-cpu.yml")
     p.add_argument("--config", default="configs/tiny-cpu.yml")
     p.add_argument("--corpus", default="data/stdlib")
@@ -230,7 +334,7 @@ def main(argv=None):
 
     try:
         return args.func(args) or 0
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

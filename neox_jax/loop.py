@@ -63,6 +63,21 @@ def probe_logits(trainer: Trainer, state: TrainState) -> np.ndarray:
     return np.asarray(jax.device_get(logits), np.float64)
 
 
+def print_sample(trainer: Trainer, state: TrainState, cfg: TrainConfig, print_fn, max_new_tokens: int = 48):
+    """A greedy continuation of `sample_prompt` from the trained weights."""
+    from neox_jax.data.tokenizer import NeoXTokenizer
+    from neox_jax.generate import generate
+
+    tok = NeoXTokenizer(cfg.tokenizer)
+    weights = jax.device_get(state.master if state.master is not None else state.params)
+    model_cfg = cfg.model.replace(dtype="float32", param_dtype="float32")
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPTNeoX(model_cfg, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, weights))
+    prompt = tok.encode(cfg.sample_prompt)
+    new = generate(nnx.merge(graphdef, abstract), [prompt], max_new_tokens, stop_ids=[tok.eod_id])[0]
+    print_fn(f"\nsample (greedy, {len(new)} tokens):\n{cfg.sample_prompt}{tok.decode([t for t in new if t != tok.eod_id])}\n")
+
+
 def _abstract_with_shardings(trainer: Trainer):
     abstract = trainer.abstract_state()
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
@@ -217,6 +232,8 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None, show_progress: bool
                 record(*pending)
         if last_done > start:  # the final (or preempted) step, waited for
             save(last_done, wait=True)
+        if cfg.sample_prompt and cfg.tokenizer and not stop["signal"]:
+            print_sample(trainer, state, cfg, print_fn)
         if stop["signal"]:
             print_fn(f"\nstopped by {stop['signal']} after step {last_done}: checkpoint saved"
                      + (f" in {checkpointer.directory}/{last_done}; run the same command to resume" if checkpointer

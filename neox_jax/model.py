@@ -117,12 +117,18 @@ class Attention(nnx.Module):
         self.dense = Dense(rngs, cfg, _std(cfg.output_layer_init_method, cfg), (n, h, d),
                            ("heads", "head_dim", "embed"), (d,), ("embed",))
 
-    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts):
+    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, kv=None, cache_index=None):
+        """With a KV cache `kv` = (k, v) [b, S, n, h], this call's keys and values are written at
+        `cache_index` and the queries attend over the whole cache (`mask_bts` is then [b, t, S])."""
         qkv_btnkh = self.query_key_value("btd,dnkh->btnkh", x_btd)
         q, k, v = qkv_btnkh[:, :, :, 0], qkv_btnkh[:, :, :, 1], qkv_btnkh[:, :, :, 2]
         q, k = apply_rotary(q, cos_btr, sin_btr), apply_rotary(k, cos_btr, sin_btr)
+        if kv is not None:
+            at = (0, cache_index, 0, 0)
+            kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), at) for c, new in zip(kv, (k, v)))
+            k, v = kv
         out_btnh = attend(q, k, v, mask_bts)
-        return self.dense("btnh,nhd->btd", out_btnh)
+        return self.dense("btnh,nhd->btd", out_btnh), kv
 
 
 class MLP(nnx.Module):
@@ -148,12 +154,12 @@ class Block(nnx.Module):
         self.attention = Attention(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts):
-        attn_btd = self.attention(self.input_layernorm(x_btd), cos_btr, sin_btr, mask_bts)
+    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, kv=None, cache_index=None):
+        attn_btd, kv = self.attention(self.input_layernorm(x_btd), cos_btr, sin_btr, mask_bts, kv, cache_index)
         if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
-            return x_btd + attn_btd + self.mlp(self.post_attention_layernorm(x_btd))
+            return x_btd + attn_btd + self.mlp(self.post_attention_layernorm(x_btd)), kv
         h_btd = x_btd + attn_btd
-        return h_btd + self.mlp(self.post_attention_layernorm(h_btd))
+        return h_btd + self.mlp(self.post_attention_layernorm(h_btd)), kv
 
 
 _REMAT = {
@@ -193,7 +199,7 @@ class GPTNeoX(nnx.Module):
         x_btd = jnp.take(table_ve, input_ids_bt, axis=0).astype(self.config.dtype)
         return constrain(x_btd, ("batch", "length", "embed"))
 
-    def apply_layers(self, x_btd, positions_bt, mask_bts):
+    def apply_layers(self, x_btd, positions_bt, mask_bts, cache=None, cache_index=None):
         cfg = self.config
         cos_btr, sin_btr = rotary_cos_sin(positions_bt, cfg.rotary_ndims, cfg.rotary_base)
         graphdef, stacked = nnx.split(self.layers)
@@ -203,15 +209,17 @@ class GPTNeoX(nnx.Module):
         layer_axes = jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked),
                                   is_leaf=lambda x: isinstance(x, P))
 
-        def layer(x_btd, params):
+        def layer(x_btd, xs):
+            params, kv = xs
             params = jax.tree.map(constrain, params, layer_axes)
-            x_btd = nnx.merge(graphdef, params)(x_btd, cos_btr, sin_btr, mask_bts)
-            return constrain(x_btd, ("batch", "length", "embed")), None
+            x_btd, kv = nnx.merge(graphdef, params)(x_btd, cos_btr, sin_btr, mask_bts, kv, cache_index)
+            return constrain(x_btd, ("batch", "length", "embed")), kv
 
         if cfg.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
-        x_btd, _ = jax.lax.scan(layer, x_btd, stacked)
-        return x_btd
+        kv = None if cache is None else (cache["k"], cache["v"])
+        x_btd, kv = jax.lax.scan(layer, x_btd, (stacked, kv))
+        return x_btd, None if cache is None else {"k": kv[0], "v": kv[1]}
 
     def logits(self, x_btd):
         x_btd = self.final_layer_norm(x_btd)
@@ -219,22 +227,39 @@ class GPTNeoX(nnx.Module):
         logits_btv = jnp.einsum("btd,dv->btv", x_btd, kernel_dv.astype(x_btd.dtype), preferred_element_type=F32)
         return constrain(logits_btv, ("batch", "length", "vocab"))
 
-    def __call__(self, input_ids, attention_mask=None, positions=None):
-        """Logits for `input_ids` [b, t].
+    def init_cache(self, batch: int, length: int, dtype=None) -> dict:
+        """An empty KV cache {k, v}: [layers, batch, length, heads, head_dim], heads split over `tensor`."""
+        cfg = self.config
+        shape = (cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim)
+        zeros = jnp.zeros(shape, dtype or cfg.dtype)
+        axes = ("layers", "batch", "length", "heads", "head_dim")
+        return {"k": constrain(zeros, axes), "v": constrain(zeros, axes)}
 
-        attention_mask [b, t]: 1 for real tokens, 0 for padding (left padding); padded keys are never
-        attended and positions count real tokens only. positions [b, t] overrides that.
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0):
+        """Logits for `input_ids` [b, t] (fp32 [b, t, vocab]).
+
+        attention_mask: 1 for real tokens, 0 for padding (left padding); padded keys are never attended and
+        positions count real tokens only. positions [b, t] overrides that.
+
+        With `cache` (from `init_cache`, length S) the tokens are those at cache positions
+        cache_index .. cache_index + t; `attention_mask` then covers the whole cache [b, S] and the call
+        returns (logits, updated cache).
         """
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
-        causal_ts = jnp.tril(jnp.ones((t, t), bool))
+        s = t if cache is None else cache["k"].shape[2]
+        query_pos = jnp.arange(t) + (0 if cache is None else cache_index)
+        causal_ts = jnp.arange(s)[None, :] <= query_pos[:, None]
         if attention_mask is None:
-            mask_bts = jnp.broadcast_to(causal_ts, (b, t, t))
-            default_positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+            mask_bts = jnp.broadcast_to(causal_ts, (b, t, s))
+            default_positions = jnp.broadcast_to(query_pos, (b, t))
         else:
             attention_mask = jnp.asarray(attention_mask)
             mask_bts = causal_ts[None] & attention_mask[:, None, :].astype(bool)
             default_positions = positions_from_mask(attention_mask)
+            if cache is not None:
+                default_positions = jax.lax.dynamic_slice_in_dim(default_positions, cache_index, t, axis=1)
         positions = default_positions if positions is None else jnp.asarray(positions)
-        x_btd = self.apply_layers(self.embed(input_ids), positions, mask_bts)
-        return self.logits(x_btd)
+        x_btd, cache = self.apply_layers(self.embed(input_ids), positions, mask_bts, cache, cache_index)
+        logits = self.logits(x_btd)
+        return logits if cache is None else (logits, cache)

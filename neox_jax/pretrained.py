@@ -8,15 +8,26 @@ from pathlib import Path
 from flax import nnx
 
 from neox_jax import checkpoint
+from neox_jax.config import NeoXConfig
 from neox_jax.convert import hf
 from neox_jax.model import GPTNeoX
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str = "float32",
                     show_progress: bool = False) -> GPTNeoX:
-    """Load a GPTNeoX from a Hugging Face folder (safetensors, sharded or not, or pytorch_model.bin)
-    or a neox_jax Orbax params checkpoint. `dtype` is the compute dtype (default: the config's)."""
+    """Load a GPTNeoX from a Hugging Face folder (safetensors, sharded or not, or pytorch_model.bin), a
+    neox_jax Orbax params checkpoint, or a `neox-jax train` checkpoint folder (its latest step).
+    `dtype` is the compute dtype (default: the config's; fp32 for a training checkpoint)."""
     p = Path(path)
+    if checkpoint.is_train_checkpoint(p):  # a `neox-jax train` folder: the latest step's weights
+        ckpt = checkpoint.TrainCheckpointer(p)
+        step = ckpt.latest_step()
+        config = NeoXConfig.from_dict(ckpt.read_meta(step)["config"]["model"])
+        config = config.replace(param_dtype=param_dtype, dtype=dtype or "float32")
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: GPTNeoX(config, rngs=nnx.Rngs(0))))
+        nnx.replace_by_pure_dict(state, ckpt.restore_weights(step, nnx.to_pure_dict(state)))
+        ckpt.close()
+        return nnx.merge(graphdef, state)
     if checkpoint.is_params_checkpoint(p):
         config = checkpoint.load_config(p)
         config = config.replace(param_dtype=param_dtype, **({"dtype": dtype} if dtype else {}))

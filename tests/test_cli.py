@@ -1,4 +1,4 @@
-"""The `neox-jax` command line: info and the embedded demo."""
+"""The `neox-jax` command line: info, and the corpus the demo trains on."""
 
 import pytest
 
@@ -17,12 +17,12 @@ def test_info_unknown_name_is_an_error():
         cli(["info", "pythia-7b"])
 
 
-def test_demo_round_trips_and_matches_transformers(tmp_path, capsys):
-    pytest.importorskip("transformers", reason="the demo compares with transformers: pip install -e '.[test]'")
-    from neox_jax.demo import run_demo
+def test_corpus_builds_offline(tmp_path, capsys):
+    from neox_jax.data.indexed import IndexedDataset
+    from neox_jax.data.tokenizer import NeoXTokenizer
 
-    diff = run_demo(tmp_path / "demo", "pythia-14m", seq_len=64)
-    assert diff <= 1e-4
-    out = capsys.readouterr().out
-    assert "0 differ after HF -> Orbax -> HF" in out
-    assert (tmp_path / "demo" / "orbax" / "neox_config.json").is_file()
+    assert cli(["corpus", "--out", str(tmp_path / "c"), "--max-mb", "0.3", "--vocab-size", "1024"]) == 0
+    ds = IndexedDataset(tmp_path / "c" / "stdlib_text_document")
+    tok = NeoXTokenizer(tmp_path / "c" / "tokenizer.json")
+    assert tok.vocab_size == 1024 and len(ds) > 3 and ds[0][-1] == tok.eod_id
+    assert "data prefix:" in capsys.readouterr().out

@@ -1,0 +1,177 @@
+"""Generation: prefill, then decode with a preallocated KV cache; greedy, temperature, top-k and top-p.
+
+Shapes are static so each compiles once: prompts are left-padded to a multiple of `bucket` tokens and
+the cache holds prompt + max_new_tokens rounded up the same way, so a new prompt length only recompiles
+when it crosses a bucket. A whole generation runs in one jitted `while_loop`; `stream` runs the same
+decode step from Python and yields tokens as they come.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from neox_jax.model import GPTNeoX
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; top_k 0 and top_p 0 (or 1) switch those filters off (GPT-NeoX's defaults)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 is off)")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}: must be in [0, 1] (0 is off)")
+
+
+def filter_logits(logits_bv, top_k, top_p):
+    """-inf outside the top-k tokens and outside the smallest set whose probability reaches top_p (the most
+    likely token always stays). top_k / top_p may be traced; 0 means off."""
+    v = logits_bv.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kth = jnp.take_along_axis(-jnp.sort(-logits_bv, axis=-1), jnp.full(logits_bv.shape[:-1] + (1,), k - 1), axis=-1)
+    logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
+    sorted_desc = -jnp.sort(-logits_bv, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    above = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
+    keep = (above < top_p) | (top_p <= 0) | (top_p >= 1)
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)  # the lowest kept logit
+    return jnp.where(logits_bv < threshold, -jnp.inf, logits_bv)
+
+
+def sample(logits_bv, key, temperature, top_k, top_p):
+    logits_bv = logits_bv.astype(F32)
+    greedy = jnp.argmax(logits_bv, axis=-1)
+    filtered = filter_logits(logits_bv / jnp.maximum(temperature, 1e-6), top_k, top_p)
+    drawn = jax.random.categorical(key, filtered, axis=-1)
+    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+def _round_up(n: int, bucket: int) -> int:
+    return max(bucket, math.ceil(n / bucket) * bucket)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to a bucketed length: (ids [b, P], mask [b, P])."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {lengths.index(0)} is empty: give at least one token")
+    width = _round_up(max(lengths), bucket)
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    return ids, mask
+
+
+class Generator:
+    """Compiled prefill + decode for one model; reused across calls with the same bucketed shapes."""
+
+    def __init__(self, model: GPTNeoX):
+        self.graphdef, self.params = nnx.split(model)
+        self.config = model.config
+        self._prefill = jax.jit(self._prefill_fn)
+        self._decode_step = jax.jit(self._step_fn)
+        self._generate = jax.jit(self._generate_fn, static_argnums=(2,))
+
+    # ---- traced ---------------------------------------------------------------------------------------
+    def _prefill_fn(self, params, ids_bp, mask_bs):
+        model = nnx.merge(self.graphdef, params)
+        b, p = ids_bp.shape
+        cache = model.init_cache(b, mask_bs.shape[1])
+        logits, cache = model(ids_bp, attention_mask=mask_bs, cache=cache, cache_index=0)
+        return logits[:, -1], cache
+
+    def _step_fn(self, params, carry, knobs):
+        """Pick the next token from `carry["logits"]`, write it, and run it through the model."""
+        model = nnx.merge(self.graphdef, params)
+        temperature, top_k, top_p, seed, stop_ids = knobs
+        i, index = carry["i"], carry["index"]
+        token = sample(carry["logits"], jax.random.fold_in(jax.random.key(seed), i), temperature, top_k, top_p)
+        token = jnp.where(carry["done"], stop_ids[0], token)
+        done = carry["done"] | jnp.isin(token, stop_ids)
+        mask = jax.lax.dynamic_update_slice_in_dim(carry["mask"], jnp.ones_like(token)[:, None], index, axis=1)
+        logits, cache = model(token[:, None], attention_mask=mask, cache=carry["cache"], cache_index=index)
+        out = jax.lax.dynamic_update_slice_in_dim(carry["out"], token[:, None], i, axis=1)
+        return dict(carry, i=i + 1, index=index + 1, logits=logits[:, -1], cache=cache, mask=mask, done=done, out=out)
+
+    def _generate_fn(self, params, state, max_new, knobs):
+        def cond(c):
+            return (c["i"] < max_new) & ~jnp.all(c["done"])
+
+        return jax.lax.while_loop(cond, lambda c: self._step_fn(params, c, knobs), state)
+
+    # ---- host ------------------------------------------------------------------------------------------
+    def _start(self, prompts, max_new_tokens, bucket, stop_ids, sampling: Sampling):
+        cfg = self.config
+        longest = max((len(p) for p in prompts), default=0)
+        if longest + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                             f"max_position_embeddings={cfg.max_position_embeddings}: shorten the prompt or "
+                             "generate fewer tokens")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
+        stop = np.asarray(list(stop_ids) or [-1], np.int32)
+        ids, prompt_mask = pad_prompts(prompts, bucket, int(stop[0]) if stop[0] >= 0 else 0)
+        b, p = ids.shape
+        length = _round_up(p + max_new_tokens, bucket)
+        mask = np.zeros((b, length), np.int32)
+        mask[:, :p] = prompt_mask
+        logits, cache = self._prefill(self.params, jnp.asarray(ids), jnp.asarray(mask))
+        state = {"i": jnp.int32(0), "index": jnp.int32(p), "logits": logits, "cache": cache, "mask": jnp.asarray(mask),
+                 "done": jnp.zeros((b,), bool), "out": jnp.zeros((b, _round_up(max_new_tokens, bucket)), jnp.int32)}
+        knobs = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p),
+                 jnp.uint32(sampling.seed), jnp.asarray(stop))
+        return state, knobs
+
+    def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_ids: Sequence[int] = (), bucket: int = 64) -> list[list[int]]:
+        state, knobs = self._start(prompts, max_new_tokens, bucket, stop_ids, sampling)
+        state = self._generate(self.params, state, max_new_tokens, knobs)
+        out = np.asarray(state["out"])[:, :int(state["i"])]
+        return [_cut(row, stop_ids) for row in out]
+
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+               stop_ids: Sequence[int] = (), bucket: int = 64) -> Iterator[np.ndarray]:
+        """Yield the next token of every row [b] as it is produced (rows that stopped repeat a stop id)."""
+        state, knobs = self._start(prompts, max_new_tokens, bucket, stop_ids, sampling)
+        for _ in range(max_new_tokens):
+            state = self._decode_step(self.params, state, knobs)
+            yield np.asarray(state["out"][:, int(state["i"]) - 1])
+            if bool(jnp.all(state["done"])):
+                return
+
+
+def _cut(row: np.ndarray, stop_ids: Sequence[int]) -> list[int]:
+    """Tokens up to and including the first stop token."""
+    out = []
+    for t in row.tolist():
+        out.append(t)
+        if t in stop_ids:
+            break
+    return out
+
+
+def generate(model: GPTNeoX, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
+             stop_ids: Sequence[int] = (), bucket: int = 64) -> list[list[int]]:
+    """New tokens for each prompt (token lists of any lengths), stopping after a stop id or max_new_tokens."""
+    return Generator(model)(prompts, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stop_ids, bucket)

@@ -1,0 +1,114 @@
+"""KV-cache generation against transformers and against full forward passes; sampling filters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from neox_jax import from_pretrained
+from neox_jax.generate import Generator, Sampling, filter_logits, generate, sample
+from tests.conftest import make_hf_model
+
+torch = pytest.importorskip("torch", reason="needs the test extra: pip install -e '.[test]'")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf")
+    hf = make_hf_model(max_position_embeddings=256)
+    hf.save_pretrained(folder)
+    return hf, from_pretrained(folder)
+
+
+PROMPTS = [list(np.random.RandomState(0).randint(2, 384, n)) for n in (5, 17, 40)]
+
+
+def test_greedy_batch_equals_transformers_generate(pair):
+    hf, model = pair
+    ours = generate(model, PROMPTS, 64)
+    width = max(map(len, PROMPTS))
+    ids = torch.zeros((3, width), dtype=torch.long)
+    mask = torch.zeros((3, width), dtype=torch.long)
+    for i, p in enumerate(PROMPTS):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)[:, width:].numpy()
+    assert [len(o) for o in ours] == [64, 64, 64]
+    np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+def test_kv_cache_logits_equal_full_forward_at_every_step(pair):
+    _, model = pair
+    gen = Generator(model)
+    state, knobs = gen._start(PROMPTS, 12, 16, [], Sampling())
+    forward = nnx.jit(lambda m, ids, mask: m(ids, attention_mask=mask))
+    tokens = [list(p) for p in PROMPTS]
+    for step in range(12):
+        # the cache's next-token logits vs a full pass over prompt + everything generated so far
+        width = max(map(len, tokens))
+        ids = np.zeros((3, width), np.int32)
+        mask = np.zeros((3, width), np.int32)
+        for i, t in enumerate(tokens):
+            ids[i, width - len(t):], mask[i, width - len(t):] = t, 1
+        full = np.asarray(forward(model, ids, mask))[:, -1]
+        assert np.abs(np.asarray(state["logits"]) - full).max() <= 1e-5, step
+        state = gen._decode_step(gen.params, state, knobs)
+        new = np.asarray(state["out"])[:, step]
+        for i in range(3):
+            tokens[i].append(int(new[i]))
+
+
+def test_sampling_is_reproducible_for_a_seed(pair):
+    _, model = pair
+    a = generate(model, PROMPTS[:2], 20, temperature=1.0, top_k=50, seed=7)
+    b = generate(model, PROMPTS[:2], 20, temperature=1.0, top_k=50, seed=7)
+    c = generate(model, PROMPTS[:2], 20, temperature=1.0, top_k=50, seed=8)
+    assert a == b and a != c
+
+
+def test_stop_tokens_end_generation(pair):
+    _, model = pair
+    free = generate(model, PROMPTS[:1], 30)[0]
+    stop = free[5]
+    cut = generate(model, PROMPTS[:1], 30, stop_ids=[stop])[0]
+    assert cut == free[:free.index(stop) + 1]
+
+
+def test_top_k_and_top_p_never_leave_the_allowed_set():
+    probs = np.array([0.5, 0.3, 0.1, 0.05, 0.03, 0.02])
+    logits = jnp.log(jnp.asarray(np.tile(probs, (4096, 1)), jnp.float32))
+    keys = jax.random.key(0)
+
+    def draws(top_k, top_p, temperature=1.0):
+        return set(np.asarray(sample(logits, keys, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))))
+
+    assert draws(3, 0.0) == {0, 1, 2}
+    assert draws(0, 0.7) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 reaches it: the smallest set holding 70%
+    assert draws(0, 0.85) == {0, 1, 2}
+    assert draws(2, 0.95) == {0, 1}  # both filters apply
+    assert draws(0, 0.0) == {0, 1, 2, 3, 4, 5}  # both off: every token can come
+    assert draws(5, 0.3, temperature=0.0) == {0}  # greedy
+    kept = np.isfinite(np.asarray(filter_logits(logits[:1], jnp.int32(4), jnp.float32(0.0))))
+    assert kept.tolist() == [[True, True, True, True, False, False]]
+
+
+def test_bad_generation_requests(pair):
+    _, model = pair
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings=256"):
+        generate(model, [[1] * 250], 10)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1, 2], []], 4)
+    with pytest.raises(ValueError, match="top_p=1.5"):
+        generate(model, [[1]], 4, top_p=1.5)
+
+
+def test_generate_cli_errors(tmp_path, capsys):
+    from neox_jax.cli import main as cli
+
+    make_hf_model().save_pretrained(tmp_path / "hf")
+    assert cli(["generate", "--model", str(tmp_path / "hf"), "--prompt", "hi",
+                "--tokenizer", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer" in err and "not found" in err
