@@ -86,7 +86,7 @@ def test_config_validation_names_the_setting():
         NeoXConfig(rotary_pct=0.01)
     with pytest.raises(ConfigError, match="unknown preset 'pythia-7b'"):
         NeoXConfig.preset("pythia-7b")
-    with pytest.raises(ConfigError, match="unknown NeoXConfig keys \\['hidden'\\]"):
+    with pytest.raises(ConfigError, match="unknown model setting 'hidden'; did you mean 'hidden_size'"):
         NeoXConfig.from_dict({"hidden": 3})
 
 
