@@ -57,10 +57,12 @@ def filter_logits(logits_bv, top_k, top_p):
 
 def sample(logits_bv, key, temperature, top_k, top_p):
     logits_bv = logits_bv.astype(F32)
-    greedy = jnp.argmax(logits_bv, axis=-1)
-    filtered = filter_logits(logits_bv / jnp.maximum(temperature, 1e-6), top_k, top_p)
-    drawn = jax.random.categorical(key, filtered, axis=-1)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+    def draw(logits):  # the filters sort the vocabulary: only pay for them when sampling
+        filtered = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
+        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, draw, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits_bv)
 
 
 def _round_up(n: int, bucket: int) -> int:
@@ -97,7 +99,7 @@ class Generator:
         model = nnx.merge(self.graphdef, params)
         b, p = ids_bp.shape
         cache = model.init_cache(b, mask_bs.shape[1])
-        logits, cache = model(ids_bp, attention_mask=mask_bs, cache=cache, cache_index=0)
+        logits, cache = model(ids_bp, attention_mask=mask_bs, cache=cache, cache_index=0, last_only=True)
         return logits[:, -1], cache
 
     def _step_fn(self, params, carry, knobs):
