@@ -241,6 +241,9 @@ def cmd_demo(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval's own parser
+        return cmd_lm_eval(argparse.Namespace(lm_eval_args=argv[1:]))
     parser = argparse.ArgumentParser(prog="neox-jax", description="GPT-NeoX / Pythia in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -317,10 +320,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("lm-eval", help="lm-evaluation-harness with the `neox-jax` model registered",
-                       add_help=False)
-    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_lm_eval)
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with the `neox-jax` model registered (lm-eval's arguments)")
 
     p = sub.add_parser("demo", help="the embedded default job: build the local corpus and train configs/tiny-cpu.yml")
     p.add_argument("--config", default="configs/tiny-cpu.yml")

@@ -26,3 +26,14 @@ def test_corpus_builds_offline(tmp_path, capsys):
     tok = NeoXTokenizer(tmp_path / "c" / "tokenizer.json")
     assert tok.vocab_size == 1024 and len(ds) > 3 and ds[0][-1] == tok.eod_id
     assert "data prefix:" in capsys.readouterr().out
+
+
+def test_lm_eval_command_hands_its_arguments_to_lm_eval(capsys):
+    pytest.importorskip("lm_eval", reason="needs the test extra (lm_eval)")
+    with pytest.raises(SystemExit) as exit_:
+        cli(["lm-eval", "--help"])
+    assert exit_.value.code == 0
+    assert "Language Model Evaluation Harness" in capsys.readouterr().out
+    from lm_eval.api.registry import get_model
+
+    assert get_model("neox-jax").__name__ == "NeoXJaxLM" and get_model("hf") is not None
