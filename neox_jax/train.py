@@ -15,7 +15,6 @@ updates the master shards; the new working weights are cast and all-gathered bac
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -151,7 +150,9 @@ class Trainer:
         The loss is multiplied by `loss_scale` for differentiation and the gradients divided by it after.
         """
         zero = shd.named(self.mesh, self.zero_specs)
-        scaled_loss = lambda p, tokens: (lambda l: (l * loss_scale, l))(self.loss(p, tokens))  # noqa: E731
+        def scaled_loss(p, tokens_bt):
+            loss = self.loss(p, tokens_bt)
+            return loss * loss_scale, loss
 
         def micro(acc, tokens_bt):
             g, loss = jax.grad(scaled_loss, has_aux=True)(params, tokens_bt)
@@ -198,6 +199,3 @@ class Trainer:
                               "(grad_accum_steps, micro_batch_size x data, seq_length + 1)")
         return jax.device_put(tokens, self.batch_sharding)
 
-
-def count_bytes(tree) -> int:
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
