@@ -395,6 +395,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     precision: str = "fp32"  # fp32 | bf16 (bf16 working weights, fp32 master) | fp16 (same, loss-scaled)
     zero_stage: int = 1  # 0: optimizer state replicated over data; 1: split over data; 3: parameters too (FSDP)
+    pipe_microbatches: int = 0  # microbatches per microstep in the pipeline when mesh pipe > 1 (0: 2 x pipe)
     # optimizer (AdamW, GPT-NeoX's recipe) and schedule
     lr: float = 6e-4
     min_lr: float = 6e-5

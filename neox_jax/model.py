@@ -169,6 +169,29 @@ _REMAT = {
 }
 
 
+def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts, cache=None, cache_index=None):
+    """Apply a stack of layers (weights with a leading layer axis) with a scan; the pipeline runs one stage's
+    slice of the stack through this too."""
+    cos_btr, sin_btr = rotary_cos_sin(positions_bt, cfg.rotary_ndims, cfg.rotary_base)
+    # Logical axes of one layer's weights (the stacked axis dropped). Constraining the weights to them
+    # inside the scan makes a sharded run gather one layer's weights at a time where they are split
+    # beyond the rules table (ZeRO-3, or `pipe` without the pipeline), instead of moving activations.
+    layer_axes = jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked),
+                              is_leaf=lambda x: isinstance(x, P))
+
+    def layer(x_btd, xs):
+        params, kv = xs
+        params = jax.tree.map(constrain, params, layer_axes)
+        x_btd, kv = nnx.merge(graphdef, params)(x_btd, cos_btr, sin_btr, mask_bts, kv, cache_index)
+        return constrain(x_btd, ("batch", "length", "embed")), kv
+
+    if cfg.remat_policy != "none":
+        layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
+    kv = None if cache is None else (cache["k"], cache["v"])
+    x_btd, kv = jax.lax.scan(layer, x_btd, (stacked, kv))
+    return x_btd, None if cache is None else {"k": kv[0], "v": kv[1]}
+
+
 def positions_from_mask(attention_mask_bt):
     """Position of each token counting real tokens only, so a left-padded prompt matches its unpadded self."""
     return jnp.maximum(jnp.cumsum(attention_mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
@@ -200,26 +223,8 @@ class GPTNeoX(nnx.Module):
         return constrain(x_btd, ("batch", "length", "embed"))
 
     def apply_layers(self, x_btd, positions_bt, mask_bts, cache=None, cache_index=None):
-        cfg = self.config
-        cos_btr, sin_btr = rotary_cos_sin(positions_bt, cfg.rotary_ndims, cfg.rotary_base)
         graphdef, stacked = nnx.split(self.layers)
-        # Logical axes of one layer's weights (the stacked axis dropped). Constraining the weights to them
-        # inside the scan makes a sharded run gather one layer's weights at a time where they are split
-        # beyond the rules table (ZeRO-3, or `pipe` before the pipeline), instead of moving activations.
-        layer_axes = jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked),
-                                  is_leaf=lambda x: isinstance(x, P))
-
-        def layer(x_btd, xs):
-            params, kv = xs
-            params = jax.tree.map(constrain, params, layer_axes)
-            x_btd, kv = nnx.merge(graphdef, params)(x_btd, cos_btr, sin_btr, mask_bts, kv, cache_index)
-            return constrain(x_btd, ("batch", "length", "embed")), kv
-
-        if cfg.remat_policy != "none":
-            layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
-        kv = None if cache is None else (cache["k"], cache["v"])
-        x_btd, kv = jax.lax.scan(layer, x_btd, (stacked, kv))
-        return x_btd, None if cache is None else {"k": kv[0], "v": kv[1]}
+        return run_layers(graphdef, stacked, self.config, x_btd, positions_bt, mask_bts, cache, cache_index)
 
     def logits(self, x_btd):
         x_btd = self.final_layer_norm(x_btd)

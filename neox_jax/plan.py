@@ -54,6 +54,8 @@ class Plan:
     collectives: dict  # mesh axes -> bytes sent per device per step
     compile_seconds: float
     capacity: int
+    stages: int = 1
+    microbatches: int = 1
 
     @property
     def xla_total(self) -> int:
@@ -88,6 +90,12 @@ class Plan:
         for axes, v in sorted(((a, v) for a, v in self.collectives.items() if v >= 1e6), key=lambda kv: -kv[1]):
             amount = f"{v / GB:9.3f} GB" if v >= 1e8 else f"{v / 1e6:9.1f} MB"
             out.append(f"  over {axes:43s} {amount}")
+        if self.stages > 1:
+            from neox_jax.pipeline import bubble_fraction
+
+            out += ["", f"pipeline: {self.stages} stages x {self.microbatches} microbatches per microstep, bubble "
+                        f"(P-1)/(M+P-1) = {bubble_fraction(self.stages, self.microbatches):.1%}; per-stage weights "
+                        f"{self.params / GB:.2f} GB per device (1/{self.stages} of the layers)"]
         verdict = "fits" if self.fits else "does NOT fit"
         out += ["", f"compile time {self.compile_seconds:.1f}s",
                 f"{device}: {self.capacity / 2**30:.0f} GiB per device -> {verdict} "
@@ -258,6 +266,7 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
         xla_argument=mem.argument_size_in_bytes, xla_output=mem.output_size_in_bytes,
         xla_alias=mem.alias_size_in_bytes, xla_temp=mem.temp_size_in_bytes,
         collectives=collective_bytes(compiled.as_text(), dict(mesh.shape)),
-        compile_seconds=seconds, capacity=DEVICES[device],
+        compile_seconds=seconds, capacity=DEVICES[device], stages=trainer.stages,
+        microbatches=trainer.microbatches,
     )
 

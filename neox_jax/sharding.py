@@ -39,6 +39,7 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("layers", None),
+    ("stage", "pipe"),  # pipeline stages (neox_jax/pipeline.py)
 )
 
 
@@ -163,11 +164,19 @@ def add_axis(spec: P, shape: tuple[int, ...], axes: tuple[str | None, ...], mesh
     return P(*entries)
 
 
-def param_specs(abstract_params, axes_tree, mesh: Mesh, fsdp: bool = False):
-    """PartitionSpecs for a params tree from its logical axes (`axes_tree`, same structure)."""
+def param_specs(abstract_params, axes_tree, mesh: Mesh, fsdp: bool = False, pipeline: bool = False):
+    """PartitionSpecs for a params tree from its logical axes (`axes_tree`, same structure).
+
+    With the pipeline the stacked `layers` axis is split over `pipe` (contiguous blocks = stages); without
+    it `pipe` splits each weight instead (see the module docstring).
+    """
+    rules = tuple((name, "pipe" if name == "layers" else axis) for name, axis in LOGICAL_RULES) if pipeline \
+        else LOGICAL_RULES
 
     def spec(x, axes):
-        s = add_axis(_trim(logical_to_spec(axes), mesh.axis_names), x.shape, axes, "pipe", dict(mesh.shape))
+        s = _trim(logical_to_spec(axes, rules), mesh.axis_names)
+        if not pipeline:
+            s = add_axis(s, x.shape, axes, "pipe", dict(mesh.shape))
         return add_axis(s, x.shape, axes, "data", dict(mesh.shape)) if fsdp else s
 
     return jax.tree.map(spec, abstract_params, axes_tree, is_leaf=lambda a: isinstance(a, P))

@@ -29,6 +29,7 @@ from neox_jax import sharding as shd
 from neox_jax.config import ConfigError, TrainConfig
 from neox_jax.model import GPTNeoX
 from neox_jax.optim import LossScale, applied_updates, make_optimizer, schedule
+from neox_jax.pipeline import pipelined_loss
 
 F32 = jnp.float32
 
@@ -55,9 +56,25 @@ def check_layout(cfg: TrainConfig, mesh_shape: dict[str, int]):
     if m.num_layers % pipe:
         problems.append(f"num_layers={m.num_layers} is not divisible by mesh pipe={pipe}: "
                         "choose a pipe size that divides the layer count")
+    microbatches = pipe_microbatches(cfg, pipe)
+    split = microbatches // cfg.grad_accum_steps
+    if pipe > 1 and (microbatches % cfg.grad_accum_steps or cfg.micro_batch_size % max(split, 1)):
+        problems.append(f"pipe_microbatches={microbatches} must be a multiple of grad_accum_steps="
+                        f"{cfg.grad_accum_steps} that cuts micro_batch_size={cfg.micro_batch_size} (per data "
+                        "replica) evenly: change pipe_microbatches")
     if problems:
         raise ConfigError("impossible layout for mesh "
                           f"data={data}, pipe={pipe}, tensor={tensor}:\n  " + "\n  ".join(problems))
+
+
+def pipe_microbatches(cfg: TrainConfig, pipe: int) -> int:
+    """Pipeline microbatches per step: the accumulation microsteps (GPT-NeoX's), at least 2 x stages by default."""
+    if cfg.pipe_microbatches:
+        return cfg.pipe_microbatches
+    m = cfg.grad_accum_steps
+    while m < 2 * pipe and cfg.micro_batch_size % (2 * m // cfg.grad_accum_steps) == 0:
+        m *= 2
+    return m
 
 
 def cross_entropy(logits_btv, labels_bt):
@@ -81,7 +98,10 @@ class Trainer:
         self.logical_axes = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
         self.has_master = cfg.model.param_dtype != "float32"
 
-        self.param_specs = shd.param_specs(self.abstract_params, self.logical_axes, mesh, fsdp=cfg.zero_stage == 3)
+        self.stages = self.mesh_shape["pipe"]
+        self.microbatches = pipe_microbatches(cfg, self.stages)
+        self.param_specs = shd.param_specs(self.abstract_params, self.logical_axes, mesh, fsdp=cfg.zero_stage == 3,
+                                           pipeline=self.stages > 1)
         self.zero_specs = (shd.zero_specs(self.abstract_params, self.param_specs, self.logical_axes, mesh)
                            if cfg.zero_stage >= 1 else self.param_specs)
         abstract_master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, F32), self.abstract_params)
@@ -144,19 +164,38 @@ class Trainer:
         model = nnx.merge(self.graphdef, params)
         return cross_entropy(model(tokens_bt[:, :-1]), tokens_bt[:, 1:])
 
+    def pipelined_loss(self, params, batch_mbt):
+        """Mean loss of the whole step's batch [accum, rows, seq + 1] through the pipeline. Each microstep's
+        rows are cut into `split` microbatches (split innermost, so every piece keeps its data sharding)."""
+        a, rows, t1 = batch_mbt.shape
+        split = self.microbatches // a
+        tokens = batch_mbt.reshape(a, rows // split, split, t1).swapaxes(1, 2).reshape(a * split, rows // split, t1)
+        return pipelined_loss(nnx.merge(self.graphdef, params), tokens[..., :-1], tokens[..., 1:], self.stages,
+                              cross_entropy)
+
     def _grads(self, params, batch_mbt, loss_scale=1.0):
-        """Mean loss and fp32 gradients over the microbatches, accumulated in the ZeRO layout.
+        """Mean loss and fp32 gradients over the step's microbatches, in the ZeRO layout.
 
         The loss is multiplied by `loss_scale` for differentiation and the gradients divided by it after.
+        Without a pipeline the microsteps run in a scan that accumulates; with one, they are the pipeline's
+        microbatches.
         """
         zero = shd.named(self.mesh, self.zero_specs)
-        def scaled_loss(p, tokens_bt):
-            loss = self.loss(p, tokens_bt)
-            return loss * loss_scale, loss
+
+        def grad_of(loss_fn, tokens):
+            def scaled(p):
+                loss = loss_fn(p, tokens)
+                return loss * loss_scale, loss
+
+            g, loss = jax.grad(scaled, has_aux=True)(params)
+            return jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x.astype(F32), g), zero), loss
+
+        if self.stages > 1:
+            g, loss = grad_of(self.pipelined_loss, batch_mbt)
+            return loss, jax.tree.map(lambda x: x / loss_scale, g)
 
         def micro(acc, tokens_bt):
-            g, loss = jax.grad(scaled_loss, has_aux=True)(params, tokens_bt)
-            g = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x.astype(F32), g), zero)
+            g, loss = grad_of(self.loss, tokens_bt)
             return jax.tree.map(jnp.add, acc, g), loss
 
         acc = jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(jnp.zeros(x.shape, F32), s),
