@@ -62,10 +62,9 @@ def load_params_checkpoint(path: str | os.PathLike, abstract_params=None):
         raise FileNotFoundError(f"{p} is not a neox_jax params checkpoint (needs {CONFIG_FILE} and params/)")
     config = load_config(p)
     if abstract_params is None:
-        from neox_jax.model import GPTNeoX
+        from neox_jax.model import abstract_model
 
-        abstract = nnx.eval_shape(lambda: GPTNeoX(config, rngs=nnx.Rngs(0)))
-        abstract_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+        abstract_params = nnx.to_pure_dict(abstract_model(config)[1])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                           abstract_params)
     with ocp.StandardCheckpointer() as ckptr:

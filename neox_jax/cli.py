@@ -8,13 +8,19 @@ import time
 from pathlib import Path
 
 
+def _is_preset(name_or_path: str) -> bool:
+    from neox_jax.config import PRESETS, preset_key
+
+    return preset_key(name_or_path) in PRESETS and not Path(name_or_path).exists()
+
+
 def _model_config(name_or_path: str):
     """NeoXConfig from a preset name, a Hugging Face folder/config.json, a neox_jax checkpoint or NeoX YAML."""
     from neox_jax import checkpoint
     from neox_jax.config import PRESETS, NeoXConfig
 
     p = Path(name_or_path)
-    if name_or_path.lower().removeprefix("eleutherai/") in PRESETS and not p.exists():
+    if _is_preset(name_or_path):
         return NeoXConfig.preset(name_or_path)
     if checkpoint.is_params_checkpoint(p):
         return checkpoint.load_config(p)
@@ -64,9 +70,9 @@ def cmd_convert(args):
 
 
 def _train_config(name_or_path: str, overrides: dict):
-    from neox_jax.config import PRESETS, TrainConfig
+    from neox_jax.config import TrainConfig
 
-    if name_or_path.lower().removeprefix("eleutherai/") in PRESETS and not Path(name_or_path).exists():
+    if _is_preset(name_or_path):
         return TrainConfig.from_dict({"model": name_or_path, **overrides})
     return TrainConfig.from_yaml(name_or_path, **overrides)
 

@@ -113,7 +113,7 @@ class NeoXConfig:
     # ---- presets -------------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "NeoXConfig":
-        key = name.lower().removeprefix("eleutherai/")
+        key = preset_key(name)
         if key not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[key], **overrides})
@@ -282,6 +282,11 @@ def apply_overrides(cfg: "TrainConfig", pairs: list[str]) -> "TrainConfig":
             _check_keys({key: value}, TrainConfig, "training setting")
             cfg = cfg.replace(**{key: value})
     return cfg
+
+
+def preset_key(name: str) -> str:
+    """'EleutherAI/pythia-70m' -> 'pythia-70m': the key a preset name is looked up by."""
+    return name.lower().removeprefix("eleutherai/")
 
 
 def _first(x, default):

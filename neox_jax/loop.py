@@ -25,7 +25,7 @@ from neox_jax.data.dataset import GlobalBatches, build_split_datasets
 from neox_jax.data.loader import Loader
 from neox_jax.flops import flops_6n, flops_neox, peak_tflops
 from neox_jax.metrics import MetricsLogger
-from neox_jax.model import GPTNeoX
+from neox_jax.model import abstract_model, with_params
 from neox_jax.progress import progress
 from neox_jax.sharding import make_mesh
 from neox_jax.train import Trainer, TrainState
@@ -53,28 +53,31 @@ def probe_tokens(vocab_size: int) -> np.ndarray:
     return (np.arange(PROBE_TOKENS, dtype=np.int64)[None] * 7919 + 11) % vocab_size
 
 
-def probe_logits(trainer: Trainer, state: TrainState) -> np.ndarray:
-    """Logits of a fixed prompt from the fp32 weights: stored with each checkpoint, checked on restore."""
-    weights = state.master if state.master is not None else state.params
-    fp32 = trainer.cfg.model.replace(dtype="float32", param_dtype="float32")
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPTNeoX(fp32, rngs=nnx.Rngs(0))))
+def fp32_weights(state: TrainState):
+    """The weights at full precision: the master copy when there is one."""
+    return state.master if state.master is not None else state.params
+
+
+def make_probe(model_cfg):
+    """A compiled function: fp32 weights -> logits of a fixed prompt, stored with each checkpoint and checked
+    on restore."""
+    fp32 = model_cfg.replace(dtype="float32", param_dtype="float32")
+    graphdef = abstract_model(fp32)[0]
     tokens = jnp.asarray(probe_tokens(fp32.vocab_size))
-    logits = jax.jit(lambda w: nnx.merge(graphdef, w)(tokens)[0, :, :8])(weights)
-    return np.asarray(jax.device_get(logits), np.float64)
+    logits = jax.jit(lambda w: nnx.merge(graphdef, w)(tokens)[0, :, :8])
+    return lambda state: np.asarray(jax.device_get(logits(fp32_weights(state))), np.float64)
 
 
-def print_sample(trainer: Trainer, state: TrainState, cfg: TrainConfig, print_fn, max_new_tokens: int = 48):
+def print_sample(state: TrainState, cfg: TrainConfig, print_fn, max_new_tokens: int = 48):
     """A greedy continuation of `sample_prompt` from the trained weights."""
     from neox_jax.data.tokenizer import NeoXTokenizer
     from neox_jax.generate import generate
 
     tok = NeoXTokenizer(cfg.tokenizer)
-    weights = jax.device_get(state.master if state.master is not None else state.params)
-    model_cfg = cfg.model.replace(dtype="float32", param_dtype="float32")
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPTNeoX(model_cfg, rngs=nnx.Rngs(0))))
-    nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, weights))
+    weights = jax.tree.map(jnp.asarray, jax.device_get(fp32_weights(state)))
+    model = with_params(cfg.model.replace(dtype="float32", param_dtype="float32"), weights)
     prompt = tok.encode(cfg.sample_prompt)
-    new = generate(nnx.merge(graphdef, abstract), [prompt], max_new_tokens, stop_ids=[tok.eod_id])[0]
+    new = generate(model, [prompt], max_new_tokens, stop_ids=[tok.eod_id])[0]
     print_fn(f"\nsample (greedy, {len(new)} tokens):\n{cfg.sample_prompt}{tok.decode([t for t in new if t != tok.eod_id])}\n")
 
 
@@ -113,12 +116,13 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None, show_progress: bool
     tb_dir = cfg.tensorboard_dir or (str(Path(cfg.save) / "tensorboard") if cfg.save else "")
     logger = MetricsLogger(tb_dir, cfg.wandb_project, cfg.to_dict())
 
+    probe = make_probe(cfg.model)  # compiled once, used at every save
     start = 0
     if checkpointer and checkpointer.latest_step() is not None:
         start = checkpointer.latest_step()
         meta = checkpointer.read_meta(start)
         state = checkpointer.restore(start, _abstract_with_shardings(trainer))
-        got = probe_logits(trainer, state)
+        got = probe(state)
         want = np.asarray(meta["probe"], np.float64)
         if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-4):
             diff = np.abs(got - want).max() if got.shape == want.shape else float("inf")
@@ -136,7 +140,7 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None, show_progress: bool
         if checkpointer is None:
             return
         meta = {"step": step, "samples_consumed": step * B, "seed": cfg.seed, "config": cfg.to_dict(),
-                "probe": probe_logits(trainer, state).tolist(), "mesh": dict(mesh.shape)}
+                "probe": probe(state).tolist(), "mesh": dict(mesh.shape)}
         checkpointer.save(step, state, meta)
         if wait:
             checkpointer.wait()
@@ -233,7 +237,7 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None, show_progress: bool
         if last_done > start:  # the final (or preempted) step, waited for
             save(last_done, wait=True)
         if cfg.sample_prompt and cfg.tokenizer and not stop["signal"]:
-            print_sample(trainer, state, cfg, print_fn)
+            print_sample(state, cfg, print_fn)
         if stop["signal"]:
             print_fn(f"\nstopped by {stop['signal']} after step {last_done}: checkpoint saved"
                      + (f" in {checkpointer.directory}/{last_done}; run the same command to resume" if checkpointer

@@ -192,6 +192,18 @@ def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts
     return x_btd, None if cache is None else {"k": kv[0], "v": kv[1]}
 
 
+def abstract_model(config: NeoXConfig):
+    """(graphdef, parameter state of ShapeDtypeStructs): the model's structure, nothing allocated."""
+    return nnx.split(nnx.eval_shape(lambda: GPTNeoX(config, rngs=nnx.Rngs(0))))
+
+
+def with_params(config: NeoXConfig, params: dict) -> "GPTNeoX":
+    """A GPTNeoX holding `params`, the nested dict of arrays that converters and checkpoints deal in."""
+    graphdef, state = abstract_model(config)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
 def positions_from_mask(attention_mask_bt):
     """Position of each token counting real tokens only, so a left-padded prompt matches its unpadded self."""
     return jnp.maximum(jnp.cumsum(attention_mask_bt.astype(jnp.int32), axis=-1) - 1, 0)

@@ -10,7 +10,7 @@ from flax import nnx
 from neox_jax import checkpoint
 from neox_jax.config import NeoXConfig
 from neox_jax.convert import hf
-from neox_jax.model import GPTNeoX
+from neox_jax.model import GPTNeoX, abstract_model, with_params
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str = "float32",
@@ -24,18 +24,14 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
         step = ckpt.latest_step()
         config = NeoXConfig.from_dict(ckpt.read_meta(step)["config"]["model"])
         config = config.replace(param_dtype=param_dtype, dtype=dtype or "float32")
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: GPTNeoX(config, rngs=nnx.Rngs(0))))
-        nnx.replace_by_pure_dict(state, ckpt.restore_weights(step, nnx.to_pure_dict(state)))
+        params = ckpt.restore_weights(step, nnx.to_pure_dict(abstract_model(config)[1]))
         ckpt.close()
-        return nnx.merge(graphdef, state)
+        return with_params(config, params)
     if checkpoint.is_params_checkpoint(p):
         config = checkpoint.load_config(p)
         config = config.replace(param_dtype=param_dtype, **({"dtype": dtype} if dtype else {}))
-        abstract = nnx.eval_shape(lambda: GPTNeoX(config, rngs=nnx.Rngs(0)))
-        graphdef, state = nnx.split(abstract)
-        params, _ = checkpoint.load_params_checkpoint(p, nnx.to_pure_dict(state))
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(graphdef, state)
+        params, _ = checkpoint.load_params_checkpoint(p, nnx.to_pure_dict(abstract_model(config)[1]))
+        return with_params(config, params)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist: give a Hugging Face model folder or a neox_jax checkpoint")
     return hf.load_model(p, dtype=dtype, param_dtype=param_dtype, show_progress=show_progress)

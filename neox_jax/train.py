@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from neox_jax import sharding as shd
 from neox_jax.config import ConfigError, TrainConfig
-from neox_jax.model import GPTNeoX
+from neox_jax.model import GPTNeoX, abstract_model
 from neox_jax.optim import LossScale, applied_updates, make_optimizer, schedule
 from neox_jax.pipeline import pipelined_loss
 
@@ -92,8 +92,7 @@ class Trainer:
         self.fp16 = cfg.precision == "fp16"
         self.tx = make_optimizer(cfg)
         self.lr = schedule(cfg)
-        abstract = nnx.eval_shape(lambda: GPTNeoX(cfg.model, rngs=nnx.Rngs(0)))
-        self.graphdef, abstract_state = nnx.split(abstract)
+        self.graphdef, abstract_state = abstract_model(cfg.model)
         self.abstract_params = nnx.to_pure_dict(abstract_state)
         self.logical_axes = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
         self.has_master = cfg.model.param_dtype != "float32"

@@ -53,3 +53,19 @@ def hf_logits(model, ids, attention_mask=None, position_ids=None):
         kwargs["position_ids"] = torch.tensor(np.asarray(position_ids))
     with torch.no_grad():
         return model(torch.tensor(np.asarray(ids)), **kwargs).logits.float().numpy()
+
+
+def hf_and_neox(folder, **overrides):
+    """A random transformers model saved to `folder`, and neox_jax's load of that folder."""
+    from neox_jax import from_pretrained
+
+    hf = make_hf_model(**overrides)
+    hf.save_pretrained(folder)
+    return hf, from_pretrained(folder)
+
+
+def max_diff(a, b) -> float:
+    """Largest absolute difference between two pytrees of arrays."""
+    import jax
+
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, b)))

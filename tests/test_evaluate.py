@@ -6,10 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from neox_jax import from_pretrained
 from neox_jax.data.tokenizer import train_tokenizer
 from neox_jax.evaluate import Scorer, perplexity, rolling_windows
-from tests.conftest import make_hf_model
+from tests.conftest import hf_and_neox
 
 torch = pytest.importorskip("torch", reason="needs the test extra: pip install -e '.[test]'")
 
@@ -17,9 +16,7 @@ torch = pytest.importorskip("torch", reason="needs the test extra: pip install -
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf")
-    hf = make_hf_model(max_position_embeddings=64)
-    hf.save_pretrained(folder)
-    return hf, from_pretrained(folder), folder
+    return (*hf_and_neox(folder, max_position_embeddings=64), folder)
 
 
 def hf_continuation_logprob(hf, ctx, cont):

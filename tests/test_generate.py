@@ -6,19 +6,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from neox_jax import from_pretrained
 from neox_jax.generate import Generator, Sampling, filter_logits, generate, sample
-from tests.conftest import make_hf_model
+from tests.conftest import hf_and_neox, make_hf_model
 
 torch = pytest.importorskip("torch", reason="needs the test extra: pip install -e '.[test]'")
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf")
-    hf = make_hf_model(max_position_embeddings=256)
-    hf.save_pretrained(folder)
-    return hf, from_pretrained(folder)
+    return hf_and_neox(tmp_path_factory.mktemp("hf"), max_position_embeddings=256)
 
 
 PROMPTS = [list(np.random.RandomState(0).randint(2, 384, n)) for n in (5, 17, 40)]

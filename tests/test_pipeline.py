@@ -9,6 +9,7 @@ from neox_jax.pipeline import bubble_fraction
 from neox_jax.plan import _COLLECTIVE, _first_group
 from neox_jax.sharding import make_mesh
 from neox_jax.train import Trainer
+from tests.conftest import max_diff
 
 MODEL = NeoXConfig(vocab_size=256, hidden_size=64, num_layers=8, num_heads=8, intermediate_size=128,
                    max_position_embeddings=64)
@@ -28,10 +29,6 @@ def reference():
     tokens = np.random.RandomState(0).randint(0, 256, tr.batch_shape())
     loss, grads = tr.grads(state.params, tr.put_batch(tokens))
     return tokens, float(loss), jax.tree.map(np.asarray, grads)
-
-
-def max_diff(a, b):
-    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, b)))
 
 
 @pytest.mark.parametrize("mesh_shape,microbatches", [

@@ -7,6 +7,7 @@ import pytest
 from neox_jax.config import ConfigError, NeoXConfig, TrainConfig
 from neox_jax.sharding import make_mesh
 from neox_jax.train import Trainer
+from tests.conftest import max_diff
 
 MODEL = NeoXConfig(vocab_size=256, hidden_size=64, num_layers=4, num_heads=8, intermediate_size=128,
                    rotary_pct=0.25, max_position_embeddings=64)
@@ -29,10 +30,6 @@ def reference():
     tokens = np.random.RandomState(0).randint(0, 256, tr.batch_shape())
     loss, grads = tr.grads(state.params, tr.put_batch(tokens))
     return tokens, state, float(loss), jax.tree.map(np.asarray, grads)
-
-
-def max_diff(a, b):
-    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, b)))
 
 
 MESHES = [dict(data=8), dict(tensor=8), dict(data=2, tensor=4), dict(data=4, tensor=2),

@@ -227,7 +227,7 @@ def read_params(source: TensorSource, cfg: NeoXConfig, abstract_params,
 def load_model(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str = "float32",
                config: NeoXConfig | None = None, show_progress: bool = False):
     """A `GPTNeoX` with the weights of a Hugging Face checkpoint folder (or file, with `config`)."""
-    from neox_jax.model import GPTNeoX
+    from neox_jax.model import abstract_model, with_params
 
     path = Path(path)
     if config is None:
@@ -237,14 +237,11 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None, param_dtype
         overrides["dtype"] = dtype
     config = config.replace(**overrides)
     source = TensorSource(path)
-    abstract = nnx.eval_shape(lambda: GPTNeoX(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    params = nnx.to_pure_dict(state)
+    params = nnx.to_pure_dict(abstract_model(config)[1])
     for p, array in read_params(source, config, params, show_progress=show_progress):
         keys = p.split(".")
         _get_path(params, ".".join(keys[:-1]))[keys[-1]] = array
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    return with_params(config, params)
 
 
 def iter_hf_tensors(params, cfg: NeoXConfig, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
