@@ -14,10 +14,20 @@ _PUBLIC = {
     "GPTNeoX": "neox_jax.model",
     "NeoXConfig": "neox_jax.config",
     "TrainConfig": "neox_jax.config",
+    "Generator": "neox_jax.generation",
+    "Sampling": "neox_jax.generation",
+    "TrainCheckpointer": "neox_jax.checkpoint",
     "from_pretrained": "neox_jax.pretrained",
+    "generate": "neox_jax.generation",
+    "load_tokenizer": "neox_jax.pretrained",
+    "perplexity": "neox_jax.evaluate",
     "save_pretrained": "neox_jax.pretrained",
 }
 __all__ = sorted(_PUBLIC)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
 
 
 def __getattr__(name):

@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from neox_jax.atomic import write_json
 from neox_jax.config import NeoXConfig
 
 CONFIG_FILE = "neox_config.json"
@@ -45,9 +46,7 @@ def save_params_checkpoint(path: str | os.PathLike, params: dict, config: NeoXCo
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out / "params", params)
         ckptr.wait_until_finished()
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    os.replace(tmp, out / CONFIG_FILE)  # written last: its presence marks a complete checkpoint
+    write_json(out / CONFIG_FILE, config.to_dict())  # written last: its presence marks a complete checkpoint
     return out
 
 
@@ -104,7 +103,7 @@ class TrainCheckpointer:
                                                enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -114,7 +113,7 @@ class TrainCheckpointer:
 
     def save(self, step: int, state, meta: dict):
         flat, _ = flatten(state)
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(flat),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
 
     def read_meta(self, step: int) -> dict:
@@ -138,22 +137,28 @@ class TrainCheckpointer:
         """The state at `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings) says."""
         self.check_shapes(step, abstract_state)
         target, treedef = flatten(abstract_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        flat = restored["state"]
+        flat = self._restore(step, target)
         return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in target])
 
+    def _restore(self, step: int, target: dict, partial: bool = False) -> dict:
+        """Each process reads only the shards its devices hold, laid out as the target's shardings say."""
+        args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=partial)
+        return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+
     def restore_weights(self, step: int, abstract_params) -> dict:
-        """Only the model weights of a train state (the fp32 master when there is one), as a params tree on
-        one device. (Orbax restores the whole stored tree; the optimizer state is dropped right after.)"""
+        """Only the model weights of a train state (the fp32 master when there is one; the optimizer state is
+        never read), laid out as `abstract_params` says: ShapeDtypeStructs with shardings to restore onto a
+        mesh, without them onto this process's first device."""
         stored = self.manager.item_metadata(step)["state"]
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for k, v in stored.items()}
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        restored = restored["state"]
-        flat_target, treedef = flatten(abstract_params)
-        source = "master" if any(k.startswith("master/") for k in restored) else "params"
-        return jax.tree_util.tree_unflatten(
-            treedef, [restored[f"{source}/{k}"].astype(v.dtype) for k, v in flat_target.items()])
+        source = "master" if any(k.startswith("master/") for k in stored) else "params"
+        flat, treedef = flatten(abstract_params)
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = {f"{source}/{k}": jax.ShapeDtypeStruct(stored[f"{source}/{k}"].shape, stored[f"{source}/{k}"].dtype,
+                                                        sharding=getattr(v, "sharding", None) or local)
+                  for k, v in flat.items()}
+        restored = self._restore(step, target, partial=True)
+        return jax.tree_util.tree_unflatten(treedef, [restored[f"{source}/{k}"].astype(v.dtype) for k, v in flat.items()])
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -31,6 +31,34 @@ def _model_config(name_or_path: str):
     raise SystemExit(f"error: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
 
 
+def _join(args, mesh: dict | None = None, init_timeout: int = 300, heartbeat_timeout: int = 100):
+    """Join a multi-process launch when one is asked for (flags, NEOX_* variables, SLURM, Open MPI), and on a
+    CPU-only machine give each process its share of a fully given mesh as emulated devices. Must run before
+    anything touches a JAX backend."""
+    import math
+
+    from neox_jax import distributed
+
+    launch = distributed.detect(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                                getattr(args, "process_id", None))
+    processes = launch.num_processes if launch else 1
+    if mesh and all(v > 0 for v in mesh.values()):
+        total = math.prod(mesh.values())
+        if total % processes:
+            raise SystemExit(f"error: mesh {dict(mesh)} has {total} devices, not divisible among {processes} "
+                             "processes: change `mesh` or the number of processes")
+        distributed.emulate_cpu_devices(total // processes)
+    return distributed.initialize(launch, init_timeout, heartbeat_timeout)
+
+
+def _add_launch_flags(p):
+    g = p.add_argument_group("multi-process launch (or NEOX_COORDINATOR / NEOX_NUM_PROCESSES / NEOX_PROCESS_ID, "
+                             "SLURM, Open MPI; see docs/multihost.md)")
+    g.add_argument("--coordinator", help="HOST:PORT of process 0")
+    g.add_argument("--num-processes", type=int)
+    g.add_argument("--process-id", type=int)
+
+
 def cmd_info(args):
     import jax
     from flax import nnx
@@ -52,21 +80,34 @@ def cmd_info(args):
 
 
 def cmd_convert(args):
+    import shutil
+
     from flax import nnx
 
     from neox_jax import checkpoint
+    from neox_jax.atomic import write_json
     from neox_jax.convert import hf
-    from neox_jax.pretrained import from_pretrained
+    from neox_jax.pretrained import from_pretrained, tokenizer_path
 
     t0 = time.perf_counter()
+    dst = Path(args.dst)
+    taken = [dst / n for n in ("params", checkpoint.CONFIG_FILE, "config.json", "model.safetensors",
+                                "model.safetensors.index.json") if (dst / n).exists()]
+    if taken:  # before reading a single tensor
+        raise FileExistsError(f"{taken[0]} already exists: choose a new destination or remove it")
+    tokenizer = tokenizer_path(args.src)
     if args.direction == "hf-to-orbax":
         model = from_pretrained(args.src, param_dtype=args.dtype or "float32", show_progress=True)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        out = checkpoint.save_params_checkpoint(args.dst, params, model.config)
+        out = checkpoint.save_params_checkpoint(dst, params, model.config)
     else:
         params, config = checkpoint.load_params_checkpoint(args.src)
-        out = hf.save_params(params, config, args.dst, dtype=args.dtype, show_progress=True)
-    print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+        out = hf.save_params(params, config, dst, dtype=args.dtype, show_progress=True)
+        write_json(out / "generation_config.json", {"bos_token_id": config.bos_token_id,
+                                                    "eos_token_id": config.eos_token_id})
+    if tokenizer:  # the folder carries its tokenizer: generate, eval and from_pretrained find it there
+        shutil.copyfile(tokenizer, out / "tokenizer.json")
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f}s" + (" (with tokenizer.json)" if tokenizer else ""))
 
 
 def _train_config(name_or_path: str, overrides: dict):
@@ -79,8 +120,7 @@ def _train_config(name_or_path: str, overrides: dict):
 
 def cmd_plan(args):
     import math
-
-    import jax
+    import os
 
     from neox_jax.sharding import parse_mesh
 
@@ -92,19 +132,25 @@ def cmd_plan(args):
     if args.seq_length:
         overrides["seq_length"] = args.seq_length
     cfg = _train_config(args.config, overrides)
-    if any(v == -1 for v in cfg.mesh.values()):
-        raise SystemExit(f"error: mesh {dict(cfg.mesh)} has a -1 entry: give every axis with --mesh to plan it")
+    if any(v == -1 for v in cfg.mesh.values()):  # fill it from --devices, or the smallest mesh of this layout
+        fixed = math.prod(v for v in cfg.mesh.values() if v > 0)
+        devices = args.devices or fixed
+        if devices % fixed:
+            raise SystemExit(f"error: --devices {devices} is not a multiple of the mesh's fixed axes ({fixed})")
+        cfg = cfg.replace(mesh={k: devices // fixed if v == -1 else v for k, v in cfg.mesh.items()})
     n = math.prod(cfg.mesh.values())
-    # Emulate the mesh's devices on the CPU; this must precede the first use of a JAX backend.
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", n)
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the mesh is emulated on CPU devices, whatever this machine has
+    _join(args, cfg.mesh)
+    from neox_jax.distributed import is_primary
     from neox_jax.plan import plan
 
-    print(f"planning {args.config}: {cfg.model.num_params / 1e9:.2f}B parameters, seq {cfg.seq_length}, "
+    print(f"planning {args.config} on mesh {dict(cfg.mesh)}: {cfg.model.num_params / 1e9:.2f}B parameters, seq {cfg.seq_length}, "
           f"micro batch {cfg.micro_batch_size} x {cfg.grad_accum_steps} accumulation, {cfg.precision}, "
           f"ZeRO stage {cfg.zero_stage}, remat {cfg.model.remat_policy}; compiling for {n} emulated devices...",
           flush=True)
-    print(plan(cfg, args.device).report(args.device))
+    report = plan(cfg, args.device).report(args.device)
+    if is_primary():
+        print(report)
 
 
 def cmd_preprocess(args):
@@ -141,43 +187,50 @@ def cmd_corpus(args):
 
 
 def cmd_train(args):
-    import math
-
-    import jax
-
     from neox_jax.config import apply_overrides
 
     cfg = apply_overrides(_train_config(args.config, {}), args.overrides)
-    if all(v > 0 for v in cfg.mesh.values()):
-        # On a machine without accelerators, emulate the mesh's devices on the CPU (before any backend starts).
-        jax.config.update("jax_num_cpu_devices", math.prod(cfg.mesh.values()))
+    _join(args, cfg.mesh, cfg.init_timeout, cfg.heartbeat_timeout)
+    from neox_jax.distributed import is_primary
     from neox_jax.loop import train
 
     result = train(cfg)
+    if not is_primary():
+        return 0
     if result.checkpoint_dir:
         print(f"checkpoints: {result.checkpoint_dir}")
     if result.tensorboard_dir:
-        print(f"TensorBoard logs: {result.tensorboard_dir}  (view with: tensorboard --logdir {result.tensorboard_dir})")
+        from importlib.util import find_spec
+
+        view = (f"tensorboard --logdir {result.tensorboard_dir}" if find_spec("tensorboard")
+                else "pip install tensorboard, then tensorboard --logdir " + result.tensorboard_dir)
+        print(f"TensorBoard logs: {result.tensorboard_dir}  (view with: {view})")
     return 0
 
 
-def _tokenizer_for(model_path: str, tokenizer: str | None):
-    from neox_jax.data.tokenizer import NeoXTokenizer
+def _inference_model(args):
+    """The model of `--model`, laid out on `--mesh` (or, launched as several processes, on all their devices
+    split over `data`), each process reading only its own shards."""
+    from neox_jax.pretrained import from_pretrained
+    from neox_jax.sharding import make_mesh, parse_mesh
 
-    if tokenizer:
-        return NeoXTokenizer(tokenizer)
-    if (Path(model_path) / "tokenizer.json").is_file():
-        return NeoXTokenizer(Path(model_path) / "tokenizer.json")
-    raise FileNotFoundError(f"{model_path} has no tokenizer.json: give --tokenizer (e.g. GPT-NeoX's 20B_tokenizer.json)")
+    mesh_shape = parse_mesh(args.mesh) if args.mesh else None
+    launch = _join(args, mesh_shape)
+    if mesh_shape is None and not launch:
+        return from_pretrained(args.model, dtype=args.dtype)
+    return from_pretrained(args.model, dtype=args.dtype, mesh=make_mesh(mesh_shape or {"data": -1}))
 
 
 def cmd_generate(args):
-    from neox_jax.generate import Generator, Sampling
-    from neox_jax.pretrained import from_pretrained
+    import jax
 
-    tok = _tokenizer_for(args.model, args.tokenizer)
+    from neox_jax.distributed import is_primary
+    from neox_jax.generation import Generator, Sampling
+    from neox_jax.pretrained import load_tokenizer
+
+    tok = load_tokenizer(args.model, args.tokenizer)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # bad values fail before loading
-    model = from_pretrained(args.model, dtype=args.dtype)
+    model = _inference_model(args)
     generator = Generator(model)
     stop = [tok.eod_id] + [int(t) for t in args.stop_ids]
 
@@ -185,6 +238,11 @@ def cmd_generate(args):
         ids = tok.encode(prompt)
         if not ids:
             raise ValueError("the prompt is empty: give some text")
+        if jax.process_count() > 1:  # every process runs the same generation; process 0 prints it
+            new = generator([ids], args.max_new_tokens, sampling, stop)[0]
+            if is_primary():
+                print(prompt + tok.decode([t for t in new if t not in stop]), flush=True)
+            return
         print(prompt, end="", flush=True)
         produced: list[int] = []
         for token in generator.stream([ids], args.max_new_tokens, sampling, stop):
@@ -197,6 +255,8 @@ def cmd_generate(args):
         print()
 
     if args.interactive:
+        if args.mesh or args.coordinator:
+            raise SystemExit("error: --interactive runs in one process on one device: drop --mesh / the launch")
         print("interactive: type a prompt, empty line or Ctrl-D to quit")
         while True:
             try:
@@ -217,16 +277,18 @@ def cmd_eval(args):
     import json
 
     from neox_jax.data.preprocess import parse_record, read_records
+    from neox_jax.distributed import is_primary
     from neox_jax.evaluate import Scorer, perplexity
-    from neox_jax.pretrained import from_pretrained
+    from neox_jax.pretrained import load_tokenizer
 
-    tok = _tokenizer_for(args.model, args.tokenizer)
+    tok = load_tokenizer(args.model, args.tokenizer)
     texts = [t for _, raw in read_records(args.data)
              for t in parse_record(raw, str(args.data).endswith(".txt"), ["text"])]
-    model = from_pretrained(args.model, dtype=args.dtype)
+    model = _inference_model(args)
     scorer = Scorer(model, max_length=args.max_length, batch_size=args.batch_size)
     result = perplexity(scorer, tok.encode_batch(texts), tok.eod_id, sum(len(t.encode()) for t in texts))
-    print(json.dumps(result, indent=2))
+    if is_primary():
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -234,6 +296,24 @@ def cmd_lm_eval(args):
     from neox_jax.harness import main as harness_main
 
     return harness_main(args.lm_eval_args) or 0
+
+
+def cmd_launch(args):
+    from neox_jax import launch
+
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise SystemExit("error: give the command to launch after --, e.g. "
+                         "neox-jax launch --local 2 -- neox-jax train configs/tiny-cpu.yml")
+    if args.local:
+        if command[0] == "neox-jax":  # this interpreter's neox-jax, whatever PATH says
+            command = [sys.executable, "-m", "neox_jax.cli", *command[1:]]
+        procs = launch.start_local(args.local, command, args.port)
+    else:
+        procs = launch.start_hostfile(args.hostfile, command, args.port or 29500, args.ssh)
+    return launch.supervise(procs, command, args.grace)
 
 
 def cmd_demo(args):
@@ -271,6 +351,9 @@ def main(argv=None):
     p.add_argument("--micro-batch", type=int, help="sequences per data-parallel replica per microstep")
     p.add_argument("--seq-length", type=int)
     p.add_argument("--device", default="a100-40gb", choices=["a100-40gb", "a100-80gb", "h100-80gb", "h200-141gb"])
+    p.add_argument("--devices", type=int, help="device count that fills a -1 mesh axis (default: the smallest "
+                                                "mesh of the layout, data=1)")
+    _add_launch_flags(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("preprocess", help="tokenize jsonl / jsonl.zst / txt into GPT-NeoX .bin/.idx")
@@ -300,6 +383,7 @@ def main(argv=None):
     p = sub.add_parser("train", help="train from a YAML config (ours or GPT-NeoX's); resumes automatically")
     p.add_argument("config", help="training YAML (see configs/README.md) or a GPT-NeoX .yml")
     p.add_argument("overrides", nargs="*", help="key=value settings, e.g. train_iters=100 model.num_layers=4")
+    _add_launch_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate text from a Hugging Face folder or neox_jax checkpoint")
@@ -314,6 +398,9 @@ def main(argv=None):
     p.add_argument("--stop-ids", nargs="*", default=[], help="extra token ids that end generation (EOD always does)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--interactive", action="store_true")
+    p.add_argument("--mesh", help="lay the weights out on a mesh, e.g. data=2,tensor=2 (default: one device, or "
+                                  "every process's devices on data when launched as several)")
+    _add_launch_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="evaluation: `eval perplexity` over a text / jsonl file")
@@ -324,7 +411,22 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, help="window length (default: the model's max positions)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--mesh", help="lay the weights out on a mesh, e.g. data=2,tensor=2")
+    _add_launch_flags(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("launch", help="start the processes of a multi-process run and watch them",
+                       description="neox-jax launch --local N -- neox-jax train CONFIG ... | "
+                                   "--hostfile FILE -- neox-jax train CONFIG ...")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", type=int, metavar="N", help="N processes on this machine (loopback)")
+    where.add_argument("--hostfile", help="DeepSpeed/GPT-NeoX hostfile (`host slots=8`): one process per host")
+    p.add_argument("--port", type=int, help="coordinator port (default: a free one locally, 29500 with a hostfile)")
+    p.add_argument("--ssh", default="ssh", help="the ssh program for --hostfile")
+    p.add_argument("--grace", type=float, default=60.0,
+                   help="seconds the others get to stop after one process fails (default 60)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command every process runs")
+    p.set_defaults(func=cmd_launch)
 
     sub.add_parser("lm-eval", help="lm-evaluation-harness with the `neox-jax` model registered (lm-eval's arguments)")
 
@@ -337,10 +439,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from neox_jax.config import ConfigError
     from neox_jax.convert.hf import CheckpointError
+    from neox_jax.distributed import LaunchError
 
     try:
         return args.func(args) or 0
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, CheckpointError, LaunchError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

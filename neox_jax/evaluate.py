@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from neox_jax.generate import _round_up
+from neox_jax.generation import _round_up
 from neox_jax.model import GPTNeoX
 
 

@@ -19,7 +19,7 @@ from lm_eval.api.registry import register_model
 
 from neox_jax.data.tokenizer import NeoXTokenizer
 from neox_jax.evaluate import Scorer, rolling_windows
-from neox_jax.generate import Generator, Sampling
+from neox_jax.generation import Generator, Sampling
 from neox_jax.pretrained import from_pretrained
 
 

@@ -1,15 +1,25 @@
-"""The training loop: data, steps, evaluation, checkpoints, metrics, preemption.
+"""The training run: a flat loop over a few parts, each usable and testable alone.
+
+    Console    what the run prints: process 0 only, a progress bar with the latest logged figures
+    Recorder   step metrics -> losses, TensorBoard/wandb (process 0), the console line, stop conditions
+    Evaluator  validation loss from each process's own rows
+    Saver      checkpoints (written by every process, as Orbax requires) with the integrity probe
+    StopVote   every reason to stop (a signal on any process) agreed by all processes once per step
 
 `train(cfg)` resumes from the latest complete checkpoint in `cfg.save` when there is one (onto whatever mesh
-this run uses), checks the checkpoint's integrity probe, and continues bit for bit: the batch for step n is a
-pure function of (seed, n) and the state holds everything else. SIGTERM or SIGINT finishes the step in
-flight, saves a checkpoint at it and returns.
+this run uses) and continues bit for bit: the batch for step n is a pure function of (seed, n) and the state
+holds everything else. SIGTERM or SIGINT on any process finishes the step in flight; every process then saves
+that same step and returns.
+
+Metrics are read one step late, so the host never waits for the step it has just dispatched; before a
+checkpoint they are read up to the step being saved, so a non-finite step is never saved.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -18,15 +28,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from neox_jax import checkpoint as ckpt
+from neox_jax.atomic import atomic_path
 from neox_jax.config import ConfigError, TrainConfig
 from neox_jax.data.dataset import GlobalBatches, build_split_datasets
-from neox_jax.data.loader import Loader
+from neox_jax.data.loader import Loader, LocalBatches
+from neox_jax.distributed import is_primary
 from neox_jax.flops import flops_6n, flops_neox, peak_tflops
 from neox_jax.metrics import MetricsLogger
 from neox_jax.model import abstract_model, with_params
-from neox_jax.progress import progress
+from neox_jax.progress import bar
+from tqdm import tqdm
 from neox_jax.sharding import make_mesh
 from neox_jax.train import Trainer, TrainState
 
@@ -49,6 +64,144 @@ class RunResult:
     compile_seconds: float
 
 
+# ---- parts ------------------------------------------------------------------------------------------------
+
+
+class Console:
+    """Process 0 prints; the others stay quiet. `bar` is a tqdm bar (or a silent one)."""
+
+    def __init__(self, print_fn=print, show_progress: bool = True):
+        self.on = is_primary()
+        self.print_fn = print_fn
+        self.show_progress = show_progress and self.on
+
+    def print(self, text: str):
+        if self.on:
+            (tqdm.write if self.print_fn is print else self.print_fn)(text)  # tqdm.write keeps a bar intact
+
+    def bar(self, total: int, initial: int = 0):
+        return bar("training", total, enabled=self.show_progress, unit="step") if total else bar("", enabled=False)
+
+
+class StopVote:
+    """SIGTERM / SIGINT handlers, and one collective vote per step so that all processes stop on the same one.
+
+    `vote()` is dispatched after each step (an all-reduce of every process's flag, no wait); its result is
+    read with that step's metrics. One process needs no collective."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, mesh):
+        self.local: int = 0  # the signal this process received
+        self.multi = jax.process_count() > 1
+        if self.multi:
+            flags = NamedSharding(mesh, P(mesh.axis_names))
+            self.shape = (mesh.size,)
+            self.sharding = flags
+            self.n_local = len(mesh.local_devices)
+            self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+        self._handlers = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            try:
+                self._handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: the caller handles signals
+                pass
+        return self
+
+    def __exit__(self, *_):
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, _frame):
+        self.local = signum
+
+    def vote(self):
+        if not self.multi:
+            return self.local
+        local = np.full((self.n_local,), self.local, np.int32)
+        return self._max(jax.make_array_from_process_local_data(self.sharding, local, self.shape))
+
+    @staticmethod
+    def decided(vote) -> str | None:
+        """The agreed signal's name, or None (blocks on the vote's step)."""
+        signum = int(np.asarray(vote))
+        return signal.Signals(signum).name if signum else None
+
+
+class Recorder:
+    """Reads a step's metrics (blocking on that step), keeps the loss, logs every `log_interval` steps, and
+    raises TrainingError when the run cannot go on."""
+
+    def __init__(self, cfg: TrainConfig, mesh, logger: MetricsLogger, global_batch: int, start_time: float):
+        self.cfg, self.logger = cfg, logger
+        self.devices = mesh.size
+        self.device = mesh.local_devices[0]
+        self.peak = peak_tflops(self.device.device_kind, cfg.peak_tflops)
+        self.global_batch = global_batch
+        self.tokens_per_step = global_batch * cfg.seq_length
+        self.losses: dict[int, float] = {}
+        self.last_time = start_time
+        self.line = ""
+
+    def __call__(self, step: int, metrics) -> dict[str, float]:
+        cfg = self.cfg
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self.losses[step] = values["loss"]
+        if values.get("skipped_in_a_row", 0) >= cfg.max_skipped_in_a_row:
+            raise TrainingError(f"skipped {int(values['skipped_in_a_row'])} steps in a row because the fp16 "
+                                f"gradients overflowed (loss scale {values['loss_scale']:g}): the run is diverging; "
+                                "lower lr, or train in bf16 (max_skipped_in_a_row)")
+        if not self.cfg.precision == "fp16" and not (math.isfinite(values["loss"])
+                                                     and math.isfinite(values["grad_norm"])):
+            raise TrainingError(f"step {step + 1}: loss {values['loss']}, gradient norm {values['grad_norm']}: "
+                                "training diverged; nothing from this step on is saved. Lower lr or raise warmup, "
+                                "then resume from the last checkpoint")
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.train_iters:
+            self.log(step + 1, values)
+        return values
+
+    def log(self, done: int, values: dict[str, float]):
+        now = time.perf_counter()
+        seconds = (now - self.last_time) / self.cfg.log_interval
+        self.last_time = now
+        values["step_time"] = seconds
+        values["tokens_per_sec"] = self.tokens_per_step / seconds
+        per_device = seconds * self.devices * 1e12
+        values["tflops_per_device_6n"] = flops_6n(self.cfg.model, self.cfg.seq_length, self.tokens_per_step) / per_device
+        values["tflops_per_device_neox"] = flops_neox(self.cfg.model, self.cfg.seq_length, self.global_batch) / per_device
+        if self.peak:
+            values["mfu_6n"] = values["tflops_per_device_6n"] / self.peak
+            values["mfu_neox"] = values["tflops_per_device_neox"] / self.peak
+        mem = self.device.memory_stats() or {}
+        if "peak_bytes_in_use" in mem:
+            values["peak_memory_gb"] = mem["peak_bytes_in_use"] / 1e9
+        self.logger.log(done, values)
+        self.line = (f"loss {values['loss']:.4f} lr {values['lr']:.2e} gnorm {values['grad_norm']:.2f} "
+                     f"{values['tokens_per_sec']:,.0f} tok/s {seconds * 1e3:.0f} ms/step"
+                     + (f" MFU {100 * values['mfu_6n']:.1f}%" if self.peak else "")
+                     + (f" scale {values['loss_scale']:g} skipped {int(values['skipped'])}"
+                        if "loss_scale" in values else ""))
+
+
+class Evaluator:
+    """Mean validation loss over `eval_iters` batches; evaluation round r always reads the same batches."""
+
+    def __init__(self, cfg: TrainConfig, trainer: Trainer, batches: GlobalBatches | None):
+        self.cfg, self.trainer = cfg, trainer
+        self.local = LocalBatches(batches, trainer.batch_sharding, cfg.seq_length) if batches else None
+        self.losses: dict[int, float] = {}
+
+    def __call__(self, step: int, params) -> float | None:
+        if self.local is None:
+            return None
+        first = step // self.cfg.eval_interval * self.cfg.eval_iters
+        losses = [self.trainer.eval_loss(params, self.local.device_batch(first + i)) for i in range(self.cfg.eval_iters)]
+        self.losses[step] = loss = float(np.mean([float(x) for x in losses]))
+        return loss
+
+
 def probe_tokens(vocab_size: int) -> np.ndarray:
     return (np.arange(PROBE_TOKENS, dtype=np.int64)[None] * 7919 + 11) % vocab_size
 
@@ -58,33 +211,77 @@ def fp32_weights(state: TrainState):
     return state.master if state.master is not None else state.params
 
 
-def make_probe(model_cfg):
-    """A compiled function: fp32 weights -> logits of a fixed prompt, stored with each checkpoint and checked
-    on restore."""
+def make_probe(model_cfg, mesh):
+    """A compiled function: train state -> fp32 logits of a fixed prompt, replicated on every process; stored
+    with each checkpoint and checked on restore."""
     fp32 = model_cfg.replace(dtype="float32", param_dtype="float32")
     graphdef = abstract_model(fp32)[0]
-    tokens = jnp.asarray(probe_tokens(fp32.vocab_size))
-    logits = jax.jit(lambda w: nnx.merge(graphdef, w)(tokens)[0, :, :8])
-    return lambda state: np.asarray(jax.device_get(logits(fp32_weights(state))), np.float64)
+    tokens = probe_tokens(fp32.vocab_size)
+    logits = jax.jit(lambda w: nnx.merge(graphdef, w)(tokens)[0, :, :8], out_shardings=NamedSharding(mesh, P()))
+    return lambda state: np.asarray(logits(fp32_weights(state)), np.float64)
 
 
-def print_sample(state: TrainState, cfg: TrainConfig, print_fn, max_new_tokens: int = 48):
-    """A greedy continuation of `sample_prompt` from the trained weights."""
+class Saver:
+    """Checkpoints in `cfg.save`: the state, and JSON metadata with the config, the data position and the probe."""
+
+    def __init__(self, cfg: TrainConfig, trainer: Trainer):
+        self.cfg, self.trainer = cfg, trainer
+        self.checkpointer = ckpt.TrainCheckpointer(cfg.save, cfg.keep_last, cfg.keep_every) if cfg.save else None
+        self.probe = make_probe(cfg.model, trainer.mesh)  # compiled once, used at every save
+        self.directory = str(self.checkpointer.directory) if self.checkpointer else None
+        if self.checkpointer and cfg.tokenizer and is_primary():  # the run carries its tokenizer
+            kept = self.checkpointer.directory / "tokenizer.json"
+            if Path(cfg.tokenizer).is_file() and not kept.exists():
+                with atomic_path(kept) as tmp:
+                    shutil.copyfile(cfg.tokenizer, tmp)
+
+    def latest_step(self) -> int | None:
+        return self.checkpointer.latest_step() if self.checkpointer else None
+
+    def restore(self, step: int) -> TrainState:
+        """The state at `step` on this run's mesh, checked against the probe saved with it."""
+        c = self.checkpointer
+        meta = c.read_meta(step)
+        state = c.restore(step, self.trainer.abstract_state_with_shardings())
+        got, want = self.probe(state), np.asarray(meta["probe"], np.float64)
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-4):
+            diff = np.abs(got - want).max() if got.shape == want.shape else float("inf")
+            raise ckpt.CheckpointMismatchError(
+                f"checkpoint {c.directory}/{step} failed its integrity probe: the logits of the fixed prompt differ "
+                f"from those saved with it by {diff:.3g}; the checkpoint is corrupt. Move that step's folder away "
+                "to resume from the one before it.")
+        return state
+
+    def save(self, step: int, state: TrainState, wait: bool = False):
+        if self.checkpointer is None:
+            return
+        probe = self.probe(state)
+        if not np.isfinite(probe).all():
+            raise TrainingError(f"step {step}: the weights are not finite; not saved (the last checkpoint stays)")
+        meta = {"step": step, "samples_consumed": step * self.trainer.global_batch_size, "seed": self.cfg.seed,
+                "config": self.cfg.to_dict(), "probe": probe.tolist(), "mesh": dict(self.trainer.mesh_shape),
+                "processes": jax.process_count()}
+        self.checkpointer.save(step, state, meta)
+        if wait:
+            self.checkpointer.wait()
+
+    def close(self):
+        if self.checkpointer:
+            self.checkpointer.close()
+
+
+def print_sample(state: TrainState, cfg: TrainConfig, console: Console, max_new_tokens: int = 48):
+    """A sampled continuation of `sample_prompt` (temperature 0.8, top-p 0.95, seed 0) from the trained
+    weights, generated on the run's mesh from the sharded weights."""
     from neox_jax.data.tokenizer import NeoXTokenizer
-    from neox_jax.generate import generate
+    from neox_jax.generation import generate
 
     tok = NeoXTokenizer(cfg.tokenizer)
-    weights = jax.tree.map(jnp.asarray, jax.device_get(fp32_weights(state)))
-    model = with_params(cfg.model.replace(dtype="float32", param_dtype="float32"), weights)
+    model = with_params(cfg.model.replace(dtype="float32", param_dtype="float32"), fp32_weights(state))
     prompt = tok.encode(cfg.sample_prompt)
-    new = generate(model, [prompt], max_new_tokens, stop_ids=[tok.eod_id])[0]
-    print_fn(f"\nsample (greedy, {len(new)} tokens):\n{cfg.sample_prompt}{tok.decode([t for t in new if t != tok.eod_id])}\n")
-
-
-def _abstract_with_shardings(trainer: Trainer):
-    abstract = trainer.abstract_state()
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-                        trainer.state_shardings)
+    new = generate(model, [prompt], max_new_tokens, temperature=0.8, top_p=0.95, seed=0, stop_ids=[tok.eod_id])[0]
+    text = tok.decode([t for t in new if t != tok.eod_id])
+    console.print(f"\nsample (temperature 0.8, top-p 0.95, {len(new)} tokens):\n{cfg.sample_prompt}{text}\n")
 
 
 def _datasets(cfg: TrainConfig, global_batch: int):
@@ -100,154 +297,97 @@ def _datasets(cfg: TrainConfig, global_batch: int):
     return train, valid
 
 
+# ---- the run ----------------------------------------------------------------------------------------------
+
+
 def train(cfg: TrainConfig, *, max_steps: int | None = None, show_progress: bool = True,
           print_fn=print) -> RunResult:
     """Train to `cfg.train_iters` (or for at most `max_steps` more steps in this call), resuming from the
     latest checkpoint in `cfg.save` when there is one."""
+    console = Console(print_fn, show_progress)
     mesh = make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
-    dp = mesh.shape["data"]
-    B = trainer.global_batch_size
+    B, dp = trainer.global_batch_size, mesh.shape["data"]
     train_ds, valid_ds = _datasets(cfg, B)
     batches = GlobalBatches(train_ds, cfg.grad_accum_steps, cfg.micro_batch_size, dp)
-    valid_batches = GlobalBatches(valid_ds, cfg.grad_accum_steps, cfg.micro_batch_size, dp) if valid_ds else None
-
-    checkpointer = ckpt.TrainCheckpointer(cfg.save, cfg.keep_last, cfg.keep_every) if cfg.save else None
+    evaluator = Evaluator(cfg, trainer, GlobalBatches(valid_ds, cfg.grad_accum_steps, cfg.micro_batch_size, dp)
+                          if valid_ds else None)
     tb_dir = cfg.tensorboard_dir or (str(Path(cfg.save) / "tensorboard") if cfg.save else "")
-    logger = MetricsLogger(tb_dir, cfg.wandb_project, cfg.to_dict())
-
-    probe = make_probe(cfg.model)  # compiled once, used at every save
-    start = 0
-    if checkpointer and checkpointer.latest_step() is not None:
-        start = checkpointer.latest_step()
-        meta = checkpointer.read_meta(start)
-        state = checkpointer.restore(start, _abstract_with_shardings(trainer))
-        got = probe(state)
-        want = np.asarray(meta["probe"], np.float64)
-        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-4):
-            diff = np.abs(got - want).max() if got.shape == want.shape else float("inf")
-            raise ckpt.CheckpointMismatchError(
-                f"checkpoint {checkpointer.directory}/{start} failed its integrity probe: the logits of the fixed "
-                f"prompt differ from those saved with it by {diff:.3g}; the checkpoint is corrupt. Move that "
-                "step's folder away to resume from the one before it.")
-        print_fn(f"resumed from {checkpointer.directory}/{start} (step {start}, probe ok) on mesh {dict(mesh.shape)}")
-    else:
-        state = trainer.init(jax.random.key(cfg.seed))
-    if start >= cfg.train_iters:
-        print_fn(f"already trained {start} of {cfg.train_iters} steps: nothing to do")
-
-    def save(step: int, wait: bool = False):
-        if checkpointer is None:
-            return
-        meta = {"step": step, "samples_consumed": step * B, "seed": cfg.seed, "config": cfg.to_dict(),
-                "probe": probe(state).tolist(), "mesh": dict(mesh.shape)}
-        checkpointer.save(step, state, meta)
-        if wait:
-            checkpointer.wait()
-
-    stop = {"signal": None}
-    handlers = {}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            handlers[sig] = signal.signal(sig, on_signal)
-        except ValueError:  # not the main thread: the caller handles signals
-            pass
-
-    t0 = time.perf_counter()
-    step_fn = trainer.step.lower(_abstract_with_shardings(trainer), trainer.abstract_batch()).compile()
-    compile_seconds = time.perf_counter() - t0
-    print_fn(f"compiled the train step in {compile_seconds:.1f}s: {cfg.model.num_params / 1e6:.1f}M parameters, "
-             f"mesh {dict(mesh.shape)}, global batch {B} x {cfg.seq_length} tokens, {cfg.precision}")
-    eval_fn = trainer.eval_loss
-
-    devices = mesh.size
-    peak = peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops)
-    tokens_per_step = B * cfg.seq_length
-    losses: dict[int, float] = {}
-    eval_losses: dict[int, float] = {}
-    last = {"time": time.perf_counter(), "line": ""}
-    pending = None  # (step, metrics) of the step before: read after the next one is dispatched
-
-    def record(step, metrics):
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        losses[step] = values["loss"]
-        if values.get("skipped_in_a_row", 0) >= cfg.max_skipped_in_a_row:
-            raise TrainingError(f"skipped {int(values['skipped_in_a_row'])} steps in a row because the fp16 "
-                                f"gradients overflowed (loss scale {values['loss_scale']:g}): the run is diverging; "
-                                "lower lr, or train in bf16")
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.train_iters:
-            now = time.perf_counter()
-            seconds = (now - last["time"]) / cfg.log_interval
-            last["time"] = now
-            values["step_time"] = seconds
-            values["tokens_per_sec"] = tokens_per_step / seconds
-            values["tflops_per_device_6n"] = flops_6n(cfg.model, cfg.seq_length, tokens_per_step) / seconds / devices / 1e12
-            values["tflops_per_device_neox"] = flops_neox(cfg.model, cfg.seq_length, B) / seconds / devices / 1e12
-            if peak:
-                values["mfu_6n"] = values["tflops_per_device_6n"] / peak
-                values["mfu_neox"] = values["tflops_per_device_neox"] / peak
-            mem = jax.devices()[0].memory_stats() or {}
-            if "peak_bytes_in_use" in mem:
-                values["peak_memory_gb"] = mem["peak_bytes_in_use"] / 1e9
-            logger.log(step + 1, values)
-            last["line"] = (f"loss {values['loss']:.4f} lr {values['lr']:.2e} gnorm {values['grad_norm']:.2f} "
-                            f"{values['tokens_per_sec']:,.0f} tok/s {seconds * 1e3:.0f} ms/step"
-                            + (f" MFU {100 * values['mfu_6n']:.1f}%" if peak else "")
-                            + (f" scale {values['loss_scale']:g} skipped {int(values['skipped'])}"
-                               if "loss_scale" in values else ""))
-
-    def evaluate(step):
-        if valid_batches is None:
-            return
-        round_ = step // cfg.eval_interval
-        total = 0.0
-        for i in range(cfg.eval_iters):
-            batch = jax.device_put(valid_batches.batch(round_ * cfg.eval_iters + i), trainer.batch_sharding)
-            total += float(eval_fn(state.params, batch))
-        loss = total / cfg.eval_iters
-        eval_losses[step] = loss
-        logger.log(step, {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
-        print_fn(f"\nstep {step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}")
-
-    last_done = start
+    logger = MetricsLogger(tb_dir, cfg.wandb_project, cfg.to_dict(), enabled=console.on)
+    saver = Saver(cfg, trainer)
+    result = RunResult(state=None, losses={}, eval_losses=evaluator.losses, last_step=0, stopped_by=None,
+                       checkpoint_dir=saver.directory, tensorboard_dir=tb_dir or None, compile_seconds=0.0)
     try:
-        with Loader(batches, trainer.batch_sharding, cfg.seq_length, start_step=start) as loader:
-            end = cfg.train_iters if max_steps is None else min(cfg.train_iters, start + max_steps)
-            steps = range(start, end)
-            for step in progress(steps, "training", total=len(steps), enabled=show_progress,
-                                 stats=lambda _e: last["line"]):
-                _, batch = next(loader)
-                state, metrics = step_fn(state, batch)
-                if pending is not None:
-                    record(*pending)
-                pending = (step, metrics)
-                last_done = step + 1
-                if last_done % cfg.eval_interval == 0:
-                    evaluate(last_done)
-                if stop["signal"]:
-                    break
-                if last_done % cfg.save_interval == 0 and last_done < end:
-                    save(last_done)
-            if pending is not None:
-                record(*pending)
-        if last_done > start:  # the final (or preempted) step, waited for
-            save(last_done, wait=True)
-        if cfg.sample_prompt and cfg.tokenizer and not stop["signal"]:
-            print_sample(state, cfg, print_fn)
-        if stop["signal"]:
-            print_fn(f"\nstopped by {stop['signal']} after step {last_done}: checkpoint saved"
-                     + (f" in {checkpointer.directory}/{last_done}; run the same command to resume" if checkpointer
-                        else " (no `save` folder configured: nothing was saved)"))
+        start = saver.latest_step() or 0
+        if start:
+            result.state = saver.restore(start)
+            console.print(f"resumed from {saver.directory}/{start} (step {start}, probe ok) on mesh "
+                          f"{dict(mesh.shape)} with {jax.process_count()} process(es)")
+        end = cfg.train_iters if max_steps is None else min(cfg.train_iters, start + max_steps)
+        result.last_step = start
+        if start >= end:
+            console.print(f"already trained {start} of {cfg.train_iters} steps in {saver.directory}: nothing to do. "
+                          "To train further raise train_iters; to start afresh remove that folder or set another "
+                          "`save` folder.")
+            return result
+        if result.state is None:
+            result.state = trainer.init(jax.random.key(cfg.seed))
+        _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start, end)
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        if checkpointer:
-            checkpointer.close()
+        saver.close()
         logger.close()
-    return RunResult(state=state, losses=losses, eval_losses=eval_losses, last_step=last_done,
-                     stopped_by=stop["signal"], checkpoint_dir=str(checkpointer.directory) if checkpointer else None,
-                     tensorboard_dir=tb_dir or None, compile_seconds=compile_seconds)
+    return result
+
+
+def _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start, end):
+    t0 = time.perf_counter()
+    step_fn = trainer.step.lower(trainer.abstract_state_with_shardings(), trainer.abstract_batch()).compile()
+    result.compile_seconds = time.perf_counter() - t0
+    console.print(f"compiled the train step in {result.compile_seconds:.1f}s: {cfg.model.num_params / 1e6:.1f}M "
+                  f"parameters, mesh {dict(trainer.mesh_shape)}, global batch {trainer.global_batch_size} x "
+                  f"{cfg.seq_length} tokens, {cfg.precision}")
+    recorder = Recorder(cfg, trainer.mesh, logger, trainer.global_batch_size, time.perf_counter())
+    result.losses = recorder.losses
+    state, pending, stop = result.state, None, None
+
+    def read_pending():  # the metrics and the stop vote of the step before
+        nonlocal pending, stop
+        if pending is not None:
+            step, metrics, vote = pending
+            pending = None
+            recorder(step, metrics)
+            stop = stop or StopVote.decided(vote)
+
+    with StopVote(trainer.mesh) as votes, Loader(batches, trainer.batch_sharding, cfg.seq_length,
+                                                 start_step=start) as loader, console.bar(end - start) as progress:
+        for step in range(start, end):
+            _, batch = next(loader)
+            state, metrics = step_fn(state, batch)
+            vote = votes.vote()
+            read_pending()
+            pending = (step, metrics, vote)
+            done = result.last_step = step + 1
+            saving = done % cfg.save_interval == 0 and done < end
+            if saving or done % cfg.eval_interval == 0:
+                read_pending()  # nothing unchecked is saved or evaluated
+            if done % cfg.eval_interval == 0 and evaluator.local is not None:
+                loss = evaluator(done, state.params)
+                logger.log(done, {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
+                console.print(f"step {done}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}")
+            if stop:
+                break
+            if saving:
+                saver.save(done, state)
+            progress.set_postfix_str(recorder.line, refresh=False)
+            progress.update(1)
+        read_pending()
+        progress.set_postfix_str(recorder.line, refresh=False)
+        progress.update(result.last_step - start - progress.n)
+    result.state, result.stopped_by = state, stop
+    saver.save(result.last_step, state, wait=True)  # the final (or preempted) step
+    if cfg.sample_prompt and cfg.tokenizer and not stop:
+        print_sample(state, cfg, console)
+    if stop:
+        console.print(f"\nstopped by {stop} after step {result.last_step}: "
+                      + (f"checkpoint saved in {saver.directory}/{result.last_step}; run the same command to resume"
+                         if saver.directory else "no `save` folder configured: nothing was saved"))

@@ -175,7 +175,7 @@ def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts
     cos_btr, sin_btr = rotary_cos_sin(positions_bt, cfg.rotary_ndims, cfg.rotary_base)
     # Logical axes of one layer's weights (the stacked axis dropped). Constraining the weights to them
     # inside the scan makes a sharded run gather one layer's weights at a time where they are split
-    # beyond the rules table (ZeRO-3, or `pipe` without the pipeline), instead of moving activations.
+    # beyond the rules table (ZeRO-3), instead of moving activations.
     layer_axes = jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked),
                               is_leaf=lambda x: isinstance(x, P))
 

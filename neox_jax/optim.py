@@ -62,12 +62,6 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def applied_updates(opt_state) -> jax.Array:
-    """How many updates the optimizer has applied (skipped fp16 steps do not count): the schedule's step."""
-    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
-    return next(v for path, v in counts if getattr(path[-1], "tuple_name", "") == "ScaleByScheduleState")
-
-
 # ---- fp16 dynamic loss scaling --------------------------------------------------------------------------------
 
 

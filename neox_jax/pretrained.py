@@ -5,38 +5,53 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from neox_jax import checkpoint
+from neox_jax import sharding as shd
 from neox_jax.config import NeoXConfig
 from neox_jax.convert import hf
 from neox_jax.model import GPTNeoX, abstract_model, with_params
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str = "float32",
-                    show_progress: bool = False) -> GPTNeoX:
+                    mesh: Mesh | None = None, show_progress: bool = False) -> GPTNeoX:
     """Load a GPTNeoX from a Hugging Face folder (safetensors, sharded or not, or pytorch_model.bin), a
     neox_jax Orbax params checkpoint, or a `neox-jax train` checkpoint folder (its latest step).
-    `dtype` is the compute dtype (default: the config's; fp32 for a training checkpoint)."""
+    `dtype` is the compute dtype (default: the config's; fp32 for a training checkpoint). With `mesh` the
+    weights are laid out on it by the rules table, each process reading only its own shards (Orbax sources)."""
     p = Path(path)
     if checkpoint.is_train_checkpoint(p):  # a `neox-jax train` folder: the latest step's weights
         ckpt = checkpoint.TrainCheckpointer(p)
         step = ckpt.latest_step()
         config = NeoXConfig.from_dict(ckpt.read_meta(step)["config"]["model"])
         config = config.replace(param_dtype=param_dtype, dtype=dtype or "float32")
-        params = ckpt.restore_weights(step, nnx.to_pure_dict(abstract_model(config)[1]))
+        params = ckpt.restore_weights(step, abstract_params(config, mesh))
         ckpt.close()
         return with_params(config, params)
     if checkpoint.is_params_checkpoint(p):
         config = checkpoint.load_config(p)
         config = config.replace(param_dtype=param_dtype, **({"dtype": dtype} if dtype else {}))
-        params, _ = checkpoint.load_params_checkpoint(p, nnx.to_pure_dict(abstract_model(config)[1]))
+        params, _ = checkpoint.load_params_checkpoint(p, abstract_params(config, mesh))
         return with_params(config, params)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist: give a Hugging Face model folder or a neox_jax checkpoint")
-    return hf.load_model(p, dtype=dtype, param_dtype=param_dtype, show_progress=show_progress)
+    shardings = None
+    if mesh is not None:
+        config = hf.NeoXConfig.from_hf(p if p.is_dir() else p.parent)
+        shardings = jax.tree.map(lambda x: x.sharding, abstract_params(config.replace(param_dtype=param_dtype), mesh))
+    return hf.load_model(p, dtype=dtype, param_dtype=param_dtype, shardings=shardings, show_progress=show_progress)
 
 
-def save_pretrained(model: GPTNeoX, path: str | os.PathLike, *, dtype=None, show_progress: bool = False) -> Path:
-    """Write a Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
-    return hf.save_model(model, path, dtype=dtype, show_progress=show_progress)
+def abstract_params(config: NeoXConfig, mesh: Mesh | None = None) -> dict:
+    """The params tree as ShapeDtypeStructs; with `mesh`, carrying the rules table's shardings on it."""
+    _, state = abstract_model(config)
+    params = nnx.to_pure_dict(state)
+    if mesh is None:
+        return params
+    specs = shd.param_specs(params, nnx.to_pure_dict(nnx.get_partition_spec(state)), mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
+                        params, specs, is_leaf=lambda x: isinstance(x, P))

@@ -7,9 +7,8 @@ rules table below alone decides where they live on the `(data, pipe, tensor)` me
   `attention.dense` and `dense_4h_to_h` row-parallel (the same names on their input side), embedding and
   output vocab-parallel.
 - batch on `data`.
-- `pipe`, until the pipeline lands, splits every weight (not the stacked `layers` axis) along its largest
-  dimension that divides, so the layer scan gathers one layer's weights at a time. Splitting the stacked
-  axis itself makes XLA gather the whole stack before the scan: the 20B's full weights on every device.
+- the stacked `layers` axis on `pipe`: contiguous blocks of layers are the pipeline's stages
+  (neox_jax/pipeline.py; with pipe = 1 this splits nothing).
 - ZeRO-1: optimizer state (and the fp32 master copy) additionally split over `data` the same way; with
   FSDP (ZeRO-3) the parameters are split that way too.
 """
@@ -38,8 +37,8 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("qkv", None),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("layers", None),
-    ("stage", "pipe"),  # pipeline stages (neox_jax/pipeline.py)
+    ("layers", "pipe"),  # contiguous blocks of layers = pipeline stages (neox_jax/pipeline.py)
+    ("stage", "pipe"),
 )
 
 
@@ -164,19 +163,12 @@ def add_axis(spec: P, shape: tuple[int, ...], axes: tuple[str | None, ...], mesh
     return P(*entries)
 
 
-def param_specs(abstract_params, axes_tree, mesh: Mesh, fsdp: bool = False, pipeline: bool = False):
-    """PartitionSpecs for a params tree from its logical axes (`axes_tree`, same structure).
-
-    With the pipeline the stacked `layers` axis is split over `pipe` (contiguous blocks = stages); without
-    it `pipe` splits each weight instead (see the module docstring).
-    """
-    rules = tuple((name, "pipe" if name == "layers" else axis) for name, axis in LOGICAL_RULES) if pipeline \
-        else LOGICAL_RULES
+def param_specs(abstract_params, axes_tree, mesh: Mesh, fsdp: bool = False):
+    """PartitionSpecs for a params tree from its logical axes (`axes_tree`, same structure); with FSDP each
+    weight is split over `data` as well."""
 
     def spec(x, axes):
-        s = _trim(logical_to_spec(axes, rules), mesh.axis_names)
-        if not pipeline:
-            s = add_axis(s, x.shape, axes, "pipe", dict(mesh.shape))
+        s = _trim(logical_to_spec(axes), mesh.axis_names)
         return add_axis(s, x.shape, axes, "data", dict(mesh.shape)) if fsdp else s
 
     return jax.tree.map(spec, abstract_params, axes_tree, is_leaf=lambda a: isinstance(a, P))

@@ -2,6 +2,8 @@
 
 The state is plain pytrees (nested dicts of arrays), so Orbax saves it and any mesh restores it:
 
+    step        steps taken (skipped fp16 steps included)
+    updates     updates applied (skipped fp16 steps not): the learning-rate schedule's step
     params      working weights in the precision's dtype (bf16 / fp16 / fp32), laid out by the rules table
     master      fp32 copy of the weights when the working dtype is lower (None in fp32), ZeRO-1 layout
     opt_state   AdamW moments, ZeRO-1 layout (split over `data` as well)
@@ -28,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from neox_jax import sharding as shd
 from neox_jax.config import ConfigError, TrainConfig
 from neox_jax.model import GPTNeoX, abstract_model
-from neox_jax.optim import LossScale, applied_updates, make_optimizer, schedule
+from neox_jax.optim import LossScale, make_optimizer, schedule
 from neox_jax.pipeline import pipelined_loss
 
 F32 = jnp.float32
@@ -38,6 +40,7 @@ F32 = jnp.float32
 @dataclasses.dataclass
 class TrainState:
     step: jax.Array
+    updates: jax.Array
     params: Any
     master: Any
     opt_state: Any
@@ -92,15 +95,15 @@ class Trainer:
         self.fp16 = cfg.precision == "fp16"
         self.tx = make_optimizer(cfg)
         self.lr = schedule(cfg)
-        self.graphdef, abstract_state = abstract_model(cfg.model)
+        self.model_cfg = cfg.working_model()  # weights stored and computed in the precision's dtype
+        self.graphdef, abstract_state = abstract_model(self.model_cfg)
         self.abstract_params = nnx.to_pure_dict(abstract_state)
         self.logical_axes = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
-        self.has_master = cfg.model.param_dtype != "float32"
+        self.has_master = self.model_cfg.param_dtype != "float32"
 
         self.stages = self.mesh_shape["pipe"]
         self.microbatches = pipe_microbatches(cfg, self.stages)
-        self.param_specs = shd.param_specs(self.abstract_params, self.logical_axes, mesh, fsdp=cfg.zero_stage == 3,
-                                           pipeline=self.stages > 1)
+        self.param_specs = shd.param_specs(self.abstract_params, self.logical_axes, mesh, fsdp=cfg.zero_stage == 3)
         self.zero_specs = (shd.zero_specs(self.abstract_params, self.param_specs, self.logical_axes, mesh)
                            if cfg.zero_stage >= 1 else self.param_specs)
         abstract_master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, F32), self.abstract_params)
@@ -108,7 +111,7 @@ class Trainer:
         opt_specs = optax.tree_map_params(self.tx, lambda _, spec: spec, abstract_opt, self.zero_specs,
                                           transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
         scalar_specs = jax.tree.map(lambda _: P(), LossScale.initial(cfg)) if self.fp16 else None
-        self.state_specs = TrainState(step=P(), params=self.param_specs,
+        self.state_specs = TrainState(step=P(), updates=P(), params=self.param_specs,
                                       master=self.zero_specs if self.has_master else None, opt_state=opt_specs,
                                       loss_scale=scalar_specs)
         self.state_shardings = shd.named(mesh, self.state_specs)
@@ -147,15 +150,21 @@ class Trainer:
     def abstract_state(self) -> TrainState:
         return jax.eval_shape(self._init, jax.random.key(0))
 
+    def abstract_state_with_shardings(self) -> TrainState:
+        """The state's shapes and dtypes with this layout's shardings: what a checkpoint restores onto."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract_state(),
+                            self.state_shardings)
+
     def abstract_batch(self) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(self.batch_shape(), jnp.int32, sharding=self.batch_sharding)
 
     # ---- the computations ---------------------------------------------------------------------------
     def _init(self, key) -> TrainState:
-        model = GPTNeoX(self.cfg.model, rngs=nnx.Rngs(key))
+        model = GPTNeoX(self.model_cfg, rngs=nnx.Rngs(key))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         master = jax.tree.map(lambda x: x.astype(F32), params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, updates=zero, params=params,
                           master=master if self.has_master else None, opt_state=self.tx.init(master),
                           loss_scale=LossScale.initial(self.cfg) if self.fp16 else None)
 
@@ -210,22 +219,22 @@ class Trainer:
         scale = state.loss_scale.scale if self.fp16 else 1.0
         loss, grads = self._grads(state.params, batch_mbt, scale)
         master = state.master if self.has_master else state.params
-        lr = self.lr(applied_updates(state.opt_state))
+        lr = self.lr(state.updates)
         updates, opt_state = self.tx.update(grads, state.opt_state, master)
         new_master = optax.apply_updates(master, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
-        loss_scale = None
+        loss_scale, applied = None, jnp.int32(1)
         if self.fp16:  # a step with inf/nan gradients is skipped: weights and optimizer stay as they were
             finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
             new_master, opt_state = keep(new_master, master), keep(opt_state, state.opt_state)
-            loss_scale = state.loss_scale.update(~finite, self.cfg)
+            loss_scale, applied = state.loss_scale.update(~finite, self.cfg), finite.astype(jnp.int32)
             metrics.update(loss_scale=state.loss_scale.scale, skipped=loss_scale.skipped,
                            skipped_in_a_row=loss_scale.skipped_in_a_row)
-        dtype = jnp.dtype(self.cfg.model.param_dtype)
+        dtype = jnp.dtype(self.model_cfg.param_dtype)
         params = jax.tree.map(lambda x: x.astype(dtype), new_master)
-        new = TrainState(step=state.step + 1, params=params, master=new_master if self.has_master else None,
-                         opt_state=opt_state, loss_scale=loss_scale)
+        new = TrainState(step=state.step + 1, updates=state.updates + applied, params=params,
+                         master=new_master if self.has_master else None, opt_state=opt_state, loss_scale=loss_scale)
         return new, metrics
 
     # ---- data ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from neox_jax import GPTNeoX, NeoXConfig
-from neox_jax.generate import Generator, Sampling
+from neox_jax.generation import Generator, Sampling
 
 HBM_GBPS = {"h100": 3350, "h200": 4800, "a100": 2039}
 

@@ -69,3 +69,12 @@ def max_diff(a, b) -> float:
     import jax
 
     return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, b)))
+
+
+def read_scalars(logdir) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of every scalar in a TensorBoard log folder, read by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return [(e.step, tag, e.value) for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from neox_jax import ConfigError, GPTNeoX, NeoXConfig
-from neox_jax.config import PRESETS, load_neox_yaml
+from neox_jax.config import PRESETS
+from neox_jax.convert.neox_yaml import load_neox_yaml
 
 
 def hf_param_count(cfg: NeoXConfig) -> int:

@@ -1,5 +1,6 @@
 """The training loop: reproducibility, exact resume, preemption, fp16 loss scaling, checkpoints, logging."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -16,7 +17,8 @@ from neox_jax import checkpoint as ckpt
 from neox_jax.config import ConfigError, NeoXConfig, TrainConfig, apply_overrides
 from neox_jax.data.indexed import IndexedDatasetWriter
 from neox_jax.loop import train
-from neox_jax.metrics import read_scalars
+
+from .conftest import read_scalars
 
 MODEL = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
              max_position_embeddings=64, rotary_pct=0.5)
@@ -68,7 +70,7 @@ def test_identical_runs_and_exact_resume(corpus, tmp_path):
     # the loss falls on this learnable task, and evaluation ran at steps 4 and 8
     assert np.mean([full.losses[s] for s in (6, 7)]) < full.losses[0] - 0.3
     assert set(full.eval_losses) == {4, 8}
-    logged = read_scalars(next(Path(full.tensorboard_dir).glob("events.out.tfevents.*")))
+    logged = read_scalars(full.tensorboard_dir)
     tags = {tag for _, tag, _ in logged}
     assert {"loss", "lr", "grad_norm", "tokens_per_sec", "tflops_per_device_6n", "eval_loss", "eval_ppl"} <= tags
     assert [v for s, t, v in logged if t == "loss" and s == 1][0] == pytest.approx(full.losses[0], rel=1e-6)
@@ -148,8 +150,7 @@ def test_corrupted_checkpoint_fails_its_probe(corpus, tmp_path):
     state = result.state
     params = jax.tree.map(lambda x: x, state.params)
     params["embed_out"]["kernel"] = params["embed_out"]["kernel"] * 1.5
-    checkpointer.save(4, type(state)(step=state.step + 1, params=params, master=state.master,
-                                     opt_state=state.opt_state, loss_scale=state.loss_scale), {**meta, "step": 4})
+    checkpointer.save(4, dataclasses.replace(state, step=state.step + 1, params=params), {**meta, "step": 4})
     checkpointer.close()
     with pytest.raises(ckpt.CheckpointMismatchError, match="/4 failed its integrity probe"):
         train(cfg.replace(train_iters=6), show_progress=False)
@@ -179,5 +180,5 @@ def test_train_cli_accepts_neox_yaml_settings(shared):
     assert cfg.legacy_schedule and cfg.decay_style == "cosine" and cfg.warmup_iters == 1430
     assert cfg.precision == "fp16" and cfg.initial_scale_power == 12 and cfg.hysteresis == 2
     assert (cfg.micro_batch_size, cfg.grad_accum_steps, cfg.lr, cfg.weight_decay) == (32, 1, 1e-3, 0.1)
-    assert cfg.model == NeoXConfig.from_neox_yaml(shared / "neox-configs" / "pythia" / "pythia-70m.yml").replace(
-        dtype="float16", param_dtype="float16")
+    assert cfg.model == NeoXConfig.from_neox_yaml(shared / "neox-configs" / "pythia" / "pythia-70m.yml")
+    assert cfg.working_model().param_dtype == "float16" and cfg.model.param_dtype == "float32"

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from neox_jax.atomic import write_json
 from neox_jax.config import NeoXConfig
 from neox_jax.progress import progress
 
@@ -225,8 +226,9 @@ def read_params(source: TensorSource, cfg: NeoXConfig, abstract_params,
 
 
 def load_model(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str = "float32",
-               config: NeoXConfig | None = None, show_progress: bool = False):
-    """A `GPTNeoX` with the weights of a Hugging Face checkpoint folder (or file, with `config`)."""
+               config: NeoXConfig | None = None, shardings=None, show_progress: bool = False):
+    """A `GPTNeoX` with the weights of a Hugging Face checkpoint folder (or file, with `config`); with
+    `shardings` (a params tree of them) each tensor goes straight onto its place on the mesh."""
     from neox_jax.model import abstract_model, with_params
 
     path = Path(path)
@@ -238,7 +240,8 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None, param_dtype
     config = config.replace(**overrides)
     source = TensorSource(path)
     params = nnx.to_pure_dict(abstract_model(config)[1])
-    for p, array in read_params(source, config, params, show_progress=show_progress):
+    place = (lambda p, x: jax.device_put(x, _get_path(shardings, p))) if shardings else (lambda p, x: jax.device_put(x))
+    for p, array in read_params(source, config, params, place, show_progress=show_progress):
         keys = p.split(".")
         _get_path(params, ".".join(keys[:-1]))[keys[-1]] = array
     return with_params(config, params)
@@ -305,15 +308,9 @@ def save_params(params, cfg: NeoXConfig, path: str | os.PathLike, *, dtype=None,
     if n > 1:
         index = {"metadata": {"total_size": sum((out / f).stat().st_size for f in names)},
                  "weight_map": {k: names[v] for k, v in weight_map.items()}}
-        _write_json(out / "model.safetensors.index.json", index)
-    _write_json(out / "config.json", hf_config)
+        write_json(out / "model.safetensors.index.json", index)
+    write_json(out / "config.json", hf_config)
     return out
-
-
-def _write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def save_model(model, path: str | os.PathLike, *, dtype=None, show_progress: bool = False) -> Path:

@@ -12,6 +12,7 @@ import os
 import sysconfig
 from pathlib import Path
 
+from neox_jax.atomic import atomic_path
 from neox_jax.data.preprocess import preprocess
 from neox_jax.data.tokenizer import train_tokenizer
 
@@ -44,11 +45,9 @@ def build_corpus(out_dir: str | os.PathLike, max_mb: float = 4.0, vocab_size: in
     out.mkdir(parents=True, exist_ok=True)
     sources = stdlib_sources(int(max_mb * 1e6))
     jsonl = out / "corpus.jsonl"
-    tmp = jsonl.with_name(jsonl.name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_path(jsonl) as tmp, open(tmp, "w") as f:
         for rel, text in sources:
             f.write(json.dumps({"text": text, "path": rel}) + "\n")
-    os.replace(tmp, jsonl)
     print(f"corpus: {len(sources)} standard-library files, {jsonl.stat().st_size / 1e6:.1f} MB -> {jsonl}")
     tokenizer = train_tokenizer((text for _, text in sources), vocab_size, out / "tokenizer.json")
     print(f"tokenizer: NeoX-style byte-level BPE, {vocab_size} tokens -> {tokenizer}")

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from neox_jax.atomic import atomic_path
+
 from neox_jax.data.indexed import IndexedDataset
 
 
@@ -81,9 +83,8 @@ def build_shuffle_idx(size: int, rng: np.random.RandomState) -> np.ndarray:
 
 
 def _save_atomic(path: Path, array: np.ndarray):
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-    np.save(tmp, array, allow_pickle=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 class GPTDataset:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from neox_jax.atomic import temp_path
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float32, 7: np.float64,
@@ -83,8 +85,7 @@ class IndexedDatasetWriter:
             raise ValueError(f"dtype {self.dtype} has no MMIDIDX code")
         self.bin_path, self.idx_path = paths(prefix)
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp_bin = self.bin_path.with_name(self.bin_path.name + ".tmp")
-        self._tmp_idx = self.idx_path.with_name(self.idx_path.name + ".tmp")
+        self._tmp_bin, self._tmp_idx = temp_path(self.bin_path), temp_path(self.idx_path)
         self._bin = open(self._tmp_bin, "wb")
         self.sizes: list[int] = []
         self.doc_idx: list[int] = [0]

@@ -26,25 +26,33 @@ def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...], axis: int
     return lo, hi
 
 
-class Loader:
-    """Iterate (step, global batch array) from `start_step`; the batch for a step never depends on the past."""
+class LocalBatches:
+    """Step n's global batch as one array on the mesh, built from this process's rows alone."""
 
-    def __init__(self, batches: GlobalBatches, sharding: NamedSharding, seq_length: int, start_step: int = 0,
-                 prefetch: int = 2):
+    def __init__(self, batches: GlobalBatches, sharding: NamedSharding, seq_length: int):
         self.batches, self.sharding = batches, sharding
         self.global_shape = (batches.accum, batches.per_microstep, seq_length + 1)
         self.lo, self.hi = local_rows(sharding, self.global_shape)
-        self.step = start_step
-        self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, daemon=True, name="neox-jax-loader")
-        self._thread.start()
 
     def host_batch(self, step: int) -> np.ndarray:
         return self.batches.batch(step, self.lo, self.hi)
 
     def device_batch(self, step: int) -> jax.Array:
         return jax.make_array_from_process_local_data(self.sharding, self.host_batch(step), self.global_shape)
+
+
+class Loader(LocalBatches):
+    """Iterate (step, global batch array) from `start_step`, prepared ahead on a thread; the batch for a step
+    never depends on the past."""
+
+    def __init__(self, batches: GlobalBatches, sharding: NamedSharding, seq_length: int, start_step: int = 0,
+                 prefetch: int = 2):
+        super().__init__(batches, sharding, seq_length)
+        self.step = start_step
+        self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, daemon=True, name="neox-jax-loader")
+        self._thread.start()
 
     def _fill(self):
         step = self.step

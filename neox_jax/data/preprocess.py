@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from neox_jax.atomic import temp_path
 from neox_jax.data.indexed import IndexedDatasetWriter, token_dtype
 from neox_jax.data.tokenizer import NeoXTokenizer
 from neox_jax.progress import progress
@@ -163,7 +164,7 @@ def preprocess(inputs: Sequence[str | os.PathLike], tokenizer: str | os.PathLike
     dtype = token_dtype(tok.vocab_size)
     writers = {k: IndexedDatasetWriter(f"{output_prefix}_{k}_document", dtype) for k in jsonl_keys}
     rejects_path = Path(f"{output_prefix}_rejects.tsv")
-    rejects_tmp = rejects_path.with_name(rejects_path.name + ".tmp")
+    rejects_tmp = temp_path(rejects_path)
     summary = Summary()
     start = time.perf_counter()
     args = (str(tok.path), list(jsonl_keys), append_eod)

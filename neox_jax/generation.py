@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from neox_jax.model import GPTNeoX
 
@@ -90,9 +92,13 @@ class Generator:
     def __init__(self, model: GPTNeoX):
         self.graphdef, self.params = nnx.split(model)
         self.config = model.config
+        # Weights sharded over a mesh (several processes, say): the new tokens come back replicated, so every
+        # process can read them.
+        sharding = getattr(jax.tree.leaves(self.params)[0], "sharding", None)
+        replicated = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
         self._prefill = jax.jit(self._prefill_fn)
         self._decode_step = jax.jit(self._step_fn)
-        self._generate = jax.jit(self._generate_fn, static_argnums=(2,))
+        self._generate = jax.jit(self._generate_fn, static_argnums=(2,), out_shardings=replicated)
 
     # ---- traced ---------------------------------------------------------------------------------------
     def _prefill_fn(self, params, ids_bp, mask_bs):
@@ -119,7 +125,8 @@ class Generator:
         def cond(c):
             return (c["i"] < max_new) & ~jnp.all(c["done"])
 
-        return jax.lax.while_loop(cond, lambda c: self._step_fn(params, c, knobs), state)
+        final = jax.lax.while_loop(cond, lambda c: self._step_fn(params, c, knobs), state)
+        return final["out"], final["i"]
 
     # ---- host ------------------------------------------------------------------------------------------
     def _start(self, prompts, max_new_tokens, bucket, stop_ids, sampling: Sampling):
@@ -147,8 +154,8 @@ class Generator:
     def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: Sequence[int] = (), bucket: int = 64) -> list[list[int]]:
         state, knobs = self._start(prompts, max_new_tokens, bucket, stop_ids, sampling)
-        state = self._generate(self.params, state, max_new_tokens, knobs)
-        out = np.asarray(state["out"])[:, :int(state["i"])]
+        out, n = self._generate(self.params, state, max_new_tokens, knobs)
+        out = np.asarray(out)[:, :int(n)]
         return [_cut(row, stop_ids) for row in out]
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from neox_jax.generate import Generator, Sampling, filter_logits, generate, sample
+from neox_jax.generation import Generator, Sampling, filter_logits, generate, sample
 from tests.conftest import hf_and_neox, make_hf_model
 
 torch = pytest.importorskip("torch", reason="needs the test extra: pip install -e '.[test]'")
