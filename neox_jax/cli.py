@@ -310,9 +310,9 @@ def cmd_launch(args):
     if args.local:
         if command[0] == "neox-jax":  # this interpreter's neox-jax, whatever PATH says
             command = [sys.executable, "-m", "neox_jax.cli", *command[1:]]
-        procs = launch.start_local(args.local, command, args.port)
+        procs = launch.start_local(args.local, command, args.port, args.log_dir)
     else:
-        procs = launch.start_hostfile(args.hostfile, command, args.port or 29500, args.ssh)
+        procs = launch.start_hostfile(args.hostfile, command, args.port or 29500, args.ssh, log_dir=args.log_dir)
     return launch.supervise(procs, command, args.grace)
 
 
@@ -423,6 +423,7 @@ def main(argv=None):
     where.add_argument("--hostfile", help="DeepSpeed/GPT-NeoX hostfile (`host slots=8`): one process per host")
     p.add_argument("--port", type=int, help="coordinator port (default: a free one locally, 29500 with a hostfile)")
     p.add_argument("--ssh", default="ssh", help="the ssh program for --hostfile")
+    p.add_argument("--log-dir", help="write process I's output to LOG_DIR/process-I.log instead of this terminal")
     p.add_argument("--grace", type=float, default=60.0,
                    help="seconds the others get to stop after one process fails (default 60)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command every process runs")

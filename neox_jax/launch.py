@@ -68,14 +68,27 @@ def _env(coordinator: str, n: int, rank: int) -> dict[str, str]:
     return {ENV_COORDINATOR: coordinator, ENV_NUM_PROCESSES: str(n), ENV_PROCESS_ID: str(rank)}
 
 
-def start_local(n: int, command: Sequence[str], port: int | None = None) -> list[Process]:
+def _output(log_dir: str | os.PathLike | None, rank: int):
+    """Where process `rank` writes: DIR/process-RANK.log with a log folder, else the launcher's own output."""
+    if not log_dir:
+        return None
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    return open(Path(log_dir) / f"process-{rank}.log", "w")
+
+
+def start_local(n: int, command: Sequence[str], port: int | None = None,
+                log_dir: str | os.PathLike | None = None) -> list[Process]:
     coordinator = f"127.0.0.1:{port or free_port()}"
-    return [Process(rank, "localhost", subprocess.Popen(list(command), env={**os.environ, **_env(coordinator, n, rank)}))
-            for rank in range(n)]
+    procs = []
+    for rank in range(n):
+        out = _output(log_dir, rank)
+        procs.append(Process(rank, "localhost", subprocess.Popen(
+            list(command), env={**os.environ, **_env(coordinator, n, rank)}, stdout=out, stderr=out)))
+    return procs
 
 
 def start_hostfile(hostfile: str | os.PathLike, command: Sequence[str], port: int = 29500, ssh: str = "ssh",
-                   workdir: str | None = None) -> list[Process]:
+                   workdir: str | None = None, log_dir: str | os.PathLike | None = None) -> list[Process]:
     """One process per host over ssh, in `workdir` (default: this folder, which must exist on every host)."""
     hosts = [h for h, _ in read_hostfile(hostfile)]
     coordinator = f"{hosts[0]}:{port}"
@@ -84,7 +97,8 @@ def start_hostfile(hostfile: str | os.PathLike, command: Sequence[str], port: in
     for rank, host in enumerate(hosts):
         env = [f"{k}={v}" for k, v in _env(coordinator, len(hosts), rank).items()]
         remote = "cd " + shlex.quote(workdir) + " && exec env " + shlex.join(env + list(command))
-        procs.append(Process(rank, host, subprocess.Popen([ssh, host, remote])))
+        out = _output(log_dir, rank)
+        procs.append(Process(rank, host, subprocess.Popen([ssh, host, remote], stdout=out, stderr=out)))
     return procs
 
 

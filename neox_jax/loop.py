@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
 from neox_jax import checkpoint as ckpt
 from neox_jax.atomic import atomic_path
@@ -41,7 +42,6 @@ from neox_jax.flops import flops_6n, flops_neox, peak_tflops
 from neox_jax.metrics import MetricsLogger
 from neox_jax.model import abstract_model, with_params
 from neox_jax.progress import bar
-from tqdm import tqdm
 from neox_jax.sharding import make_mesh
 from neox_jax.train import Trainer, TrainState
 

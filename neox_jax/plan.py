@@ -93,7 +93,7 @@ class Plan:
         if self.stages > 1:
             from neox_jax.pipeline import bubble_fraction
 
-            out += ["", f"pipeline: {self.stages} stages x {self.microbatches} microbatches per microstep, bubble "
+            out += ["", f"pipeline: {self.stages} stages x {self.microbatches} microbatches per step, bubble "
                         f"(P-1)/(M+P-1) = {bubble_fraction(self.stages, self.microbatches):.1%}; per-stage weights "
                         f"{self.params / GB:.2f} GB per device (1/{self.stages} of the layers)"]
         verdict = "fits" if self.fits else "does NOT fit"

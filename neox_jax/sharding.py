@@ -89,13 +89,19 @@ def make_mesh(spec: str | Mapping[str, int], devices=None) -> Mesh:
     hosts = len({d.process_index for d in devices})
     if hosts > 1:
         per_host = len(devices) // hosts
-        if shape["data"] % hosts or shape["pipe"] * shape["tensor"] > per_host:
-            raise ConfigError(f"mesh {shape} on {hosts} hosts of {per_host} devices: pipe x tensor must fit in "
-                              "one host and data must be a multiple of the host count")
+        if shape["pipe"] * shape["tensor"] > per_host:
+            raise ConfigError(f"mesh {shape}: pipe x tensor = {shape['pipe'] * shape['tensor']} devices do not fit "
+                              f"in one process's {per_host}: tensor and pipe stay inside a host (fast links); "
+                              "lower `mesh` tensor or pipe, or run fewer processes with more devices each")
+        if shape["data"] % hosts:
+            raise ConfigError(f"mesh {shape}: data={shape['data']} is not a multiple of the {hosts} processes: "
+                              "`data` spans the hosts, so choose a data size that the process count divides")
         from jax.experimental import mesh_utils
 
+        # Each process (host) is one granule: data splits across them, pipe x tensor stays inside one.
         grid = mesh_utils.create_hybrid_device_mesh(
-            (shape["data"] // hosts, shape["pipe"], shape["tensor"]), (hosts, 1, 1), devices)
+            (shape["data"] // hosts, shape["pipe"], shape["tensor"]), (hosts, 1, 1), devices,
+            process_is_granule=True)
     else:
         # Device ids in order: tensor neighbours are adjacent (NVLink), then pipe, then data.
         grid = np.asarray(sorted(devices, key=lambda d: d.id)).reshape(dims)

@@ -22,6 +22,19 @@ def shared():
     return SHARED / "data"
 
 
+def require(module: str, extra: str = "test"):
+    """Import an optional oracle (torch, transformers, lm_eval): skip without it, except where
+    NEOX_JAX_REQUIRE_ORACLES=1 (CI sets it), where a missing oracle is a failure: its tests must run there."""
+    if os.environ.get("NEOX_JAX_REQUIRE_ORACLES") == "1":
+        import importlib
+
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:
+            pytest.fail(f"{module} is missing but NEOX_JAX_REQUIRE_ORACLES=1: install the {extra} extra ({e})")
+    return pytest.importorskip(module, reason=f"needs the {extra} extra: pip install -e '.[{extra}]'")
+
+
 def make_hf_model(seed=0, **overrides):
     """A transformers GPTNeoXForCausalLM with every parameter random (biases and LayerNorms too, so that a
     layout bug in any of them shows), fp32, eval mode."""
@@ -78,3 +91,22 @@ def read_scalars(logdir) -> list[tuple[int, str, float]]:
     acc = EventAccumulator(str(logdir))
     acc.Reload()
     return [(e.step, tag, e.value) for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]
+
+
+# A small model and a learnable corpus (documents counting up by a per-document stride, modulo the
+# vocabulary) for training tests.
+TINY_MODEL = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                  max_position_embeddings=64, rotary_pct=0.5)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from neox_jax.data.indexed import IndexedDatasetWriter
+
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = np.random.RandomState(0)
+    with IndexedDatasetWriter(folder / "count", np.uint16) as w:
+        for _ in range(300):
+            start, stride = rng.randint(0, 128), rng.randint(1, 4)
+            w.add_document((start + stride * np.arange(rng.randint(20, 80))) % 128)
+    return str(folder / "count")

@@ -4,6 +4,8 @@ import pytest
 
 from neox_jax.cli import main as cli
 
+from .conftest import require
+
 
 def test_info_prints_shapes_and_count(capsys):
     assert cli(["info", "pythia-70m"]) == 0
@@ -29,7 +31,7 @@ def test_corpus_builds_offline(tmp_path, capsys):
 
 
 def test_lm_eval_command_hands_its_arguments_to_lm_eval(capsys):
-    pytest.importorskip("lm_eval", reason="needs the test extra (lm_eval)")
+    require("lm_eval")
     with pytest.raises(SystemExit) as exit_:
         cli(["lm-eval", "--help"])
     assert exit_.value.code == 0

@@ -10,14 +10,26 @@ from neox_jax import ConfigError, GPTNeoX, NeoXConfig
 from neox_jax.config import PRESETS
 from neox_jax.convert.neox_yaml import load_neox_yaml
 
+from .conftest import require
+
 
 def hf_param_count(cfg: NeoXConfig) -> int:
     """Parameters of transformers' model with this config, built on the meta device (nothing allocated)."""
-    torch = pytest.importorskip("torch", reason="needs the test extra: pip install -e '.[test]'")
-    transformers = pytest.importorskip("transformers", reason="needs the test extra")
+    torch = require("torch")
+    transformers = require("transformers")
     with torch.device("meta"):
         model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**cfg.to_hf()))
     return sum(p.numel() for p in model.parameters())
+
+
+# Parameter counts of the released checkpoints (transformers' count of each model, as
+# test_preset_counts_equal_transformers recomputes for three of them).
+RELEASED_PARAMS = {
+    "pythia-14m": 14_067_712, "pythia-31m": 30_494_720, "pythia-70m": 70_426_624, "pythia-160m": 162_322_944,
+    "pythia-410m": 405_334_016, "pythia-1b": 1_011_781_632, "pythia-1.4b": 1_414_647_808,
+    "pythia-2.8b": 2_775_208_960, "pythia-6.9b": 6_857_302_016, "pythia-12b": 11_846_072_320,
+    "neox-20b": 20_554_567_680,
+}
 
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if n != "gpt-neox-20b"])
@@ -25,7 +37,13 @@ def test_every_preset_builds_abstractly_with_the_real_parameter_count(name):
     cfg = NeoXConfig.preset(name)
     abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0)))
     ours = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-    assert ours == cfg.num_params == hf_param_count(cfg)
+    assert ours == cfg.num_params == RELEASED_PARAMS[name]  # JAX alone: no torch needed
+
+
+@pytest.mark.parametrize("name", ["pythia-70m", "pythia-1.4b", "neox-20b"])
+def test_preset_counts_equal_transformers(name):
+    cfg = NeoXConfig.preset(name)
+    assert cfg.num_params == hf_param_count(cfg)
 
 
 def test_known_sizes():
@@ -49,7 +67,7 @@ def test_from_hf_reads_old_and_v5_rotary_forms():
 
 
 def test_to_hf_roundtrips_through_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="needs the test extra")
+    transformers = require("transformers")
     cfg = NeoXConfig.preset("pythia-160m", rotary_base=5000.0, use_parallel_residual=False, activation="gelu_fast")
     transformers.GPTNeoXConfig(**cfg.to_hf()).save_pretrained(tmp_path)
     back = NeoXConfig.from_hf(tmp_path)

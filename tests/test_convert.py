@@ -11,8 +11,10 @@ from neox_jax.cli import main as cli
 from neox_jax.convert.hf import TensorSource, hf_shapes
 from tests.conftest import hf_logits, make_hf_model
 
-torch = pytest.importorskip("torch", reason="conversion tests need the test extra: pip install -e '.[test]'")
-transformers = pytest.importorskip("transformers", reason="conversion tests need the test extra")
+from .conftest import require
+
+torch = require("torch")
+transformers = require("transformers")
 
 forward = nnx.jit(lambda m, ids: m(ids))
 IDS = np.random.RandomState(0).randint(0, 384, (2, 64))

@@ -10,7 +10,9 @@ from neox_jax.data.tokenizer import train_tokenizer
 from neox_jax.evaluate import Scorer, perplexity, rolling_windows
 from tests.conftest import hf_and_neox
 
-torch = pytest.importorskip("torch", reason="needs the test extra: pip install -e '.[test]'")
+from .conftest import require
+
+torch = require("torch")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ output_type: {kind}
 
 
 def test_lm_eval_backend_matches_lm_evals_hf_backend(pair, tmp_path, monkeypatch):
-    lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval test needs the test extra (lm_eval)")
+    lm_eval = require("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hf, _, folder = pair

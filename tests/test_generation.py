@@ -9,7 +9,9 @@ from flax import nnx
 from neox_jax.generation import Generator, Sampling, filter_logits, generate, sample
 from tests.conftest import hf_and_neox, make_hf_model
 
-torch = pytest.importorskip("torch", reason="needs the test extra: pip install -e '.[test]'")
+from .conftest import require
+
+torch = require("torch")
 
 
 @pytest.fixture(scope="module")

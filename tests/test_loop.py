@@ -15,25 +15,10 @@ import yaml
 
 from neox_jax import checkpoint as ckpt
 from neox_jax.config import ConfigError, NeoXConfig, TrainConfig, apply_overrides
-from neox_jax.data.indexed import IndexedDatasetWriter
 from neox_jax.loop import train
 
+from .conftest import TINY_MODEL as MODEL
 from .conftest import read_scalars
-
-MODEL = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-             max_position_embeddings=64, rotary_pct=0.5)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A learnable corpus: documents counting up by a per-document stride, modulo the vocabulary."""
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = np.random.RandomState(0)
-    with IndexedDatasetWriter(folder / "count", np.uint16) as w:
-        for _ in range(300):
-            start, stride = rng.randint(0, 128), rng.randint(1, 4)
-            w.add_document((start + stride * np.arange(rng.randint(20, 80))) % 128)
-    return str(folder / "count")
 
 
 def config(corpus, tmp, **changes) -> TrainConfig:
@@ -76,6 +61,7 @@ def test_identical_runs_and_exact_resume(corpus, tmp_path):
     assert [v for s, t, v in logged if t == "loss" and s == 1][0] == pytest.approx(full.losses[0], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_onto_another_mesh(corpus, tmp_path):
     big = dict(mesh={"data": 2, "pipe": 2, "tensor": 2}, micro_batch_size=4, eps=1e-6)
     full = train(config(corpus, tmp_path / "a", **big), show_progress=False)
@@ -113,6 +99,7 @@ def _wait_for_checkpoints(folder: Path, n: int, proc: subprocess.Popen, timeout:
     raise AssertionError("no checkpoints appeared")
 
 
+@pytest.mark.slow
 def test_sigkill_during_async_saves_restarts_from_last_complete(corpus, tmp_path):
     cfg = config(corpus, tmp_path, train_iters=400, save_interval=1, keep_last=2)
     proc = _start(_write_config(cfg, tmp_path / "run.yml"), tmp_path)
@@ -129,6 +116,7 @@ def test_sigkill_during_async_saves_restarts_from_last_complete(corpus, tmp_path
     assert resumed.losses[latest + 1] == reference.losses[latest + 1]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_current_step_and_exits_cleanly(corpus, tmp_path):
     cfg = config(corpus, tmp_path, train_iters=400, save_interval=2)
     proc = _start(_write_config(cfg, tmp_path / "run.yml"), tmp_path)

@@ -10,7 +10,9 @@ import neox_jax.model as model_lib
 from neox_jax import GPTNeoX, NeoXConfig, from_pretrained
 from tests.conftest import hf_logits, make_hf_model
 
-pytest.importorskip("transformers", reason="parity tests need the test extra: pip install -e '.[test]'")
+from .conftest import require
+
+require("transformers")
 
 SEQ = 520  # long prompts: partial-rotary bugs hide in short ones
 forward = nnx.jit(lambda m, ids, mask=None, pos=None: m(ids, attention_mask=mask, positions=pos))

@@ -22,7 +22,6 @@ from typing import Sequence
 import numpy as np
 
 from neox_jax.atomic import atomic_path
-
 from neox_jax.data.indexed import IndexedDataset
 
 
