@@ -11,28 +11,36 @@ for empty contexts) identical to its `hf` backend; only the token scoring is our
 
 from __future__ import annotations
 
-from pathlib import Path
+import difflib
 
 import lm_eval.models  # noqa: F401  (lm-eval fills its registry lazily only while it is empty: fill it first)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from neox_jax.data.tokenizer import NeoXTokenizer
 from neox_jax.evaluate import Scorer, rolling_windows
 from neox_jax.generation import Generator, Sampling
-from neox_jax.pretrained import from_pretrained
+from neox_jax.pretrained import from_pretrained, load_tokenizer
+
+MODEL_ARGS = ("path", "tokenizer", "dtype", "batch_size", "max_length", "max_gen_toks")
+# What lm-eval's own command line adds to every model's arguments; JAX places the model itself.
+LM_EVAL_ARGS = ("device", "max_batch_size")
 
 
 @register_model("neox-jax")
 class NeoXJaxLM(TemplateLM):
     def __init__(self, path: str, tokenizer: str | None = None, dtype: str | None = None, batch_size: int = 16,
-                 max_length: int | None = None, max_gen_toks: int = 256, **_ignored):
+                 max_length: int | None = None, max_gen_toks: int = 256, **extra):
         super().__init__()
+        for key in extra:
+            if key not in LM_EVAL_ARGS:
+                near = difflib.get_close_matches(key, MODEL_ARGS, n=1)
+                raise ValueError(f"model_args: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                                 + f" (the neox-jax model takes {', '.join(MODEL_ARGS)})")
         self.model = from_pretrained(path, dtype=dtype)
-        tok_path = Path(tokenizer) if tokenizer else Path(path) / "tokenizer.json"
-        self.tok = NeoXTokenizer(tok_path)
+        self.tok = load_tokenizer(path, tokenizer)
+        self.batch_size = int(batch_size)
         self.scorer = Scorer(self.model, max_length=int(max_length) if max_length else None,
-                             batch_size=int(batch_size))
+                             batch_size=self.batch_size)
         self.generator = Generator(self.model)
         self.max_gen_toks = int(max_gen_toks)
 
@@ -58,20 +66,47 @@ class NeoXJaxLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        out = []
-        for req in requests:
-            context, kwargs = req.args
+        """Requests with the same settings run in batches; each row stops at its first `until` string (or the
+        end-of-text token), and the batch stops once every row has."""
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(requests):
+            _, kwargs = req.args
             until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = (until,) if isinstance(until, str) else tuple(until)
             n = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            ctx = self.tok_encode(context)[-(self.max_length - n):] or [self.eot_token_id]
-            sampling = Sampling(temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0)
-            tokens = self.generator([ctx], n, sampling, stop_ids=[self.eot_token_id])[0]
-            text = self.tok.decode([t for t in tokens if t != self.eot_token_id])
-            for stop in until:
-                text = text.split(stop)[0]
-            out.append(text)
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+            groups.setdefault((until, n, temperature), []).append(i)
+        out: list[str] = [""] * len(requests)
+        for (until, n, temperature), rows in groups.items():
+            for lo in range(0, len(rows), self.batch_size):
+                batch = rows[lo:lo + self.batch_size]
+                contexts = [self.tok_encode(requests[i].args[0])[-(self.max_length - n):] or [self.eot_token_id]
+                            for i in batch]
+                for i, text in zip(batch, self._generate(contexts, n, until, Sampling(temperature))):
+                    out[i] = text
         return out
+
+    def _generate(self, contexts, n: int, until: tuple[str, ...], sampling: Sampling) -> list[str]:
+        produced: list[list[int]] = [[] for _ in contexts]
+        done = [False] * len(contexts)
+
+        def cut(tokens):
+            text = self.tok.decode(tokens)
+            hits = [text.index(stop) for stop in until if stop in text]
+            return (text[:min(hits)], True) if hits else (text, False)
+
+        for tokens in self.generator.stream(contexts, n, sampling, stop_ids=[self.eot_token_id]):
+            for row, token in enumerate(tokens.tolist()):
+                if done[row]:
+                    continue
+                if token == self.eot_token_id:
+                    done[row] = True
+                else:
+                    produced[row].append(token)
+                    done[row] = bool(until) and cut(produced[row])[1]
+            if all(done):
+                break
+        return [cut(tokens)[0] for tokens in produced]
 
 
 def main(argv=None):

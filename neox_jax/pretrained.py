@@ -55,3 +55,36 @@ def abstract_params(config: NeoXConfig, mesh: Mesh | None = None) -> dict:
     specs = shd.param_specs(params, nnx.to_pure_dict(nnx.get_partition_spec(state)), mesh)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
                         params, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def save_pretrained(model: GPTNeoX, path: str | os.PathLike, *, dtype=None, show_progress: bool = False) -> Path:
+    """Write a Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    return hf.save_model(model, path, dtype=dtype, show_progress=show_progress)
+
+
+def tokenizer_path(model_path: str | os.PathLike) -> Path | None:
+    """The tokenizer.json that goes with a model: in its folder (Hugging Face folders, converted checkpoints and
+    training runs all keep one there), else the one a training run's config names; None when there is none."""
+    p = Path(model_path)
+    if (p / "tokenizer.json").is_file():
+        return p / "tokenizer.json"
+    if checkpoint.is_train_checkpoint(p):
+        ckpt = checkpoint.TrainCheckpointer(p)
+        try:
+            named = ckpt.read_meta(ckpt.latest_step())["config"].get("tokenizer")
+        finally:
+            ckpt.close()
+        if named and Path(named).is_file():
+            return Path(named)
+    return None
+
+
+def load_tokenizer(model_path: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
+    """A NeoXTokenizer: `tokenizer` when given, else the model's own (see `tokenizer_path`)."""
+    from neox_jax.data.tokenizer import NeoXTokenizer
+
+    found = tokenizer or tokenizer_path(model_path)
+    if not found:
+        raise FileNotFoundError(f"{model_path} has no tokenizer.json beside its weights and names none: give "
+                                "--tokenizer with the tokenizer.json the model was trained with")
+    return NeoXTokenizer(found)

@@ -39,3 +39,12 @@ def test_lm_eval_command_hands_its_arguments_to_lm_eval(capsys):
     from lm_eval.api.registry import get_model
 
     assert get_model("neox-jax").__name__ == "NeoXJaxLM" and get_model("hf") is not None
+
+
+def test_public_api_resolves_and_lists_itself():
+    import neox_jax
+
+    for name in neox_jax.__all__:
+        assert getattr(neox_jax, name) is not None, name
+    assert set(neox_jax.__all__) <= set(dir(neox_jax))
+    assert callable(neox_jax.generate) and neox_jax.generate.__module__ == "neox_jax.generation"

@@ -130,3 +130,38 @@ def test_lm_eval_backend_matches_lm_evals_hf_backend(pair, tmp_path, monkeypatch
         for (la,), (lb,) in zip(a, b):
             assert float(la[0]) == pytest.approx(float(lb[0]), abs=1e-4) and bool(la[1]) == bool(lb[1])
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_lm_eval_generate_until_batches_and_stops_like_lm_evals_hf(pair, tmp_path, monkeypatch):
+    lm_eval = require("lm_eval")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf, _, folder = pair
+    if not (folder / "tokenizer.json").is_file():
+        words = [f"w{i}" for i in range(300)]
+        train_tokenizer([" ".join(words)] * 3 + ["the cat sat on the mat. a dog ran."] * 20, 384,
+                        folder / "tokenizer.json", min_frequency=1)
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+             "pad_token": "<|padding|>", "model_max_length": 64}))
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from neox_jax.harness import NeoXJaxLM
+
+    def request(ctx, until, n=12):
+        return Instance("generate_until", {}, (ctx, {"until": until, "max_gen_toks": n, "do_sample": False}), 0)
+
+    # random weights ramble: pick stop strings from what the model actually writes, so that they cut
+    ours = NeoXJaxLM(path=str(folder), batch_size=3)
+    free = ours.generate_until([request(c, []) for c in ("the cat", "a dog ran", "w1 w2 w3", "the")])
+    stops = [[t[3:6]] if len(t) > 6 else ["\n\n"] for t in free]
+    requests = [request(c, s) for c, s in zip(("the cat", "a dog ran", "w1 w2 w3", "the"), stops)]
+    requests.append(request("the mat", [], n=5))
+    got = ours.generate_until(requests)
+    want = HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=2).generate_until(requests)
+    assert got == want
+    assert any(s[0] not in g and len(g) < len(f) for g, s, f in zip(got, stops, free))  # a stop really cut
+
+    with pytest.raises(ValueError, match="unknown key 'max_lenght'; did you mean 'max_length'"):
+        NeoXJaxLM(path=str(folder), max_lenght=32)
+    assert lm_eval is not None
