@@ -197,6 +197,11 @@ def cmd_train(args):
     result = train(cfg)
     if not is_primary():
         return 0
+    if result.losses:
+        first, last = min(result.losses), max(result.losses)
+        print(f"training loss {result.losses[first]:.2f} at step {first + 1} -> {result.losses[last]:.2f} at step "
+              f"{last + 1}" + (f", validation loss {result.eval_losses[max(result.eval_losses)]:.2f}"
+                               if result.eval_losses else ""))
     if result.checkpoint_dir:
         print(f"checkpoints: {result.checkpoint_dir}")
     if result.tensorboard_dir:

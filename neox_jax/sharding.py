@@ -126,9 +126,9 @@ def logical_to_spec(axes: tuple[str | None, ...], rules=LOGICAL_RULES) -> P:
     return P(*out)
 
 
-def _trim(spec: P, mesh_axes) -> P:
-    """Drop mesh axes the current mesh does not have (or that have size 1: nothing to split)."""
-    return P(*(a if a in mesh_axes else None for a in spec))
+def _trim(spec: P, mesh_shape: Mapping[str, int]) -> P:
+    """Drop mesh axes the current mesh does not have, or that have size 1 (nothing to split)."""
+    return P(*(a if mesh_shape.get(a, 1) > 1 else None for a in spec))
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
@@ -136,7 +136,7 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, _trim(logical_to_spec(axes), mesh.axis_names))
+    return jax.lax.with_sharding_constraint(x, _trim(logical_to_spec(axes), dict(mesh.shape)))
 
 
 def add_axis(spec: P, shape: tuple[int, ...], axes: tuple[str | None, ...], mesh_axis: str,
@@ -174,7 +174,7 @@ def param_specs(abstract_params, axes_tree, mesh: Mesh, fsdp: bool = False):
     weight is split over `data` as well."""
 
     def spec(x, axes):
-        s = _trim(logical_to_spec(axes), mesh.axis_names)
+        s = _trim(logical_to_spec(axes), dict(mesh.shape))
         return add_axis(s, x.shape, axes, "data", dict(mesh.shape)) if fsdp else s
 
     return jax.tree.map(spec, abstract_params, axes_tree, is_leaf=lambda a: isinstance(a, P))

@@ -259,12 +259,14 @@ def test_blended_split_datasets(corpus, tmp_path):
     assert train[5].shape == (9,) and train[5].dtype == np.int64
 
 
-def test_batch_at_step_n_is_the_same_fresh_or_after_the_steps_before(corpus, tmp_path):
+def test_batches_from_cached_maps_equal_the_built_ones(corpus, tmp_path):
     ds, _ = corpus
     make = lambda: GlobalBatches(GPTDataset(ds, np.arange(57), 200, 8, 1, cache_dir=tmp_path), 2, 3, 2)  # noqa
-    walked = make()
+    walked = make()  # builds the index maps and writes them to the cache
+    assert not isinstance(walked.dataset.shuffle_idx, np.memmap)
     history = [walked.batch(n) for n in range(6)]
-    fresh = make()
+    fresh = make()  # a resumed run: reads the cached maps
+    assert isinstance(fresh.dataset.shuffle_idx, np.memmap)
     np.testing.assert_array_equal(fresh.batch(5), history[5])
     assert history[5].shape == (2, 6, 9)
     # a process feeding rows 3..6 of each microstep gets exactly those rows
