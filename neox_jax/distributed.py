@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Mapping
 
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "NEOX_COORDINATOR", "NEOX_NUM_PROCESSES", "NEOX_PROCESS_ID"
@@ -163,6 +164,11 @@ def initialize(launch: Launch | None, init_timeout: int = 300, heartbeat_timeout
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX ends the process from C++ when a peer does not join in time (DEADLINE_EXCEEDED ... RegisterTask): say
+    # first (process 0, which alone prints) what the launch is waiting for, so that message has its context.
+    if launch.process_id == 0:
+        print(f"neox-jax: {launch.num_processes} processes joining at {launch.coordinator} ({launch.source}); "
+              f"waiting up to init_timeout={init_timeout}s for all of them", file=sys.stderr, flush=True)
     jax.distributed.initialize(launch.coordinator, launch.num_processes, launch.process_id,
                                local_device_ids=list(launch.local_device_ids) if launch.local_device_ids else None,
                                cluster_detection_method="deactivate", initialization_timeout=init_timeout,

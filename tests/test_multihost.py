@@ -3,10 +3,14 @@ one process with all of them: training, resume across process counts, the launch
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 import yaml
 
@@ -50,6 +54,11 @@ def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out
     return out
+
+
+def ours(log: Path) -> str:
+    """A process's output without gloo's own connection lines (printed by its C++ on every process)."""
+    return "\n".join(line for line in log.read_text().splitlines() if not line.startswith("[Gloo]")).strip()
 
 
 def logged_losses(cfg: TrainConfig) -> dict[int, float]:
@@ -109,6 +118,92 @@ def test_one_process_hands_over_to_two_with_data_across_processes(corpus, tmp_pa
     # The losses agree to 1e-6; the weights to 1e-4: gloo's and the in-process all-reduce sum the gradients in
     # another order, and Adam divides each update by sqrt(v), which magnifies that rounding where v is small.
     assert max_diff(saved_weights(cfg, 4), reference.state.params) <= 1e-4
+
+
+def _children(launcher: subprocess.Popen) -> dict[int, int]:
+    """process id -> pid of the launcher's children (read from /proc)."""
+    out = {}
+    for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = next(int(e.split(b"=")[1]) for e in env if e.startswith(distributed.ENV_PROCESS_ID.encode() + b"="))
+        out[rank] = int(pid)
+    return out
+
+
+def _wait_for_checkpoint(folder: Path, proc: subprocess.Popen, timeout: float = 240) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = [int(p.name) for p in folder.glob("*") if p.name.isdigit()] if folder.is_dir() else []
+        if steps:
+            return max(steps)
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigterm_to_one_process_stops_all_on_the_same_step(corpus, tmp_path):
+    cfg = config(corpus, tmp_path, train_iters=400, eval_interval=1000)
+    proc = launch_train(cfg, tmp_path)
+    _wait_for_checkpoint(Path(cfg.save), proc)
+    os.kill(_children(proc)[1], signal.SIGTERM)  # process 1 only: the vote carries it to process 0
+    finish(proc, timeout=120)
+    log = (tmp_path / "logs" / "process-0.log").read_text()
+    stopped = int(log.split("stopped by SIGTERM after step ")[1].split(":")[0])
+    assert ckpt.TrainCheckpointer(cfg.save).latest_step() == stopped < 400
+
+
+def test_a_killed_peer_stops_the_launch_and_training_resumes(corpus, tmp_path):
+    cfg = config(corpus, tmp_path, train_iters=400, eval_interval=1000)
+    proc = launch_train(cfg, tmp_path)
+    _wait_for_checkpoint(Path(cfg.save), proc)
+    time.sleep(1.0)
+    os.kill(_children(proc)[1], signal.SIGKILL)
+    start = time.time()
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert time.time() - start < cfg.heartbeat_timeout + 30 + 20  # heartbeat, the launcher's grace, slack
+    assert "process 1 (host localhost" in out and "was killed by SIGKILL" in out
+    latest = ckpt.TrainCheckpointer(cfg.save).latest_step()
+    assert f"last complete checkpoint: {Path(cfg.save).absolute()}/{latest}" in out
+    resumed = train(cfg, max_steps=2, show_progress=False)  # one process picks it up
+    reference = train(cfg.replace(save=""), max_steps=latest + 2, show_progress=False)
+    for step in (latest, latest + 1):
+        assert abs(resumed.losses[step] - reference.losses[step]) <= 1e-6
+
+
+def test_generate_and_perplexity_across_two_processes_equal_one(tmp_path):
+    from neox_jax.checkpoint import save_params_checkpoint
+    from neox_jax.config import NeoXConfig
+    from neox_jax.data.tokenizer import train_tokenizer
+    from neox_jax.pretrained import abstract_params
+
+    texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(300)]
+    tok = train_tokenizer(texts, 320, tmp_path / "tokenizer.json")
+    config = NeoXConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=128)
+    rng = np.random.RandomState(0)
+    params = jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32), abstract_params(config))
+    model = save_params_checkpoint(tmp_path / "model", params, config)
+    (tmp_path / "model" / "tokenizer.json").write_bytes(Path(tok).read_bytes())
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:6]))
+    generate = ["generate", "--model", str(model), "--prompt", "def f(", "--max-new-tokens", "12"]
+    evaluate = ["eval", "perplexity", "--model", str(model), "--data", str(tmp_path / "text.jsonl"), "--max-length", "32"]
+
+    def one(args):
+        return subprocess.run([sys.executable, "-m", "neox_jax.cli", *args], env=ENV, capture_output=True, text=True,
+                              check=True).stdout
+
+    def two(args, tag):
+        subprocess.run([*LAUNCH, "--local", "2", "--log-dir", str(tmp_path / tag), "--", sys.executable, "-m",
+                        "neox_jax.cli", *args, "--mesh", "data=2,tensor=2"], env=ENV, check=True, capture_output=True)
+        assert ours(tmp_path / tag / "process-1.log") == ""  # process 0 alone prints
+        return ours(tmp_path / tag / "process-0.log")
+
+    assert two(generate, "gen").strip() == one(generate).strip()
+    ppl_one, ppl_two = json.loads(one(evaluate)), json.loads(two(evaluate, "ppl"))
+    assert ppl_two.keys() == ppl_one.keys()
+    for key, value in ppl_one.items():
+        assert ppl_two[key] == pytest.approx(value, rel=1e-5), key
 
 
 def test_hostfile_launch_over_ssh_quotes_every_argument(tmp_path):
