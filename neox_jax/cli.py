@@ -144,12 +144,14 @@ def cmd_plan(args):
     from neox_jax.distributed import is_primary
     from neox_jax.plan import plan
 
-    print(f"planning {args.config} on mesh {dict(cfg.mesh)}: {cfg.model.num_params / 1e9:.2f}B parameters, seq {cfg.seq_length}, "
-          f"micro batch {cfg.micro_batch_size} x {cfg.grad_accum_steps} accumulation, {cfg.precision}, "
-          f"ZeRO stage {cfg.zero_stage}, remat {cfg.model.remat_policy}; compiling for {n} emulated devices...",
-          flush=True)
+    primary = is_primary()
+    if primary:
+        print(f"planning {args.config} on mesh {dict(cfg.mesh)}: {cfg.model.num_params / 1e9:.2f}B parameters, "
+              f"seq {cfg.seq_length}, micro batch {cfg.micro_batch_size} x {cfg.grad_accum_steps} accumulation, "
+              f"{cfg.precision}, ZeRO stage {cfg.zero_stage}, remat {cfg.model.remat_policy}; compiling for {n} "
+              "emulated devices...", flush=True)
     report = plan(cfg, args.device).report(args.device)
-    if is_primary():
+    if primary:
         print(report)
 
 
@@ -322,12 +324,20 @@ def cmd_launch(args):
 
 
 def cmd_demo(args):
+    import contextlib
+    import io
+
     from neox_jax.data.corpus import build_corpus
+    from neox_jax.distributed import detect
 
     corpus = Path(args.corpus)
     if not (corpus / "stdlib_text_document.idx").is_file():
-        print(f"building the embedded corpus in {corpus} (once)")
-        build_corpus(corpus)
+        # every host builds its own copy (hosts need not share a disk); process 0 alone says so
+        launch = detect()
+        quiet = io.StringIO() if launch and launch.process_id else None
+        with contextlib.redirect_stdout(quiet or sys.stdout), contextlib.redirect_stderr(quiet or sys.stderr):
+            print(f"building the embedded corpus in {corpus} (once)")
+            build_corpus(corpus)
     return cmd_train(argparse.Namespace(config=args.config, overrides=args.overrides))
 
 

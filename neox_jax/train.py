@@ -239,10 +239,14 @@ class Trainer:
 
     # ---- data ---------------------------------------------------------------------------------------
     def put_batch(self, tokens: np.ndarray) -> jax.Array:
-        """A host batch [accum, batch, length] (this process's whole view) onto the mesh."""
+        """A whole host batch [accum, batch, length] onto the mesh; each process puts only the rows its devices
+        hold (training itself never builds the whole batch: neox_jax/data/loader.py reads just those rows)."""
+        from neox_jax.data.loader import local_rows
+
         tokens = np.asarray(tokens, np.int32)
         if tokens.shape != self.batch_shape():
             raise ConfigError(f"batch of shape {tokens.shape}, expected {self.batch_shape()} "
                               "(grad_accum_steps, micro_batch_size x data, seq_length + 1)")
-        return jax.device_put(tokens, self.batch_sharding)
+        lo, hi = local_rows(self.batch_sharding, tokens.shape)
+        return jax.make_array_from_process_local_data(self.batch_sharding, tokens[:, lo:hi], tokens.shape)
 

@@ -170,3 +170,27 @@ def test_train_cli_accepts_neox_yaml_settings(shared):
     assert (cfg.micro_batch_size, cfg.grad_accum_steps, cfg.lr, cfg.weight_decay) == (32, 1, 1e-3, 0.1)
     assert cfg.model == NeoXConfig.from_neox_yaml(shared / "neox-configs" / "pythia" / "pythia-70m.yml")
     assert cfg.working_model().param_dtype == "float16" and cfg.model.param_dtype == "float32"
+
+
+def test_a_diverging_run_stops_before_saving_and_keeps_its_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    from neox_jax.loop import TrainingError
+    from neox_jax.pretrained import abstract_params
+    from neox_jax.train import Trainer
+
+    step = Trainer._step
+
+    def diverging(self, state, batch):  # from the 4th step on, the loss and the weights turn NaN
+        new, metrics = step(self, state, batch)
+        poison = jax.numpy.where(state.step >= 3, jax.numpy.nan, 0.0)
+        new = dataclasses.replace(new, params=jax.tree.map(lambda w: w + poison, new.params))
+        return new, {**metrics, "loss": metrics["loss"] + poison}
+
+    monkeypatch.setattr(Trainer, "_step", diverging)
+    cfg = config(corpus, tmp_path, save_interval=1, keep_last=2, train_iters=8)
+    with pytest.raises(TrainingError, match="step 4: loss nan"):
+        train(cfg, show_progress=False)
+    c = ckpt.TrainCheckpointer(cfg.save)
+    assert c.all_steps() == [2, 3]  # step 4 was never saved, and the good ones were not rotated away
+    weights = c.restore_weights(3, abstract_params(cfg.model))
+    assert all(np.isfinite(np.asarray(w)).all() for w in jax.tree.leaves(weights))
+    c.close()

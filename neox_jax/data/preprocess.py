@@ -155,7 +155,8 @@ def _chunks(inputs: Sequence[str]) -> Iterator[list[tuple[str, int, bytes]]]:
 
 def preprocess(inputs: Sequence[str | os.PathLike], tokenizer: str | os.PathLike, output_prefix: str,
                jsonl_keys: Sequence[str] = ("text",), append_eod: bool = False, workers: int = 1,
-               strict: bool = False, show_progress: bool = True, log=sys.stderr) -> Summary:
+               strict: bool = False, show_progress: bool = True, log=None) -> Summary:
+    log = log or sys.stderr  # looked up at call time, so a caller's redirection applies
     inputs = [str(p) for p in inputs]
     for p in inputs:
         if not Path(p).is_file():
