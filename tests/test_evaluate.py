@@ -81,6 +81,7 @@ output_type: {kind}
 """
 
 
+@pytest.mark.slow
 def test_lm_eval_backend_matches_lm_evals_hf_backend(pair, tmp_path, monkeypatch):
     lm_eval = require("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -130,6 +131,7 @@ def test_lm_eval_backend_matches_lm_evals_hf_backend(pair, tmp_path, monkeypatch
             assert float(la[0]) == pytest.approx(float(lb[0]), abs=1e-4) and bool(la[1]) == bool(lb[1])
 
 
+@pytest.mark.slow
 def test_lm_eval_generate_until_batches_and_stops_like_lm_evals_hf(pair, tmp_path, monkeypatch):
     require("lm_eval")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -38,6 +38,7 @@ def assert_trees_equal(a, b):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_identical_runs_and_exact_resume(corpus, tmp_path):
     full = train(config(corpus, tmp_path / "a"), show_progress=False)
     again = train(config(corpus, tmp_path / "b"), show_progress=False)
@@ -129,6 +130,7 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(corpus, tmp_path):
     assert "run the same command to resume" in out
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_fails_its_probe(corpus, tmp_path):
     cfg = config(corpus, tmp_path, train_iters=3)
     result = train(cfg, show_progress=False)
@@ -144,6 +146,7 @@ def test_corrupted_checkpoint_fails_its_probe(corpus, tmp_path):
         train(cfg.replace(train_iters=6), show_progress=False)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_names_the_first_mismatched_tensor(corpus, tmp_path):
     train(config(corpus, tmp_path, train_iters=2), show_progress=False)
     wider = config(corpus, tmp_path, train_iters=4, model={**MODEL, "intermediate_size": 96})
@@ -172,6 +175,7 @@ def test_train_cli_accepts_neox_yaml_settings(shared):
     assert cfg.working_model().param_dtype == "float16" and cfg.model.param_dtype == "float32"
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_before_saving_and_keeps_its_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     from neox_jax.loop import TrainingError
     from neox_jax.pretrained import abstract_params

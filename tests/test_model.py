@@ -128,6 +128,7 @@ def test_low_precision_compute_close_to_fp32(tmp_path, dtype, unit_roundoff):
     assert (lo.argmax(-1) == l32.argmax(-1)).mean() >= 0.97
 
 
+@pytest.mark.slow
 def test_remat_policies_give_same_loss_and_grads():
     cfg = NeoXConfig(vocab_size=128, hidden_size=32, num_layers=3, num_heads=2)
     ids = random_ids(128, (2, 24))

@@ -54,6 +54,7 @@ def test_accumulation_microsteps_feed_the_pipeline(reference):
     assert abs(float(loss) - ref_loss) <= 1e-5 and max_diff(grads, ref_grads) <= 1e-5
 
 
+@pytest.mark.slow
 def test_one_step_on_222_equals_one_device(reference):
     tokens, *_ = reference
     params = []

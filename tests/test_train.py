@@ -48,6 +48,7 @@ def test_sharded_loss_and_grads_equal_single_device(reference, mesh_shape, zero_
     assert max_diff(grads, ref_grads) <= 1e-5
 
 
+@pytest.mark.slow
 def test_one_optimizer_step_on_222_equals_single_device(reference):
     """Adam's first step is lr * g / (|g| + eps): with eps=1e-8 a gradient of 1e-8 turns a 1e-10 summation-order
     difference into a visible update difference, so this test takes eps=1e-6 to compare the layouts."""
