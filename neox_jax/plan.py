@@ -244,8 +244,11 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
     if device not in DEVICES:
         raise ValueError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
     mesh = make_mesh(cfg.mesh)
-    # The planner only lowers: fp16 has bf16's memory footprint, so plan it as bf16.
-    trainer = Trainer(cfg.replace(precision="bf16") if cfg.precision == "fp16" else cfg, mesh)
+    # The planner only lowers: fp16 has bf16's memory footprint, so plan it as bf16 (the model's own dtype fields
+    # play no part in training: `precision` sets them).
+    if cfg.precision == "fp16":
+        cfg = cfg.replace(precision="bf16", model=cfg.model.replace(dtype="float32", param_dtype="float32"))
+    trainer = Trainer(cfg, mesh)
     state, batch = trainer.abstract_state(), trainer.abstract_batch()
     t0 = time.perf_counter()
     compiled = trainer.step.lower(state, batch).compile()

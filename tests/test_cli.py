@@ -48,3 +48,15 @@ def test_public_api_resolves_and_lists_itself():
         assert getattr(neox_jax, name) is not None, name
     assert set(neox_jax.__all__) <= set(dir(neox_jax))
     assert callable(neox_jax.generate) and neox_jax.generate.__module__ == "neox_jax.generation"
+
+
+def test_plan_fills_a_free_mesh_axis(shared):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # plan emulates its own devices
+    out = subprocess.run([sys.executable, "-m", "neox_jax.cli", "plan", str(shared / "neox-configs" / "20B.yml")],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    # GPT-NeoX's 20B.yml leaves data free (-1): the smallest mesh of its layout, data=1, does not fit 40 GiB
+    assert "mesh {'data': 1, 'pipe': 4, 'tensor': 2} on 8 devices" in out and "does NOT fit" in out
