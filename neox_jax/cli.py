@@ -233,11 +233,12 @@ def cmd_generate(args):
 
     from neox_jax.distributed import is_primary
     from neox_jax.generation import Generator, Sampling
-    from neox_jax.pretrained import load_tokenizer
+    from neox_jax.pretrained import check_vocab, load_tokenizer
 
     tok = load_tokenizer(args.model, args.tokenizer)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # bad values fail before loading
     model = _inference_model(args)
+    check_vocab(tok, model.config, "--tokenizer")
     generator = Generator(model)
     stop = [tok.eod_id] + [int(t) for t in args.stop_ids]
 
@@ -286,12 +287,13 @@ def cmd_eval(args):
     from neox_jax.data.preprocess import parse_record, read_records
     from neox_jax.distributed import is_primary
     from neox_jax.evaluate import Scorer, perplexity
-    from neox_jax.pretrained import load_tokenizer
+    from neox_jax.pretrained import check_vocab, load_tokenizer
 
     tok = load_tokenizer(args.model, args.tokenizer)
     texts = [t for _, raw in read_records(args.data)
              for t in parse_record(raw, str(args.data).endswith(".txt"), ["text"])]
     model = _inference_model(args)
+    check_vocab(tok, model.config, "--tokenizer")
     scorer = Scorer(model, max_length=args.max_length, batch_size=args.batch_size)
     result = perplexity(scorer, tok.encode_batch(texts), tok.eod_id, sum(len(t.encode()) for t in texts))
     if is_primary():

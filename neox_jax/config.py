@@ -45,6 +45,7 @@ class NeoXConfig:
     eos_token_id: int = 0
 
     def __post_init__(self):
+        _check_types(self)
         if self.intermediate_size == 0:
             object.__setattr__(self, "intermediate_size", 4 * self.hidden_size)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -56,6 +57,9 @@ class NeoXConfig:
             raise ConfigError(
                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}: "
                 "change one so that head_dim = hidden_size / num_heads is a whole number")
+        for name in ("rotary_base", "layer_norm_eps", "init_std"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be positive")
         if not 0.0 < self.rotary_pct <= 1.0:
             raise ConfigError(f"rotary_pct={self.rotary_pct}: must be in (0, 1]")
         if self.rotary_ndims % 2 or self.rotary_ndims == 0:
@@ -136,6 +140,27 @@ def _check_keys(d: Mapping[str, Any], cls, what: str):
             near = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
             raise ConfigError(f"unknown {what} {key!r}"
                               + (f"; did you mean {near[0]!r}?" if near else f"; valid settings: {', '.join(fields)}"))
+
+
+_TYPES = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+          "bool": ((bool,), "true or false")}
+
+
+def _check_types(cfg):
+    """Each setting of a plain type has that type: a float `train_iters` or a string `seed` is refused here, not
+    after a compile. A number written as a string where a float goes (YAML reads `6e-4` as a string) is read."""
+    for f in dataclasses.fields(cfg):
+        kinds, what = _TYPES.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""), (None, ""))
+        value = getattr(cfg, f.name)
+        if kinds and float in kinds and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+            else:
+                object.__setattr__(cfg, f.name, value)
+        if kinds and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+            raise ConfigError(f"{f.name}={value!r}: expected {what}, got {type(value).__name__}")
 
 
 def apply_overrides(cfg: "TrainConfig", pairs: list[str]) -> "TrainConfig":
@@ -248,6 +273,7 @@ class TrainConfig:
     heartbeat_timeout: int = 100  # seconds without a heartbeat after which a process counts as dead
 
     def __post_init__(self):
+        _check_types(self)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.zero_stage not in (0, 1, 3):
@@ -269,11 +295,39 @@ class TrainConfig:
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         object.__setattr__(self, "mesh", dict(self.mesh))
+        self._check_domains()
         for name in ("dtype", "param_dtype"):
             value = getattr(self.model, name)
             if value not in ("float32", self.working_dtype):
                 raise ConfigError(f"model.{name}={value!r} conflicts with precision={self.precision!r}: training sets "
                                   f"both dtypes from `precision`; remove model.{name} or change precision")
+
+    def _check_domains(self):
+        """Numbers outside the range where they mean something, each named with the setting to change."""
+        def need(ok: bool, name: str, rule: str):
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: {rule}")
+
+        need(self.lr > 0, "lr", "the learning rate must be positive")
+        need(0 <= self.min_lr <= self.lr, "min_lr", f"must be between 0 and lr={self.lr}")
+        need(self.warmup >= 0, "warmup", "a fraction of lr_decay_iters (< 1) or a number of steps (>= 1), not negative")
+        need(self.lr_decay_iters >= 0, "lr_decay_iters", "0 (train_iters) or a number of steps")
+        need(len(self.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                          for b in self.betas), "betas", "two numbers in [0, 1)")
+        need(self.eps > 0, "eps", "Adam's epsilon must be positive")
+        need(self.weight_decay >= 0, "weight_decay", "must be 0 or positive")
+        need(self.grad_clip >= 0, "grad_clip", "a gradient-norm limit (0 turns clipping off), not negative")
+        need(0 <= self.initial_scale_power <= 64, "initial_scale_power", "the fp16 loss scale is 2^this: 0 to 64")
+        need(self.min_loss_scale > 0, "min_loss_scale", "must be positive")
+        need(self.max_skipped_in_a_row >= 1, "max_skipped_in_a_row", "must be at least 1")
+        need(self.pipe_microbatches >= 0, "pipe_microbatches", "0 (automatic) or a number of microbatches")
+        need(self.keep_every >= 0, "keep_every", "0 (off) or a number of steps")
+        need(self.eval_iters >= 0, "eval_iters", "0 (no validation) or a number of batches")
+        need(self.peak_tflops >= 0, "peak_tflops", "0 (from the device kind) or the device's peak")
+        need(all(isinstance(w, (int, float)) and w > 0 for w in self.data_weights), "data_weights",
+             "every weight must be a positive number")
+        need(not self.lr_decay_iters or self.warmup_iters <= self.decay_iters, "warmup",
+             f"gives {self.warmup_iters} warmup steps, more than the {self.decay_iters} decay steps")
 
     @property
     def working_dtype(self) -> str:

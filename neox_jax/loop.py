@@ -305,6 +305,11 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None, show_progress: bool
     """Train to `cfg.train_iters` (or for at most `max_steps` more steps in this call), resuming from the
     latest checkpoint in `cfg.save` when there is one."""
     console = Console(print_fn, show_progress)
+    if cfg.tokenizer:  # before anything is built: a wrong tokenizer would only show in the sample at the end
+        from neox_jax.data.tokenizer import NeoXTokenizer
+        from neox_jax.pretrained import check_vocab
+
+        check_vocab(NeoXTokenizer(cfg.tokenizer), cfg.model, "tokenizer")
     mesh = make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
     B, dp = trainer.global_batch_size, mesh.shape["data"]

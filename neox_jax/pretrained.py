@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from neox_jax import checkpoint
 from neox_jax import sharding as shd
-from neox_jax.config import NeoXConfig
+from neox_jax.config import ConfigError, NeoXConfig
 from neox_jax.convert import hf
 from neox_jax.model import GPTNeoX, abstract_model, with_params
 
@@ -88,3 +88,12 @@ def load_tokenizer(model_path: str | os.PathLike, tokenizer: str | os.PathLike |
         raise FileNotFoundError(f"{model_path} has no tokenizer.json beside its weights and names none: give "
                                 "--tokenizer with the tokenizer.json the model was trained with")
     return NeoXTokenizer(found)
+
+
+def check_vocab(tokenizer, config: NeoXConfig, setting: str):
+    """A tokenizer whose ids reach past the model's embedding would index garbage (NaN losses, empty text):
+    refuse it before anything is compiled, naming the setting that chose it."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(f"{setting}={tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                          f"{config.vocab_size}: its ids would fall outside the embedding; use the model's own "
+                          "tokenizer or a model with a larger vocab_size")

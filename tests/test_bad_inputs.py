@@ -1,0 +1,116 @@
+"""Bad input a user can make: a clear error naming the value and the setting, before anything is compiled,
+with nothing on disk touched. (The categories of issue 13; more of them to come.)"""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from neox_jax.config import ConfigError, NeoXConfig, TrainConfig
+from neox_jax.loop import train
+
+from .conftest import TINY_MODEL
+
+# ---- settings outside their domain, or of the wrong type -----------------------------------------------------
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("lr", -1e-4, "lr=-0.0001: the learning rate must be positive"),
+    ("lr", "fast", "lr='fast': expected a number, got str"),
+    ("min_lr", 1.0, "min_lr=1.0: must be between 0 and lr"),
+    ("warmup", -0.5, "warmup=-0.5: a fraction of lr_decay_iters"),
+    ("grad_clip", -1.0, "grad_clip=-1.0: a gradient-norm limit"),
+    ("eps", 0.0, "eps=0.0: Adam's epsilon must be positive"),
+    ("betas", [0.9, 1.5], "betas=(0.9, 1.5): two numbers in [0, 1)"),
+    ("betas", [0.9], "betas=(0.9,): two numbers in [0, 1)"),
+    ("betas", ["a", 0.9], "betas=('a', 0.9): two numbers in [0, 1)"),
+    ("train_iters", 100.5, "train_iters=100.5: expected a whole number, got float"),
+    ("seed", "abc", "seed='abc': expected a whole number, got str"),
+    ("log_interval", True, "log_interval=True: expected a whole number, got bool"),
+    ("weight_decay", -0.1, "weight_decay=-0.1: must be 0 or positive"),
+    ("initial_scale_power", 99, "initial_scale_power=99: the fp16 loss scale is 2^this"),
+    ("keep_every", -2, "keep_every=-2: 0 (off) or a number of steps"),
+    ("data_weights", [1.0, -1.0], "data_weights=(1.0, -1.0): every weight must be a positive number"),
+    ("precision", "fp8", "precision='fp8': choose one of fp32, bf16, fp16"),
+    ("zero_stage", 2, "zero_stage=2: choose 0, 1 or 3"),
+])
+def test_settings_outside_their_domain_name_the_setting(setting, value, says):
+    base = {"model": TINY_MODEL, "seq_length": 32, "data_paths": ["a", "b"]}
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict({**base, setting: value})
+    assert says in str(e.value)
+
+
+@pytest.mark.parametrize("setting, value", [("rotary_base", 0.0), ("layer_norm_eps", -1e-5), ("init_std", 0.0),
+                                            ("num_layers", 2.0), ("activation", "relu")])
+def test_model_settings_outside_their_domain(setting, value):
+    with pytest.raises(ConfigError, match=f"{setting}="):
+        NeoXConfig(**{**TINY_MODEL, setting: value})
+
+
+def test_a_number_yaml_reads_as_a_string_is_read_as_the_number():
+    assert TrainConfig(lr="6e-4").lr == 6e-4  # YAML 1.1 reads `lr: 6e-4` as a string
+
+
+def _write(cfg: dict, path):
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_the_cli_refuses_a_bad_override_before_compiling_and_writes_nothing(corpus, tmp_path):
+    cfg = {"model": TINY_MODEL, "mesh": {"data": 2, "pipe": 1, "tensor": 1}, "seq_length": 32, "train_iters": 3,
+           "data_paths": [corpus], "save": str(tmp_path / "run")}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "neox_jax.cli", "train", str(_write(cfg, tmp_path / "c.yml")),
+                          "lr=-3"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "error: lr=-3: the learning rate must be positive" in out.stderr
+    assert "compiled" not in out.stdout and time.perf_counter() - start < 30
+    assert not (tmp_path / "run").exists()
+
+
+# ---- vocabulary mismatches -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_tokenizer(tmp_path_factory):
+    from neox_jax.data.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    texts = [f"word{i} other{i * 7} thing{i * 13}" for i in range(2000)]
+    return train_tokenizer(texts, 1024, folder / "tokenizer.json")
+
+
+def test_training_with_a_tokenizer_larger_than_the_vocabulary_is_refused_first(corpus, tmp_path, big_tokenizer):
+    cfg = TrainConfig.from_dict({"model": TINY_MODEL, "mesh": {"data": 1}, "seq_length": 32, "train_iters": 2,
+                                 "data_paths": [corpus], "tokenizer": str(big_tokenizer), "save": str(tmp_path / "r")})
+    messages = []
+    with pytest.raises(ConfigError, match=r"tokenizer=.* has 1024 tokens but the model's vocab_size is 128"):
+        train(cfg, show_progress=False, print_fn=messages.append)
+    assert messages == [] and not (tmp_path / "r").exists()  # nothing compiled, nothing written
+
+
+def test_a_missing_tokenizer_is_found_before_training_not_after(corpus, tmp_path):
+    cfg = TrainConfig.from_dict({"model": TINY_MODEL, "mesh": {"data": 1}, "seq_length": 32, "train_iters": 2,
+                                 "data_paths": [corpus], "tokenizer": str(tmp_path / "nope.json"),
+                                 "sample_prompt": "x"})
+    with pytest.raises(FileNotFoundError, match="nope.json not found"):
+        train(cfg, show_progress=False, print_fn=lambda _: pytest.fail("started training"))
+
+
+def test_generate_refuses_a_tokenizer_larger_than_the_model(tmp_path, big_tokenizer):
+    import jax
+    import numpy as np
+
+    from neox_jax.checkpoint import save_params_checkpoint
+    from neox_jax.pretrained import abstract_params
+
+    config = NeoXConfig(**TINY_MODEL)
+    params = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract_params(config))
+    save_params_checkpoint(tmp_path / "m", params, config)
+    out = subprocess.run([sys.executable, "-m", "neox_jax.cli", "generate", "--model", str(tmp_path / "m"),
+                          "--tokenizer", str(big_tokenizer), "--prompt", "word1"], capture_output=True, text=True)
+    assert out.returncode == 2 and "--tokenizer=" in out.stderr and "vocab_size is 128" in out.stderr
