@@ -158,7 +158,8 @@ class TrainCheckpointer:
                                                         sharding=getattr(v, "sharding", None) or local)
                   for k, v in flat.items()}
         restored = self._restore(step, target, partial=True)
-        return jax.tree_util.tree_unflatten(treedef, [restored[f"{source}/{k}"].astype(v.dtype) for k, v in flat.items()])
+        return jax.tree_util.tree_unflatten(treedef,
+                                            [restored[f"{source}/{k}"].astype(v.dtype) for k, v in flat.items()])
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -256,6 +256,7 @@ class TrainConfig:
     data_weights: tuple[float, ...] = ()
     split: str = "969,30,1"
     tokenizer: str = ""  # tokenizer.json, for samples printed during training
+    data_cache_dir: str = ""  # where the index maps are cached ("" = beside the data, as GPT-NeoX does)
     # evaluation, checkpoints, logging
     eval_interval: int = 1000
     eval_iters: int = 10

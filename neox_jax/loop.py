@@ -169,8 +169,9 @@ class Recorder:
         values["step_time"] = seconds
         values["tokens_per_sec"] = self.tokens_per_step / seconds
         per_device = seconds * self.devices * 1e12
-        values["tflops_per_device_6n"] = flops_6n(self.cfg.model, self.cfg.seq_length, self.tokens_per_step) / per_device
-        values["tflops_per_device_neox"] = flops_neox(self.cfg.model, self.cfg.seq_length, self.global_batch) / per_device
+        model, seq = self.cfg.model, self.cfg.seq_length
+        values["tflops_per_device_6n"] = flops_6n(model, seq, self.tokens_per_step) / per_device
+        values["tflops_per_device_neox"] = flops_neox(model, seq, self.global_batch) / per_device
         if self.peak:
             values["mfu_6n"] = values["tflops_per_device_6n"] / self.peak
             values["mfu_neox"] = values["tflops_per_device_neox"] / self.peak
@@ -197,7 +198,8 @@ class Evaluator:
         if self.local is None:
             return None
         first = step // self.cfg.eval_interval * self.cfg.eval_iters
-        losses = [self.trainer.eval_loss(params, self.local.device_batch(first + i)) for i in range(self.cfg.eval_iters)]
+        losses = [self.trainer.eval_loss(params, self.local.device_batch(first + i))
+                  for i in range(self.cfg.eval_iters)]
         self.losses[step] = loss = float(np.mean([float(x) for x in losses]))
         return loss
 
@@ -291,7 +293,7 @@ def _datasets(cfg: TrainConfig, global_batch: int):
     valid_samples = (cfg.train_iters // cfg.eval_interval + 1) * cfg.eval_iters * global_batch
     train, valid, _ = build_split_datasets(list(cfg.data_paths), list(cfg.data_weights) or None, cfg.split,
                                            [cfg.train_iters * global_batch, valid_samples, 0], cfg.seq_length,
-                                           cfg.seed)
+                                           cfg.seed, cfg.data_cache_dir or None)
     if train is None:
         raise ConfigError(f"split={cfg.split!r} leaves no training documents")
     return train, valid

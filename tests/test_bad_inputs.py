@@ -114,3 +114,63 @@ def test_generate_refuses_a_tokenizer_larger_than_the_model(tmp_path, big_tokeni
     out = subprocess.run([sys.executable, "-m", "neox_jax.cli", "generate", "--model", str(tmp_path / "m"),
                           "--tokenizer", str(big_tokenizer), "--prompt", "word1"], capture_output=True, text=True)
     assert out.returncode == 2 and "--tokenizer=" in out.stderr and "vocab_size is 128" in out.stderr
+
+
+# ---- index-map caches ------------------------------------------------------------------------------------------
+
+
+def _documents(path, seed: int, n: int = 60):
+    import numpy as np
+
+    from neox_jax.data.indexed import IndexedDatasetWriter
+
+    rng = np.random.RandomState(seed)
+    with IndexedDatasetWriter(path, np.uint16) as w:
+        for _ in range(n):
+            w.add_document(rng.randint(0, 500, rng.randint(5, 40)))
+
+
+def _samples(prefix, cache_dir):
+    import numpy as np
+
+    from neox_jax.data.dataset import GPTDataset
+    from neox_jax.data.indexed import IndexedDataset
+
+    ds = GPTDataset(IndexedDataset(prefix), np.arange(50), 100, 16, seed=3, cache_dir=cache_dir)
+    return np.stack([ds[i] for i in range(100)])
+
+
+def test_data_written_again_under_the_same_prefix_gets_fresh_index_maps(tmp_path):
+    import numpy as np
+
+    _documents(tmp_path / "d", seed=0)
+    old = _samples(tmp_path / "d", None)  # maps cached beside the data
+    time.sleep(0.01)
+    _documents(tmp_path / "d", seed=1)  # other documents, same prefix: the cached maps no longer fit
+    again = _samples(tmp_path / "d", None)
+    fresh = _samples(tmp_path / "d", tmp_path / "empty-cache")
+    np.testing.assert_array_equal(again, fresh)
+    assert not np.array_equal(again, old)
+
+
+def test_preprocessing_a_prefix_again_removes_its_maps(tmp_path):
+    import json
+
+    from neox_jax.data.preprocess import preprocess
+    from neox_jax.data.tokenizer import train_tokenizer
+
+    texts = [f"line {i} of some text with words {i * 3}" for i in range(200)]
+    tok = train_tokenizer(texts, 300, tmp_path / "tok.json")
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    preprocess([tmp_path / "a.jsonl"], tok, str(tmp_path / "p"), show_progress=False)
+    _samples(tmp_path / "p_text_document", None)
+    assert list(tmp_path.glob("p_text_document_*_indexmap_*"))
+    preprocess([tmp_path / "a.jsonl"], tok, str(tmp_path / "p"), show_progress=False)
+    assert not list(tmp_path.glob("p_text_document_*_indexmap_*"))
+
+
+def test_an_unwritable_cache_folder_names_data_cache_dir(tmp_path):
+    _documents(tmp_path / "d", seed=0)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OSError, match="set data_cache_dir to a writable folder"):
+        _samples(tmp_path / "d", tmp_path / "file" / "cache")

@@ -189,7 +189,8 @@ def test_generate_and_perplexity_across_two_processes_equal_one(tmp_path):
     (tmp_path / "model" / "tokenizer.json").write_bytes(Path(tok).read_bytes())
     (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:6]))
     generate = ["generate", "--model", str(model), "--prompt", "def f(", "--max-new-tokens", "12"]
-    evaluate = ["eval", "perplexity", "--model", str(model), "--data", str(tmp_path / "text.jsonl"), "--max-length", "32"]
+    evaluate = ["eval", "perplexity", "--model", str(model), "--data", str(tmp_path / "text.jsonl"),
+                "--max-length", "32"]
 
     def one(args):
         return subprocess.run([sys.executable, "-m", "neox_jax.cli", *args], env=ENV, capture_output=True, text=True,

@@ -8,12 +8,14 @@ The order comes from three index maps built with one `np.random.RandomState(seed
     shuffle_idx  a permutation of the samples, shuffled with the same generator
 
 so the same data, seq_length, seed and sample count give the samples GPT-NeoX gives. The maps are cached
-as .npy beside the data under GPT-NeoX's file names, written atomically. A batch is a pure function of
-(seed, step): there is no iterator state to save.
+as .npy beside the data (or in `data_cache_dir`) under GPT-NeoX's file names, written atomically, with a stamp
+of the data they came from: maps of other data (a prefix preprocessed again) are rebuilt, never reused.
+A batch is a pure function of (seed, step): there is no iterator state to save.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from neox_jax.atomic import atomic_path
+from neox_jax.atomic import atomic_path, write_json
 from neox_jax.data.indexed import IndexedDataset
 
 
@@ -81,6 +83,22 @@ def build_shuffle_idx(size: int, rng: np.random.RandomState) -> np.ndarray:
     return shuffle
 
 
+def source_stamp(prefix: str) -> dict:
+    """What the index maps were built from: size and modification time of the .bin and .idx."""
+    files = (Path(f"{prefix}.bin"), Path(f"{prefix}.idx"))
+    return {p.suffix[1:]: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
+def remove_index_maps(prefix: str | os.PathLike, folder: str | os.PathLike | None = None) -> list[Path]:
+    """Delete the cached index maps (and their stamps) of a data prefix: preprocessing that overwrites the data
+    calls this, so no map of the old data survives."""
+    prefix = Path(prefix)
+    gone = sorted(Path(folder or prefix.parent).glob(f"{prefix.name}_*_indexmap_*"))
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
 def _save_atomic(path: Path, array: np.ndarray):
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
@@ -98,7 +116,10 @@ class GPTDataset:
         stem = f"{Path(indexed.prefix).name}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s_packedpi"
         folder = Path(cache_dir) if cache_dir else Path(indexed.prefix).parent
         files = {k: folder / f"{stem}_{k}_idx.npy" for k in ("doc", "sample", "shuffle")}
-        if all(f.is_file() for f in files.values()):
+        stamp_file, stamp = folder / f"{stem}_source.json", source_stamp(indexed.prefix)
+        # Maps without a stamp (GPT-NeoX's own) are trusted; stamped ones only for the data they were built from.
+        fresh = not stamp_file.is_file() or json.loads(stamp_file.read_text()) == stamp
+        if all(f.is_file() for f in files.values()) and fresh:
             maps = {k: np.load(f, mmap_mode="r", allow_pickle=False) for k, f in files.items()}
         else:
             tokens_per_epoch = int(indexed.sizes[documents].astype(np.int64).sum())
@@ -107,9 +128,14 @@ class GPTDataset:
             doc_idx = build_doc_idx(documents, epochs, rng)
             sample_idx = build_sample_idx(indexed.sizes, doc_idx, seq_length, epochs, tokens_per_epoch)
             maps = {"doc": doc_idx, "sample": sample_idx, "shuffle": build_shuffle_idx(len(sample_idx) - 1, rng)}
-            folder.mkdir(parents=True, exist_ok=True)
-            for k, f in files.items():
-                _save_atomic(f, maps[k])
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                for k, f in files.items():
+                    _save_atomic(f, maps[k])
+                write_json(stamp_file, stamp)
+            except OSError as e:
+                raise OSError(f"cannot write the index maps of {indexed.prefix} into {folder} ({e.strerror}): set "
+                              "data_cache_dir to a writable folder") from None
         self.doc_idx, self.sample_idx, self.shuffle_idx = maps["doc"], maps["sample"], maps["shuffle"]
 
     def __len__(self) -> int:

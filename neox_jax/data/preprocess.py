@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from neox_jax.atomic import temp_path
+from neox_jax.data.dataset import remove_index_maps
 from neox_jax.data.indexed import IndexedDatasetWriter, token_dtype
 from neox_jax.data.tokenizer import NeoXTokenizer
 from neox_jax.progress import progress
@@ -211,9 +212,10 @@ def preprocess(inputs: Sequence[str | os.PathLike], tokenizer: str | os.PathLike
     finally:
         if pool is not None:
             pool.terminate()
-    for w in writers.values():
+    for key, w in writers.items():
         w.finalize()
         summary.outputs += [str(w.bin_path), str(w.idx_path)]
+        remove_index_maps(f"{output_prefix}_{key}_document")  # maps of the data this replaced
     if summary.rejected:
         os.replace(rejects_tmp, rejects_path)
         summary.outputs.append(str(rejects_path))
