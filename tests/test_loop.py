@@ -161,7 +161,7 @@ def test_unknown_config_key_names_the_nearest(corpus, tmp_path):
     cfg = config(corpus, tmp_path)
     with pytest.raises(ConfigError, match="did you mean 'num_layers'"):
         apply_overrides(cfg, ["model.num_layer=3"])
-    assert apply_overrides(cfg, ["model.num_layers=3", "lr=1e-4"]).model.num_layers == 3
+    assert apply_overrides(cfg, ["model.num_layers=3", "lr=1e-3"]).model.num_layers == 3
     with pytest.raises(ConfigError, match="data_paths is empty"):
         train(cfg.replace(data_paths=()), show_progress=False)
 

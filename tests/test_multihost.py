@@ -219,8 +219,8 @@ def test_hostfile_launch_over_ssh_quotes_every_argument(tmp_path):
     fake_ssh.chmod(0o755)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two hosts\nlocalhost slots=8\n127.0.0.1 slots=8\n")
-    probe = ("import os, sys; print(os.environ['NEOX_PROCESS_ID'], os.environ['NEOX_NUM_PROCESSES'], "
-             "os.environ['NEOX_COORDINATOR'], sys.argv[1])")
+    probe = ("import os, sys; e = os.environ; os.write(1, ' '.join([e['NEOX_PROCESS_ID'], e['NEOX_NUM_PROCESSES'], "
+             "e['NEOX_COORDINATOR'], sys.argv[1]]).encode() + b'\\n')")  # one write: the two lines cannot interleave
     tricky = "a b; touch pwned $(touch pwned2)"
     out = subprocess.run([*LAUNCH, "--hostfile", str(hostfile), "--port", "4321", "--ssh", str(fake_ssh), "--",
                           sys.executable, "-c", probe, tricky], env=ENV, cwd=tmp_path, capture_output=True,
