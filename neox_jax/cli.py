@@ -286,16 +286,20 @@ def cmd_eval(args):
 
     from neox_jax.data.preprocess import parse_record, read_records
     from neox_jax.distributed import is_primary
-    from neox_jax.evaluate import Scorer, perplexity
+    from neox_jax.evaluate import Scorer, check_window, perplexity
     from neox_jax.pretrained import check_vocab, load_tokenizer
 
+    check_window(args.max_length, args.batch_size)  # everything about the input before the model loads
     tok = load_tokenizer(args.model, args.tokenizer)
     texts = [t for _, raw in read_records(args.data)
              for t in parse_record(raw, str(args.data).endswith(".txt"), ["text"])]
+    documents = tok.encode_batch(texts)
+    if not sum(map(len, documents)):
+        raise ValueError(f"--data {args.data}: no text to score (the file is empty, or its records have no `text`)")
     model = _inference_model(args)
     check_vocab(tok, model.config, "--tokenizer")
     scorer = Scorer(model, max_length=args.max_length, batch_size=args.batch_size)
-    result = perplexity(scorer, tok.encode_batch(texts), tok.eod_id, sum(len(t.encode()) for t in texts))
+    result = perplexity(scorer, documents, tok.eod_id, sum(len(t.encode()) for t in texts))
     if is_primary():
         print(json.dumps(result, indent=2))
     return 0

@@ -37,11 +37,19 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, max_len: int) -> l
     return [(ctx[:len(ctx) - (len(cont) - 1)], cont) for ctx, cont in out]
 
 
+def check_window(max_length: int | None, batch_size: int):
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length={max_length} (--max-length): the window must hold at least one token")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} (--batch-size): must be at least 1")
+
+
 class Scorer:
     """Batched, compiled log-likelihoods for one model."""
 
     def __init__(self, model: GPTNeoX, max_length: int | None = None, batch_size: int = 16, bucket: int = 64):
         self.graphdef, self.params = nnx.split(model)
+        check_window(max_length, batch_size)
         self.max_length = max_length or model.config.max_position_embeddings
         if self.max_length > model.config.max_position_embeddings:
             raise ValueError(f"max_length={self.max_length} exceeds the model's max_position_embeddings="
@@ -91,8 +99,10 @@ def perplexity(scorer: Scorer, documents: Sequence[Sequence[int]], prefix_token:
                num_bytes: int | None = None) -> dict:
     """Token-level perplexity over documents (each scored on its own, rolling windows), and bits per byte
     when the text's byte count is given."""
-    nll = -sum(scorer.rolling_loglikelihood(doc, prefix_token) for doc in documents)
     tokens = sum(len(d) for d in documents)
+    if not tokens:
+        raise ValueError(f"nothing to score: {len(documents)} documents and no tokens (an empty --data file?)")
+    nll = -sum(scorer.rolling_loglikelihood(doc, prefix_token) for doc in documents)
     out = {"documents": len(documents), "tokens": tokens, "nll_per_token": nll / max(tokens, 1),
            "perplexity": math.exp(nll / max(tokens, 1))}
     if num_bytes:

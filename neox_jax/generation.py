@@ -34,6 +34,9 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
+        for name in ("temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)} (--{name.replace('_', '-')}): must be a finite number")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 is greedy)")
         if self.top_k < 0:

@@ -174,3 +174,91 @@ def test_an_unwritable_cache_folder_names_data_cache_dir(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(OSError, match="set data_cache_dir to a writable folder"):
         _samples(tmp_path / "d", tmp_path / "file" / "cache")
+
+
+# ---- GPT-NeoX settings this model does not implement ------------------------------------------------------------
+
+NEOX_BASE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "pos_emb": "rotary",
+             "no_weight_tying": True, "hidden_dropout": 0, "attention_dropout": 0}
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"attention_config": [[["local"], 2]]}, "attention_config ['local'] is not supported"),
+    ({"attention_config": [[["global", "sparse_fixed"], 2]]}, "attention_config ['global', 'sparse_fixed']"),
+    ({"sparsity_config": {"block": 16}}, "sparsity_config is set: sparse attention is not supported"),
+    ({"moe_num_experts": 8}, "moe_num_experts=8 is not supported"),
+    ({"use_bias_in_attn_linear": False}, "use_bias_in_attn_linear=False is not supported"),
+    ({"use_bias_in_mlp": False}, "use_bias_in_mlp=False is not supported"),
+    ({"mlp_type": "llama"}, "mlp_type='llama' is not supported"),
+    ({"hidden_dropout": 0.1}, "hidden_dropout=0.1 is not supported"),
+    ({"attention_dropout": None}, "attention_dropout=None"),
+    ({"activation": "swiglu"}, "activation='swiglu' is not supported"),
+    ({"norm": "rmsnorm"}, "norm='rmsnorm' is not supported"),
+])
+def test_neox_yaml_settings_we_do_not_implement_are_refused(tmp_path, changes, says):
+    f = tmp_path / "m.yml"
+    f.write_text(yaml.safe_dump({**NEOX_BASE, **changes}))
+    with pytest.raises(ConfigError, match=__import__("re").escape(says)):
+        NeoXConfig.from_neox_yaml(f)
+
+
+def test_neox_yaml_dropout_left_at_gpt_neox_default_is_refused(tmp_path):
+    f = tmp_path / "m.yml"
+    f.write_text(yaml.safe_dump({k: v for k, v in NEOX_BASE.items() if k != "hidden_dropout"}))
+    with pytest.raises(ConfigError, match=r"hidden_dropout=0.1 \(GPT-NeoX's default\) is not supported"):
+        NeoXConfig.from_neox_yaml(f)
+
+
+def test_neox_yaml_another_optimizer_is_refused(tmp_path):
+    f = tmp_path / "m.yml"
+    f.write_text(yaml.safe_dump({**NEOX_BASE, "optimizer": {"type": "Lion", "params": {"lr": 1e-4}}}))
+    with pytest.raises(ConfigError, match="optimizer type 'Lion' is not supported"):
+        TrainConfig.from_yaml(f)
+    f.write_text(yaml.safe_dump({**NEOX_BASE, "attention_config": [[["flash"], 2]],
+                                 "optimizer": {"type": "Adam", "params": {"lr": 1e-4}}}))
+    assert TrainConfig.from_yaml(f).lr == 1e-4  # flash attention and Adam are what we run
+
+
+# ---- edge inputs of eval, generate and preprocess ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--max-length", "-1"], "max_length=-1 (--max-length)"),
+    (["--batch-size", "0"], "batch_size=0 (--batch-size)"),
+])
+def test_eval_refuses_impossible_windows_before_loading(tmp_path, capsys, flags, says, big_tokenizer):
+    from neox_jax.cli import main as cli
+
+    (tmp_path / "t.txt").write_text("some text")
+    code = cli(["eval", "perplexity", "--model", str(tmp_path / "no-model"), "--tokenizer", str(big_tokenizer),
+                "--data", str(tmp_path / "t.txt"), *flags])
+    assert code == 2 and says in capsys.readouterr().err
+
+
+def test_eval_of_an_empty_file_is_an_error_not_perplexity_one(tmp_path, capsys, big_tokenizer):
+    from neox_jax.cli import main as cli
+
+    (tmp_path / "empty.jsonl").write_text("")
+    code = cli(["eval", "perplexity", "--model", str(tmp_path / "no-model"), "--tokenizer", str(big_tokenizer),
+                "--data", str(tmp_path / "empty.jsonl")])
+    assert code == 2 and "no text to score" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--top-p", "inf")])
+def test_generate_refuses_non_finite_sampling_settings(tmp_path, capsys, flag, value, big_tokenizer):
+    from neox_jax.cli import main as cli
+
+    code = cli(["generate", "--model", str(tmp_path / "no-model"), "--tokenizer", str(big_tokenizer), "--prompt", "x",
+                flag, value])
+    assert code == 2 and f"({flag}): must be a finite number" in capsys.readouterr().err
+
+
+def test_preprocessing_where_every_record_is_bad_fails_and_writes_no_data(tmp_path, capsys, big_tokenizer):
+    from neox_jax.cli import main as cli
+
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\nnot json\n{"other": "x"}\n')
+    code = cli(["preprocess", "--input", str(tmp_path / "bad.jsonl"), "--tokenizer", str(big_tokenizer),
+                "--output-prefix", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and "all 3 records were rejected" in err
+    assert not list(tmp_path.glob("out_text_document.*")) and (tmp_path / "out_rejects.tsv").is_file()

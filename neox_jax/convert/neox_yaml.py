@@ -73,6 +73,35 @@ def load_neox_yaml(*paths: str | os.PathLike) -> dict:
     return merged
 
 
+# GPT-NeoX settings of which neox-jax implements one value: key -> (GPT-NeoX's default, that value). A config that
+# asks for another value (or leaves a default we do not implement, like GPT-NeoX's 0.1 dropout) is refused.
+ONLY = {
+    "norm": ("layernorm", "layernorm"),
+    "pos_emb": ("learned", "rotary"),
+    "no_weight_tying": (False, True),
+    "gpt_j_tied": (False, False),
+    "activation": ("gelu", "gelu"),
+    "mlp_type": ("regular", "regular"),
+    "moe_num_experts": (1, 1),
+    "use_bias_in_attn_linear": (True, True),
+    "use_bias_in_mlp": (True, True),
+    "use_bias_in_norms": (True, True),
+    "hidden_dropout": (0.1, 0),
+    "attention_dropout": (0.1, 0),
+    "output_layer_parallelism": ("column", "column"),
+}
+DENSE_ATTENTION = {"global", "flash"}  # "flash" is GPT-NeoX's kernel for the same dense causal attention
+OPTIMIZERS = {"adam", "adamw", "cpu_adam", "cpu_torch_adam"}  # apex/DeepSpeed Adam runs decoupled decay (AdamW)
+
+
+def _layers(attention_config, where: str):
+    """GPT-NeoX's `[[types, repeats], ...]` attention_config, checked for shape."""
+    try:
+        return [(list(types), int(n)) for types, n in attention_config]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: attention_config={attention_config!r}: expected [[[types], layers], ...]") from None
+
+
 def model_config(*paths: str | os.PathLike, tokenizer_vocab_size: int = NEOX_TOKENIZER_VOCAB,
              **overrides: Any) -> NeoXConfig:
     """Model config from GPT-NeoX YAML files, merged as GPT-NeoX merges them.
@@ -89,12 +118,16 @@ def model_config(*paths: str | os.PathLike, tokenizer_vocab_size: int = NEOX_TOK
     for key in ("num_layers", "hidden_size", "num_attention_heads"):
         if get(key) is None:
             raise ConfigError(f"{where}: {key} is not set in any of these files")
-    # key: (GPT-NeoX default, the only value this model implements)
-    for key, (default, needed) in {"norm": ("layernorm", "layernorm"), "pos_emb": ("learned", "rotary"),
-                                   "no_weight_tying": (False, True), "gpt_j_tied": (False, False),
-                                   "activation": ("gelu", "gelu")}.items():
+    for key, (default, needed) in ONLY.items():
         if get(key, default) != needed:
-            raise ConfigError(f"{where}: {key}={get(key, default)!r} is not supported; set {key}: {needed!r}")
+            raise ConfigError(f"{where}: {key}={get(key, default)!r}" + (" (GPT-NeoX's default)" if key not in args
+                              else "") + f" is not supported: neox-jax implements {key}: {needed!r} only")
+    for types, _ in _layers(get("attention_config") or [[["global"], 1]], where):
+        if set(types) - DENSE_ATTENTION:
+            raise ConfigError(f"{where}: attention_config {types} is not supported: neox-jax implements dense causal "
+                              f"attention only ({', '.join(sorted(DENSE_ATTENTION))}, the same function)")
+    if get("sparsity_config"):
+        raise ConfigError(f"{where}: sparsity_config is set: sparse attention is not supported")
     if get("num_kv_heads") not in (None, get("num_attention_heads")):
         raise ConfigError(f"{where}: num_kv_heads={get('num_kv_heads')} (grouped-query attention) is not supported")
     multiple = int(get("make_vocab_size_divisible_by", 128)) * int(get("model_parallel_size", 1) or 1)
@@ -133,7 +166,11 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
     """TrainConfig from GPT-NeoX YAML files: layout, batch, precision, optimizer, schedule, data, logging."""
     args = load_neox_yaml(*paths)
     model = model_config(*paths)
-    opt = (args.get("optimizer") or {}).get("params", {})
+    optimizer = args.get("optimizer") or {}
+    if str(optimizer.get("type", "adam")).lower() not in OPTIMIZERS:
+        raise ConfigError(f"{paths[0]}: optimizer type {optimizer['type']!r} is not supported: neox-jax trains with "
+                          "AdamW (GPT-NeoX's `Adam` with decoupled weight decay)")
+    opt = optimizer.get("params", {})
     precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[model.dtype]
     iters = int(args.get("train_iters", 1000))
     if "warmup" in args and float(args["warmup"]) >= 1:

@@ -204,6 +204,12 @@ def preprocess(inputs: Sequence[str | os.PathLike], tokenizer: str | os.PathLike
                         writers[key].add_document(arr)
                     summary.documents += 1
                     summary.tokens += sum(a.size for a in arrays)
+        if not summary.documents:
+            rejected = sum(summary.rejected.values())
+            if rejected:
+                os.replace(rejects_tmp, rejects_path)
+            raise BadRecordError(f"no usable document in {', '.join(inputs)}: " + (
+                f"all {rejected} records were rejected (reasons in {rejects_path})" if rejected else "no records"))
     except BaseException:
         for w in writers.values():
             w.abort()
