@@ -149,7 +149,8 @@ def test_local_setup_merges_with_a_model_file(shared, tmp_path):
     assert load_neox_yaml(setup)["checkpoint_validation_with_forward_pass"] is False
     model = tmp_path / "model.yml"
     model.write_text('{"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "pos-emb": "rotary",\n'
-                     ' "rotary-pct": 0.5, "no-weight-tying": true, "gpt_j_residual": false}\n')
+                     ' "rotary-pct": 0.5, "no-weight-tying": true, "gpt_j_residual": false,\n'
+                     ' "hidden-dropout": 0, "attention-dropout": 0}\n')
     cfg = NeoXConfig.from_neox_yaml(model, setup)
     assert (cfg.num_layers, cfg.rotary_ndims, cfg.use_parallel_residual, cfg.activation) == (2, 8, False, "gelu")
     with pytest.raises(ConfigError, match="num_layers is not set"):
