@@ -68,7 +68,7 @@ class RunResult:
 
 
 class Console:
-    """Process 0 prints; the others stay quiet. `bar` is a tqdm bar (or a silent one)."""
+    """Process 0 prints; the others stay quiet. `bar` is a tqdm bar (silent on the other processes)."""
 
     def __init__(self, print_fn=print, show_progress: bool = True):
         self.on = is_primary()
@@ -79,8 +79,8 @@ class Console:
         if self.on:
             (tqdm.write if self.print_fn is print else self.print_fn)(text)  # tqdm.write keeps a bar intact
 
-    def bar(self, total: int, initial: int = 0):
-        return bar("training", total, enabled=self.show_progress, unit="step") if total else bar("", enabled=False)
+    def bar(self, total: int):
+        return bar("training", total, enabled=self.show_progress, unit="step")
 
 
 class StopVote:
@@ -95,10 +95,8 @@ class StopVote:
         self.local: int = 0  # the signal this process received
         self.multi = jax.process_count() > 1
         if self.multi:
-            flags = NamedSharding(mesh, P(mesh.axis_names))
-            self.shape = (mesh.size,)
-            self.sharding = flags
-            self.n_local = len(mesh.local_devices)
+            self.shape, self.n_local = (mesh.size,), len(mesh.local_devices)
+            self.sharding = NamedSharding(mesh, P(mesh.axis_names))  # one flag per device
             self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
         self._handlers = {}
 
