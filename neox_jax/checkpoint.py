@@ -154,9 +154,11 @@ class TrainCheckpointer:
         source = "master" if any(k.startswith("master/") for k in stored) else "params"
         flat, treedef = flatten(abstract_params)
         local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = {f"{source}/{k}": jax.ShapeDtypeStruct(stored[f"{source}/{k}"].shape, stored[f"{source}/{k}"].dtype,
-                                                        sharding=getattr(v, "sharding", None) or local)
-                  for k, v in flat.items()}
+        target = {}
+        for k, v in flat.items():
+            have = stored[f"{source}/{k}"]
+            target[f"{source}/{k}"] = jax.ShapeDtypeStruct(have.shape, have.dtype,
+                                                           sharding=getattr(v, "sharding", None) or local)
         restored = self._restore(step, target, partial=True)
         return jax.tree_util.tree_unflatten(treedef,
                                             [restored[f"{source}/{k}"].astype(v.dtype) for k, v in flat.items()])

@@ -325,7 +325,7 @@ def cmd_launch(args):
             command = [sys.executable, "-m", "neox_jax.cli", *command[1:]]
         procs = launch.start_local(args.local, command, args.port, args.log_dir)
     else:
-        procs = launch.start_hostfile(args.hostfile, command, args.port or 29500, args.ssh, log_dir=args.log_dir)
+        procs = launch.start_hostfile(args.hostfile, command, args.port, args.ssh, log_dir=args.log_dir)
     return launch.supervise(procs, command, args.grace)
 
 

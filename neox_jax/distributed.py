@@ -98,10 +98,10 @@ def _cluster_launch(environ: Mapping[str, str]) -> Launch | None:
     """SLURM or Open MPI through JAX's own detection, when they started more than one process."""
     from jax._src import clusters  # what jax.distributed.initialize itself uses
 
-    for name, env in (("slurm", clusters.SlurmCluster), ("ompi", clusters.OmpiCluster)):
-        if not _env_present(env, environ):
-            continue
-        with _environ(environ):
+    with _environ(environ):
+        for name, env in (("slurm", clusters.SlurmCluster), ("ompi", clusters.OmpiCluster)):
+            if not env.is_env_present():
+                continue
             if env.get_process_count() <= 1:
                 return None
             tasks = _slurm_tasks_per_node(environ) if name == "slurm" else None
@@ -111,11 +111,6 @@ def _cluster_launch(environ: Mapping[str, str]) -> Launch | None:
             return Launch(env.get_coordinator_address(None, None), env.get_process_count(), env.get_process_id(),
                           ids, name)
     return None
-
-
-def _env_present(env, environ) -> bool:
-    with _environ(environ):
-        return env.is_env_present()
 
 
 class _environ:

@@ -42,24 +42,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def read_hostfile(path: str | os.PathLike) -> list[tuple[str, int]]:
-    """(host, slots) per line of a DeepSpeed hostfile; `#` starts a comment."""
+def read_hostfile(path: str | os.PathLike) -> list[str]:
+    """The hosts of a DeepSpeed hostfile (`HOST slots=N` lines; `#` starts a comment). One process runs per host
+    and drives all its devices, so the slot counts are checked but not needed."""
     hosts = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         line = line.split("#")[0].strip()
         if not line:
             continue
         host, *rest = line.split()
-        slots = 1
         for item in rest:
             key, _, value = item.partition("=")
             if key != "slots" or not value.isdigit() or int(value) < 1:
                 raise LaunchError(f"{path}:{n}: {item!r}: expected `HOST slots=N` (N >= 1)")
-            slots = int(value)
-        hosts.append((host, slots))
+        hosts.append(host)
     if not hosts:
         raise LaunchError(f"{path}: no hosts")
-    if len({h for h, _ in hosts}) != len(hosts):
+    if len(set(hosts)) != len(hosts):
         raise LaunchError(f"{path}: a host is listed twice")
     return hosts
 
@@ -87,11 +86,12 @@ def start_local(n: int, command: Sequence[str], port: int | None = None,
     return procs
 
 
-def start_hostfile(hostfile: str | os.PathLike, command: Sequence[str], port: int = 29500, ssh: str = "ssh",
+def start_hostfile(hostfile: str | os.PathLike, command: Sequence[str], port: int | None = None, ssh: str = "ssh",
                    workdir: str | None = None, log_dir: str | os.PathLike | None = None) -> list[Process]:
-    """One process per host over ssh, in `workdir` (default: this folder, which must exist on every host)."""
-    hosts = [h for h, _ in read_hostfile(hostfile)]
-    coordinator = f"{hosts[0]}:{port}"
+    """One process per host over ssh, in `workdir` (default: this folder, which must exist on every host); the
+    coordinator is the first host, on `port` (default 29500)."""
+    hosts = read_hostfile(hostfile)
+    coordinator = f"{hosts[0]}:{port or 29500}"
     workdir = workdir or os.getcwd()
     procs = []
     for rank, host in enumerate(hosts):

@@ -13,7 +13,6 @@ class MetricsLogger:
     def __init__(self, tensorboard_dir: str | os.PathLike = "", wandb_project: str = "", config: dict | None = None,
                  enabled: bool = True):
         self.tb = self.wandb = None
-        self.path = None
         if wandb_project:
             from importlib.util import find_spec
 
@@ -26,7 +25,6 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(tensorboard_dir), flush_secs=10)
-            self.path = self.tb.file_writer.event_writer._ev_writer._file_name
         if wandb_project:
             import wandb
 
@@ -38,10 +36,6 @@ class MetricsLogger:
                 self.tb.add_scalar(tag, float(value), step)
         if self.wandb:
             self.wandb.log(values, step=step)
-
-    def flush(self):
-        if self.tb:
-            self.tb.flush()
 
     def close(self):
         if self.tb:

@@ -39,11 +39,12 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
         return with_params(config, params)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist: give a Hugging Face model folder or a neox_jax checkpoint")
-    shardings = None
-    if mesh is not None:
-        config = hf.NeoXConfig.from_hf(p if p.is_dir() else p.parent)
-        shardings = jax.tree.map(lambda x: x.sharding, abstract_params(config.replace(param_dtype=param_dtype), mesh))
-    return hf.load_model(p, dtype=dtype, param_dtype=param_dtype, shardings=shardings, show_progress=show_progress)
+    if mesh is None:
+        return hf.load_model(p, dtype=dtype, param_dtype=param_dtype, show_progress=show_progress)
+    config = NeoXConfig.from_hf(p if p.is_dir() else p.parent)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_params(config.replace(param_dtype=param_dtype), mesh))
+    return hf.load_model(p, dtype=dtype, param_dtype=param_dtype, config=config, shardings=shardings,
+                         show_progress=show_progress)
 
 
 def abstract_params(config: NeoXConfig, mesh: Mesh | None = None) -> dict:

@@ -240,7 +240,9 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None, param_dtype
     config = config.replace(**overrides)
     source = TensorSource(path)
     params = nnx.to_pure_dict(abstract_model(config)[1])
-    place = (lambda p, x: jax.device_put(x, _get_path(shardings, p))) if shardings else (lambda p, x: jax.device_put(x))
+    def place(path, x):  # onto its shard of the mesh, or the default device
+        return jax.device_put(x, _get_path(shardings, path) if shardings else None)
+
     for p, array in read_params(source, config, params, place, show_progress=show_progress):
         keys = p.split(".")
         _get_path(params, ".".join(keys[:-1]))[keys[-1]] = array

@@ -99,7 +99,8 @@ def _layers(attention_config, where: str):
     try:
         return [(list(types), int(n)) for types, n in attention_config]
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: attention_config={attention_config!r}: expected [[[types], layers], ...]") from None
+        raise ConfigError(f"{where}: attention_config={attention_config!r}: "
+                          "expected [[[types], layers], ...]") from None
 
 
 def model_config(*paths: str | os.PathLike, tokenizer_vocab_size: int = NEOX_TOKENIZER_VOCAB,
