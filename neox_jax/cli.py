@@ -18,12 +18,15 @@ def _model_config(name_or_path: str):
     """NeoXConfig from a preset name, a Hugging Face folder/config.json, a neox_jax checkpoint or NeoX YAML."""
     from neox_jax import checkpoint
     from neox_jax.config import PRESETS, NeoXConfig
+    from neox_jax.convert import neox
 
     p = Path(name_or_path)
     if _is_preset(name_or_path):
         return NeoXConfig.preset(name_or_path)
     if checkpoint.is_params_checkpoint(p):
         return checkpoint.load_config(p)
+    if neox.is_neox_checkpoint(p):
+        return neox.NeoXSource(p).config
     if p.suffix in (".yml", ".yaml"):
         return NeoXConfig.from_neox_yaml(p)
     if p.exists():
@@ -79,32 +82,57 @@ def cmd_info(args):
     print(f"\ntotal parameters: {total:,} ({total / 1e6:.1f}M)")
 
 
+def _convert_source(kind: str, args):
+    """(tensor source under Hugging Face names, NeoXConfig) for `convert`'s SRC."""
+    from neox_jax.config import NeoXConfig
+    from neox_jax.convert import hf, neox
+    from neox_jax.convert.orbax import orbax_source
+
+    if kind == "hf":
+        src = Path(args.src)
+        return hf.TensorSource(src), NeoXConfig.from_hf(src if src.is_dir() else src.parent)
+    if kind == "neox":
+        source = neox.NeoXSource(args.src, args.config or (), trust_pickle=args.trust_pickle)
+        return source, source.config
+    source = orbax_source(args.src)
+    return source, source.config
+
+
 def cmd_convert(args):
     import shutil
 
-    from flax import nnx
-
     from neox_jax import checkpoint
     from neox_jax.atomic import write_json
-    from neox_jax.convert import hf
-    from neox_jax.pretrained import from_pretrained, tokenizer_path
+    from neox_jax.convert import hf, neox
+    from neox_jax.convert.orbax import write_params
+    from neox_jax.pretrained import tokenizer_path
 
     t0 = time.perf_counter()
+    kind_in, kind_out = args.direction.split("-to-")
+    misplaced = [flag for flag, value, wanted in (
+        ("--config", args.config, kind_in == "neox"), ("--trust-pickle", args.trust_pickle, kind_in == "neox"),
+        ("--tensor-parallel", args.tensor_parallel, kind_out == "neox"),
+        ("--pipe-parallel", args.pipe_parallel, kind_out == "neox"), ("--step", args.step, kind_out == "neox"),
+        ("--legacy-names", args.legacy_names, kind_out == "neox")) if value and not wanted]
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)} does not apply to {args.direction}")
     dst = Path(args.dst)
     taken = [dst / n for n in ("params", checkpoint.CONFIG_FILE, "config.json", "model.safetensors",
-                                "model.safetensors.index.json") if (dst / n).exists()]
+                                "model.safetensors.index.json", "latest") if (dst / n).exists()]
     if taken:  # before reading a single tensor
         raise FileExistsError(f"{taken[0]} already exists: choose a new destination or remove it")
-    tokenizer = tokenizer_path(args.src)
-    if args.direction == "hf-to-orbax":
-        model = from_pretrained(args.src, param_dtype=args.dtype or "float32", show_progress=True)
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        out = checkpoint.save_params_checkpoint(dst, params, model.config)
-    else:
-        params, config = checkpoint.load_params_checkpoint(args.src)
-        out = hf.save_params(params, config, dst, dtype=args.dtype, show_progress=True)
+    tokenizer = args.tokenizer or tokenizer_path(args.src)
+    source, config = _convert_source(kind_in, args)
+    if kind_out == "orbax":
+        out = write_params(source, config, dst, dtype=args.dtype or "float32", show_progress=True)
+    elif kind_out == "hf":
+        out = hf.write_hf(source, config, dst, dtype=args.dtype, show_progress=True)
         write_json(out / "generation_config.json", {"bos_token_id": config.bos_token_id,
                                                     "eos_token_id": config.eos_token_id})
+    else:
+        out = neox.write_neox(source, config, dst, tensor_parallel=args.tensor_parallel or 1,
+                              pipe_parallel=args.pipe_parallel or 1, step=args.step or 0, dtype=args.dtype,
+                              current_names=not args.legacy_names, show_progress=True)
     if tokenizer:  # the folder carries its tokenizer: generate, eval and from_pretrained find it there
         shutil.copyfile(tokenizer, out / "tokenizer.json")
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s" + (" (with tokenizer.json)" if tokenizer else ""))
@@ -358,12 +386,26 @@ def main(argv=None):
     p.add_argument("model", help="preset name (pythia-70m, neox-20b, ...), HF folder, neox_jax checkpoint or NeoX .yml")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("convert", help="convert weights between Hugging Face and Orbax")
-    p.add_argument("direction", choices=["hf-to-orbax", "orbax-to-hf"])
-    p.add_argument("src")
+    p = sub.add_parser("convert", help="convert weights between Hugging Face, Orbax and GPT-NeoX checkpoints",
+                       description="Streams one tensor at a time: host memory stays near one tensor's size.")
+    p.add_argument("direction", choices=[f"{a}-to-{b}" for a in ("hf", "orbax", "neox") for b in ("hf", "orbax", "neox")
+                                         if a != b])
+    p.add_argument("src", help="Hugging Face folder, neox_jax params checkpoint, or GPT-NeoX checkpoint (the folder "
+                               "with `latest`, or a global_stepN folder)")
     p.add_argument("dst")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="storage dtype of the written weights (default: float32 into Orbax, as stored into HF)")
+                   help="storage dtype of the written weights (default: float32 into Orbax, else as stored)")
+    p.add_argument("--tokenizer", help="tokenizer.json to put beside the weights (default: the source's own)")
+    g = p.add_argument_group("GPT-NeoX source (neox-to-*)")
+    g.add_argument("--config", nargs="+", help="the run's GPT-NeoX YAML files (default: the checkpoint's configs/)")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle files that weights-only loading refuses; only for a checkpoint you trust")
+    g = p.add_argument_group("GPT-NeoX destination (*-to-neox)")
+    g.add_argument("--tensor-parallel", type=int, help="tensor-parallel ranks to split into (default 1)")
+    g.add_argument("--pipe-parallel", type=int, help="pipe_parallel_size of the written config (default 1)")
+    g.add_argument("--step", type=int, help="the global_stepN tag (default 0)")
+    g.add_argument("--legacy-names", action="store_true",
+                   help="MLP keys dense_h_to_4h/dense_4h_to_h, as GPT-NeoX before Sept. 2024 (default linear1/linear2)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("plan", help="compile the train step for a mesh on emulated devices and report memory")

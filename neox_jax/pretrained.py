@@ -13,14 +13,15 @@ from jax.sharding import PartitionSpec as P
 from neox_jax import checkpoint
 from neox_jax import sharding as shd
 from neox_jax.config import ConfigError, NeoXConfig
-from neox_jax.convert import hf
+from neox_jax.convert import hf, neox
 from neox_jax.model import GPTNeoX, abstract_model, with_params
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str = "float32",
                     mesh: Mesh | None = None, show_progress: bool = False) -> GPTNeoX:
     """Load a GPTNeoX from a Hugging Face folder (safetensors, sharded or not, or pytorch_model.bin), a
-    neox_jax Orbax params checkpoint, or a `neox-jax train` checkpoint folder (its latest step).
+    neox_jax Orbax params checkpoint, a `neox-jax train` checkpoint folder (its latest step), or a GPT-NeoX
+    (DeepSpeed) checkpoint folder, pipeline or sequential format, any tensor-parallel degree.
     `dtype` is the compute dtype (default: the config's; fp32 for a training checkpoint). With `mesh` the
     weights are laid out on it by the rules table, each process reading only its own shards (Orbax sources)."""
     p = Path(path)
@@ -39,11 +40,16 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
         return with_params(config, params)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist: give a Hugging Face model folder or a neox_jax checkpoint")
-    if mesh is None:
-        return hf.load_model(p, dtype=dtype, param_dtype=param_dtype, show_progress=show_progress)
-    config = NeoXConfig.from_hf(p if p.is_dir() else p.parent)
-    shardings = jax.tree.map(lambda x: x.sharding, abstract_params(config.replace(param_dtype=param_dtype), mesh))
-    return hf.load_model(p, dtype=dtype, param_dtype=param_dtype, config=config, shardings=shardings,
+    source = None
+    if neox.is_neox_checkpoint(p):  # GPT-NeoX's own checkpoint: its tensor-parallel shards merged as read
+        source = neox.NeoXSource(p)
+        config = source.config
+    else:
+        config = NeoXConfig.from_hf(p if p.is_dir() else p.parent)
+    shardings = None
+    if mesh is not None:
+        shardings = jax.tree.map(lambda x: x.sharding, abstract_params(config.replace(param_dtype=param_dtype), mesh))
+    return hf.load_model(p, dtype=dtype, param_dtype=param_dtype, config=config, shardings=shardings, source=source,
                          show_progress=show_progress)
 
 

@@ -34,7 +34,7 @@ def bar(desc: str, total: int | None = None, enabled: bool = True, stream=None, 
     stream = stream or sys.stderr
     tty = hasattr(stream, "isatty") and stream.isatty()
     return tqdm(total=total, desc=desc, disable=not enabled, file=stream if tty else _Lines(stream), unit=unit,
-                mininterval=0.1 if tty else LOG_INTERVAL_S, dynamic_ncols=tty, ascii=not tty)
+                unit_scale=unit == "B", mininterval=0.1 if tty else LOG_INTERVAL_S, dynamic_ncols=tty, ascii=not tty)
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None, enabled: bool = True,

@@ -12,6 +12,7 @@ The mapping is a table: Hugging Face name <-> parameter path, and whether the ma
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -23,7 +24,7 @@ from flax import nnx
 
 from neox_jax.atomic import write_json
 from neox_jax.config import NeoXConfig
-from neox_jax.progress import progress
+from neox_jax.progress import bar, progress
 
 # (Hugging Face name, parameter path, transposed)
 LAYER_TABLE = (
@@ -151,15 +152,19 @@ class TensorSource:
 
     def get(self, name: str) -> np.ndarray:
         if self._torch_state is not None:
-            import torch
-
-            t = self._torch_state[name]
-            if t.dtype == torch.bfloat16:
-                import ml_dtypes
-
-                return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-            return t.numpy()
+            return torch_to_numpy(self._torch_state[name])
         return self._handles[self._files[name]].get_tensor(self._raw_name(name))
+
+
+def torch_to_numpy(t) -> np.ndarray:
+    """A CPU torch tensor as numpy, sharing its memory (bfloat16 through ml_dtypes)."""
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
 
 
 def check_tensors(source: TensorSource, cfg: NeoXConfig):
@@ -226,9 +231,10 @@ def read_params(source: TensorSource, cfg: NeoXConfig, abstract_params,
 
 
 def load_model(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str = "float32",
-               config: NeoXConfig | None = None, shardings=None, show_progress: bool = False):
-    """A `GPTNeoX` with the weights of a Hugging Face checkpoint folder (or file, with `config`); with
-    `shardings` (a params tree of them) each tensor goes straight onto its place on the mesh."""
+               config: NeoXConfig | None = None, shardings=None, source=None, show_progress: bool = False):
+    """A `GPTNeoX` with the weights of a Hugging Face checkpoint folder (or file, with `config`), or of any
+    tensor `source` with its `config`; with `shardings` (a params tree of them) each tensor goes straight onto
+    its place on the mesh."""
     from neox_jax.model import abstract_model, with_params
 
     path = Path(path)
@@ -238,7 +244,7 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None, param_dtype
     if dtype is not None:
         overrides["dtype"] = dtype
     config = config.replace(**overrides)
-    source = TensorSource(path)
+    source = source or TensorSource(path)
     params = nnx.to_pure_dict(abstract_model(config)[1])
     def place(path, x):  # onto its shard of the mesh, or the default device
         return jax.device_put(x, _get_path(shardings, path) if shardings else None)
@@ -249,70 +255,113 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None, param_dtype
     return with_params(config, params)
 
 
-def iter_hf_tensors(params, cfg: NeoXConfig, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """(Hugging Face name, torch-layout numpy array) for every tensor, read from `params` lazily."""
-    shapes = hf_shapes(cfg)
+class ParamsSource:
+    """Our parameters seen as Hugging Face tensors (names, torch layout), one at a time: `read(path, layer)`
+    returns a parameter of the params tree, or one layer's slice of a stacked one."""
 
-    def convert(x, transposed, name):
-        out = _to_hf(np.asarray(x), transposed, shapes[name])
-        return out if dtype is None else out.astype(dtype)
+    def __init__(self, read: Callable[[str, int | None], np.ndarray], config: NeoXConfig, path="parameters"):
+        self.read, self.config, self.path = read, config, path
+        self.shapes = hf_shapes(config)
+        self._where = {hf: (p, None, t) for hf, p, t in TOP_TABLE}
+        for i in range(config.num_layers):
+            self._where.update({LAYER_PREFIX.format(i) + hf: ("layers." + p, i, t) for hf, p, t in LAYER_TABLE})
 
-    for hf, path, transposed in TOP_TABLE[:1]:
-        yield hf, convert(_get_path(params, path), transposed, hf)
-    for i in range(cfg.num_layers):
-        for hf, path, transposed in LAYER_TABLE:
-            name = LAYER_PREFIX.format(i) + hf
-            yield name, convert(_get_path(params, "layers." + path)[i], transposed, name)
-    for hf, path, transposed in TOP_TABLE[1:]:
-        yield hf, convert(_get_path(params, path), transposed, hf)
+    @classmethod
+    def from_tree(cls, params, config: NeoXConfig) -> "ParamsSource":
+        def read(path, layer):
+            x = _get_path(params, path)
+            return np.asarray(x if layer is None else x[layer])
+
+        return cls(read, config)
+
+    def names(self) -> list[str]:
+        """In Hugging Face's order: embedding, layers, final norm, output."""
+        return [TOP_TABLE[0][0], *(n for n in self.shapes if n.startswith("gpt_neox.layers.")),
+                *(hf for hf, _, _ in TOP_TABLE[1:])]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.read("final_layer_norm.scale", None).dtype)
+
+    def get(self, name: str) -> np.ndarray:
+        path, layer, transposed = self._where[name]
+        return _to_hf(self.read(path, layer), transposed, self.shapes[name])
 
 
-def save_params(params, cfg: NeoXConfig, path: str | os.PathLike, *, dtype=None,
-                max_shard_bytes: int = 5 * 2**30, show_progress: bool = False) -> Path:
-    """Write a Hugging Face folder: config.json and safetensors shards (indexed when more than one).
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+def write_safetensors(file: Path, names: list[str], shapes: dict, dtype: np.dtype, get: Callable[[str], np.ndarray]):
+    """A safetensors file written tensor by tensor: the header (every name, shape and offset) first, then
+    each tensor's bytes as `get(name)` returns it, so only one tensor is in memory at a time."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in names:
+        size = math.prod(shapes[name]) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype.name], "shape": list(shapes[name]),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name in names:
+            x = np.ascontiguousarray(get(name), dtype=dtype)
+            assert x.shape == tuple(shapes[name]), (name, x.shape)
+            f.write(memoryview(x.reshape(-1).view(np.uint8)))
+
+
+def write_hf(source, cfg: NeoXConfig, path: str | os.PathLike, *, dtype=None,
+             max_shard_bytes: int = 5 * 2**30, show_progress: bool = False) -> Path:
+    """Write a Hugging Face folder (config.json, safetensors shards, indexed when more than one) from a
+    tensor source, one tensor in memory at a time.
 
     Files are written under temporary names and renamed when complete, so an interrupted export never
     leaves a file that looks finished.
     """
-    from safetensors.numpy import save_file
-
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = None if dtype is None else np.dtype(dtype)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    written: list[Path] = []
-    weight_map: dict[str, int] = {}
+    dtype = np.dtype(dtype or source.dtype())
+    shapes = hf_shapes(cfg)
+    names = [n for n in source.names() if n in shapes]
+    shards: list[list[str]] = [[]]
     size = 0
-    total = len(hf_shapes(cfg))
-
-    def flush():
-        tmp = out / f".shard{len(written)}.safetensors.tmp"
-        save_file(shards[-1], str(tmp), metadata={"format": "pt"})
-        written.append(tmp)
-        shards[-1] = {}
-
-    for name, x in progress(iter_hf_tensors(params, cfg, dtype), "writing", total=total, enabled=show_progress):
-        if size and size + x.nbytes > max_shard_bytes:
-            flush()
+    for name in names:
+        nbytes = math.prod(shapes[name]) * dtype.itemsize
+        if size and size + nbytes > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = x
-        weight_map[name] = len(written)
-        size += x.nbytes
-    flush()
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    total = sum(math.prod(shapes[name]) for name in names) * dtype.itemsize
+    with bar("writing", total, show_progress, unit="B") as progress_bar:
+        def get(name):
+            x = source.get(name)
+            progress_bar.update(math.prod(shapes[name]) * dtype.itemsize)
+            return x
 
-    n = len(written)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    hf_config = cfg.to_hf()
-    stored = dtype or np.dtype(_get_path(params, "final_layer_norm.scale").dtype)
-    hf_config["torch_dtype"] = hf_config["dtype"] = str(stored)  # v4 and v5 spellings
-    for tmp, name in zip(written, names):
-        os.replace(tmp, out / name)
+        for shard, file in zip(shards, files):
+            write_safetensors(out / f".{file}.tmp", shard, shapes, dtype, get)
+    for file in files:
+        os.replace(out / f".{file}.tmp", out / file)
     if n > 1:
-        index = {"metadata": {"total_size": sum((out / f).stat().st_size for f in names)},
-                 "weight_map": {k: names[v] for k, v in weight_map.items()}}
+        index = {"metadata": {"total_size": sum((out / f).stat().st_size for f in files)},
+                 "weight_map": {name: file for shard, file in zip(shards, files) for name in shard}}
         write_json(out / "model.safetensors.index.json", index)
+    hf_config = cfg.to_hf()
+    hf_config["torch_dtype"] = hf_config["dtype"] = str(dtype)  # v4 and v5 spellings
     write_json(out / "config.json", hf_config)
     return out
+
+
+def save_params(params, cfg: NeoXConfig, path: str | os.PathLike, *, dtype=None,
+                max_shard_bytes: int = 5 * 2**30, show_progress: bool = False) -> Path:
+    """Write a params tree as a Hugging Face folder (dtype: as stored by default)."""
+    return write_hf(ParamsSource.from_tree(params, cfg), cfg, path, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                    show_progress=show_progress)
 
 
 def save_model(model, path: str | os.PathLike, *, dtype=None, show_progress: bool = False) -> Path:

@@ -90,6 +90,7 @@ ONLY = {
     "attention_dropout": (0.1, 0),
     "output_layer_parallelism": ("column", "column"),
 }
+TRAINING_ONLY = {"hidden_dropout", "attention_dropout"}
 DENSE_ATTENTION = {"global", "flash"}  # "flash" is GPT-NeoX's kernel for the same dense causal attention
 OPTIMIZERS = {"adam", "adamw", "cpu_adam", "cpu_torch_adam"}  # apex/DeepSpeed Adam runs decoupled decay (AdamW)
 
@@ -104,11 +105,12 @@ def _layers(attention_config, where: str):
 
 
 def model_config(*paths: str | os.PathLike, tokenizer_vocab_size: int = NEOX_TOKENIZER_VOCAB,
-             **overrides: Any) -> NeoXConfig:
+                 weights_only: bool = False, **overrides: Any) -> NeoXConfig:
     """Model config from GPT-NeoX YAML files, merged as GPT-NeoX merges them.
 
     The vocabulary is padded like GPT-NeoX does: to a multiple of
-    `make_vocab_size_divisible_by` (128) x `model_parallel_size`.
+    `make_vocab_size_divisible_by` (128) x `model_parallel_size`. `weights_only` (reading a checkpoint's
+    weights, not training) accepts settings that only change training, like dropout.
     """
     args = load_neox_yaml(*paths)
     where = ", ".join(str(p) for p in paths)
@@ -120,6 +122,8 @@ def model_config(*paths: str | os.PathLike, tokenizer_vocab_size: int = NEOX_TOK
         if get(key) is None:
             raise ConfigError(f"{where}: {key} is not set in any of these files")
     for key, (default, needed) in ONLY.items():
+        if weights_only and key in TRAINING_ONLY:
+            continue
         if get(key, default) != needed:
             raise ConfigError(f"{where}: {key}={get(key, default)!r}" + (" (GPT-NeoX's default)" if key not in args
                               else "") + f" is not supported: neox-jax implements {key}: {needed!r} only")
