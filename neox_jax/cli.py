@@ -90,7 +90,7 @@ def _convert_source(kind: str, args):
 
     if kind == "hf":
         src = Path(args.src)
-        return hf.TensorSource(src), NeoXConfig.from_hf(src if src.is_dir() else src.parent)
+        return hf.TensorSource(src, args.trust_pickle), NeoXConfig.from_hf(src if src.is_dir() else src.parent)
     if kind == "neox":
         source = neox.NeoXSource(args.src, args.config or (), trust_pickle=args.trust_pickle)
         return source, source.config
@@ -110,7 +110,7 @@ def cmd_convert(args):
     t0 = time.perf_counter()
     kind_in, kind_out = args.direction.split("-to-")
     misplaced = [flag for flag, value, wanted in (
-        ("--config", args.config, kind_in == "neox"), ("--trust-pickle", args.trust_pickle, kind_in == "neox"),
+        ("--config", args.config, kind_in == "neox"), ("--trust-pickle", args.trust_pickle, kind_in != "orbax"),
         ("--tensor-parallel", args.tensor_parallel, kind_out == "neox"),
         ("--pipe-parallel", args.pipe_parallel, kind_out == "neox"), ("--step", args.step, kind_out == "neox"),
         ("--legacy-names", args.legacy_names, kind_out == "neox")) if value and not wanted]
@@ -396,10 +396,10 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="storage dtype of the written weights (default: float32 into Orbax, else as stored)")
     p.add_argument("--tokenizer", help="tokenizer.json to put beside the weights (default: the source's own)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle .bin/.pt files that weights-only loading refuses; only for a checkpoint you trust")
     g = p.add_argument_group("GPT-NeoX source (neox-to-*)")
     g.add_argument("--config", nargs="+", help="the run's GPT-NeoX YAML files (default: the checkpoint's configs/)")
-    g.add_argument("--trust-pickle", action="store_true",
-                   help="unpickle files that weights-only loading refuses; only for a checkpoint you trust")
     g = p.add_argument_group("GPT-NeoX destination (*-to-neox)")
     g.add_argument("--tensor-parallel", type=int, help="tensor-parallel ranks to split into (default 1)")
     g.add_argument("--pipe-parallel", type=int, help="pipe_parallel_size of the written config (default 1)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Callable, Iterator
@@ -80,80 +81,107 @@ def hf_shapes(cfg: NeoXConfig) -> dict[str, tuple[int, ...]]:
 
 
 class TensorSource:
-    """Names, shapes and lazily read numpy tensors of a Hugging Face checkpoint folder or file."""
+    """Names, shapes and lazily read numpy tensors of a Hugging Face checkpoint folder or file: safetensors
+    (single, or sharded with `model.safetensors.index.json`) or PyTorch `.bin` (single, or sharded with
+    `pytorch_model.bin.index.json`). Each read maps its file and lets go of it, so host memory holds about
+    one tensor however large the checkpoint (a mapping kept open would keep every page read resident)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, trust_pickle: bool = False):
         self.path = Path(path)
-        self._files: dict[str, Path] = {}  # tensor name -> file
-        self._handles: dict[Path, object] = {}
-        self._torch_state: dict | None = None
+        self.trust_pickle = trust_pickle
+        self._where: dict[str, tuple[Path, str, tuple[int, ...]]] = {}  # name -> (file, name in file, shape)
         folder = self.path if self.path.is_dir() else self.path.parent
         if not self.path.exists():
             raise FileNotFoundError(f"no checkpoint at {self.path}")
-        index = folder / "model.safetensors.index.json"
-        if self.path.is_file() and self.path.suffix == ".safetensors":
-            self._add_safetensors(self.path)
-        elif self.path.is_file() and self.path.suffix in (".bin", ".pt"):
-            self._load_torch(self.path)
-        elif index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            for file in sorted(set(weight_map.values())):
-                self._add_safetensors(folder / file)
-        elif (folder / "model.safetensors").is_file():
-            self._add_safetensors(folder / "model.safetensors")
-        elif (folder / "pytorch_model.bin").is_file():
-            self._load_torch(folder / "pytorch_model.bin")
+        if self.path.is_file():
+            files = [self.path]
         else:
-            raise FileNotFoundError(
-                f"{self.path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+            for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+                if (folder / index).is_file():
+                    weight_map = json.loads((folder / index).read_text())["weight_map"]
+                    files = [folder / f for f in sorted(set(weight_map.values()))]
+                    break
+            else:
+                files = [folder / f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()][:1]
+        if not files:
+            raise FileNotFoundError(f"{self.path}: no model.safetensors, model.safetensors.index.json, "
+                                    "pytorch_model.bin or pytorch_model.bin.index.json")
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: listed in the checkpoint's index but missing")
+            shapes = self._safetensors_shapes(file) if file.suffix == ".safetensors" else self._torch_shapes(file)
+            for raw, shape in shapes.items():
+                self._where[ALIASES.get(raw, raw)] = (file, raw, shape)
 
-    def _add_safetensors(self, file: Path):
+    @staticmethod
+    def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         from safetensors import SafetensorError, safe_open
 
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: listed in the safetensors index but missing")
         try:
-            handle = safe_open(str(file), framework="numpy")
+            with safe_open(str(file), framework="numpy") as handle:
+                return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
         except SafetensorError as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e}); "
                                   "it may be truncated, re-download it") from None
-        self._handles[file] = handle
-        for name in handle.keys():
-            self._files[ALIASES.get(name, name)] = file
 
-    def _load_torch(self, file: Path):
-        try:
-            import torch
-        except ImportError:
-            raise ImportError(f"{file} is a PyTorch pickle: install torch (pip install 'neox-jax[torch]') "
-                              "or convert it to safetensors") from None
-        # weights_only: never run code from a pickle; mmap: do not read the whole file up front.
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        self._torch_state = {ALIASES.get(k, k): v for k, v in state.items()}
-        for name in self._torch_state:
-            self._files[name] = file
+    def _torch_shapes(self, file: Path) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in load_torch(file, self.trust_pickle).items()}
 
     def names(self) -> list[str]:
-        return list(self._files)
+        return list(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if self._torch_state is not None:
-            return tuple(self._torch_state[name].shape)
-        return tuple(self._slice(name).get_shape())
-
-    def _raw_name(self, name: str) -> str:
-        handle = self._handles[self._files[name]]
-        if name in handle.keys():
-            return name
-        return next(k for k, v in ALIASES.items() if v == name)
-
-    def _slice(self, name):
-        return self._handles[self._files[name]].get_slice(self._raw_name(name))
+        return self._where[name][2]
 
     def get(self, name: str) -> np.ndarray:
-        if self._torch_state is not None:
-            return torch_to_numpy(self._torch_state[name])
-        return self._handles[self._files[name]].get_tensor(self._raw_name(name))
+        from safetensors import safe_open
+
+        file, raw, _ = self._where[name]
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="numpy") as handle:
+                return handle.get_tensor(raw)
+        return torch_to_numpy(load_torch(file, self.trust_pickle)[raw])
+
+
+def _numpy_rng_globals():
+    """What DeepSpeed pickles besides tensors (numpy's RNG state, under numpy 1 and 2 names): safe to rebuild."""
+    import numpy.dtypes
+
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    return [(reconstruct, "numpy.core.multiarray._reconstruct"),
+            (reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, numpy.dtypes.UInt32DType]
+
+
+def load_torch(file: Path, trust_pickle: bool = False) -> dict:
+    """A `.pt`/`.bin` file memory-mapped and unpickled weights-only (tensors, containers, numbers, numpy's RNG
+    state): nothing in it can run code. `trust_pickle` lifts that for a file the user vouches for."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"{file} is a PyTorch pickle: install torch (pip install 'neox-jax[torch]') "
+                          "or convert it to safetensors") from None
+
+    def load(mmap):
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            return torch.load(file, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+
+    try:
+        try:
+            return load(mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return load(mmap=False)  # the pre-zip format of torch < 1.6 cannot be memory-mapped
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)|Unsupported operand \S+", str(e))
+        reason = (f"it holds {found.group(1)}" if found and found.group(1) else found.group(0) if found
+                  else "an object that is not a tensor")
+        raise CheckpointError(f"{file}: weights-only unpickling refused it ({reason}). Weights never need what "
+                              "it refused; pass --trust-pickle only if you trust this file's origin, since "
+                              "unpickling can run any code") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable PyTorch file ({str(e).splitlines()[0]}); "
+                              "it may be truncated") from None
 
 
 def torch_to_numpy(t) -> np.ndarray:

@@ -27,14 +27,13 @@ Hugging Face, the in-memory model) reads it; `write_neox` writes any tensor sour
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from pathlib import Path
 
 import numpy as np
 
 from neox_jax.config import ConfigError, NeoXConfig
-from neox_jax.convert.hf import LAYER_PREFIX, CheckpointError, hf_shapes, torch_to_numpy
+from neox_jax.convert.hf import LAYER_PREFIX, CheckpointError, hf_shapes, load_torch, torch_to_numpy
 
 COLUMN, ROW, ROW_BIAS, REPLICATED = "column", "row", "row bias", "replicated"
 # Hugging Face name inside a layer -> how tensor parallelism splits it. GPT-NeoX's own key is the same name,
@@ -128,41 +127,6 @@ def is_neox_checkpoint(path) -> bool:
         return True
     except (FileNotFoundError, CheckpointError):
         return False
-
-
-def _numpy_rng_globals():
-    """What DeepSpeed pickles besides tensors (numpy's RNG state, under numpy 1 and 2 names): safe to rebuild."""
-    import numpy.dtypes
-
-    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
-    return [(reconstruct, "numpy.core.multiarray._reconstruct"),
-            (reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, numpy.dtypes.UInt32DType]
-
-
-def load_torch(file: Path, trust_pickle: bool = False) -> dict:
-    """A `.pt` file memory-mapped and unpickled weights-only (tensors, containers, numbers, numpy RNG state):
-    nothing in it can run code. `trust_pickle` lifts that for a checkpoint the user vouches for."""
-    import torch
-
-    def load(mmap):
-        with torch.serialization.safe_globals(_numpy_rng_globals()):
-            return torch.load(file, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
-
-    try:
-        try:
-            return load(mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return load(mmap=False)  # the pre-zip format of torch < 1.6 cannot be memory-mapped
-    except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling refused"
-        raise CheckpointError(f"{file}: weights-only loading refused it ({reason}). The weights do not need what "
-                              "it refused; pass --trust-pickle only if you trust this file's origin, since "
-                              "unpickling can run any code") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{file}: not a readable PyTorch file ({str(e).splitlines()[0]}); "
-                              "it may be truncated") from None
 
 
 class NeoXSource:
