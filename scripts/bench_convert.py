@@ -8,9 +8,10 @@ tensor parallel 2, the 20B's release format), then runs, each in its own process
     orbax-to-hf     Orbax fp32 -> HF fp32
     orbax-to-neox   Orbax fp32 -> GPT-NeoX fp16 TP 2
 
-and reports the child's peak RSS (the kernel's ru_maxrss, from wait4), that minus the baseline (the same
-command converting a pythia-14m-shaped model: the interpreter, JAX and the libraries), and the MB/s of
-weights written, beside this disk's sequential write speed (fsync'd).
+and reports the child's peak RSS (the kernel's VmHWM), that minus the baseline (the same command converting
+a pythia-14m-shaped model: the interpreter, JAX and the libraries) and in units of the model's largest fp32
+tensor, and the MB/s of weights written, beside this disk's sequential write speed (fsync'd). From the worst
+of those ratios it predicts the peak for neox-20b, whose largest tensor is the 50432 x 6144 embedding.
 
     python scripts/bench_convert.py [--models pythia-410m pythia-1.4b pythia-2.8b] [--dir DIR]
 
@@ -55,16 +56,28 @@ class RandomSource:
         return (0.02 * self.rng.standard_normal(self.shapes[name], dtype=np.float32)).astype(self.dtype_)
 
 
+# The child reports its own peak: VmHWM belongs to the process's address space after exec. (ru_maxrss from wait4
+# would not do: Linux carries the parent's peak across fork and exec into it.)
+CHILD = """
+import sys
+from neox_jax.cli import main
+code = main(sys.argv[1:])
+peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print("VmHWM", int(peak.split()[1]) * 1024, file=sys.stderr)
+sys.exit(code)
+"""
+
+
 def run(argv: list[str]) -> dict:
     """Run `neox-jax ARGV` in a child process: wall seconds and its peak RSS in bytes."""
     t0 = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "neox_jax.cli", *argv], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    _, status, usage = os.wait4(child.pid, 0)
+    child = subprocess.run([sys.executable, "-c", CHILD, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     seconds = time.perf_counter() - t0
-    if status:
-        raise SystemExit(f"neox-jax {' '.join(argv)} failed:\n{child.stderr.read().decode()[-3000:]}")
-    return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024}
+    if child.returncode:
+        raise SystemExit(f"neox-jax {' '.join(argv)} failed:\n{child.stderr[-3000:]}")
+    peak = int(child.stderr.rsplit("VmHWM", 1)[1].split()[0])
+    return {"seconds": seconds, "peak_rss": peak}
 
 
 def folder_bytes(path: Path) -> int:
@@ -131,19 +144,26 @@ def main():
     baseline = {r["direction"]: r["peak_rss"] for r in bench_model("pythia-14m", work)}
     rows = [r for m in args.models for r in bench_model(m, work)]
 
-    print(f"\ndisk: sequential write {disk:.0f} MB/s (fsync'd); baseline = the same command on pythia-14m")
-    print(f"{'model':12s} {'weights fp32':>12s} {'direction':14s} {'peak RSS':>9s} {'- baseline':>10s} "
-          f"{'written':>9s} {'seconds':>8s} {'MB/s':>6s}")
-    for r in rows:
-        print(f"{r['model']:12s} {r['params'] * 4 / 1e9:10.1f}GB {r['direction']:14s} "
-              f"{r['peak_rss'] / 2**30:7.2f}GB {(r['peak_rss'] - baseline[r['direction']]) / 2**30:8.2f}GB "
-              f"{r['written_bytes'] / 1e9:7.1f}GB {r['seconds']:8.1f} {r['mb_per_s']:6.0f}")
     from neox_jax.config import NeoXConfig
     from neox_jax.convert.hf import hf_shapes
 
-    largest = max(rows, key=lambda r: r["params"])["model"]
-    tensor = max(math.prod(s) for s in hf_shapes(NeoXConfig.preset(largest)).values())
-    print(f"\nlargest single tensor of {largest}: {tensor * 4 / 2**30:.2f} GiB in fp32")
+    def largest_tensor(model):  # bytes in fp32
+        return max(math.prod(s) for s in hf_shapes(NeoXConfig.preset(model)).values()) * 4
+
+    print(f"\ndisk: sequential write {disk:.0f} MB/s (fsync'd); baseline = the same command on pythia-14m "
+          f"({max(baseline.values()) / 2**30:.2f} GiB at most)")
+    print(f"{'model':12s} {'fp32':>6s} {'direction':14s} {'peak RSS':>9s} {'-baseline':>9s} {'/tensor':>7s} "
+          f"{'written':>8s} {'seconds':>7s} {'MB/s':>5s}")
+    ratios = []
+    for r in rows:
+        above = r["peak_rss"] - baseline[r["direction"]]
+        ratios.append(above / largest_tensor(r["model"]))
+        print(f"{r['model']:12s} {r['params'] * 4 / 1e9:5.1f}G {r['direction']:14s} {r['peak_rss'] / 2**30:7.2f}Gi "
+              f"{above / 2**30:7.2f}Gi {ratios[-1]:7.1f} {r['written_bytes'] / 1e9:6.1f}GB {r['seconds']:7.1f} "
+              f"{r['mb_per_s']:5.0f}")
+    print(f"\n(peak - baseline) is at most {max(ratios):.1f}x the model's largest fp32 tensor; for neox-20b "
+          f"({largest_tensor('neox-20b') / 2**30:.2f} GiB) that predicts a peak of "
+          f"{(max(ratios) * largest_tensor('neox-20b') + max(baseline.values())) / 2**30:.1f} GiB")
     if not args.dir:
         shutil.rmtree(work, ignore_errors=True)
 
