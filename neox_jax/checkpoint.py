@@ -91,6 +91,41 @@ def _key(k) -> str:
     return str(k)
 
 
+def _fingerprint(x) -> jax.Array:
+    """Two sums over a tensor's raw bits, mod 2^32: of the bits, and of the bits times a weight of each element's
+    position. Integer sums do not depend on the order of addition, so the result is the same whatever the
+    mesh, sharding or number of processes; a flipped bit changes the first, swapped elements the second."""
+    import jax.numpy as jnp
+
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+    position, stride = jnp.zeros(x.shape, jnp.uint32), 1
+    for axis in reversed(range(x.ndim)):
+        position = position + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= x.shape[axis]
+    weight = position * jnp.uint32(2654435761) + jnp.uint32(1)  # Knuth's multiplicative hash of the position
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
+
+
+def make_fingerprinter(mesh):
+    """A function: (sharded) state -> {tensor path: [two uint32 sums]}, computed on the devices (compiled once
+    per state structure) and replicated to every process; see `_fingerprint`."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sums = jax.jit(lambda leaves: [_fingerprint(x) for x in leaves], out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def fingerprints(state) -> dict[str, list[int]]:
+        flat, _ = flatten(state)
+        names = [k for k, v in flat.items() if v is not None]
+        return {k: [int(v) for v in jax.device_get(s)] for k, s in zip(names, sums([flat[k] for k in names]))}
+
+    return fingerprints
+
+
 class TrainCheckpointer:
     """Orbax CheckpointManager for train states: async saves, keep the last K (and every M-th step forever),
     JSON metadata beside the arrays. Orbax writes each step into a temporary folder and renames it once

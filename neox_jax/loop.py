@@ -228,6 +228,7 @@ class Saver:
         self.cfg, self.trainer = cfg, trainer
         self.checkpointer = ckpt.TrainCheckpointer(cfg.save, cfg.keep_last, cfg.keep_every) if cfg.save else None
         self.probe = make_probe(cfg.model, trainer.mesh)  # compiled once, used at every save
+        self.fingerprints = ckpt.make_fingerprinter(trainer.mesh)
         self.directory = str(self.checkpointer.directory) if self.checkpointer else None
         if self.checkpointer and cfg.tokenizer and is_primary():  # the run carries its tokenizer
             kept = self.checkpointer.directory / "tokenizer.json"
@@ -239,18 +240,56 @@ class Saver:
         return self.checkpointer.latest_step() if self.checkpointer else None
 
     def restore(self, step: int) -> TrainState:
-        """The state at `step` on this run's mesh, checked against the probe saved with it."""
+        """The state at `step` on this run's mesh, after three checks: the settings a resumed run must keep, then
+        every tensor's fingerprint (corruption), then the probe (the model computes what it computed)."""
         c = self.checkpointer
-        meta = c.read_meta(step)
-        state = c.restore(step, self.trainer.abstract_state_with_shardings())
+        where = f"{c.directory}/{step}"
+        older = [s for s in c.all_steps() if s < step]
+        way_out = (f"move {where} away to resume from step {max(older)}" if older else
+                   f"move {where} away to start afresh")
+        try:
+            meta = c.read_meta(step)
+            self.check_settings(meta, where)
+            state = c.restore(step, self.trainer.abstract_state_with_shardings())
+        except (ckpt.CheckpointMismatchError, ConfigError):
+            raise
+        except (ValueError, OSError, KeyError) as e:  # Orbax, tensorstore and JSON read errors
+            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise ckpt.CheckpointMismatchError(f"checkpoint {where} cannot be read ({reason}); {way_out}") from e
+        if "fingerprints" in meta:
+            got = self.fingerprints(state)
+            bad = [k for k, v in meta["fingerprints"].items() if got.get(k) != v]
+            if bad:
+                raise ckpt.CheckpointMismatchError(
+                    f"checkpoint {where} is corrupt: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
+                    f"differ{'s' if len(bad) == 1 else ''} from the fingerprint saved with it; {way_out}")
         got, want = self.probe(state), np.asarray(meta["probe"], np.float64)
         if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-4):
             diff = np.abs(got - want).max() if got.shape == want.shape else float("inf")
             raise ckpt.CheckpointMismatchError(
-                f"checkpoint {c.directory}/{step} failed its integrity probe: the logits of the fixed prompt differ "
-                f"from those saved with it by {diff:.3g}; the checkpoint is corrupt. Move that step's folder away "
-                "to resume from the one before it.")
+                f"checkpoint {where} failed its integrity probe: the logits of the fixed prompt differ "
+                f"from those saved with it by {diff:.3g}, though every tensor matches its fingerprint: the model "
+                f"code computes differently from the version that saved it (or the checkpoint is corrupt); {way_out}")
         return state
+
+    # settings a resumed run must keep: they define the model's function or the order of the data
+    KEPT = ("seed", "seq_length", "data_paths", "data_weights", "split")
+    MODEL_FREE = ("dtype", "param_dtype", "remat_policy")  # how the model runs, not what it computes
+
+    def check_settings(self, meta: dict, where: str):
+        stored, now = meta["config"], self.cfg.to_dict()
+        changed = [(k, stored.get(k), now[k]) for k in self.KEPT if k in stored and _plain(stored[k]) != _plain(now[k])]
+        changed += [(f"model.{k}", v, now["model"][k]) for k, v in stored["model"].items()
+                    if k not in self.MODEL_FREE and k in now["model"] and v != now["model"][k]]
+        batch = meta["samples_consumed"] // max(meta["step"], 1)
+        if meta["step"] and batch != self.trainer.global_batch_size:
+            changed.append(("global batch (micro_batch_size x grad_accum_steps x mesh data)", batch,
+                            self.trainer.global_batch_size))
+        if changed:
+            raise ConfigError(
+                f"checkpoint {where} was written with other settings than this run's: "
+                + "; ".join(f"{k} was {v!r}, now {w!r}" for k, v, w in changed)
+                + ". A resumed run must keep them: set them back, or give another `save` folder to start afresh")
 
     def save(self, step: int, state: TrainState, wait: bool = False):
         if self.checkpointer is None:
@@ -259,8 +298,8 @@ class Saver:
         if not np.isfinite(probe).all():
             raise TrainingError(f"step {step}: the weights are not finite; not saved (the last checkpoint stays)")
         meta = {"step": step, "samples_consumed": step * self.trainer.global_batch_size, "seed": self.cfg.seed,
-                "config": self.cfg.to_dict(), "probe": probe.tolist(), "mesh": dict(self.trainer.mesh_shape),
-                "processes": jax.process_count()}
+                "config": self.cfg.to_dict(), "probe": probe.tolist(), "fingerprints": self.fingerprints(state),
+                "mesh": dict(self.trainer.mesh_shape), "processes": jax.process_count()}
         self.checkpointer.save(step, state, meta)
         if wait:
             self.checkpointer.wait()
@@ -268,6 +307,11 @@ class Saver:
     def close(self):
         if self.checkpointer:
             self.checkpointer.close()
+
+
+def _plain(value):
+    """Lists and tuples alike (JSON keeps no tuples)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def print_sample(state: TrainState, cfg: TrainConfig, console: Console, max_new_tokens: int = 48):

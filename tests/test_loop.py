@@ -131,18 +131,54 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_corrupted_checkpoint_fails_its_probe(corpus, tmp_path):
-    cfg = config(corpus, tmp_path, train_iters=3)
+def test_corruption_is_caught_per_tensor_and_by_the_probe(corpus, tmp_path):
+    cfg = config(corpus, tmp_path, train_iters=3, save_interval=1)
     result = train(cfg, show_progress=False)
     checkpointer = ckpt.TrainCheckpointer(tmp_path / "ckpt")
     meta = checkpointer.read_meta(3)
-    # bit rot: a tensor changes under the probe that was saved with it
-    state = result.state
+    state = dataclasses.replace(result.state, step=result.state.step + 1)
+    fingerprints = ckpt.make_fingerprinter(jax.tree.leaves(state.params)[0].sharding.mesh)
+    # bit rot in an optimizer moment after its fingerprint was taken: the weights (and so the probe) are intact
+    flat, treedef = ckpt.flatten(state)
+    name = next(k for k in flat if k.startswith("opt_state/") and k.endswith("mlp/dense_h_to_4h/kernel")
+                and "/mu/" in k)
+    moment = np.asarray(flat[name]).copy()
+    moment.reshape(-1).view(np.uint32)[5] ^= 1 << 30  # one flipped bit
+    rotted = jax.tree_util.tree_unflatten(treedef, [jax.device_put(moment, flat[k].sharding) if k == name else v
+                                                    for k, v in flat.items()])
+    checkpointer.save(4, rotted, {**meta, "step": 4, "samples_consumed": 64, "fingerprints": fingerprints(state)})
+    checkpointer.wait()
+    with pytest.raises(ckpt.CheckpointMismatchError,
+                       match=f"/4 is corrupt: {name} differs from the fingerprint saved with it; "
+                             "move .*/4 away to resume from step 3"):
+        train(cfg.replace(train_iters=6), show_progress=False)
+
+    # a checkpoint without fingerprints (or a model that computes differently) still meets the probe
     params = jax.tree.map(lambda x: x, state.params)
     params["embed_out"]["kernel"] = params["embed_out"]["kernel"] * 1.5
-    checkpointer.save(4, dataclasses.replace(state, step=state.step + 1, params=params), {**meta, "step": 4})
+    checkpointer.save(5, dataclasses.replace(state, params=params), {**meta, "step": 5, "samples_consumed": 80, "fingerprints": {}})
     checkpointer.close()
-    with pytest.raises(ckpt.CheckpointMismatchError, match="/4 failed its integrity probe"):
+    with pytest.raises(ckpt.CheckpointMismatchError, match="/5 failed its integrity probe.*resume from step 4"):
+        train(cfg.replace(train_iters=6), show_progress=False)
+
+
+@pytest.mark.slow
+def test_resume_names_changed_settings_and_unreadable_steps(corpus, tmp_path):
+    cfg = config(corpus, tmp_path, train_iters=4, save_interval=2)
+    train(cfg, show_progress=False)
+    changed = cfg.replace(train_iters=6, seed=4, model=cfg.model.replace(rotary_pct=0.25), micro_batch_size=1)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"/4 was written with other settings than this run's: seed was 3, now 4; "
+                                          r"model.rotary_pct was 0.5, now 0.25; global batch .* was 16, now 8"):
+        train(changed, show_progress=False)
+    assert time.perf_counter() - t0 < 20  # before the step is compiled
+    # remat and precision of compute are free to change; the step folder stays as it was
+    assert ckpt.TrainCheckpointer(tmp_path / "ckpt").all_steps() == [2, 4]
+
+    meta = tmp_path / "ckpt" / "4" / "meta" / "metadata"
+    meta.write_text(meta.read_text()[:40])  # a truncated JSON file
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"/4 cannot be read \(.*\); move .*/4 away to resume "
+                                                           "from step 2"):
         train(cfg.replace(train_iters=6), show_progress=False)
 
 
