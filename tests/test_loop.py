@@ -186,9 +186,17 @@ def test_resume_names_changed_settings_and_unreadable_steps(corpus, tmp_path):
 def test_checkpoint_of_another_model_names_the_first_mismatched_tensor(corpus, tmp_path):
     train(config(corpus, tmp_path, train_iters=2), show_progress=False)
     wider = config(corpus, tmp_path, train_iters=4, model={**MODEL, "intermediate_size": 96})
+    with pytest.raises(ConfigError, match=r"/2 was written with other settings than this run's: "
+                                          r"model.intermediate_size was 64, now 96"):
+        train(wider, show_progress=False)
+    # below the settings check, the shapes are checked before reading, naming the first mismatched tensor
+    from neox_jax.sharding import make_mesh
+    from neox_jax.train import Trainer
+
+    abstract = Trainer(wider, make_mesh(wider.mesh)).abstract_state_with_shardings()
     with pytest.raises(ckpt.CheckpointMismatchError,
                        match=r"layers/mlp/dense_4h_to_h/kernel has shape \(2, 64, 32\) but .* needs \(2, 96, 32\)"):
-        train(wider, show_progress=False)
+        ckpt.TrainCheckpointer(tmp_path / "ckpt").check_shapes(2, abstract)
 
 
 def test_unknown_config_key_names_the_nearest(corpus, tmp_path):
