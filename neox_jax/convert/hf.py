@@ -1,9 +1,10 @@
 """Hugging Face GPT-NeoX checkpoints <-> neox_jax parameters, one tensor at a time.
 
-Reading memory-maps safetensors (single file or sharded with `model.safetensors.index.json`) and reads
-`pytorch_model.bin` only through `torch.load(weights_only=True)`. Each stacked parameter is assembled from
-its per-layer tensors, moved to the device, and its host copy dropped before the next one, so the model
-never sits twice in host RAM. Writing goes the other way, shard by shard.
+Every converter in this package meets at Hugging Face names: a *tensor source* (`names()`, `shape(name)`,
+`get(name)` -> a numpy array in torch layout) is read by every sink (`read_params` into a model, `write_hf`,
+`orbax.write_params`, `neox.write_neox`). Sources here: `TensorSource` (a Hugging Face folder: safetensors,
+single or sharded, or `pytorch_model.bin` through `torch.load(weights_only=True)`) and `ParamsSource` (our
+params tree, or an Orbax checkpoint read a layer's slice at a time).
 
 The mapping is a table: Hugging Face name <-> parameter path, and whether the matrix is transposed
 (torch `[out, in]` vs our `[in, out]`); every other difference is a reshape to the shapes the model declares.

@@ -161,7 +161,7 @@ class NeoXSource:
             shown = (rank_file(0) if self.sequential else layer_file(0, 0)).replace("00", "*")
             raise CheckpointError(f"{self.path}: {self.ranks} tensor-parallel shards ({shown}) but {where} sets "
                                   f"model_parallel_size={declared}: give the config this checkpoint was saved with")
-        self._keys: dict[Path, dict[str, tuple]] = {}
+        self._keys: dict[tuple[Path, int], dict[str, tuple]] = {}  # (file, layer) -> {key: shape}
         vocab = sum(s[0] for s in self._shapes(0, "word_embeddings.weight"))
         self.config = model_config(*files, weights_only=True, vocab_size=vocab)
         self.parallel_residual = self.config.use_parallel_residual
@@ -175,8 +175,8 @@ class NeoXSource:
     def _state(self, layer: int, rank: int) -> dict:
         file = self._file(layer, rank)
         if not file.is_file():
-            raise CheckpointError(f"{file} is missing: the checkpoint is incomplete (or the config's num_layers "
-                                  f"{getattr(self, 'config', None) and self.config.num_layers} is not the run's)")
+            raise CheckpointError(f"{file} is missing: the checkpoint is incomplete, or the config's num_layers is "
+                                  "not the one it was saved with")
         state = load_torch(file, self.trust_pickle)
         if not self.sequential:
             return state
