@@ -278,7 +278,7 @@ class Saver:
 
     def check_settings(self, meta: dict, where: str):
         stored, now = meta["config"], self.cfg.to_dict()
-        changed = [(k, stored.get(k), now[k]) for k in self.KEPT if k in stored and _plain(stored[k]) != _plain(now[k])]
+        changed = [(k, stored[k], now[k]) for k in self.KEPT if k in stored and _plain(stored[k]) != _plain(now[k])]
         changed += [(f"model.{k}", v, now["model"][k]) for k, v in stored["model"].items()
                     if k not in self.MODEL_FREE and k in now["model"] and v != now["model"][k]]
         batch = meta["samples_consumed"] // max(meta["step"], 1)

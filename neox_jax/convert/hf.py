@@ -56,6 +56,15 @@ IGNORED = re.compile(r"gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rotar
 ALIASES = {"lm_head.weight": "embed_out.weight"}
 
 
+def tensor_slots(num_layers: int) -> list[tuple[str, str, int | None, bool]]:
+    """(Hugging Face name, parameter path, layer or None, transposed) of every tensor, in Hugging Face's order:
+    embedding, layers, final norm, output."""
+    (embed, *rest) = TOP_TABLE
+    layers = [(LAYER_PREFIX.format(i) + hf, "layers." + path, i, t) for i in range(num_layers)
+              for hf, path, t in LAYER_TABLE]
+    return [(embed[0], embed[1], None, embed[2]), *layers, *((hf, path, None, t) for hf, path, t in rest)]
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model; the message lists every problem."""
 
@@ -291,9 +300,7 @@ class ParamsSource:
     def __init__(self, read: Callable[[str, int | None], np.ndarray], config: NeoXConfig, path="parameters"):
         self.read, self.config, self.path = read, config, path
         self.shapes = hf_shapes(config)
-        self._where = {hf: (p, None, t) for hf, p, t in TOP_TABLE}
-        for i in range(config.num_layers):
-            self._where.update({LAYER_PREFIX.format(i) + hf: ("layers." + p, i, t) for hf, p, t in LAYER_TABLE})
+        self._where = {hf: (p, layer, t) for hf, p, layer, t in tensor_slots(config.num_layers)}
 
     @classmethod
     def from_tree(cls, params, config: NeoXConfig) -> "ParamsSource":
@@ -305,8 +312,7 @@ class ParamsSource:
 
     def names(self) -> list[str]:
         """In Hugging Face's order: embedding, layers, final norm, output."""
-        return [TOP_TABLE[0][0], *(n for n in self.shapes if n.startswith("gpt_neox.layers.")),
-                *(hf for hf, _, _ in TOP_TABLE[1:])]
+        return list(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.shapes[name]

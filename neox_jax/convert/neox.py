@@ -51,12 +51,17 @@ CURRENT_MLP_NAMES = {"mlp.dense_h_to_4h.": "mlp.linear1.", "mlp.dense_4h_to_h.":
 IGNORED_KEYS = {"attention.rotary_emb.inv_freq"}
 
 
-def top_entries(num_layers: int):
-    """(Hugging Face name, GPT-NeoX layer index, GPT-NeoX key, split) of the tensors outside the layers."""
-    return (("gpt_neox.embed_in.weight", 0, "word_embeddings.weight", COLUMN),
-            ("gpt_neox.final_layer_norm.weight", num_layers + 3, "norm.weight", REPLICATED),
-            ("gpt_neox.final_layer_norm.bias", num_layers + 3, "norm.bias", REPLICATED),
-            ("embed_out.weight", num_layers + 4, "final_linear.weight", COLUMN))
+def entries(num_layers: int, current_names: bool) -> dict[str, tuple[int, str, str]]:
+    """{Hugging Face name: (GPT-NeoX layer index, GPT-NeoX key, split)} of every tensor, file by file."""
+    L = num_layers
+    out = {"gpt_neox.embed_in.weight": (0, "word_embeddings.weight", COLUMN)}
+    for i in range(L):
+        for name, how in LAYER_SPLITS.items():
+            out[LAYER_PREFIX.format(i) + name] = (i + 2, neox_key(name, current_names), how)
+    out.update({"gpt_neox.final_layer_norm.weight": (L + 3, "norm.weight", REPLICATED),
+                "gpt_neox.final_layer_norm.bias": (L + 3, "norm.bias", REPLICATED),
+                "embed_out.weight": (L + 4, "final_linear.weight", COLUMN)})
+    return out
 
 
 def neox_key(hf_name: str, current_names: bool) -> str:
@@ -161,7 +166,8 @@ class NeoXSource:
             shown = (rank_file(0) if self.sequential else layer_file(0, 0)).replace("00", "*")
             raise CheckpointError(f"{self.path}: {self.ranks} tensor-parallel shards ({shown}) but {where} sets "
                                   f"model_parallel_size={declared}: give the config this checkpoint was saved with")
-        self._keys: dict[tuple[Path, int], dict[str, tuple]] = {}  # (file, layer) -> {key: shape}
+        self._keys: dict[tuple[int, int], dict[str, tuple]] = {}  # (layer, rank) -> {key: shape}
+        self._ranks_read: set[int] = set()  # sequential format: ranks whose file was read for its keys
         vocab = sum(s[0] for s in self._shapes(0, "word_embeddings.weight"))
         self.config = model_config(*files, weights_only=True, vocab_size=vocab)
         self.parallel_residual = self.config.use_parallel_residual
@@ -177,21 +183,31 @@ class NeoXSource:
         if not file.is_file():
             raise CheckpointError(f"{file} is missing: the checkpoint is incomplete, or the config's num_layers is "
                                   "not the one it was saved with")
-        state = load_torch(file, self.trust_pickle)
         if not self.sequential:
-            return state
+            return load_torch(file, self.trust_pickle)
+        prefix = f"sequential.{layer}."
+        return {k[len(prefix):]: v for k, v in self._module(rank).items() if k.startswith(prefix)}
+
+    def _module(self, rank: int) -> dict:
+        """The `sequential.*` tensors of a sequential-format rank file."""
+        file = self._file(0, rank)
+        state = load_torch(file, self.trust_pickle)
         if "module" not in state:
             raise CheckpointError(f"{file} has no 'module' entry: not a GPT-NeoX sequential checkpoint")
-        prefix = f"sequential.{layer}."
-        return {k[len(prefix):]: v for k, v in state["module"].items() if k.startswith(prefix)}
+        return {k: v for k, v in state["module"].items() if k.startswith("sequential.")}
 
     def _keys_of(self, layer: int, rank: int) -> dict[str, tuple]:
-        file = self._file(layer, rank)
-        key = (file, layer)
-        if key not in self._keys:
-            self._keys[key] = {k: tuple(v.shape) for k, v in self._state(layer, rank).items()
-                               if hasattr(v, "shape")}
-        return self._keys[key]
+        """{key: shape} of one layer on one rank (read once: a sequential file's layers all in one load)."""
+        if self.sequential and rank not in self._ranks_read:
+            self._ranks_read.add(rank)
+            for k, v in self._module(rank).items():
+                index, _, name = k.removeprefix("sequential.").partition(".")
+                if hasattr(v, "shape"):
+                    self._keys.setdefault((int(index), rank), {})[name] = tuple(v.shape)
+        elif not self.sequential and (layer, rank) not in self._keys:
+            self._keys[(layer, rank)] = {k: tuple(v.shape) for k, v in self._state(layer, rank).items()
+                                         if hasattr(v, "shape")}
+        return self._keys.get((layer, rank), {})
 
     def _has(self, layer: int, key: str) -> bool:
         return key in self._keys_of(layer, 0)
@@ -205,17 +221,9 @@ class NeoXSource:
             out.append(keys[key])
         return out
 
-    def _entries(self):
-        """{Hugging Face name: (GPT-NeoX layer index, GPT-NeoX key, split)}."""
-        out = {hf: (layer, key, how) for hf, layer, key, how in top_entries(self.config.num_layers)}
-        for i in range(self.config.num_layers):
-            for name, how in LAYER_SPLITS.items():
-                out[LAYER_PREFIX.format(i) + name] = (i + 2, neox_key(name, self.current_names), how)
-        return out
-
     def _check_structure(self):
         """Every file present, no key we would drop, no layer beyond the config's."""
-        self.where = self._entries()
+        self.where = entries(self.config.num_layers, self.current_names)
         wanted: dict[int, set] = {}
         for layer, key, _ in self.where.values():
             wanted.setdefault(layer, set()).add(key)
@@ -227,14 +235,10 @@ class NeoXSource:
                                           f"{layer}: a model neox-jax does not implement, or another config")
         beyond = self.config.num_layers + 5
         extra = (sorted(self.path.glob(f"layer_{beyond:02d}-model_*")) if not self.sequential
-                 else [k for k in self._state_keys_all(0) if int(k.split(".")[1]) >= beyond])
+                 else [f"sequential.{layer}" for layer, rank in self._keys if layer >= beyond])
         if extra:
             raise CheckpointError(f"{self.path}: has {extra[0]} beyond the last layer of a {self.config.num_layers}-"
                                   "layer model: the config's num_layers is not the checkpoint's")
-
-    def _state_keys_all(self, rank: int) -> list[str]:
-        state = load_torch(self._file(0, rank), self.trust_pickle)
-        return [k for k in state["module"] if k.startswith("sequential.")]
 
     # the tensor-source protocol (hf.TensorSource)
     def names(self) -> list[str]:
@@ -318,17 +322,14 @@ def write_neox(source, cfg: NeoXConfig, dst, *, tensor_parallel: int = 1, pipe_p
     staging = out / f".{tag}.partial"
     (staging / "configs").mkdir(parents=True, exist_ok=True)
     by_file: dict[int, list] = {}
-    for hf, layer, key, how in top_entries(cfg.num_layers):
+    for hf, (layer, key, how) in entries(cfg.num_layers, current_names).items():
         by_file.setdefault(layer, []).append((hf, key, how))
-    for i in range(cfg.num_layers):
-        by_file[i + 2] = [(LAYER_PREFIX.format(i) + n, neox_key(n, current_names), how)
-                          for n, how in LAYER_SPLITS.items()]
     shapes = hf_shapes(cfg)
     total = sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
     with bar("writing", total, show_progress, unit="B") as progress_bar:
-        for layer in sorted(by_file):
+        for layer, tensors in by_file.items():
             states = [{} for _ in range(t)]
-            for hf, key, how in by_file[layer]:
+            for hf, key, how in tensors:
                 x = np.ascontiguousarray(source.get(hf), dtype=dtype)
                 for rank, shard in enumerate(split(x, how, t, cfg.use_parallel_residual)):
                     states[rank][key] = _to_torch(shard)

@@ -23,21 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from neox_jax.atomic import write_json
+from neox_jax.checkpoint import CONFIG_FILE, is_params_checkpoint, load_config
 from neox_jax.config import NeoXConfig
-from neox_jax.convert.hf import (LAYER_PREFIX, LAYER_TABLE, TOP_TABLE, CheckpointError, ParamsSource, _get_path,
-                                  _to_ours, check_tensors, hf_shapes)
+from neox_jax.convert.hf import (CheckpointError, ParamsSource, _get_path, _to_ours, check_tensors, hf_shapes,
+                                 tensor_slots)
 
 CHUNK_BYTES = 256 * 2**20  # split a layer's slice further when it is bigger than this
-
-
-def _flat(tree, prefix=()) -> dict[tuple[str, ...], object]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
 
 
 def _chunks(shape: tuple[int, ...], itemsize: int, stacked: bool) -> list[int]:
@@ -59,25 +50,20 @@ class ParamsWriter:
     """
 
     def __init__(self, path: str | os.PathLike, config: NeoXConfig, abstract_params: dict):
-        import jax
         import orbax.checkpoint as ocp
         import tensorstore as ts
+        from flax.traverse_util import flatten_dict, unflatten_dict
 
         self.out = Path(path).absolute()
         if (self.out / "params").exists():
             raise FileExistsError(f"{self.out / 'params'} already exists: choose a new destination or remove it")
         self.config = config
-        self.leaves = _flat(abstract_params)
+        leaves = flatten_dict(abstract_params)
         staging = self.out / ".partial"
         shutil.rmtree(staging, ignore_errors=True)  # an earlier interrupted conversion
         staging.mkdir(parents=True)
         self.dir = staging / "params"
-        placeholders = {}
-        for keys, leaf in self.leaves.items():
-            node = placeholders
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = np.zeros((1,) * len(leaf.shape), leaf.dtype)
+        placeholders = unflatten_dict({k: np.zeros((1,) * len(v.shape), v.dtype) for k, v in leaves.items()})
         absl = logging.getLogger("absl")
         level = absl.level
         absl.setLevel(logging.ERROR)  # Orbax warns that it has no OCDBT files to merge: we asked for none
@@ -87,15 +73,13 @@ class ParamsWriter:
         finally:
             absl.setLevel(level)
         self.arrays = {}
-        for keys, leaf in self.leaves.items():
-            stacked = keys[0] == "layers"
+        for keys, leaf in leaves.items():
             self.arrays[".".join(keys)] = ts.open({
                 "driver": "zarr", "kvstore": {"driver": "file", "path": str(self.dir / ".".join(keys))},
                 "metadata": {"shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).str,
-                             "chunks": _chunks(leaf.shape, np.dtype(leaf.dtype).itemsize, stacked),
+                             "chunks": _chunks(leaf.shape, np.dtype(leaf.dtype).itemsize, keys[0] == "layers"),
                              "compressor": None},
             }, create=True, delete_existing=True).result()
-        self._jax = jax
         self.written: dict[str, set] = {name: set() for name in self.arrays}
 
     def write(self, path: str, value: np.ndarray, layer: int | None = None):
@@ -112,13 +96,13 @@ class ParamsWriter:
     def close(self) -> Path:
         """Check that every slice was written, record the true shapes, move the checkpoint into place."""
         missing = [p for p, done in self.written.items()
-                   if done != ({None} if p.split(".")[0] != "layers" else set(range(self.arrays[p].shape[0])))]
+                   if done != (set(range(self.arrays[p].shape[0])) if p.startswith("layers.") else {None})]
         if missing:
             raise CheckpointError(f"conversion incomplete: {', '.join(missing[:5])} not fully written")
         self._record_shapes()
         os.replace(self.dir, self.out / "params")
         shutil.rmtree(self.dir.parent, ignore_errors=True)
-        write_json(self.out / "neox_config.json", self.config.to_dict())
+        write_json(self.out / CONFIG_FILE, self.config.to_dict())
         return self.out
 
     def _record_shapes(self):
@@ -142,13 +126,10 @@ class ParamsReader:
     """Read single parameters, or one layer's slice of one, from a params checkpoint, through tensorstore."""
 
     def __init__(self, path: str | os.PathLike):
-        from neox_jax import checkpoint
-
         self.path = Path(path).absolute()
-        if not checkpoint.is_params_checkpoint(self.path):
-            raise FileNotFoundError(f"{self.path} is not a neox_jax params checkpoint (needs "
-                                    f"{checkpoint.CONFIG_FILE} and params/)")
-        self.config = checkpoint.load_config(self.path)
+        if not is_params_checkpoint(self.path):
+            raise FileNotFoundError(f"{self.path} is not a neox_jax params checkpoint (needs {CONFIG_FILE} and params/)")
+        self.config = load_config(self.path)
         self.dir = self.path / "params"
         meta = json.loads((self.dir / "_METADATA").read_text())
         self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
@@ -196,12 +177,9 @@ def write_params(source, config: NeoXConfig, dst: str | os.PathLike, dtype: str 
     check_tensors(source, config)
     abstract = nnx.to_pure_dict(abstract_model(config)[1])
     writer = ParamsWriter(dst, config, abstract)
-    jobs = [(hf, path, None, t) for hf, path, t in TOP_TABLE]
-    jobs += [(LAYER_PREFIX.format(i) + hf, "layers." + path, i, t)
-             for i in range(config.num_layers) for hf, path, t in LAYER_TABLE]
     nbytes = sum(math.prod(s) for s in hf_shapes(config).values()) * np.dtype(dtype).itemsize
     with progress_bar("converting", nbytes, show_progress, unit="B") as bar:
-        for name, path, layer, transposed in jobs:
+        for name, path, layer, transposed in tensor_slots(config.num_layers):
             target = _get_path(abstract, path)
             shape = target.shape if layer is None else target.shape[1:]
             value = _to_ours(source.get(name), transposed, shape, target.dtype)
