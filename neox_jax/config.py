@@ -250,6 +250,7 @@ class TrainConfig:
     hysteresis: int = 2
     min_loss_scale: float = 1.0
     max_skipped_in_a_row: int = 50
+    max_nonfinite_steps: int = 1  # fp32/bf16: the run stops at this many non-finite steps in a row (skipped before)
     seed: int = 1234
     # data
     data_paths: tuple[str, ...] = ()
@@ -321,6 +322,7 @@ class TrainConfig:
         need(0 <= self.initial_scale_power <= 64, "initial_scale_power", "the fp16 loss scale is 2^this: 0 to 64")
         need(self.min_loss_scale > 0, "min_loss_scale", "must be positive")
         need(self.max_skipped_in_a_row >= 1, "max_skipped_in_a_row", "must be at least 1")
+        need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be at least 1 (1 stops at the first)")
         need(self.pipe_microbatches >= 0, "pipe_microbatches", "0 (automatic) or a number of microbatches")
         need(self.keep_every >= 0, "keep_every", "0 (off) or a number of steps")
         need(self.eval_iters >= 0, "eval_iters", "0 (no validation) or a number of batches")

@@ -132,14 +132,16 @@ class Recorder:
     """Reads a step's metrics (blocking on that step), keeps the loss, logs every `log_interval` steps, and
     raises TrainingError when the run cannot go on."""
 
-    def __init__(self, cfg: TrainConfig, mesh, logger: MetricsLogger, global_batch: int, start_time: float):
-        self.cfg, self.logger = cfg, logger
+    def __init__(self, cfg: TrainConfig, mesh, logger: MetricsLogger, global_batch: int, start_time: float,
+                 warn=print):
+        self.cfg, self.logger, self.warn = cfg, logger, warn
         self.devices = mesh.size
         self.device = mesh.local_devices[0]
         self.peak = peak_tflops(self.device.device_kind, cfg.peak_tflops)
         self.global_batch = global_batch
         self.tokens_per_step = global_batch * cfg.seq_length
         self.losses: dict[int, float] = {}
+        self.nonfinite_in_a_row = 0  # fp32/bf16 (fp16 counts its skipped steps in the loss scale)
         self.last_time = start_time
         self.line = ""
 
@@ -151,11 +153,19 @@ class Recorder:
             raise TrainingError(f"skipped {int(values['skipped_in_a_row'])} steps in a row because the fp16 "
                                 f"gradients overflowed (loss scale {values['loss_scale']:g}): the run is diverging; "
                                 "lower lr, or train in bf16 (max_skipped_in_a_row)")
-        if not self.cfg.precision == "fp16" and not (math.isfinite(values["loss"])
-                                                     and math.isfinite(values["grad_norm"])):
-            raise TrainingError(f"step {step + 1}: loss {values['loss']}, gradient norm {values['grad_norm']}: "
-                                "training diverged; nothing from this step on is saved. Lower lr or raise warmup, "
-                                "then resume from the last checkpoint")
+        if cfg.precision != "fp16":
+            finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+            self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
+            what = f"step {step + 1}: loss {values['loss']}, gradient norm {values['grad_norm']}"
+            if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{what}" + (f" ({self.nonfinite_in_a_row} non-finite steps in a row)"
+                                 if self.nonfinite_in_a_row > 1 else "")
+                    + ": training diverged; nothing from this step on is saved. Lower lr or raise warmup, then "
+                    "resume from the last checkpoint (or raise max_nonfinite_steps to skip such steps)")
+            if not finite:
+                self.warn(f"{what}: not finite, skipped (weights unchanged; {self.nonfinite_in_a_row} in a row, the "
+                          f"run stops at max_nonfinite_steps={cfg.max_nonfinite_steps})")
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.train_iters:
             self.log(step + 1, values)
         return values
@@ -395,7 +405,7 @@ def _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start
     console.print(f"compiled the train step in {result.compile_seconds:.1f}s: {cfg.model.num_params / 1e6:.1f}M "
                   f"parameters, mesh {dict(trainer.mesh_shape)}, global batch {trainer.global_batch_size} x "
                   f"{cfg.seq_length} tokens, {cfg.precision}")
-    recorder = Recorder(cfg, trainer.mesh, logger, trainer.global_batch_size, time.perf_counter())
+    recorder = Recorder(cfg, trainer.mesh, logger, trainer.global_batch_size, time.perf_counter(), console.print)
     result.losses = recorder.losses
     state, pending, stop = result.state, None, None
 

@@ -2,8 +2,8 @@
 
 The state is plain pytrees (nested dicts of arrays), so Orbax saves it and any mesh restores it:
 
-    step        steps taken (skipped fp16 steps included)
-    updates     updates applied (skipped fp16 steps not): the learning-rate schedule's step
+    step        steps taken (skipped steps included)
+    updates     updates applied (steps skipped for non-finite gradients not): the learning-rate schedule's step
     params      working weights in the precision's dtype (bf16 / fp16 / fp32), laid out by the rules table
     master      fp32 copy of the weights when the working dtype is lower (None in fp32), ZeRO-1 layout
     opt_state   AdamW moments, ZeRO-1 layout (split over `data` as well)
@@ -222,15 +222,19 @@ class Trainer:
         lr = self.lr(state.updates)
         updates, opt_state = self.tx.update(grads, state.opt_state, master)
         new_master = optax.apply_updates(master, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
-        loss_scale, applied = None, jnp.int32(1)
-        if self.fp16:  # a step with inf/nan gradients is skipped: weights and optimizer stay as they were
-            finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-            new_master, opt_state = keep(new_master, master), keep(opt_state, state.opt_state)
-            loss_scale, applied = state.loss_scale.update(~finite, self.cfg), finite.astype(jnp.int32)
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+        # A step with a non-finite loss or gradient is skipped: weights and optimizer stay as they were. (The
+        # global norm is non-finite when any gradient is.) The run decides from the metrics when to stop.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_master, opt_state = keep(new_master, master), keep(opt_state, state.opt_state)
+        loss_scale = None
+        if self.fp16:  # an overflow also shrinks the loss scale
+            loss_scale = state.loss_scale.update(~finite, self.cfg)
             metrics.update(loss_scale=state.loss_scale.scale, skipped=loss_scale.skipped,
                            skipped_in_a_row=loss_scale.skipped_in_a_row)
+        applied = finite.astype(jnp.int32)
         dtype = jnp.dtype(self.model_cfg.param_dtype)
         params = jax.tree.map(lambda x: x.astype(dtype), new_master)
         new = TrainState(step=state.step + 1, updates=state.updates + applied, params=params,

@@ -6,8 +6,9 @@ import struct
 import numpy as np
 import pytest
 
-from neox_jax.data.dataset import (BlendedDataset, GlobalBatches, GPTDataset, blending_indices,
-                                   build_split_datasets, split_boundaries)
+from neox_jax.data.dataset import (BlendedDataset, GlobalBatches, GPTDataset, build_split_datasets,
+                                   normalised_weights, samples_per_dataset, split_boundaries)
+from neox_jax.data.helpers import blending_indices
 from neox_jax.data.indexed import IndexedDataset, IndexedDatasetWriter
 from neox_jax.data.preprocess import BadRecordError, preprocess
 from neox_jax.data.tokenizer import SPACE_RUNS, NeoXTokenizer, train_tokenizer
@@ -240,14 +241,42 @@ def test_split_boundaries_follow_neox():
         split_boundaries("a,b", 10)
 
 
-def test_blending_proportions_within_one_sample():
-    weights = [0.5, 0.3, 0.2]
-    index, sample = blending_indices(weights, 1000)
-    for n in (10, 77, 500, 1000):
-        counts = np.bincount(index[:n], minlength=3)
-        assert np.all(np.abs(counts - np.asarray(weights) * n) <= 1), (n, counts)
-    for d in range(3):  # each dataset is read in order, from 0
-        np.testing.assert_array_equal(sample[index == d], np.arange((index == d).sum()))
+def reference_blending(weights, size):
+    """GPT-NeoX's helpers.cpp `build_blending_indices`, line for line in Python."""
+    dataset_index, sample_index, current = [0] * size, [0] * size, [0] * len(weights)
+    for i in range(size):
+        at = max(float(i), 1.0)
+        best, best_error = 0, weights[0] * at - float(current[0])
+        for d in range(1, len(weights)):
+            error = weights[d] * at - float(current[d])
+            if error > best_error:
+                best, best_error = d, error
+        dataset_index[i], sample_index[i] = best, current[best]
+        current[best] += 1
+    return np.asarray(dataset_index, np.uint8), np.asarray(sample_index, np.int64)
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [1.0, 1.0], [3.0, 1.0, 1.0, 1.0],
+                                     list(np.random.RandomState(1).lognormal(0, 1.5, 22)),
+                                     list(np.random.RandomState(0).rand(40) + 0.01)])
+def test_blending_equals_gpt_neox_loop(weights):
+    w = normalised_weights(weights)
+    size = 30_000
+    index, sample = blending_indices(w, size)
+    want_index, want_sample = reference_blending(list(w), size)
+    np.testing.assert_array_equal(index, want_index)
+    np.testing.assert_array_equal(sample, want_sample)
+    for n in (10, 77, 500, size):  # every prefix is within one sample of the weights
+        counts = np.bincount(index[:n], minlength=len(w))
+        assert np.all(np.abs(counts - w * n) <= 1), (n, counts)
+
+
+def test_blend_weights_are_normalised_as_gpt_neox_does():
+    weights = [0.1] * 7 + [0.3] * 15  # the numpy sum and the Python sum of these differ in the last bit
+    total = sum(weights)
+    python = [x / total for x in weights]
+    np.testing.assert_array_equal(normalised_weights(weights), np.asarray(python) / np.sum(python))
+    assert samples_per_dataset([2.0, 1.0], 1000) == [670, 335]  # GPT-NeoX's 0.5% slack, rounded up
 
 
 def test_blended_split_datasets(corpus, tmp_path):

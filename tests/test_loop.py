@@ -219,6 +219,24 @@ def test_train_cli_accepts_neox_yaml_settings(shared):
     assert cfg.working_model().param_dtype == "float16" and cfg.model.param_dtype == "float32"
 
 
+def test_non_finite_steps_in_a_row_stop_the_run_at_max_nonfinite_steps():
+    from neox_jax.loop import Recorder, TrainingError
+    from neox_jax.metrics import MetricsLogger
+    from neox_jax.sharding import make_mesh
+
+    warned = []
+    cfg = TrainConfig(model=NeoXConfig(**MODEL), seq_length=32, max_nonfinite_steps=3, train_iters=100)
+    rec = Recorder(cfg, make_mesh({"data": 1}, jax.devices()[:1]), MetricsLogger(enabled=False), 2, 0.0,
+                   warned.append)
+    metrics = lambda loss: {"loss": loss, "grad_norm": 1.0, "lr": 1e-3}  # noqa: E731
+    for step, loss in enumerate([2.0, float("nan"), float("inf"), 1.9, float("nan"), float("nan")]):
+        rec(step, metrics(loss))  # two in a row are skipped, the count starts again after a finite step
+    assert len(warned) == 4 and "step 2: loss nan" in warned[0] and "2 in a row" in warned[1]
+    assert "max_nonfinite_steps=3" in warned[0]
+    with pytest.raises(TrainingError, match=r"step 7: loss nan.*\(3 non-finite steps in a row\).*max_nonfinite_steps"):
+        rec(6, metrics(float("nan")))
+
+
 @pytest.mark.slow
 def test_a_diverging_run_stops_before_saving_and_keeps_its_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     from neox_jax.loop import TrainingError

@@ -91,9 +91,11 @@ def test_loss_scale_follows_deepspeed(hysteresis):
 class OverflowAt(Trainer):
     """A Trainer whose gradients turn infinite when a batch starts with token 63: overflow on demand."""
 
+    POISON = jnp.inf
+
     def _grads(self, params, batch_mbt, loss_scale=1.0):
         loss, grads = super()._grads(params, batch_mbt, loss_scale)
-        poison = jnp.where(batch_mbt[0, 0, 0] == 63, jnp.inf, 0.0)
+        poison = jnp.where(batch_mbt[0, 0, 0] == 63, self.POISON, 0.0)
         return loss, jax.tree.map(lambda g: g + poison, grads)
 
 
@@ -121,3 +123,28 @@ def test_fp16_steps_with_overflow_are_skipped_and_counted():
     assert int(state.loss_scale.skipped) == 3 and int(metrics["skipped"]) == 3
     assert int(state.step) == len(inject)  # the data position advances on skipped steps too
     assert int(state.updates) == len(inject) - 3
+
+
+class NaNAt(OverflowAt):
+    POISON = jnp.nan
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_non_finite_steps_are_skipped_in_fp32_and_bf16(precision):
+    model = NeoXConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=32)
+    cfg = TrainConfig(model=model, seq_length=16, micro_batch_size=4, precision=precision, warmup=0, lr=1e-3,
+                      mesh={"data": 2, "tensor": 2})
+    tr = NaNAt(cfg, make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4]))
+    state = tr.init(jax.random.key(0))
+    tokens = np.random.RandomState(0).randint(0, 63, tr.batch_shape())
+    good, bad = tr.put_batch(tokens), tr.put_batch(np.where(np.arange(tokens.size).reshape(tokens.shape) == 0, 63,
+                                                            tokens))
+    for step, poisoned in enumerate([False, True, True, False]):
+        before = jax.tree.map(np.asarray, (state.params, state.master, state.opt_state, state.updates))
+        state, metrics = tr.step(state, bad if poisoned else good)
+        after = jax.tree.map(np.asarray, (state.params, state.master, state.opt_state, state.updates))
+        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+        assert same == poisoned, step
+        assert np.isfinite(float(metrics["grad_norm"])) != poisoned
+        assert all(np.isfinite(x.astype(np.float32)).all() for x in jax.tree.leaves(after))
+    assert (int(state.step), int(state.updates)) == (4, 2)

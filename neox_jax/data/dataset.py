@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from neox_jax.atomic import atomic_path, write_json
+from neox_jax.data.helpers import blending_indices
 from neox_jax.data.indexed import IndexedDataset
 
 
@@ -159,21 +160,12 @@ class GPTDataset:
         return out
 
 
-def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """GPT-NeoX's deterministic greedy blend: each sample goes to the dataset furthest below its share."""
-    w = np.asarray(weights, np.float64)
-    w = w / w.sum()
-    if len(w) > 255:
-        raise ValueError("at most 255 datasets can be blended")
-    dataset_index = np.zeros(size, np.uint8)
-    sample_index = np.zeros(size, np.int64)
-    counts = np.zeros(len(w), np.int64)
-    for i in range(size):
-        errors = w * max(float(i), 1.0) - counts
-        d = int(np.argmax(errors))  # first maximum wins ties, as the C++ loop's strict `>`
-        dataset_index[i], sample_index[i] = d, counts[d]
-        counts[d] += 1
-    return dataset_index, sample_index
+def normalised_weights(weights: Sequence[float]) -> np.ndarray:
+    """The blend weights as GPT-NeoX computes them, bit for bit: divided by their Python sum
+    (`get_normalized_weights_and_num_samples`), then again by their numpy sum (`BlendableDataset`)."""
+    total = sum(weights)
+    w = np.array([x / total for x in weights], np.float64)
+    return w / np.sum(w)
 
 
 class BlendedDataset:
@@ -181,8 +173,10 @@ class BlendedDataset:
         if len(datasets) != len(weights):
             raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
         self.datasets = list(datasets)
+        if len(datasets) >= 255:
+            raise ValueError(f"{len(datasets)} datasets: GPT-NeoX blends at most 254")
         self.size = sum(len(d) for d in datasets)
-        self.dataset_index, self.sample_index = blending_indices(weights, self.size)
+        self.dataset_index, self.sample_index = blending_indices(normalised_weights(weights), self.size)
 
     def __len__(self) -> int:
         return self.size
@@ -195,7 +189,7 @@ class BlendedDataset:
 def samples_per_dataset(weights: Sequence[float], num_samples: int) -> list[int]:
     """GPT-NeoX asks each blended dataset for its share plus 0.5% slack."""
     total = sum(weights)
-    return [int(math.ceil(num_samples * w / total * 1.005)) for w in weights]
+    return [int(math.ceil(num_samples * (w / total) * 1.005)) for w in weights]
 
 
 def build_split_datasets(prefixes: Sequence[str], weights: Sequence[float] | None, split: str,
