@@ -501,7 +501,7 @@ def main(argv=None):
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)
-    from neox_jax.config import ConfigError
+    from neox_jax.config import ConfigError, TrainingError
     from neox_jax.convert.hf import CheckpointError
     from neox_jax.distributed import LaunchError
 
@@ -510,6 +510,9 @@ def main(argv=None):
     except (ConfigError, CheckpointError, LaunchError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:  # the run itself failed (diverged): its last good checkpoint stays the latest
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

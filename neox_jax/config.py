@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the value and the setting."""
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on (it diverged); the message says what to do."""
+
+
 @dataclasses.dataclass(frozen=True)
 class NeoXConfig:
     vocab_size: int = 50304  # padded, as in the checkpoint

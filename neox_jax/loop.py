@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from neox_jax import checkpoint as ckpt
 from neox_jax.atomic import atomic_path
-from neox_jax.config import ConfigError, TrainConfig
+from neox_jax.config import ConfigError, TrainConfig, TrainingError
 from neox_jax.data.dataset import GlobalBatches, build_split_datasets
 from neox_jax.data.loader import Loader, LocalBatches
 from neox_jax.distributed import is_primary
@@ -46,10 +46,6 @@ from neox_jax.sharding import make_mesh
 from neox_jax.train import Trainer, TrainState
 
 PROBE_TOKENS = 16
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 @dataclasses.dataclass
@@ -199,7 +195,8 @@ class Evaluator:
 
     def __init__(self, cfg: TrainConfig, trainer: Trainer, batches: GlobalBatches | None):
         self.cfg, self.trainer = cfg, trainer
-        self.local = LocalBatches(batches, trainer.batch_sharding, cfg.seq_length) if batches else None
+        self.local = (LocalBatches(batches, trainer.batch_sharding, cfg.seq_length, cfg.model.vocab_size)
+                      if batches else None)
         self.losses: dict[int, float] = {}
 
     def __call__(self, step: int, params) -> float | None:
@@ -372,8 +369,7 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None, show_progress: bool
     evaluator = Evaluator(cfg, trainer, GlobalBatches(valid_ds, cfg.grad_accum_steps, cfg.micro_batch_size, dp)
                           if valid_ds else None)
     tb_dir = cfg.tensorboard_dir or (str(Path(cfg.save) / "tensorboard") if cfg.save else "")
-    logger = MetricsLogger(tb_dir, cfg.wandb_project, cfg.to_dict(), enabled=console.on)
-    saver = Saver(cfg, trainer)
+    saver, logger = Saver(cfg, trainer), None
     result = RunResult(state=None, losses={}, eval_losses=evaluator.losses, last_step=0, stopped_by=None,
                        checkpoint_dir=saver.directory, tensorboard_dir=tb_dir or None, compile_seconds=0.0)
     try:
@@ -389,12 +385,16 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None, show_progress: bool
                           "To train further raise train_iters; to start afresh remove that folder or set another "
                           "`save` folder.")
             return result
+        # the first batch's token ids are checked before compiling (the loader checks every batch after it)
+        LocalBatches(batches, trainer.batch_sharding, cfg.seq_length, cfg.model.vocab_size).host_batch(start)
+        logger = MetricsLogger(tb_dir, cfg.wandb_project, cfg.to_dict(), enabled=console.on)
         if result.state is None:
             result.state = trainer.init(jax.random.key(cfg.seed))
         _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start, end)
     finally:
         saver.close()
-        logger.close()
+        if logger:
+            logger.close()
     return result
 
 
@@ -417,8 +417,9 @@ def _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start
             recorder(step, metrics)
             stop = stop or StopVote.decided(vote)
 
-    with StopVote(trainer.mesh) as votes, Loader(batches, trainer.batch_sharding, cfg.seq_length,
-                                                 start_step=start) as loader, console.bar(end - start) as progress:
+    with StopVote(trainer.mesh) as votes, Loader(batches, trainer.batch_sharding, cfg.seq_length, start_step=start,
+                                                 vocab_size=cfg.model.vocab_size) as loader, \
+            console.bar(end - start) as progress:
         for step in range(start, end):
             _, batch = next(loader)
             state, metrics = step_fn(state, batch)

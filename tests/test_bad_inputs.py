@@ -14,6 +14,28 @@ from neox_jax.loop import train
 
 from .conftest import TINY_MODEL
 
+
+
+@pytest.fixture(autouse=True)
+def nothing_compiles():
+    """Every bad input here is refused before XLA compiles a program of ours in this process (an eager single
+    operation, which JAX compiles as `jit(<primitive>)`, is not a program; subprocess cases time it)."""
+    import jax
+    import jax.extend.core.primitives as primitives
+
+    eager = {f"jit({p.name})" for p in vars(primitives).values() if isinstance(p, jax.extend.core.Primitive)}
+    compiled = []
+
+    def listener(event, _seconds, fun_name="", **_):
+        if event == "/jax/core/compile/backend_compile_duration" and fun_name not in eager:
+            compiled.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield
+    jax.monitoring.unregister_event_duration_listener(listener)
+    assert not compiled, f"compiled {compiled} before the bad input was refused"
+
+
 # ---- settings outside their domain, or of the wrong type -----------------------------------------------------
 
 
@@ -99,6 +121,17 @@ def test_a_missing_tokenizer_is_found_before_training_not_after(corpus, tmp_path
                                  "sample_prompt": "x"})
     with pytest.raises(FileNotFoundError, match="nope.json not found"):
         train(cfg, show_progress=False, print_fn=lambda _: pytest.fail("started training"))
+
+
+def test_data_with_ids_past_the_vocabulary_is_refused_before_compiling(tmp_path):
+    _documents(tmp_path / "d", seed=0)  # ids up to 500, the model's vocab_size is 128
+    cfg = TrainConfig.from_dict({"model": TINY_MODEL, "mesh": {"data": 8}, "seq_length": 16, "train_iters": 2,
+                                 "micro_batch_size": 1, "data_paths": [str(tmp_path / "d")], "split": "1", "save": str(tmp_path / "r")})
+    messages = []
+    with pytest.raises(ValueError, match=r"token id \d+ in .*/d \(train sample \d+\) \(step 1's batch\) is outside "
+                                         r"the model's vocab_size=128"):
+        train(cfg, show_progress=False, print_fn=messages.append)
+    assert messages == [] and not list((tmp_path / "r").iterdir())  # nothing compiled, nothing written
 
 
 def test_generate_refuses_a_tokenizer_larger_than_the_model(tmp_path, big_tokenizer):
@@ -262,3 +295,4 @@ def test_preprocessing_where_every_record_is_bad_fails_and_writes_no_data(tmp_pa
     err = capsys.readouterr().err
     assert code != 0 and "all 3 records were rejected" in err
     assert not list(tmp_path.glob("out_text_document.*")) and (tmp_path / "out_rejects.tsv").is_file()
+

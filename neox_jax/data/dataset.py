@@ -110,7 +110,7 @@ class GPTDataset:
 
     def __init__(self, indexed: IndexedDataset, documents: np.ndarray, num_samples: int, seq_length: int,
                  seed: int, name: str = "train", cache_dir: str | os.PathLike | None = None):
-        self.indexed, self.seq_length = indexed, seq_length
+        self.indexed, self.seq_length, self.name = indexed, seq_length, name
         documents = np.asarray(documents)
         if documents.size == 0:
             raise ValueError(f"{indexed.prefix}: the {name} split has no documents; change `split`")
@@ -141,6 +141,10 @@ class GPTDataset:
 
     def __len__(self) -> int:
         return len(self.shuffle_idx)
+
+    def source(self, i: int) -> str:
+        """Where sample `i` comes from, for error messages."""
+        return f"{self.indexed.prefix} ({self.name} sample {i % len(self)})"
 
     def __getitem__(self, i: int) -> np.ndarray:
         """int64 [seq_length + 1]; an index past the end wraps around, as in GPT-NeoX."""
@@ -184,6 +188,10 @@ class BlendedDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         i %= self.size
         return self.datasets[self.dataset_index[i]][int(self.sample_index[i])]
+
+    def source(self, i: int) -> str:
+        i %= self.size
+        return self.datasets[self.dataset_index[i]].source(int(self.sample_index[i]))
 
 
 def samples_per_dataset(weights: Sequence[float], num_samples: int) -> list[int]:
@@ -234,9 +242,15 @@ class GlobalBatches:
     def global_batch_size(self) -> int:
         return self.accum * self.per_microstep
 
+    def index(self, step: int, microstep: int, row: int) -> int:
+        """The dataset index of a row of a step's batch."""
+        return step * self.global_batch_size + microstep * self.per_microstep + row
+
+    def source(self, step: int, microstep: int, row: int) -> str:
+        return self.dataset.source(self.index(step, microstep, row))
+
     def batch(self, step: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """[accum, hi - lo, seq + 1] int32: microstep k holds rows lo..hi of that microstep."""
         hi = self.per_microstep if hi is None else hi
-        base = step * self.global_batch_size
-        return np.stack([np.stack([self.dataset[base + k * self.per_microstep + j] for j in range(lo, hi)])
+        return np.stack([np.stack([self.dataset[self.index(step, k, j)] for j in range(lo, hi)])
                          for k in range(self.accum)]).astype(np.int32)

@@ -29,13 +29,23 @@ def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...], axis: int
 class LocalBatches:
     """Step n's global batch as one array on the mesh, built from this process's rows alone."""
 
-    def __init__(self, batches: GlobalBatches, sharding: NamedSharding, seq_length: int):
-        self.batches, self.sharding = batches, sharding
+    def __init__(self, batches: GlobalBatches, sharding: NamedSharding, seq_length: int, vocab_size: int = 0):
+        self.batches, self.sharding, self.vocab_size = batches, sharding, vocab_size
         self.global_shape = (batches.accum, batches.per_microstep, seq_length + 1)
         self.lo, self.hi = local_rows(sharding, self.global_shape)
 
     def host_batch(self, step: int) -> np.ndarray:
-        return self.batches.batch(step, self.lo, self.hi)
+        """This process's rows of step `step`; with `vocab_size`, every token id is checked to fall inside the
+        embedding (ids past it would train to NaN)."""
+        rows = self.batches.batch(step, self.lo, self.hi)
+        if self.vocab_size and rows.size and (rows.max() >= self.vocab_size or rows.min() < 0):
+            k, j, _ = np.argwhere((rows >= self.vocab_size) | (rows < 0))[0]
+            bad = int(rows[k, j][(rows[k, j] >= self.vocab_size) | (rows[k, j] < 0)][0])
+            raise ValueError(
+                f"token id {bad} in {self.batches.source(step, k, self.lo + j)} (step {step + 1}'s batch) is outside "
+                f"the model's vocab_size={self.vocab_size}: the data was tokenized with a larger vocabulary than the "
+                "model's; preprocess it with the model's tokenizer, or train a model with a larger vocab_size")
+        return rows
 
     def device_batch(self, step: int) -> jax.Array:
         return jax.make_array_from_process_local_data(self.sharding, self.host_batch(step), self.global_shape)
@@ -46,8 +56,8 @@ class Loader(LocalBatches):
     never depends on the past."""
 
     def __init__(self, batches: GlobalBatches, sharding: NamedSharding, seq_length: int, start_step: int = 0,
-                 prefetch: int = 2):
-        super().__init__(batches, sharding, seq_length)
+                 prefetch: int = 2, vocab_size: int = 0):
+        super().__init__(batches, sharding, seq_length, vocab_size)
         self.step = start_step
         self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
         self._stop = threading.Event()
