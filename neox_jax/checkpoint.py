@@ -134,7 +134,7 @@ class TrainCheckpointer:
     def __init__(self, directory: str | os.PathLike, keep_last: int = 3, keep_every: int = 0,
                  async_save: bool = True):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, keep_period=keep_every or None,
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep_last or None, keep_period=keep_every or None,
                                                enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,

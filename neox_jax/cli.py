@@ -375,6 +375,26 @@ def cmd_demo(args):
     return cmd_train(argparse.Namespace(config=args.config, overrides=args.overrides))
 
 
+def _print_setting_warnings(args):
+    """Unknown GPT-NeoX keys as one line each on stderr, from the launch's process 0 only."""
+    import warnings
+
+    from neox_jax import distributed
+    from neox_jax.convert.neox_yaml import UnknownSettingWarning
+
+    show = warnings.showwarning
+
+    def shown(message, category, *rest, **kwargs):
+        if not issubclass(category, UnknownSettingWarning):
+            return show(message, category, *rest, **kwargs)
+        launch = distributed.detect(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                                    getattr(args, "process_id", None))
+        if not launch or launch.process_id == 0:
+            print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = shown
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval's own parser
@@ -506,6 +526,7 @@ def main(argv=None):
     from neox_jax.distributed import LaunchError
 
     try:
+        _print_setting_warnings(args)
         return args.func(args) or 0
     except (ConfigError, CheckpointError, LaunchError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

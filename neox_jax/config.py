@@ -259,7 +259,9 @@ class TrainConfig:
     # data
     data_paths: tuple[str, ...] = ()
     data_weights: tuple[float, ...] = ()
-    split: str = "969,30,1"
+    split: str = "969,30,1"  # of each of data_paths into train/valid/test documents (without valid_data_paths)
+    valid_data_paths: tuple[str, ...] = ()  # set: GPT-NeoX's train/valid_data_paths, whole datasets, no split
+    valid_data_weights: tuple[float, ...] = ()
     tokenizer: str = ""  # tokenizer.json, for samples printed during training
     data_cache_dir: str = ""  # where the index maps are cached ("" = beside the data, as GPT-NeoX does)
     # evaluation, checkpoints, logging
@@ -267,7 +269,8 @@ class TrainConfig:
     eval_iters: int = 10
     save: str = ""  # checkpoint folder ("" = no checkpoints)
     save_interval: int = 1000
-    keep_last: int = 3
+    extra_save_iters: tuple[int, ...] = ()  # steps saved besides every save_interval-th (Pythia's 0, 1, 2, 4, ...)
+    keep_last: int = 3  # checkpoints kept (0 = all, as GPT-NeoX keeps them)
     keep_every: int = 0  # also keep every N-th step's checkpoint forever (0 = off)
     log_interval: int = 10
     tensorboard_dir: str = ""  # "" = <save>/tensorboard, or none without `save`
@@ -287,17 +290,19 @@ class TrainConfig:
         if self.decay_style not in DECAY_STYLES:
             raise ConfigError(f"decay_style={self.decay_style!r}: choose one of {', '.join(DECAY_STYLES)}")
         for name in ("seq_length", "micro_batch_size", "grad_accum_steps", "train_iters", "eval_interval",
-                     "save_interval", "log_interval", "keep_last", "loss_scale_window", "hysteresis",
+                     "save_interval", "log_interval", "loss_scale_window", "hysteresis",
                      "init_timeout", "heartbeat_timeout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.seq_length > self.model.max_position_embeddings:
             raise ConfigError(f"seq_length={self.seq_length} exceeds the model's max_position_embeddings="
                               f"{self.model.max_position_embeddings}")
-        if self.data_weights and len(self.data_weights) != len(self.data_paths):
-            raise ConfigError(f"data_weights has {len(self.data_weights)} entries for "
-                              f"{len(self.data_paths)} data_paths")
-        for name in ("betas", "data_paths", "data_weights"):
+        for paths, weights in (("data_paths", "data_weights"), ("valid_data_paths", "valid_data_weights")):
+            if getattr(self, weights) and len(getattr(self, weights)) != len(getattr(self, paths)):
+                raise ConfigError(f"{weights} has {len(getattr(self, weights))} entries for "
+                                  f"{len(getattr(self, paths))} {paths}")
+        for name in ("betas", "data_paths", "data_weights", "valid_data_paths", "valid_data_weights",
+                     "extra_save_iters"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         object.__setattr__(self, "mesh", dict(self.mesh))
@@ -329,10 +334,14 @@ class TrainConfig:
         need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be at least 1 (1 stops at the first)")
         need(self.pipe_microbatches >= 0, "pipe_microbatches", "0 (automatic) or a number of microbatches")
         need(self.keep_every >= 0, "keep_every", "0 (off) or a number of steps")
+        need(self.keep_last >= 0, "keep_last", "0 (keep all) or a number of checkpoints")
+        need(all(isinstance(i, int) and i >= 0 for i in self.extra_save_iters), "extra_save_iters",
+             "steps to save at, each 0 or more")
         need(self.eval_iters >= 0, "eval_iters", "0 (no validation) or a number of batches")
         need(self.peak_tflops >= 0, "peak_tflops", "0 (from the device kind) or the device's peak")
-        need(all(isinstance(w, (int, float)) and w > 0 for w in self.data_weights), "data_weights",
-             "every weight must be a positive number")
+        for name in ("data_weights", "valid_data_weights"):
+            need(all(isinstance(w, (int, float)) and w > 0 for w in getattr(self, name)), name,
+                 "every weight must be a positive number")
         need(not self.lr_decay_iters or self.warmup_iters <= self.decay_iters, "warmup",
              f"gives {self.warmup_iters} warmup steps, more than the {self.decay_iters} decay steps")
 

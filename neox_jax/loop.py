@@ -35,7 +35,7 @@ from tqdm import tqdm
 from neox_jax import checkpoint as ckpt
 from neox_jax.atomic import atomic_path
 from neox_jax.config import ConfigError, TrainConfig, TrainingError
-from neox_jax.data.dataset import GlobalBatches, build_split_datasets
+from neox_jax.data.dataset import GlobalBatches, build_path_datasets, build_split_datasets
 from neox_jax.data.loader import Loader, LocalBatches
 from neox_jax.distributed import is_primary
 from neox_jax.flops import flops_6n, flops_neox, peak_tflops
@@ -340,9 +340,13 @@ def _datasets(cfg: TrainConfig, global_batch: int):
         raise ConfigError("data_paths is empty: give the .bin/.idx prefixes to train on "
                           "(e.g. data/stdlib/stdlib_text_document after `neox-jax corpus`)")
     valid_samples = (cfg.train_iters // cfg.eval_interval + 1) * cfg.eval_iters * global_batch
+    samples, cache = [cfg.train_iters * global_batch, valid_samples, 0], cfg.data_cache_dir or None
+    if cfg.valid_data_paths:  # GPT-NeoX's train/valid_data_paths: whole datasets
+        train, valid = build_path_datasets(cfg.data_paths, cfg.data_weights, cfg.valid_data_paths,
+                                           cfg.valid_data_weights, samples, cfg.seq_length, cfg.seed, cache)
+        return train, valid
     train, valid, _ = build_split_datasets(list(cfg.data_paths), list(cfg.data_weights) or None, cfg.split,
-                                           [cfg.train_iters * global_batch, valid_samples, 0], cfg.seq_length,
-                                           cfg.seed, cfg.data_cache_dir or None)
+                                           samples, cfg.seq_length, cfg.seed, cache)
     if train is None:
         raise ConfigError(f"split={cfg.split!r} leaves no training documents")
     return train, valid
@@ -408,6 +412,8 @@ def _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start
     recorder = Recorder(cfg, trainer.mesh, logger, trainer.global_batch_size, time.perf_counter(), console.print)
     result.losses = recorder.losses
     state, pending, stop = result.state, None, None
+    if start == 0 and 0 in cfg.extra_save_iters and saver.latest_step() is None:
+        saver.save(0, state)  # the initial weights, as GPT-NeoX saves iteration 0 when asked
 
     def read_pending():  # the metrics and the stop vote of the step before
         nonlocal pending, stop
@@ -427,7 +433,7 @@ def _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start
             read_pending()
             pending = (step, metrics, vote)
             done = result.last_step = step + 1
-            saving = done % cfg.save_interval == 0 and done < end
+            saving = (done % cfg.save_interval == 0 or done in cfg.extra_save_iters) and done < end
             if saving or done % cfg.eval_interval == 0:
                 read_pending()  # nothing unchecked is saved or evaluated
             if done % cfg.eval_interval == 0 and evaluator.local is not None:

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from neox_jax.data.dataset import (BlendedDataset, GlobalBatches, GPTDataset, build_split_datasets,
+from neox_jax.data.dataset import (BlendedDataset, GlobalBatches, GPTDataset, build_path_datasets, build_split_datasets,
                                    normalised_weights, samples_per_dataset, split_boundaries)
 from neox_jax.data.helpers import blending_indices
 from neox_jax.data.indexed import IndexedDataset, IndexedDatasetWriter
@@ -277,6 +277,25 @@ def test_blend_weights_are_normalised_as_gpt_neox_does():
     python = [x / total for x in weights]
     np.testing.assert_array_equal(normalised_weights(weights), np.asarray(python) / np.sum(python))
     assert samples_per_dataset([2.0, 1.0], 1000) == [670, 335]  # GPT-NeoX's 0.5% slack, rounded up
+
+
+def test_train_and_valid_data_paths_read_whole_datasets_as_gpt_neox(corpus, tmp_path):
+    """GPT-NeoX's train/valid_data_paths (Pythia's configs): every document, maps named train_0 / valid_0, 0.5%
+    slack on the samples asked for, and a one-dataset blend that is the identity."""
+    ds, _ = corpus
+    train, valid = build_path_datasets([ds.prefix], None, [ds.prefix], None, [200, 30, 0], 8, seed=5,
+                                       cache_dir=tmp_path)
+    doc_idx, sample_idx, shuffle_idx = reference_index_maps(ds.sizes, np.arange(len(ds)), 201, 8, 5)
+    np.testing.assert_array_equal(train.datasets[0].shuffle_idx, shuffle_idx)  # ceil(200 x 1.005) = 201 samples
+    np.testing.assert_array_equal(train.datasets[0].doc_idx, doc_idx)
+    np.testing.assert_array_equal(train.sample_index, np.arange(len(train)))
+    assert sorted(p.name for p in tmp_path.glob("*_shuffle_idx.npy")) == [
+        "c_train_0_indexmap_201ns_8sl_5s_packedpi_shuffle_idx.npy", "c_valid_0_indexmap_31ns_8sl_5s_packedpi_shuffle_idx.npy"]
+    stream = np.concatenate([ds[int(d)] for d in doc_idx])
+    start = int(shuffle_idx[7])
+    (doc_f, off_f) = sample_idx[start]
+    offset = sum(len(ds[int(d)]) for d in doc_idx[:doc_f]) + off_f
+    np.testing.assert_array_equal(train[7], stream[offset:offset + 9])
 
 
 def test_blended_split_datasets(corpus, tmp_path):

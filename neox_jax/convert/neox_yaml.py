@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from neox_jax.config import ConfigError, NeoXConfig, TrainConfig
+from neox_jax.convert.neox_keys import check
 
 # The 20B tokenizer's vocabulary; GPT-NeoX pads it to a multiple of 128 x tensor-parallel size.
 NEOX_TOKENIZER_VOCAB = 50277
@@ -73,26 +75,43 @@ def load_neox_yaml(*paths: str | os.PathLike) -> dict:
     return merged
 
 
-# GPT-NeoX settings of which neox-jax implements one value: key -> (GPT-NeoX's default, that value). A config that
-# asks for another value (or leaves a default we do not implement, like GPT-NeoX's 0.1 dropout) is refused.
-ONLY = {
-    "norm": ("layernorm", "layernorm"),
-    "pos_emb": ("learned", "rotary"),
-    "no_weight_tying": (False, True),
-    "gpt_j_tied": (False, False),
-    "activation": ("gelu", "gelu"),
-    "mlp_type": ("regular", "regular"),
-    "moe_num_experts": (1, 1),
-    "use_bias_in_attn_linear": (True, True),
-    "use_bias_in_mlp": (True, True),
-    "use_bias_in_norms": (True, True),
-    "hidden_dropout": (0.1, 0),
-    "attention_dropout": (0.1, 0),
-    "output_layer_parallelism": ("column", "column"),
-}
-TRAINING_ONLY = {"hidden_dropout", "attention_dropout"}
 DENSE_ATTENTION = {"global", "flash"}  # "flash" is GPT-NeoX's kernel for the same dense causal attention
 OPTIMIZERS = {"adam", "adamw", "cpu_adam", "cpu_torch_adam"}  # apex/DeepSpeed Adam runs decoupled decay (AdamW)
+OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay"}
+# vocabulary sizes of GPT-NeoX's tokenizers when no tokenizer file is at hand (HFTokenizer: the 20B's)
+TOKENIZER_VOCAB = {"HFTokenizer": NEOX_TOKENIZER_VOCAB, "GPT2BPETokenizer": 50257, "HFGPT2Tokenizer": 50257,
+                   "CharLevelTokenizer": 512}
+
+
+class UnknownSettingWarning(UserWarning):
+    """A GPT-NeoX key that neox-jax does not know (a typo trains with the default)."""
+
+
+def _read_checked(paths, weights_only: bool) -> tuple[dict, str]:
+    """The merged settings, after refusing every one neox-jax does not implement; unknown keys are warned of."""
+    args = load_neox_yaml(*paths)
+    where = ", ".join(str(p) for p in paths)
+    for key in ("num_layers", "hidden_size", "num_attention_heads"):
+        if args.get(key) is None:
+            raise ConfigError(f"{where}: {key} is not set in any of these files")
+    for message in check(args, where, weights_only):
+        warnings.warn(message, UnknownSettingWarning, stacklevel=3)
+    return args, where
+
+
+def _tokenizer_vocab(args: dict, where: str) -> int:
+    """The tokenizer's vocabulary size, as GPT-NeoX gets it: from `vocab_file` when it is a readable tokenizer.json,
+    else the size of the tokenizer `tokenizer_type` names."""
+    kind, file = args.get("tokenizer_type", "GPT2BPETokenizer"), args.get("vocab_file")
+    if kind == "HFTokenizer" and file and Path(file).is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(file)).get_vocab_size()
+    if kind not in TOKENIZER_VOCAB:
+        raise ConfigError(f"{where}: tokenizer_type={kind!r}: neox-jax knows the vocabulary size of "
+                          f"{', '.join(TOKENIZER_VOCAB)}, or of a readable tokenizer.json in vocab_file; set "
+                          "padded_vocab_size to the model's vocabulary")
+    return TOKENIZER_VOCAB[kind]
 
 
 def _layers(attention_config, where: str):
@@ -104,39 +123,37 @@ def _layers(attention_config, where: str):
                           "expected [[[types], layers], ...]") from None
 
 
-def model_config(*paths: str | os.PathLike, tokenizer_vocab_size: int = NEOX_TOKENIZER_VOCAB,
+def model_config(*paths: str | os.PathLike, tokenizer_vocab_size: int = 0,
                  weights_only: bool = False, **overrides: Any) -> NeoXConfig:
     """Model config from GPT-NeoX YAML files, merged as GPT-NeoX merges them.
 
-    The vocabulary is padded like GPT-NeoX does: to a multiple of
-    `make_vocab_size_divisible_by` (128) x `model_parallel_size`. `weights_only` (reading a checkpoint's
+    Every key is checked against neox_keys.py first. The vocabulary is `padded_vocab_size`, or the tokenizer's
+    (`tokenizer_vocab_size`, else from `vocab_file` / `tokenizer_type`) padded as GPT-NeoX pads it: to a multiple
+    of `make_vocab_size_divisible_by` (128) x `model_parallel_size`. `weights_only` (reading a checkpoint's
     weights, not training) accepts settings that only change training, like dropout.
     """
-    args = load_neox_yaml(*paths)
-    where = ", ".join(str(p) for p in paths)
+    args, where = _read_checked(paths, weights_only)
 
     def get(key, default=None):
         return args.get(key, default)
 
-    for key in ("num_layers", "hidden_size", "num_attention_heads"):
-        if get(key) is None:
-            raise ConfigError(f"{where}: {key} is not set in any of these files")
-    for key, (default, needed) in ONLY.items():
-        if weights_only and key in TRAINING_ONLY:
-            continue
-        if get(key, default) != needed:
-            raise ConfigError(f"{where}: {key}={get(key, default)!r}" + (" (GPT-NeoX's default)" if key not in args
-                              else "") + f" is not supported: neox-jax implements {key}: {needed!r} only")
     for types, _ in _layers(get("attention_config") or [[["global"], 1]], where):
         if set(types) - DENSE_ATTENTION:
             raise ConfigError(f"{where}: attention_config {types} is not supported: neox-jax implements dense causal "
                               f"attention only ({', '.join(sorted(DENSE_ATTENTION))}, the same function)")
-    if get("sparsity_config"):
-        raise ConfigError(f"{where}: sparsity_config is set: sparse attention is not supported")
     if get("num_kv_heads") not in (None, get("num_attention_heads")):
         raise ConfigError(f"{where}: num_kv_heads={get('num_kv_heads')} (grouped-query attention) is not supported")
-    multiple = int(get("make_vocab_size_divisible_by", 128)) * int(get("model_parallel_size", 1) or 1)
-    vocab = math.ceil(tokenizer_vocab_size / multiple) * multiple
+    if get("padded_vocab_size"):
+        vocab = int(get("padded_vocab_size"))
+    else:
+        multiple = int(get("make_vocab_size_divisible_by", 128)) * int(get("model_parallel_size", 1) or 1)
+        vocab = math.ceil((tokenizer_vocab_size or _tokenizer_vocab(args, where)) / multiple) * multiple
+    # GPT-NeoX's MLP width: intermediate_size, else expansion_factor x hidden, else 4 x hidden, rounded up to a
+    # multiple of 2 x mlp_multiple_of
+    hidden = int(get("hidden_size"))
+    ffn = int(get("intermediate_size") or int(float(get("expansion_factor") or 4) * hidden))
+    multiple_of = 2 * int(get("mlp_multiple_of", 1) or 1)
+    ffn = multiple_of * math.ceil(ffn / multiple_of)
     dtype = "float32"
     if (get("bf16") or {}).get("enabled") or get("precision") == "bfloat16":
         dtype = "bfloat16"
@@ -147,7 +164,7 @@ def model_config(*paths: str | os.PathLike, tokenizer_vocab_size: int = NEOX_TOK
         hidden_size=get("hidden_size"),
         num_layers=get("num_layers"),
         num_heads=get("num_attention_heads"),
-        intermediate_size=get("intermediate_size") or 0,
+        intermediate_size=ffn,
         rotary_pct=float(get("rotary_pct", 1.0)),
         rotary_base=float(get("rotary_emb_base", 10000)),
         max_position_embeddings=get("max_position_embeddings") or get("seq_length") or 2048,
@@ -171,49 +188,85 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
     """TrainConfig from GPT-NeoX YAML files: layout, batch, precision, optimizer, schedule, data, logging."""
     args = load_neox_yaml(*paths)
     model = model_config(*paths)
+    where = ", ".join(str(p) for p in paths)
     optimizer = args.get("optimizer") or {}
-    if str(optimizer.get("type", "adam")).lower() not in OPTIMIZERS:
-        raise ConfigError(f"{paths[0]}: optimizer type {optimizer['type']!r} is not supported: neox-jax trains with "
+    kind = str(optimizer.get("type", args.get("optimizer_type", "adam")))
+    if kind.lower() not in OPTIMIZERS:
+        raise ConfigError(f"{where}: optimizer type {kind!r} is not supported: neox-jax trains with "
                           "AdamW (GPT-NeoX's `Adam` with decoupled weight decay)")
-    opt = optimizer.get("params", {})
+    opt = optimizer.get("params") or {}
+    if set(opt) - OPTIMIZER_PARAMS:
+        raise ConfigError(f"{where}: optimizer params {sorted(set(opt) - OPTIMIZER_PARAMS)} are not supported: "
+                          f"neox-jax's AdamW takes {', '.join(sorted(OPTIMIZER_PARAMS))}")
+    fp16 = args.get("fp16") or {}
+    if fp16.get("enabled") and float(fp16.get("loss_scale", 0) or 0):
+        raise ConfigError(f"{where}: fp16 loss_scale={fp16['loss_scale']}: a static loss scale is not supported; "
+                          "set loss_scale: 0 (DeepSpeed's dynamic loss scale)")
     precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[model.dtype]
     iters = int(args.get("train_iters", 1000))
     if "warmup" in args and float(args["warmup"]) >= 1:
-        raise ConfigError(f"{paths[0]}: warmup={args['warmup']}: GPT-NeoX takes a fraction of the decay iterations")
+        raise ConfigError(f"{where}: warmup={args['warmup']}: GPT-NeoX takes a fraction of the decay iterations")
+    micro = int(args.get("train_micro_batch_size_per_gpu", 4))
+    accum = int(args.get("gradient_accumulation_steps", args.get("gas", 1)))
+    data = -1
+    if args.get("train_batch_size"):  # GPT-NeoX's global batch: it fixes the data-parallel size
+        data, rest = divmod(int(args["train_batch_size"]), micro * accum)
+        if rest or not data:
+            raise ConfigError(f"{where}: train_batch_size={args['train_batch_size']} is not a multiple of "
+                              f"train_micro_batch_size_per_gpu x gradient_accumulation_steps = {micro * accum}")
+    train_paths, valid_paths = args.get("train_data_paths") or [], args.get("valid_data_paths") or []
+    if args.get("data_path") and (train_paths or valid_paths):
+        raise ConfigError(f"{where}: set either data_path or train/valid/test_data_paths, as GPT-NeoX requires")
+    if bool(train_paths) != bool(valid_paths):
+        raise ConfigError(f"{where}: train_data_paths and valid_data_paths go together (GPT-NeoX requires both)")
+    save, load = str(args.get("save") or ""), str(args.get("load") or "")
+    if load and Path(load).resolve() != Path(save or ".").resolve():
+        raise ConfigError(f"{where}: load={load!r} differs from save={save!r}: a neox-jax run resumes from its `save` "
+                          "folder; set load to save (or drop it), and convert other weights to start from them")
+    decay_iters = args.get("lr_decay_iters") or (int(float(args["lr_decay_fraction"]) * iters)
+                                                  if args.get("lr_decay_fraction") else 0)
+    vocab_file = args.get("vocab_file")
     d = dict(
         model=model,
-        mesh={"data": -1, "pipe": max(1, int(args.get("pipe_parallel_size", 1) or 1)),
+        mesh={"data": data, "pipe": max(1, int(args.get("pipe_parallel_size", 1) or 1)),
               "tensor": int(args.get("model_parallel_size", 1) or 1)},
         seq_length=int(args.get("seq_length", 2048)),
-        micro_batch_size=int(args.get("train_micro_batch_size_per_gpu", 4)),
-        grad_accum_steps=int(args.get("gradient_accumulation_steps", args.get("gas", 1))),
+        micro_batch_size=micro,
+        grad_accum_steps=accum,
         precision=precision,
-        zero_stage=min(int((args.get("zero_optimization") or {}).get("stage", 0)), 1),
-        lr=float(opt.get("lr", 1e-3)),
+        # ZeRO-2 splits the gradients as well: ZeRO-1 here reduce-scatters them the same way; 3 is FSDP
+        zero_stage={0: 0, 1: 1, 2: 1, 3: 3}[int((args.get("zero_optimization") or {}).get("stage", 0))],
+        lr=float(opt.get("lr", args.get("lr") or 1e-3)),
         min_lr=float(args.get("min_lr", 0.0)),
         warmup=float(args.get("warmup", 0.01)),
         decay_style=str(args.get("lr_decay_style", "linear")),
         legacy_schedule=True,  # the formula GPT-NeoX v1.0 trained Pythia and the 20B with
         train_iters=iters,
-        lr_decay_iters=int(args.get("lr_decay_iters") or 0),
+        lr_decay_iters=int(decay_iters),
         betas=tuple(opt.get("betas", (0.9, 0.999))),
         eps=float(opt.get("eps", 1e-8)),
-        weight_decay=float(args.get("weight_decay", 0.01)),
-        grad_clip=float(args.get("gradient_clipping", 1.0)),
+        weight_decay=float(opt.get("weight_decay", args.get("weight_decay", 0.01))),
+        grad_clip=float(args.get("gradient_clipping", args.get("clip_grad", 1.0))),
         seed=int(args.get("seed", 1234)),
-        initial_scale_power=int((args.get("fp16") or {}).get("initial_scale_power", 16)),
-        loss_scale_window=int((args.get("fp16") or {}).get("loss_scale_window", 1000)),
-        hysteresis=int((args.get("fp16") or {}).get("hysteresis", 2)),
-        min_loss_scale=float((args.get("fp16") or {}).get("min_loss_scale", 1)),
-        data_paths=tuple(args.get("train_data_paths") or ([args["data_path"]] if args.get("data_path") else [])),
+        initial_scale_power=int(fp16.get("initial_scale_power", 16)),
+        loss_scale_window=int(fp16.get("loss_scale_window", 1000)),
+        hysteresis=int(fp16.get("hysteresis", 2)),
+        min_loss_scale=float(fp16.get("min_loss_scale", 1)),
+        data_paths=tuple(train_paths or ([args["data_path"]] if args.get("data_path") else [])),
         data_weights=tuple(args.get("train_data_weights") or ()),
+        valid_data_paths=tuple(valid_paths),
+        valid_data_weights=tuple(args.get("valid_data_weights") or ()),
         split=str(args.get("split", "969,30,1")),
+        tokenizer=str(vocab_file) if vocab_file and Path(vocab_file).is_file() else "",
         eval_interval=int(args.get("eval_interval", 1000)),
         eval_iters=int(args.get("eval_iters", 100)),
-        save=str(args.get("save") or ""),
+        save=save,
         save_interval=int(args.get("checkpoint_factor", args.get("save_interval", 1000)) or 1000),
+        extra_save_iters=tuple(int(i) for i in args.get("extra_save_iters") or ()),
+        keep_last=int(args.get("keep_last_n_checkpoints") or 0),  # GPT-NeoX keeps every checkpoint by default
         log_interval=int(args.get("log_interval", 100)),
         tensorboard_dir=str(args.get("tensorboard_dir") or ""),
+        peak_tflops=float(args.get("peak_theoretical_tflops") or 0),
     )
     d.update(overrides)
     return TrainConfig(**d)

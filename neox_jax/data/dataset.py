@@ -226,6 +226,26 @@ def build_split_datasets(prefixes: Sequence[str], weights: Sequence[float] | Non
     return out
 
 
+def build_path_datasets(train: Sequence[str], train_weights: Sequence[float] | None, valid: Sequence[str],
+                        valid_weights: Sequence[float] | None, num_samples: Sequence[int], seq_length: int, seed: int,
+                        cache_dir: str | os.PathLike | None = None) -> list[BlendedDataset | None]:
+    """train / valid datasets as GPT-NeoX builds them from `train_data_paths` / `valid_data_paths`: every document
+    of each path, the i-th path's maps named `train_i` / `valid_i` and asked for its share plus 0.5% slack, always
+    blended (one path too, where the blend is the identity). A split with no samples requested is None."""
+    out = []
+    for name, prefixes, weights, wanted in (("train", train, train_weights, num_samples[0]),
+                                            ("valid", valid, valid_weights, num_samples[1])):
+        if wanted <= 0 or not prefixes:
+            out.append(None)
+            continue
+        weights = list(weights) if weights else [1.0] * len(prefixes)
+        parts = [GPTDataset(ds, np.arange(len(ds), dtype=np.int32), n, seq_length, seed, f"{name}_{i}", cache_dir)
+                 for i, (ds, n) in enumerate(zip((IndexedDataset(p) for p in prefixes),
+                                                 samples_per_dataset(weights, wanted)))]
+        out.append(BlendedDataset(parts, weights))
+    return out
+
+
 class GlobalBatches:
     """Step n's global batch as rows [n*B, (n+1)*B) of a dataset: a pure function of the step.
 
