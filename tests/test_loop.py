@@ -217,6 +217,24 @@ def test_train_cli_accepts_neox_yaml_settings(shared):
     assert (cfg.micro_batch_size, cfg.grad_accum_steps, cfg.lr, cfg.weight_decay) == (32, 1, 1e-3, 0.1)
     assert cfg.model == NeoXConfig.from_neox_yaml(shared / "neox-configs" / "pythia" / "pythia-70m.yml")
     assert cfg.working_model().param_dtype == "float16" and cfg.model.param_dtype == "float32"
+    # Pythia's data and checkpoints as GPT-NeoX reads them: whole datasets, every checkpoint kept, log-spaced ones
+    assert cfg.data_paths == cfg.valid_data_paths == ("/fsx/pile/pile_20B_tokenizer_text_document",)
+    assert cfg.keep_last == 0 and cfg.extra_save_iters == (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@pytest.mark.slow
+def test_extra_save_iters_and_keeping_every_checkpoint(corpus, tmp_path):
+    cfg = config(corpus, tmp_path, train_iters=5, save_interval=100, extra_save_iters=[0, 1, 3], keep_last=0)
+    first = train(cfg, show_progress=False)
+    c = ckpt.TrainCheckpointer(cfg.save)
+    assert c.all_steps() == [0, 1, 3, 5]  # the initial weights, the extra steps and the last
+    initial = c.restore_weights(0, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_of(first)))
+    c.close()
+    from neox_jax.sharding import make_mesh
+    from neox_jax.train import Trainer
+
+    fresh = Trainer(cfg, make_mesh(cfg.mesh)).init(jax.random.key(cfg.seed))  # step 0 holds the untrained weights
+    assert_trees_equal(jax.tree.map(np.asarray, initial), jax.tree.map(np.asarray, fresh.params))
 
 
 def test_non_finite_steps_in_a_row_stop_the_run_at_max_nonfinite_steps():
