@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 
 # 22 weights shaped like the Pile's components: GiB x epochs as the Pile paper's Table 1 lists them.
-PILE_WEIGHTS = [227.12, 90.27 * 2, 100.96 * 1.5, 62.77 * 2, 56.21 * 2, 95.16, 51.15 * 1.5, 32.20 * 2, 22.90 * 2, 19.26 * 2,
-        10.88 * 2.5, 12.98 * 1.5, 6.38 * 3, 7.75 * 2, 5.52 * 2, 6.30 * 1.5, 4.59 * 2, 3.90 * 2, 3.73 * 2, 2.38 * 2,
-        1.89 * 2, 0.88 * 2]
-
+PILE_WEIGHTS = [227.12, 90.27 * 2, 100.96 * 1.5, 62.77 * 2, 56.21 * 2, 95.16, 51.15 * 1.5, 32.20 * 2, 22.90 * 2,
+                19.26 * 2, 10.88 * 2.5, 12.98 * 1.5, 6.38 * 3, 7.75 * 2, 5.52 * 2, 6.30 * 1.5, 4.59 * 2, 3.90 * 2,
+                3.73 * 2, 2.38 * 2, 1.89 * 2, 0.88 * 2]
 
 
 def write_synthetic_idx(prefix: Path, documents: int, tokens: int, seed: int = 0):

@@ -126,7 +126,8 @@ def test_a_missing_tokenizer_is_found_before_training_not_after(corpus, tmp_path
 def test_data_with_ids_past_the_vocabulary_is_refused_before_compiling(tmp_path):
     _documents(tmp_path / "d", seed=0)  # ids up to 500, the model's vocab_size is 128
     cfg = TrainConfig.from_dict({"model": TINY_MODEL, "mesh": {"data": 8}, "seq_length": 16, "train_iters": 2,
-                                 "micro_batch_size": 1, "data_paths": [str(tmp_path / "d")], "split": "1", "save": str(tmp_path / "r")})
+                                 "micro_batch_size": 1, "data_paths": [str(tmp_path / "d")], "split": "1",
+                                 "save": str(tmp_path / "r")})
     messages = []
     with pytest.raises(ValueError, match=r"token id \d+ in .*/d \(train sample \d+\) \(step 1's batch\) is outside "
                                          r"the model's vocab_size=128"):

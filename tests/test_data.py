@@ -290,7 +290,8 @@ def test_train_and_valid_data_paths_read_whole_datasets_as_gpt_neox(corpus, tmp_
     np.testing.assert_array_equal(train.datasets[0].doc_idx, doc_idx)
     np.testing.assert_array_equal(train.sample_index, np.arange(len(train)))
     assert sorted(p.name for p in tmp_path.glob("*_shuffle_idx.npy")) == [
-        "c_train_0_indexmap_201ns_8sl_5s_packedpi_shuffle_idx.npy", "c_valid_0_indexmap_31ns_8sl_5s_packedpi_shuffle_idx.npy"]
+        "c_train_0_indexmap_201ns_8sl_5s_packedpi_shuffle_idx.npy",
+        "c_valid_0_indexmap_31ns_8sl_5s_packedpi_shuffle_idx.npy"]
     stream = np.concatenate([ds[int(d)] for d in doc_idx])
     start = int(shuffle_idx[7])
     (doc_f, off_f) = sample_idx[start]
