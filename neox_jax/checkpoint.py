@@ -13,6 +13,7 @@ their tree paths, beside JSON metadata (config, step, data position, integrity p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -23,7 +24,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from neox_jax.atomic import write_json
-from neox_jax.config import NeoXConfig
+from neox_jax.config import ConfigError, NeoXConfig
 
 CONFIG_FILE = "neox_config.json"
 
@@ -66,7 +67,7 @@ def load_params_checkpoint(path: str | os.PathLike, abstract_params=None):
         abstract_params = nnx.to_pure_dict(abstract_model(config)[1])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                           abstract_params)
-    with ocp.StandardCheckpointer() as ckptr:
+    with readable(p), ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(p / "params", target)
     return params, config
 
@@ -76,6 +77,18 @@ def load_params_checkpoint(path: str | os.PathLike, abstract_params=None):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint that does not fit the run restoring it (other shapes, or a failed integrity probe)."""
+
+
+@contextlib.contextmanager
+def readable(where, advice: str = "it is corrupt or incomplete"):
+    """Orbax, tensorstore and JSON read errors as one line naming the checkpoint and what to do."""
+    try:
+        yield
+    except (CheckpointMismatchError, ConfigError):
+        raise
+    except (ValueError, OSError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointMismatchError(f"checkpoint {where} cannot be read ({reason}); {advice}") from e
 
 
 def flatten(tree) -> tuple[dict[str, Any], Any]:
@@ -194,7 +207,8 @@ class TrainCheckpointer:
             have = stored[f"{source}/{k}"]
             target[f"{source}/{k}"] = jax.ShapeDtypeStruct(have.shape, have.dtype,
                                                            sharding=getattr(v, "sharding", None) or local)
-        restored = self._restore(step, target, partial=True)
+        with readable(f"{self.directory}/{step}"):
+            restored = self._restore(step, target, partial=True)
         return jax.tree_util.tree_unflatten(treedef,
                                             [restored[f"{source}/{k}"].astype(v.dtype) for k, v in flat.items()])
 

@@ -72,15 +72,10 @@ class Saver:
         older = [s for s in c.all_steps() if s < step]
         way_out = (f"move {where} away to resume from step {max(older)}" if older else
                    f"move {where} away to start afresh")
-        try:
+        with ckpt.readable(where, way_out):
             meta = c.read_meta(step)
             self.check_settings(meta, where)
             state = c.restore(step, self.trainer.abstract_state_with_shardings())
-        except (ckpt.CheckpointMismatchError, ConfigError):
-            raise
-        except (ValueError, OSError, KeyError) as e:  # Orbax, tensorstore and JSON read errors
-            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise ckpt.CheckpointMismatchError(f"checkpoint {where} cannot be read ({reason}); {way_out}") from e
         if "fingerprints" in meta:
             got = self.fingerprints(state)
             bad = [k for k, v in meta["fingerprints"].items() if got.get(k) != v]

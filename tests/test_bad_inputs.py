@@ -150,6 +150,23 @@ def test_generate_refuses_a_tokenizer_larger_than_the_model(tmp_path, big_tokeni
     assert out.returncode == 2 and "--tokenizer=" in out.stderr and "vocab_size is 128" in out.stderr
 
 
+def test_a_corrupt_weights_checkpoint_is_one_line_naming_it(tmp_path):
+    import jax
+    import numpy as np
+
+    import neox_jax
+    from neox_jax.checkpoint import CheckpointMismatchError, save_params_checkpoint
+    from neox_jax.pretrained import abstract_params
+
+    config = NeoXConfig(**TINY_MODEL)
+    params = jax.tree.map(lambda x: np.ones(x.shape, np.float32), abstract_params(config))
+    save_params_checkpoint(tmp_path / "m", params, config)
+    for f in (tmp_path / "m" / "params").rglob("d/*"):
+        f.write_bytes(f.read_bytes()[:10])  # every data file truncated
+    with pytest.raises(CheckpointMismatchError, match=f"checkpoint {tmp_path / 'm'} cannot be read .*; it is corrupt"):
+        neox_jax.from_pretrained(tmp_path / "m")
+
+
 # ---- index-map caches ------------------------------------------------------------------------------------------
 
 
