@@ -235,6 +235,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     precision: str = "fp32"  # fp32 | bf16 (bf16 working weights, fp32 master) | fp16 (same, loss-scaled)
     zero_stage: int = 1  # 0: optimizer state replicated over data; 1: split over data; 3: parameters too (FSDP)
+    grad_accum_dtype: str = "float32"  # dtype microstep gradients are summed in before the reduction over data
     pipe_microbatches: int = 0  # microbatches per microstep in the pipeline when mesh pipe > 1 (0: 2 x pipe)
     # optimizer (AdamW, GPT-NeoX's recipe) and schedule
     lr: float = 6e-4
@@ -285,6 +286,8 @@ class TrainConfig:
         _check_types(self)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.grad_accum_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"grad_accum_dtype={self.grad_accum_dtype!r}: choose float32 or bfloat16")
         if self.zero_stage not in (0, 1, 3):
             raise ConfigError(f"zero_stage={self.zero_stage}: choose 0, 1 or 3 (FSDP)")
         if self.decay_style not in DECAY_STYLES:

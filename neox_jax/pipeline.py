@@ -20,9 +20,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from neox_jax.model import GPTNeoX, run_layers
-from neox_jax.sharding import LOGICAL_RULES, constrain
+from neox_jax.sharding import constrain, varying
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
@@ -42,7 +43,12 @@ def pipelined_loss(model: GPTNeoX, tokens_mbt, labels_mbt, stages: int, loss_fn)
         raise ValueError(f"num_layers={cfg.num_layers} is not divisible by {stages} pipeline stages")
     graphdef, stacked = nnx.split(model.layers)
     per_stage = cfg.num_layers // stages
-    staged = jax.tree.map(lambda w: w.reshape(stages, per_stage, *w.shape[1:]), stacked)
+    # [stages, layers per stage, ...], the stage axis on `pipe` (what vmap's spmd_axis_name would say; that cannot
+    # be used inside the train step's shard_map over `data`)
+    layer_axes = jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked),
+                              is_leaf=lambda x: isinstance(x, P))
+    staged = jax.tree.map(lambda w, axes: constrain(w.reshape(stages, per_stage, *w.shape[1:]), ("stage", None, *axes)),
+                          stacked, layer_axes)
     positions_bt = jnp.broadcast_to(jnp.arange(t), (mb, t))
     mask_bts = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (mb, t, t))
     stage_axes = ("stage", "batch", "length", "embed")
@@ -52,7 +58,7 @@ def pipelined_loss(model: GPTNeoX, tokens_mbt, labels_mbt, stages: int, loss_fn)
 
     if cfg.remat_policy != "none":  # keep only each stage's input per iteration; recompute the stage backward
         stage = jax.checkpoint(stage, prevent_cse=False)
-    run_stages = jax.vmap(stage, spmd_axis_name=dict(LOGICAL_RULES)["stage"])
+    run_stages = jax.vmap(stage)
     score = jax.checkpoint(lambda x, labels: loss_fn(model.logits(x), labels), prevent_cse=False)
 
     def iteration(state, xs):
@@ -65,6 +71,6 @@ def pipelined_loss(model: GPTNeoX, tokens_mbt, labels_mbt, stages: int, loss_fn)
     pad = jnp.zeros((stages - 1, mb, t), tokens_mbt.dtype)
     feed = (jnp.concatenate([tokens_mbt, pad]), jnp.concatenate([pad, labels_mbt]),
             jnp.arange(m + stages - 1) >= stages - 1)  # microbatch k leaves the last stage at iteration k + P - 1
-    state = jnp.zeros((stages, mb, t, cfg.hidden_size), jnp.dtype(cfg.dtype))
+    state = varying(jnp.zeros((stages, mb, t, cfg.hidden_size), jnp.dtype(cfg.dtype)))
     _, losses = jax.lax.scan(iteration, state, feed)
     return losses.sum() / m

@@ -132,11 +132,27 @@ def _trim(spec: P, mesh_shape: Mapping[str, int]) -> P:
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    """Sharding constraint from logical names; a no-op when no mesh is active."""
+    """Sharding constraint from logical names; a no-op when no mesh is active. Inside a `shard_map` that is
+    manual over some mesh axes (the train step's, over `data`) those are already split: they are left out."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, _trim(logical_to_spec(axes), dict(mesh.shape)))
+    manual = manual_axes()
+    shape = {a: (1 if a in manual else n) for a, n in zip(mesh.axis_names, mesh.axis_sizes)}
+    return jax.lax.with_sharding_constraint(x, _trim(logical_to_spec(axes), shape))
+
+
+def manual_axes() -> tuple[str, ...]:
+    """The mesh axes the current `shard_map` is manual over (none outside one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return () if mesh.empty else tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual)
+
+
+def varying(x: jax.Array) -> jax.Array:
+    """`x` marked as differing across the manual axes (a scan carry made of zeros must match the per-shard values
+    it is combined with); a no-op outside a `shard_map`."""
+    axes = manual_axes()
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
 def add_axis(spec: P, shape: tuple[int, ...], axes: tuple[str | None, ...], mesh_axis: str,

@@ -184,10 +184,69 @@ class Trainer:
     def _grads(self, params, batch_mbt, loss_scale=1.0):
         """Mean loss and fp32 gradients over the step's microbatches, in the ZeRO layout.
 
-        The loss is multiplied by `loss_scale` for differentiation and the gradients divided by it after.
-        Without a pipeline the microsteps run in a scan that accumulates; with one, they are the pipeline's
-        microbatches.
+        The loss is multiplied by `loss_scale` for differentiation and the gradients divided by it after. Each data
+        replica sums its microbatches' gradients locally in `grad_accum_dtype`, then one reduce-scatter per tensor
+        (an all-reduce without ZeRO) brings them into the ZeRO layout: the traffic over `data` is once per step,
+        whatever the number of microsteps, as DeepSpeed's. FSDP, whose weights are gathered per microstep anyway,
+        reduces per microstep.
         """
+        if self.cfg.zero_stage == 3:
+            return self._grads_per_microstep(params, batch_mbt, loss_scale)
+        data, n = self.mesh_shape["data"], batch_mbt.shape[0]
+        accum = jnp.dtype(self.cfg.grad_accum_dtype)
+        # the dimension ZeRO splits over `data` when it splits a dimension of its own, else -1: an all-reduce
+        dims = jax.tree.map(lambda spec: next((i for i, e in enumerate(spec) if e == "data"), -1), self.zero_specs,
+                            is_leaf=lambda x: isinstance(x, P))
+
+        def replica(params, batch_mbt, loss_scale):  # one data replica's rows; `pipe` and `tensor` stay automatic
+            params = jax.tree.map(lambda p: jax.lax.pcast(p, "data", to="varying"), params)  # no reduction in grad
+
+            def grad_of(loss_fn, weights, tokens):
+                def scaled(w):
+                    loss = loss_fn(w, tokens)
+                    return loss * loss_scale, loss
+
+                g, loss = jax.grad(scaled, has_aux=True)(weights)
+                return jax.tree.map(lambda x: x.astype(accum), g), loss
+
+            if self.stages > 1:  # the pipeline's microbatches accumulate in the dtype of the weights it is given
+                weights = jax.tree.map(lambda p: p.astype(accum), params) if accum != params_dtype else params
+                total, loss = grad_of(self.pipelined_loss, weights, batch_mbt)
+                total = jax.tree.map(lambda g: g * n, total)  # the pipelined loss is already a mean over n
+            else:
+                def micro(acc, tokens_bt):
+                    g, loss = grad_of(self.loss, params, tokens_bt)
+                    return jax.tree.map(jnp.add, acc, g), loss
+
+                zeros = jax.tree.map(lambda p: shd.varying(jnp.zeros(p.shape, accum)), params)
+                total, losses = jax.lax.scan(micro, zeros, batch_mbt)
+                loss = losses.mean()
+            totals = jax.tree.map(lambda g, spec: jax.lax.with_sharding_constraint(g, spec)[None], total,
+                                  self.param_specs)
+            return jax.lax.pmean(loss, "data"), totals
+
+        params_dtype = jnp.dtype(self.model_cfg.param_dtype)
+        # each replica's sum, stacked on a leading axis split over `data`
+        loss_scale = jnp.asarray(loss_scale, F32)
+        loss, totals = jax.shard_map(replica, mesh=self.mesh, in_specs=(P(), P(None, "data"), P()),
+                                     out_specs=(P(), P("data")), axis_names={"data"})(params, batch_mbt, loss_scale)
+
+        def reduce(stacked, dim, scale):  # one reduce-scatter (all-reduce without ZeRO) per tensor, its local shard
+            g = stacked[0]
+            g = jax.lax.psum(g, "data") if dim < 0 else jax.lax.psum_scatter(g, "data", scatter_dimension=dim,
+                                                                             tiled=True)
+            return g.astype(F32) / (n * data * scale)
+
+        is_spec = lambda x: isinstance(x, P)  # noqa: E731
+        stacked_specs = jax.tree.map(lambda spec: P("data", *spec), self.param_specs, is_leaf=is_spec)
+        reduced_specs = jax.tree.map(lambda z, p, dim: z if dim >= 0 else p, self.zero_specs, self.param_specs, dims,
+                                     is_leaf=is_spec)
+        grads = jax.shard_map(lambda t, scale: jax.tree.map(lambda g, dim: reduce(g, dim, scale), t, dims),
+                              mesh=self.mesh, in_specs=(stacked_specs, P()), out_specs=reduced_specs)(totals, loss_scale)
+        return loss, jax.lax.with_sharding_constraint(grads, shd.named(self.mesh, self.zero_specs))
+
+    def _grads_per_microstep(self, params, batch_mbt, loss_scale=1.0):
+        """FSDP: each microstep's gradients are reduce-scattered into the ZeRO layout and accumulated in fp32."""
         zero = shd.named(self.mesh, self.zero_specs)
 
         def grad_of(loss_fn, tokens):
