@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from neox_jax.model import GPTNeoX, run_layers
-from neox_jax.sharding import constrain, varying
+from neox_jax.sharding import constrain, unconstrained, varying
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
@@ -43,18 +43,14 @@ def pipelined_loss(model: GPTNeoX, tokens_mbt, labels_mbt, stages: int, loss_fn)
         raise ValueError(f"num_layers={cfg.num_layers} is not divisible by {stages} pipeline stages")
     graphdef, stacked = nnx.split(model.layers)
     per_stage = cfg.num_layers // stages
-    # [stages, layers per stage, ...], the stage axis on `pipe` (what vmap's spmd_axis_name would say; that cannot
-    # be used inside the train step's shard_map over `data`)
-    layer_axes = jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked),
-                              is_leaf=lambda x: isinstance(x, P))
-    staged = jax.tree.map(lambda w, axes: constrain(w.reshape(stages, per_stage, *w.shape[1:]), ("stage", None, *axes)),
-                          stacked, layer_axes)
+    staged = jax.tree.map(lambda w: w.reshape(stages, per_stage, *w.shape[1:]), stacked)
     positions_bt = jnp.broadcast_to(jnp.arange(t), (mb, t))
     mask_bts = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (mb, t, t))
     stage_axes = ("stage", "batch", "length", "embed")
 
     def stage(params, x):
-        return run_layers(graphdef, params, cfg, x, positions_bt, mask_bts)[0]
+        with unconstrained():  # the stage axis is laid out by the constraints around the vmap
+            return run_layers(graphdef, params, cfg, x, positions_bt, mask_bts)[0]
 
     if cfg.remat_policy != "none":  # keep only each stage's input per iteration; recompute the stage backward
         stage = jax.checkpoint(stage, prevent_cse=False)

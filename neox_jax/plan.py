@@ -17,7 +17,9 @@ from collections import defaultdict
 import jax
 import numpy as np
 
+from neox_jax import sharding as shd
 from neox_jax.config import TrainConfig
+from neox_jax.traffic import minimum_traffic, params_per_device, ratio_line
 from neox_jax.train import Trainer
 
 DEVICES = {  # usable memory per device, bytes
@@ -51,11 +53,12 @@ class Plan:
     xla_output: int
     xla_alias: int
     xla_temp: int
-    collectives: dict  # mesh axes -> bytes sent per device per step
+    collectives: dict  # mesh axes -> bytes sent per device per step, counted right after SPMD partitioning
     compile_seconds: float
     capacity: int
     stages: int = 1
     microbatches: int = 1
+    minimum: dict = dataclasses.field(default_factory=dict)  # mesh axis -> the least bytes (neox_jax/traffic.py)
 
     @property
     def xla_total(self) -> int:
@@ -86,10 +89,10 @@ class Plan:
                 f"  {'outputs, less donated buffers':47s} {(self.xla_output - self.xla_alias) / GB:9.2f} GB",
                 f"  {'temporaries (activations, gradients, ...)':47s} {self.xla_temp / GB:9.2f} GB",
                 f"  {'total':47s} {self.xla_total / GB:9.2f} GB", "",
-                "collective traffic per device per step (bytes sent, ring algorithms)"]
+                "collective traffic per device per step (bytes sent, ring algorithms; the compiled step, counted "
+                "after SPMD partitioning, beside the least it could send: neox_jax/traffic.py)"]
         for axes, v in sorted(((a, v) for a, v in self.collectives.items() if v >= 1e6), key=lambda kv: -kv[1]):
-            amount = f"{v / GB:9.3f} GB" if v >= 1e8 else f"{v / 1e6:9.1f} MB"
-            out.append(f"  over {axes:43s} {amount}")
+            out.append(ratio_line(axes, v, self.minimum.get(axes)))
         if self.stages > 1:
             from neox_jax.pipeline import bubble_fraction
 
@@ -186,11 +189,21 @@ def _multipliers(comps: dict[str, list[str]], entry: str | None) -> dict[str, in
     """How many times each computation runs per step: while bodies run their known trip count."""
     mult: dict[str, int] = defaultdict(int)
 
+    def trip_count(line: str) -> int:
+        """A while loop's trips: XLA's annotation when there is one (it comes after SPMD partitioning), else a
+        scan's condition `i < N` (JAX's scans count from 0 by 1)."""
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        if trips:
+            return int(trips.group(1))
+        cond = re.search(r"condition=%?([\w.\-]+)", line)
+        body = "\n".join(comps.get(cond.group(1), ())) if cond else ""
+        bounds = re.findall(r"s32\[\] constant\((\d+)\)", body)
+        return int(bounds[0]) if len(bounds) == 1 and "direction=LT" in body else 1
+
     def visit(name, k):
         mult[name] += k
         for line in comps.get(name, ()):
-            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-            n = int(trips.group(1)) if trips and " while(" in line else 1
+            n = trip_count(line) if " while(" in line else 1
             callees = re.findall(r"(?:body|condition|to_apply|calls|true_computation|false_computation)=%?"
                                  r"([\w.\-]+)", line)
             for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
@@ -251,7 +264,7 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
     trainer = Trainer(cfg, mesh)
     state, batch = trainer.abstract_state(), trainer.abstract_batch()
     t0 = time.perf_counter()
-    compiled = trainer.step.lower(state, batch).compile()
+    compiled, partitioned = compile_partitioned(trainer.step.lower(state, batch))
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     sh = trainer.state_shardings
@@ -268,8 +281,28 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
         activations_estimate=activation_bytes(trainer.cfg, dict(mesh.shape)),
         xla_argument=mem.argument_size_in_bytes, xla_output=mem.output_size_in_bytes,
         xla_alias=mem.alias_size_in_bytes, xla_temp=mem.temp_size_in_bytes,
-        collectives=collective_bytes(compiled.as_text(), dict(mesh.shape)),
+        collectives=collective_bytes(partitioned, dict(mesh.shape)),
         compile_seconds=seconds, capacity=DEVICES[device], stages=trainer.stages,
         microbatches=trainer.microbatches,
+        minimum=minimum_traffic(trainer.cfg, dict(mesh.shape), params_per_device(
+            trainer.abstract_params, named(mesh, shd.param_specs(trainer.abstract_params, trainer.logical_axes, mesh))),
+            trainer.microbatches),
     )
+
+
+def compile_partitioned(lowered):
+    """(compiled, the HLO text right after SPMD partitioning). The collectives are counted there: later passes are
+    the backend's (the CPU one computes bf16 in fp32, doubling the bytes of bf16 collectives)."""
+    import glob
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        compiled = lowered.compile(compiler_options={"xla_dump_to": folder,
+                                                     "xla_dump_hlo_pass_re": "spmd-partitioning"})
+        dumps = glob.glob(os.path.join(folder, "*after_spmd-partitioning*.txt"))
+        if not dumps:
+            raise RuntimeError("XLA wrote no HLO after SPMD partitioning: the traffic cannot be counted")
+        text = open(max(dumps, key=os.path.getsize)).read()
+    return compiled, text
 

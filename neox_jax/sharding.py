@@ -131,11 +131,26 @@ def _trim(spec: P, mesh_shape: Mapping[str, int]) -> P:
     return P(*(a if mesh_shape.get(a, 1) > 1 else None for a in spec))
 
 
+_UNCONSTRAINED = [False]
+
+
+class unconstrained:
+    """No `constrain` applies inside `with unconstrained():`. The pipeline runs its stages so under a vmap: there a
+    constraint would force the stage axis replicated (vmap's `spmd_axis_name` would name it, but cannot be used
+    inside the train step's shard_map), so the stages' layout comes from the constraints around the vmap alone."""
+
+    def __enter__(self):
+        _UNCONSTRAINED.append(True)
+
+    def __exit__(self, *_):
+        _UNCONSTRAINED.pop()
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Sharding constraint from logical names; a no-op when no mesh is active. Inside a `shard_map` that is
     manual over some mesh axes (the train step's, over `data`) those are already split: they are left out."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or _UNCONSTRAINED[-1]:
         return x
     manual = manual_axes()
     shape = {a: (1 if a in manual else n) for a, n in zip(mesh.axis_names, mesh.axis_sizes)}

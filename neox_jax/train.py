@@ -65,6 +65,9 @@ def check_layout(cfg: TrainConfig, mesh_shape: dict[str, int]):
         problems.append(f"pipe_microbatches={microbatches} must be a multiple of grad_accum_steps="
                         f"{cfg.grad_accum_steps} that cuts micro_batch_size={cfg.micro_batch_size} (per data "
                         "replica) evenly: change pipe_microbatches")
+    if pipe > 1 and cfg.grad_accum_dtype == "bfloat16" and cfg.precision == "fp32":
+        problems.append("grad_accum_dtype=bfloat16 with precision=fp32: the pipeline sums its microbatches in the dtype "
+                        "of the weights it runs, so it would run bf16 weights; use precision bf16, or float32 sums")
     if problems:
         raise ConfigError("impossible layout for mesh "
                           f"data={data}, pipe={pipe}, tensor={tensor}:\n  " + "\n  ".join(problems))
@@ -198,8 +201,11 @@ class Trainer:
         dims = jax.tree.map(lambda spec: next((i for i, e in enumerate(spec) if e == "data"), -1), self.zero_specs,
                             is_leaf=lambda x: isinstance(x, P))
 
+        check = self.stages == 1
+
         def replica(params, batch_mbt, loss_scale):  # one data replica's rows; `pipe` and `tensor` stay automatic
-            params = jax.tree.map(lambda p: jax.lax.pcast(p, "data", to="varying"), params)  # no reduction in grad
+            if check:  # so that the gradient's transpose reduces nothing over `data`
+                params = jax.tree.map(lambda p: jax.lax.pcast(p, "data", to="varying"), params)
 
             def grad_of(loss_fn, weights, tokens):
                 def scaled(w):
@@ -211,8 +217,7 @@ class Trainer:
 
             if self.stages > 1:  # the pipeline's microbatches accumulate in the dtype of the weights it is given
                 weights = jax.tree.map(lambda p: p.astype(accum), params) if accum != params_dtype else params
-                total, loss = grad_of(self.pipelined_loss, weights, batch_mbt)
-                total = jax.tree.map(lambda g: g * n, total)  # the pipelined loss is already a mean over n
+                total, loss = grad_of(self.pipelined_loss, weights, batch_mbt)  # of the mean over microbatches
             else:
                 def micro(acc, tokens_bt):
                     g, loss = grad_of(self.loss, params, tokens_bt)
@@ -221,28 +226,36 @@ class Trainer:
                 zeros = jax.tree.map(lambda p: shd.varying(jnp.zeros(p.shape, accum)), params)
                 total, losses = jax.lax.scan(micro, zeros, batch_mbt)
                 loss = losses.mean()
-            totals = jax.tree.map(lambda g, spec: jax.lax.with_sharding_constraint(g, spec)[None], total,
-                                  self.param_specs)
-            return jax.lax.pmean(loss, "data"), totals
+            return jax.lax.pmean(loss, "data"), total
 
         params_dtype = jnp.dtype(self.model_cfg.param_dtype)
-        # each replica's sum, stacked on a leading axis split over `data`
         loss_scale = jnp.asarray(loss_scale, F32)
-        loss, totals = jax.shard_map(replica, mesh=self.mesh, in_specs=(P(), P(None, "data"), P()),
-                                     out_specs=(P(), P("data")), axis_names={"data"})(params, batch_mbt, loss_scale)
+        # Each replica's sums leave side by side along the dimension they are reduced over (`data` outermost), so a
+        # replica's block is its own buffer; then one reduce-scatter per tensor makes the ZeRO shard of them.
+        is_spec = lambda x: isinstance(x, P)  # noqa: E731
+        along = jax.tree.map(lambda dim: max(dim, 0), dims)
 
-        def reduce(stacked, dim, scale):  # one reduce-scatter (all-reduce without ZeRO) per tensor, its local shard
-            g = stacked[0]
+        def beside(spec, k):
+            entries = list(spec) + [None] * (k + 1 - len(spec))
+            e = entries[k]
+            entries[k] = "data" if e is None else ("data", *(e if isinstance(e, tuple) else (e,)))
+            return P(*entries)
+
+        loss, totals = jax.shard_map(replica, mesh=self.mesh, in_specs=(P(), P(None, "data"), P()),
+                                     out_specs=(P(), jax.tree.map(lambda k: P(*[None] * k, "data"), along)),
+                                     axis_names={"data"}, check_vma=check)(params, batch_mbt, loss_scale)
+        summed = 1 if self.stages > 1 else n  # microbatches summed (the pipeline's loss is their mean already)
+
+        def reduce(g, dim, scale):  # one reduce-scatter (all-reduce without ZeRO) per tensor, on its local shard
             g = jax.lax.psum(g, "data") if dim < 0 else jax.lax.psum_scatter(g, "data", scatter_dimension=dim,
                                                                              tiled=True)
-            return g.astype(F32) / (n * data * scale)
+            return g.astype(F32) / (summed * data * scale)
 
-        is_spec = lambda x: isinstance(x, P)  # noqa: E731
-        stacked_specs = jax.tree.map(lambda spec: P("data", *spec), self.param_specs, is_leaf=is_spec)
         reduced_specs = jax.tree.map(lambda z, p, dim: z if dim >= 0 else p, self.zero_specs, self.param_specs, dims,
                                      is_leaf=is_spec)
         grads = jax.shard_map(lambda t, scale: jax.tree.map(lambda g, dim: reduce(g, dim, scale), t, dims),
-                              mesh=self.mesh, in_specs=(stacked_specs, P()), out_specs=reduced_specs)(totals, loss_scale)
+                              mesh=self.mesh, in_specs=(jax.tree.map(beside, self.param_specs, along, is_leaf=is_spec),
+                                                        P()), out_specs=reduced_specs)(totals, loss_scale)
         return loss, jax.lax.with_sharding_constraint(grads, shd.named(self.mesh, self.zero_specs))
 
     def _grads_per_microstep(self, params, batch_mbt, loss_scale=1.0):

@@ -86,3 +86,23 @@ def test_pipeline_layout_checks():
     with pytest.raises(Exception, match="pipe_microbatches=3 must be a multiple of grad_accum_steps=2"):
         trainer({"pipe": 2}, grad_accum_steps=2, pipe_microbatches=3)
     assert bubble_fraction(4, 32) == pytest.approx(3 / 35)
+
+
+def test_bf16_and_fp32_gradient_sums_through_the_pipeline(reference):
+    """bf16 training on (2,2,2) with 8 pipeline microbatches, summed in fp32 or bf16, against the fp32 single-device
+    reference. Both carry bf16 compute error (about 2^-8 relative per tensor); the bf16 sums add their rounding of 8
+    partial sums on top, so they land further from the reference than the fp32 sums, and fp32 sums with fp32
+    weights are exact (the first check)."""
+    tokens, _, ref_grads = reference
+    errors = {}
+    for dtype in ("float32", "bfloat16"):
+        tr = trainer(dict(data=2, pipe=2, tensor=2), pipe_microbatches=8, precision="bf16", grad_accum_dtype=dtype)
+        state = tr.init(jax.random.key(0))
+        _, grads = tr.grads(state.params, tr.put_batch(tokens))
+        errors[dtype] = float(np.sqrt(sum(np.sum((np.asarray(g) - r) ** 2) for g, r in
+                                          zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
+                                      / sum(np.sum(r ** 2) for r in jax.tree.leaves(ref_grads))))
+    assert errors["float32"] <= 2**-6 and errors["bfloat16"] <= 2**-5
+    assert errors["bfloat16"] > errors["float32"]
+    with pytest.raises(Exception, match="grad_accum_dtype=bfloat16 with precision=fp32"):
+        trainer(dict(data=2, pipe=2, tensor=2), grad_accum_dtype="bfloat16")

@@ -52,3 +52,53 @@ def test_replica_group_spellings():
     assert _first_group(line, 8) == [0, 2]  # ids [[0,4,1,5],[2,6,3,7]], varying along axis_0
     assert _first_group("replica_groups=mesh['a'=2,'b'=2,'c'=2] {'b','c'}, x", 8) == [0, 1, 2, 3]
     assert np.array_equal(_first_group("replica_groups={{3,7}}", 8), [3, 7])
+
+
+# ---- traffic against its minimum (neox_jax/traffic.py) ---------------------------------------------------------
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def traffic_plans():
+    """The small model's step compiled on (4,1,2) and (2,2,2) with 1 and 8 accumulation microsteps."""
+    plans = {}
+    for mesh in ((4, 1, 2), (2, 2, 2)):
+        for accum in (1, 8):
+            cfg = TrainConfig.from_dict({"model": {"preset": "pythia-14m", "remat_policy": "full"},
+                                         "mesh": dict(zip(("data", "pipe", "tensor"), mesh)), "seq_length": 128,
+                                         "micro_batch_size": 2, "grad_accum_steps": accum, "precision": "bf16"})
+            plans[mesh, accum] = plan(cfg)
+    return plans
+
+
+def test_traffic_over_data_is_once_per_step_whatever_the_microsteps(traffic_plans):
+    for mesh in ((4, 1, 2), (2, 2, 2)):
+        one, eight = traffic_plans[mesh, 1], traffic_plans[mesh, 8]
+        assert abs(eight.collectives["data"] / one.collectives["data"] - 1) <= 0.05, mesh
+        # an fp32 reduce-scatter of the gradients and a bf16 all-gather of the weights, nothing more
+        assert abs(eight.collectives["data"] / eight.minimum["data"] - 1) <= 0.05, mesh
+
+
+def test_traffic_over_tensor_is_gpt_neox_count(traffic_plans):
+    p = traffic_plans[(4, 1, 2), 8]  # 6 layers x (forward, recomputed forward, 2 backward) + embedding, output
+    assert abs(p.collectives["tensor"] / p.minimum["tensor"] - 1) <= 0.10
+    per_microstep = p.collectives["tensor"] / 8
+    assert abs(traffic_plans[(4, 1, 2), 1].collectives["tensor"] / per_microstep - 1) <= 0.10
+
+
+def test_the_loss_never_gathers_the_vocabulary_over_tensor():
+    from neox_jax.plan import compile_partitioned
+    from neox_jax.sharding import make_mesh
+    from neox_jax.train import Trainer
+
+    cfg = TrainConfig.from_dict({"model": {"preset": "pythia-14m"}, "mesh": {"data": 2, "pipe": 1, "tensor": 4},
+                                 "seq_length": 64, "micro_batch_size": 2, "precision": "bf16"})
+    tr = Trainer(cfg, make_mesh(cfg.mesh))
+    _, hlo = compile_partitioned(tr.step.lower(tr.abstract_state(), tr.abstract_batch()))
+    vocab = cfg.model.vocab_size
+    moved = [line for line in hlo.splitlines() if any(f" {op}(" in line for op in ("all-gather", "all-reduce",
+                                                                                  "all-to-all", "collective-permute"))]
+    assert moved, "no collectives found: the HLO was not read"
+    # logits, their gradient and the output weights move only as [batch, length] statistics or not at all
+    assert not [line for line in moved if str(vocab) in line.split("=")[1].split("(")[0]]

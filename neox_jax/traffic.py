@@ -1,0 +1,68 @@
+"""The least collective traffic a training step can send, per device and mesh axis: the yardstick the planner
+sets beside what the compiled step sends (bytes each device sends per step, ring algorithms).
+
+    data    the gradients reduced once per step (ZeRO-1: a reduce-scatter in `grad_accum_dtype`, then an
+            all-gather of the new weights in the working dtype; without ZeRO an all-reduce), of the P parameters
+            each device holds: (accum + working bytes) x P x (d - 1) / d. FSDP gathers the weights for the forward
+            and the backward and reduce-scatters the gradients in every microstep: 3 x that per microstep.
+    tensor  GPT-NeoX's (Megatron's) count: per layer and microbatch, an all-reduce of the [rows, seq, hidden]
+            activations for each row-parallel output in the forward (one with the parallel residual, whose two
+            branches add before it; two without), the same again in a recomputed forward, and one for each
+            column-parallel input in the backward (two); plus the vocab-parallel embedding's forward and the
+            output layer's input gradient. An all-reduce over t devices sends 2 (t - 1) / t of its size.
+    pipe    each microbatch's activation crossing each stage boundary forward, and its gradient backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def per_layer_allreduces(parallel_residual: bool, recompute: bool) -> int:
+    forward = 1 if parallel_residual else 2
+    return forward * (2 if recompute else 1) + 2
+
+
+def minimum_traffic(cfg, mesh: dict[str, int], params_per_device: int, microbatches: int = 1) -> dict[str, float]:
+    """Bytes each device must send per step over `data`, `tensor` and `pipe` (axes of size 1 send nothing).
+
+    `cfg` is the TrainConfig, `params_per_device` the parameters one device holds (its `pipe` x `tensor` shard of
+    the model, embeddings included), `microbatches` the pipeline's per step (with `pipe` > 1)."""
+    m = cfg.model
+    d, p, t = mesh["data"], mesh["pipe"], mesh["tensor"]
+    work = np.dtype(cfg.working_dtype).itemsize
+    accum = np.dtype(cfg.grad_accum_dtype).itemsize
+    out = {}
+    if d > 1:
+        if cfg.zero_stage == 3:
+            out["data"] = cfg.grad_accum_steps * (2 * work + 4) * params_per_device * (d - 1) / d
+        elif cfg.zero_stage == 1:
+            out["data"] = (accum + work) * params_per_device * (d - 1) / d
+        else:
+            out["data"] = 2 * accum * params_per_device * (d - 1) / d
+    # the activations of all this replica's sequences in the step, one layer, in the working dtype
+    step_activations = cfg.grad_accum_steps * cfg.micro_batch_size * cfg.seq_length * m.hidden_size * work
+    if t > 1:
+        recompute = m.remat_policy != "none"
+        count = m.num_layers // p * per_layer_allreduces(m.use_parallel_residual, recompute) + 2
+        out["tensor"] = count * step_activations * 2 * (t - 1) / t
+    if p > 1:
+        out["pipe"] = 2 * step_activations
+    return out
+
+
+def ratio_line(axis: str, compiled: float, minimum: float | None) -> str:
+    amount = lambda v: f"{v / 1e9:9.3f} GB" if v >= 1e8 else f"{v / 1e6:9.1f} MB"  # noqa: E731
+    if not minimum:
+        return f"  over {axis:10s} {amount(compiled)}"
+    return f"  over {axis:10s} {amount(compiled)}   minimum {amount(minimum)}   {compiled / minimum:5.2f}x"
+
+
+def params_per_device(abstract_params, param_shardings) -> int:
+    """Parameters (elements) one device holds under `param_shardings`."""
+    import jax
+
+    return sum(math.prod(s.shard_shape(x.shape)) for x, s in zip(jax.tree.leaves(abstract_params),
+                                                                jax.tree.leaves(param_shardings)))
