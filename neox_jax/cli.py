@@ -178,9 +178,18 @@ def cmd_plan(args):
               f"seq {cfg.seq_length}, micro batch {cfg.micro_batch_size} x {cfg.grad_accum_steps} accumulation, "
               f"{cfg.precision}, ZeRO stage {cfg.zero_stage}, remat {cfg.model.remat_policy}; compiling for {n} "
               "emulated devices...", flush=True)
-    report = plan(cfg, args.device).report(args.device)
+    cluster = None
+    if args.cluster:
+        from neox_jax.predict import Cluster
+
+        cluster = Cluster.get(args.cluster)
+    p = plan(cfg, args.device)
     if primary:
-        print(report)
+        print(p.report(args.device))
+        if cluster:
+            from neox_jax.plan import prediction
+
+            print("\n" + prediction(p, cfg, cluster).report(cluster))
 
 
 def cmd_preprocess(args):
@@ -436,6 +445,8 @@ def main(argv=None):
     p.add_argument("--device", default="a100-40gb", choices=["a100-40gb", "a100-80gb", "h100-80gb", "h200-141gb"])
     p.add_argument("--devices", type=int, help="device count that fills a -1 mesh axis (default: the smallest "
                                                 "mesh of the layout, data=1)")
+    p.add_argument("--cluster", help="predict step time and TFLOP/s on a cluster: a100-40gb-paper, a100-80gb-selene, "
+                                     "h100-80gb-ib, or a YAML file (docs/sharding.md)")
     _add_launch_flags(p)
     p.set_defaults(func=cmd_plan)
 

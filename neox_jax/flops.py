@@ -1,4 +1,9 @@
-"""FLOPs per step and model FLOPs utilisation, in the two conventions people quote (always labelled)."""
+"""FLOPs per step and model FLOPs utilisation, in the conventions people quote (always labelled).
+
+    6n      PaLM's: 6 x the matmul parameters + the attention's 12 x layers x hidden x seq, per token
+    neox    GPT-NeoX's (Megatron's) 24 f B s L h^2 (1 + s/6h + V/16Lh), with f = 4 when layers are recomputed
+    paper   the GPT-NeoX-20B paper's: 6 N + 60 s h L per token (N all parameters), which its 117 TFLOP/s per GPU used
+"""
 
 from __future__ import annotations
 
@@ -34,3 +39,10 @@ def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
         if name in kind:
             return peak
     return None
+
+
+def flops_paper(cfg: NeoXConfig, seq_length: int, tokens: int) -> float:
+    """The GPT-NeoX-20B paper's convention: (6 N + 60 s h L) FLOPs per token, N counting every parameter. For the 20B
+    at s = 2048: 156.6 GFLOP per token; 117 TFLOP/s x 96 GPUs / 156.6e9 = 71.7k tokens/s, the paper's 1,830 hours
+    for 150k steps of 1536 x 2048 tokens."""
+    return tokens * (6 * cfg.num_params + 60 * seq_length * cfg.hidden_size * cfg.num_layers)

@@ -59,6 +59,7 @@ class Plan:
     stages: int = 1
     microbatches: int = 1
     minimum: dict = dataclasses.field(default_factory=dict)  # mesh axis -> the least bytes (neox_jax/traffic.py)
+    recomputed_forwards: int = 0  # forwards run again in the backward: 0, 1 per layer, 2 per stage and per layer
 
     @property
     def xla_total(self) -> int:
@@ -99,6 +100,10 @@ class Plan:
             out += ["", f"pipeline: {self.stages} stages x {self.microbatches} microbatches per step, bubble "
                         f"(P-1)/(M+P-1) = {bubble_fraction(self.stages, self.microbatches):.1%}; per-stage weights "
                         f"{self.params / GB:.2f} GB per device (1/{self.stages} of the layers)"]
+        how = {0: "no recomputation", 1: "each layer recomputed once", 2: "per-stage and per-layer recomputation "
+               "nested: each layer's forward runs three times"}[self.recomputed_forwards]
+        out += ["", f"recompute factor {3 + self.recomputed_forwards} (forward 1 + backward 2 + "
+                    f"{self.recomputed_forwards} recomputed: {how})"]
         verdict = "fits" if self.fits else "does NOT fit"
         out += ["", f"compile time {self.compile_seconds:.1f}s",
                 f"{device}: {self.capacity / 2**30:.0f} GiB per device -> {verdict} "
@@ -284,10 +289,28 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
         collectives=collective_bytes(partitioned, dict(mesh.shape)),
         compile_seconds=seconds, capacity=DEVICES[device], stages=trainer.stages,
         microbatches=trainer.microbatches,
+        recomputed_forwards=recomputed_forwards(trainer.cfg, trainer.stages),
         minimum=minimum_traffic(trainer.cfg, dict(mesh.shape), params_per_device(
             trainer.abstract_params, named(mesh, shd.param_specs(trainer.abstract_params, trainer.logical_axes, mesh))),
             trainer.microbatches),
     )
+
+
+def recomputed_forwards(cfg: TrainConfig, stages: int) -> int:
+    """How many times the backward runs each layer's forward again: once with per-layer remat, twice more when
+    the pipeline's per-stage checkpoint wraps it (neox_jax/pipeline.py)."""
+    if cfg.model.remat_policy == "none":
+        return 0
+    return 2 if stages > 1 else 1
+
+
+def prediction(p: Plan, cfg: TrainConfig, cluster):
+    """The step on `cluster` (neox_jax/predict.py) with this plan's compiled traffic and recomputation."""
+    from neox_jax.predict import predict
+
+    traffic = {axis: v for axis, v in p.collectives.items() if axis in ("data", "pipe", "tensor")}
+    return predict(cfg.model, p.mesh, cfg.seq_length, p.global_batch, p.microbatches, p.recomputed_forwards,
+                   traffic, cluster)
 
 
 def compile_partitioned(lowered):

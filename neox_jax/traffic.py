@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
+import jax.numpy as jnp
 
 
 def per_layer_allreduces(parallel_residual: bool, recompute: bool) -> int:
@@ -32,8 +32,8 @@ def minimum_traffic(cfg, mesh: dict[str, int], params_per_device: int, microbatc
     the model, embeddings included), `microbatches` the pipeline's per step (with `pipe` > 1)."""
     m = cfg.model
     d, p, t = mesh["data"], mesh["pipe"], mesh["tensor"]
-    work = np.dtype(cfg.working_dtype).itemsize
-    accum = np.dtype(cfg.grad_accum_dtype).itemsize
+    work = jnp.dtype(cfg.working_dtype).itemsize
+    accum = jnp.dtype(cfg.grad_accum_dtype).itemsize
     out = {}
     if d > 1:
         if cfg.zero_stage == 3:

@@ -62,14 +62,13 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="module")
 def traffic_plans():
     """The small model's step compiled on (4,1,2) and (2,2,2) with 1 and 8 accumulation microsteps."""
-    plans = {}
-    for mesh in ((4, 1, 2), (2, 2, 2)):
-        for accum in (1, 8):
-            cfg = TrainConfig.from_dict({"model": {"preset": "pythia-14m", "remat_policy": "full"},
-                                         "mesh": dict(zip(("data", "pipe", "tensor"), mesh)), "seq_length": 128,
-                                         "micro_batch_size": 2, "grad_accum_steps": accum, "precision": "bf16"})
-            plans[mesh, accum] = plan(cfg)
-    return plans
+    return {(mesh, accum): plan(small(mesh, accum)) for mesh in ((4, 1, 2), (2, 2, 2)) for accum in (1, 8)}
+
+
+def small(mesh, accum):
+    return TrainConfig.from_dict({"model": {"preset": "pythia-14m", "remat_policy": "full"},
+                                  "mesh": dict(zip(("data", "pipe", "tensor"), mesh)), "seq_length": 128,
+                                  "micro_batch_size": 2, "grad_accum_steps": accum, "precision": "bf16"})
 
 
 def test_traffic_over_data_is_once_per_step_whatever_the_microsteps(traffic_plans):
@@ -102,3 +101,17 @@ def test_the_loss_never_gathers_the_vocabulary_over_tensor():
     assert moved, "no collectives found: the HLO was not read"
     # logits, their gradient and the output weights move only as [batch, length] statistics or not at all
     assert not [line for line in moved if str(vocab) in line.split("=")[1].split("(")[0]]
+
+
+def test_the_prediction_takes_the_compiled_traffic_and_recomputation(traffic_plans):
+    from neox_jax.plan import prediction
+    from neox_jax.predict import CLUSTERS, predict
+
+    piped, flat = traffic_plans[(2, 2, 2), 8], traffic_plans[(4, 1, 2), 8]
+    assert (piped.recomputed_forwards, flat.recomputed_forwards) == (2, 1)
+    assert "recompute factor 5" in piped.report("a100-40gb") and "recompute factor 4" in flat.report("a100-40gb")
+    cluster = CLUSTERS["a100-40gb-paper"]
+    got = prediction(piped, small((2, 2, 2), 8), cluster)
+    want = predict(small((2, 2, 2), 8).model, piped.mesh, 128, piped.global_batch, piped.microbatches, 2,
+                   {a: piped.collectives[a] for a in ("data", "pipe", "tensor")}, cluster)
+    assert got == want and got.bubble_s > 0

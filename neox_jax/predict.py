@@ -1,0 +1,176 @@
+"""Step time and TFLOP/s per device of a layout on a cluster: compute + the communication that cannot overlap +
+the pipeline bubble, with one efficiency constant fixed once from the GPT-NeoX-20B paper's run.
+
+    compute   the FLOPs the step executes per device (forward 2 N + 4 L s h per token, times 3 for forward and
+              backward plus one per recomputed forward) / (peak x efficiency)
+    bubble    a pipeline of P stages over M microbatches takes (M + P - 1) / M of the compute
+    comm      each axis's bytes per device / the link it runs on, none of it overlapped: `tensor` all-reduces sit
+              between a layer's matmuls, the pipeline's sends between stages, and the once-per-step gradient
+              reduction over `data` after the last microbatch. An axis runs inside a node when it and the axes
+              inside it (`tensor` innermost, then `pipe`, then `data`) fit in one node's devices.
+
+The model and the runs it was checked on are in docs/sharding.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import yaml
+
+from neox_jax.config import ConfigError, NeoXConfig
+from neox_jax.flops import flops_6n, flops_paper
+
+# From the GPT-NeoX-20B paper's run (43.9 s per step on 96 A100-40GB, (12, 4, 2), 32 microbatches, per-layer
+# recomputation, fp16 gradients): the fraction of peak its matmuls reached. Fixed once; see docs/sharding.md.
+A100_EFFICIENCY = 0.460
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    name: str
+    peak_tflops: float  # dense bf16/fp16 per device
+    hbm_gb: float
+    devices_per_node: int
+    intra_gbps: float  # GB/s per device per direction inside a node (NVLink)
+    inter_gbps: float  # GB/s per device across nodes (the node's NICs shared by its devices)
+    efficiency: float  # achievable fraction of peak for the step's matmuls
+
+    @classmethod
+    def get(cls, name_or_yaml: str) -> "Cluster":
+        if name_or_yaml in CLUSTERS:
+            return CLUSTERS[name_or_yaml]
+        path = Path(name_or_yaml)
+        if not path.is_file():
+            raise ConfigError(f"--cluster {name_or_yaml!r}: choose one of {', '.join(CLUSTERS)} or give a YAML file "
+                              f"with {', '.join(f.name for f in dataclasses.fields(cls))}")
+        values = yaml.safe_load(path.read_text()) or {}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if set(values) - fields or not set(fields - {"name"}) <= set(values):
+            raise ConfigError(f"{path}: a cluster needs exactly {', '.join(sorted(fields - {'name'}))} "
+                              f"(unknown: {sorted(set(values) - fields)}, missing: {sorted(fields - {'name'} - set(values))})")
+        return cls(**{"name": path.stem, **values})
+
+
+CLUSTERS = {
+    # the paper's: 12 nodes of 8 A100-SXM4-40GB, NVLink3 (300 GB/s per direction), 4 x 200 Gb/s HDR per node
+    "a100-40gb-paper": Cluster("a100-40gb-paper", 312.0, 40, 8, 300.0, 4 * 25.0 / 8, A100_EFFICIENCY),
+    # Megatron-LM's Selene (Narayanan et al. 2021): DGX A100 80GB, 8 x 200 Gb/s HDR per node
+    "a100-80gb-selene": Cluster("a100-80gb-selene", 312.0, 80, 8, 300.0, 25.0, A100_EFFICIENCY),
+    # 8 x H100 SXM per node, NVLink4 (450 GB/s per direction), 8 x 400 Gb/s NDR; efficiency not measured: A100's
+    "h100-80gb-ib": Cluster("h100-80gb-ib", 989.0, 80, 8, 450.0, 50.0, A100_EFFICIENCY),
+}
+
+
+def link_gbps(cluster: Cluster, mesh: dict[str, int], axis: str) -> float:
+    """The bandwidth an axis's collectives run at: inside a node when the axis and those inside it fit one node."""
+    inner = {"tensor": ("tensor",), "pipe": ("pipe", "tensor"), "data": ("data", "pipe", "tensor")}[axis]
+    return cluster.intra_gbps if math.prod(mesh[a] for a in inner) <= cluster.devices_per_node else cluster.inter_gbps
+
+
+@dataclasses.dataclass
+class Prediction:
+    compute_s: float
+    bubble_s: float
+    comm_s: dict[str, float]
+    step_s: float
+    tflops_6n: float  # per device
+    tflops_paper: float
+    tokens_per_s: float
+
+    def report(self, cluster: Cluster) -> str:
+        comm = ", ".join(f"{a} {s:.2f} s" for a, s in sorted(self.comm_s.items(), key=lambda kv: -kv[1]))
+        return "\n".join([
+            f"predicted on {cluster.name} ({cluster.peak_tflops:.0f} TFLOP/s peak, {cluster.efficiency:.1%} of it "
+            f"for compute, {cluster.intra_gbps:.0f} / {cluster.inter_gbps:.1f} GB/s inside / across nodes)",
+            f"  compute {self.compute_s:.2f} s + bubble {self.bubble_s:.2f} s + communication ({comm or 'none'}) "
+            f"= step {self.step_s:.2f} s, {self.tokens_per_s:,.0f} tokens/s",
+            f"  per device: {self.tflops_6n:.1f} TFLOP/s (6N convention), {self.tflops_paper:.1f} TFLOP/s (the "
+            "GPT-NeoX-20B paper's)"])
+
+
+def executed_flops_per_token(model: NeoXConfig, seq_length: int, recomputed_forwards: int) -> float:
+    forward = 2 * (model.num_params - model.vocab_size * model.hidden_size) + 4 * model.num_layers * seq_length \
+        * model.hidden_size
+    return forward * (3 + recomputed_forwards)
+
+
+def predict(model: NeoXConfig, mesh: dict[str, int], seq_length: int, global_batch: int, microbatches: int,
+            recomputed_forwards: int, traffic: dict[str, float], cluster: Cluster) -> Prediction:
+    """`traffic`: bytes per device per step by axis ("data", "tensor", "pipe"); `microbatches`: the pipeline's
+    per step (1 without one); `recomputed_forwards`: 0 without recomputation, 1 per-layer, 2 nested."""
+    devices = math.prod(mesh.values())
+    tokens = global_batch * seq_length
+    compute = tokens * executed_flops_per_token(model, seq_length, recomputed_forwards) / devices \
+        / (cluster.peak_tflops * 1e12 * cluster.efficiency)
+    stages = mesh["pipe"]
+    bubble = compute * (stages - 1) / microbatches if stages > 1 else 0.0
+    comm = {a: b / (link_gbps(cluster, mesh, a) * 1e9) for a, b in traffic.items() if a in mesh and mesh[a] > 1}
+    step = compute + bubble + sum(comm.values())
+    return Prediction(compute_s=compute, bubble_s=bubble, comm_s=comm, step_s=step,
+                      tflops_6n=flops_6n(model, seq_length, tokens) / step / devices / 1e12,
+                      tflops_paper=flops_paper(model, seq_length, tokens) / step / devices / 1e12,
+                      tokens_per_s=tokens / step)
+
+
+# ---- checked against published runs ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PublishedRun:
+    """A run whose layout, cluster and throughput were published; `reported` is TFLOP/s per GPU in `convention`."""
+
+    name: str
+    model: NeoXConfig
+    mesh: dict
+    global_batch: int
+    micro_batch: int
+    cluster: str
+    reported: float
+    convention: str  # "paper" (GPT-NeoX-20B's) or "megatron" (Narayanan et al.'s, recomputation counted)
+    zero_stage: int
+    source: str
+
+
+def _megatron(billions, heads, hidden, layers, tp, pp, gpus, batch, tflops) -> PublishedRun:
+    model = NeoXConfig(vocab_size=51200, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                       intermediate_size=4 * hidden, max_position_embeddings=2048, use_parallel_residual=False,
+                       remat_policy="full")
+    return PublishedRun(f"Megatron-LM GPT {billions}B", model, {"data": gpus // (tp * pp), "pipe": pp, "tensor": tp},
+                        batch, 1, "a100-80gb-selene", tflops, "megatron", 0,
+                        "Narayanan et al. 2021 (arXiv 2104.04473), Table 1")
+
+
+PUBLISHED = [
+    PublishedRun("GPT-NeoX-20B", NeoXConfig.preset("neox-20b", remat_policy="full"), {"data": 12, "pipe": 4, "tensor": 2},
+                 1536, 4, "a100-40gb-paper", 117.0, "paper", 1, "Black et al. 2022 (arXiv 2204.06745): 117 TFLOP/s "
+                 "per GPU, 43.9 s per step; the efficiency constant comes from it"),
+    _megatron(1.7, 24, 2304, 24, 1, 1, 32, 512, 137), _megatron(3.6, 32, 3072, 30, 2, 1, 64, 512, 138),
+    _megatron(7.5, 32, 4096, 36, 4, 1, 128, 512, 142), _megatron(18, 48, 6144, 40, 8, 1, 256, 1024, 135),
+    _megatron(39, 64, 8192, 48, 8, 2, 512, 1536, 138), _megatron(76, 80, 10240, 60, 8, 4, 1024, 1792, 140),
+    _megatron(145, 96, 12288, 80, 8, 8, 1536, 2304, 148), _megatron(310, 128, 16384, 96, 8, 16, 1920, 2160, 155),
+]
+
+
+def predict_published(run: PublishedRun) -> tuple[Prediction, float]:
+    """The prediction for a published run, from its layout alone (the least traffic, fp16 gradients, per-layer
+    recomputation, microbatches of `micro_batch`), and its TFLOP/s per GPU in the run's own convention."""
+    from neox_jax.config import TrainConfig
+    from neox_jax.traffic import minimum_traffic
+
+    m, mesh, seq = run.model, run.mesh, 2048
+    per_replica = run.global_batch // mesh["data"]
+    cfg = TrainConfig(model=m, mesh=mesh, seq_length=seq, micro_batch_size=run.micro_batch,
+                      grad_accum_steps=per_replica // run.micro_batch, precision="bf16", grad_accum_dtype="bfloat16",
+                      zero_stage=run.zero_stage)
+    embedding = m.vocab_size * m.hidden_size  # each end of the pipeline holds one embedding
+    layers = m.num_params - 2 * embedding
+    held = (layers / mesh["pipe"] + (2 if mesh["pipe"] == 1 else 1) * embedding) / mesh["tensor"]
+    traffic = minimum_traffic(cfg, mesh, int(held))
+    p = predict(m, mesh, seq, run.global_batch, per_replica // run.micro_batch, 1, traffic, Cluster.get(run.cluster))
+    if run.convention == "paper":
+        return p, p.tflops_paper
+    s, h, L, V = seq, m.hidden_size, m.num_layers, m.vocab_size
+    flops = 96 * run.global_batch * s * L * h * h * (1 + s / (6 * h) + V / (16 * L * h))
+    return p, flops / p.step_s / math.prod(mesh.values()) / 1e12
