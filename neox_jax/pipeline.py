@@ -20,7 +20,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from neox_jax.model import GPTNeoX, run_layers
 from neox_jax.sharding import constrain, unconstrained, varying

@@ -47,10 +47,11 @@ class Cluster:
             raise ConfigError(f"--cluster {name_or_yaml!r}: choose one of {', '.join(CLUSTERS)} or give a YAML file "
                               f"with {', '.join(f.name for f in dataclasses.fields(cls))}")
         values = yaml.safe_load(path.read_text()) or {}
-        fields = {f.name for f in dataclasses.fields(cls)}
-        if set(values) - fields or not set(fields - {"name"}) <= set(values):
-            raise ConfigError(f"{path}: a cluster needs exactly {', '.join(sorted(fields - {'name'}))} "
-                              f"(unknown: {sorted(set(values) - fields)}, missing: {sorted(fields - {'name'} - set(values))})")
+        needed = {f.name for f in dataclasses.fields(cls)} - {"name"}
+        unknown, missing = sorted(set(values) - needed), sorted(needed - set(values))
+        if unknown or missing:
+            raise ConfigError(f"{path}: a cluster needs exactly {', '.join(sorted(needed))} (unknown: {unknown}, "
+                              f"missing: {missing})")
         return cls(**{"name": path.stem, **values})
 
 
@@ -143,9 +144,10 @@ def _megatron(billions, heads, hidden, layers, tp, pp, gpus, batch, tflops) -> P
 
 
 PUBLISHED = [
-    PublishedRun("GPT-NeoX-20B", NeoXConfig.preset("neox-20b", remat_policy="full"), {"data": 12, "pipe": 4, "tensor": 2},
-                 1536, 4, "a100-40gb-paper", 117.0, "paper", 1, "Black et al. 2022 (arXiv 2204.06745): 117 TFLOP/s "
-                 "per GPU, 43.9 s per step; the efficiency constant comes from it"),
+    PublishedRun("GPT-NeoX-20B", NeoXConfig.preset("neox-20b", remat_policy="full"),
+                 {"data": 12, "pipe": 4, "tensor": 2}, 1536, 4, "a100-40gb-paper", 117.0, "paper", 1,
+                 "Black et al. 2022 (arXiv 2204.06745): 117 TFLOP/s per GPU, 43.9 s per step; the efficiency constant "
+                 "comes from it"),
     _megatron(1.7, 24, 2304, 24, 1, 1, 32, 512, 137), _megatron(3.6, 32, 3072, 30, 2, 1, 64, 512, 138),
     _megatron(7.5, 32, 4096, 36, 4, 1, 128, 512, 142), _megatron(18, 48, 6144, 40, 8, 1, 256, 1024, 135),
     _megatron(39, 64, 8192, 48, 8, 2, 512, 1536, 138), _megatron(76, 80, 10240, 60, 8, 4, 1024, 1792, 140),

@@ -66,8 +66,9 @@ def check_layout(cfg: TrainConfig, mesh_shape: dict[str, int]):
                         f"{cfg.grad_accum_steps} that cuts micro_batch_size={cfg.micro_batch_size} (per data "
                         "replica) evenly: change pipe_microbatches")
     if pipe > 1 and cfg.grad_accum_dtype == "bfloat16" and cfg.precision == "fp32":
-        problems.append("grad_accum_dtype=bfloat16 with precision=fp32: the pipeline sums its microbatches in the dtype "
-                        "of the weights it runs, so it would run bf16 weights; use precision bf16, or float32 sums")
+        problems.append("grad_accum_dtype=bfloat16 with precision=fp32: the pipeline sums its microbatches in the "
+                        "dtype of the weights it runs, so it would run bf16 weights; use precision bf16 or float32 "
+                        "sums")
     if problems:
         raise ConfigError("impossible layout for mesh "
                           f"data={data}, pipe={pipe}, tensor={tensor}:\n  " + "\n  ".join(problems))

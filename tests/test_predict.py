@@ -12,7 +12,7 @@ def test_a_toy_cluster_step_by_hand():
                   efficiency=0.5)
     model = NeoXConfig(vocab_size=1000, hidden_size=128, num_layers=4, num_heads=4, max_position_embeddings=512)
     mesh = {"data": 2, "pipe": 2, "tensor": 2}  # tensor and pipe inside a 4-device node, data across nodes
-    assert (link_gbps(toy, mesh, "tensor"), link_gbps(toy, mesh, "pipe"), link_gbps(toy, mesh, "data")) == (100, 100, 10)
+    assert [link_gbps(toy, mesh, axis) for axis in ("tensor", "pipe", "data")] == [100, 100, 10]
     p = predict(model, mesh, seq_length=512, global_batch=16, microbatches=4, recomputed_forwards=1,
                 traffic={"data": 2e9, "tensor": 5e9, "pipe": 1e9}, cluster=toy)
     matmul_params = model.num_params - 1000 * 128
