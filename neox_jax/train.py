@@ -9,9 +9,10 @@ The state is plain pytrees (nested dicts of arrays), so Orbax saves it and any m
     opt_state   AdamW moments, ZeRO-1 layout (split over `data` as well)
     loss_scale  DeepSpeed-style dynamic loss scale (fp16 only, else None)
 
-One step: for each microbatch (a scan), loss and gradients w.r.t. the working weights; the gradients
-are accumulated in fp32 in the ZeRO layout (XLA turns that into a reduce-scatter over `data`); AdamW
-updates the master shards; the new working weights are cast and all-gathered back to their layout.
+One step: for each microbatch (a scan, or the pipeline's), loss and gradients w.r.t. the working weights, summed
+on each data replica in `grad_accum_dtype`; one reduce-scatter per tensor over `data` brings the sums into the
+ZeRO layout (once per step, as DeepSpeed); AdamW updates the master shards; the new working weights are cast and
+all-gathered back to their layout. A step whose loss or gradient is not finite changes nothing but the counters.
 """
 
 from __future__ import annotations
@@ -197,11 +198,12 @@ class Trainer:
         if self.cfg.zero_stage == 3:
             return self._grads_per_microstep(params, batch_mbt, loss_scale)
         data, n = self.mesh_shape["data"], batch_mbt.shape[0]
-        accum = jnp.dtype(self.cfg.grad_accum_dtype)
+        accum, params_dtype = jnp.dtype(self.cfg.grad_accum_dtype), jnp.dtype(self.model_cfg.param_dtype)
         # the dimension ZeRO splits over `data` when it splits a dimension of its own, else -1: an all-reduce
         dims = jax.tree.map(lambda spec: next((i for i, e in enumerate(spec) if e == "data"), -1), self.zero_specs,
                             is_leaf=lambda x: isinstance(x, P))
-
+        # The replication checks cannot follow the pipeline's vmap over stages inside; without them a gradient taken
+        # inside the shard_map reduces nothing over `data` either.
         check = self.stages == 1
 
         def replica(params, batch_mbt, loss_scale):  # one data replica's rows; `pipe` and `tensor` stay automatic
@@ -229,7 +231,6 @@ class Trainer:
                 loss = losses.mean()
             return jax.lax.pmean(loss, "data"), total
 
-        params_dtype = jnp.dtype(self.model_cfg.param_dtype)
         loss_scale = jnp.asarray(loss_scale, F32)
         # Each replica's sums leave side by side along the dimension they are reduced over (`data` outermost), so a
         # replica's block is its own buffer; then one reduce-scatter per tensor makes the ZeRO shard of them.

@@ -14,6 +14,10 @@ from neox_jax.loop import train
 
 from .conftest import TINY_MODEL
 
+# After a tensorstore read error (the corrupt-checkpoint case) Orbax's background threads find their event loop
+# closed; Python reports that later, against whichever test runs then.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 
 @pytest.fixture(autouse=True)

@@ -57,10 +57,10 @@ def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
 
 
 def ours(log: Path) -> str:
-    """A process's output without gloo's connection lines (printed by its C++ on every process) and the launch's
-    context line (stderr)."""
+    """A process's output without gloo's connection lines (printed by its C++ on every process, and sometimes cut in
+    two by another write) and the launch's context line (stderr)."""
     return "\n".join(line for line in log.read_text().splitlines()
-                     if not line.startswith(("[Gloo]", "neox-jax: "))).strip()
+                     if not line.startswith(("[Gloo]", "neox-jax: ")) and "connected peer ranks" not in line).strip()
 
 
 def logged_losses(cfg: TrainConfig) -> dict[int, float]:
