@@ -19,6 +19,7 @@ _PUBLIC = {
     "TrainCheckpointer": "neox_jax.checkpoint",
     "from_pretrained": "neox_jax.pretrained",
     "generate": "neox_jax.generation",
+    "generate_text": "neox_jax.generation",
     "load_tokenizer": "neox_jax.pretrained",
     "perplexity": "neox_jax.evaluate",
     "save_pretrained": "neox_jax.pretrained",

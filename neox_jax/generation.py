@@ -9,6 +9,7 @@ decode step from Python and yields tokens as they come.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Iterator, Sequence
 
@@ -89,47 +90,60 @@ def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int) -> t
     return ids, mask
 
 
+# The compiled functions are module-level, keyed by the model's structure (its graphdef, hashable): every
+# Generator of an equally shaped model, `generate()` calls included, reuses them for the same bucketed shapes.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill(graphdef, params, ids_bp, mask_bs):
+    model = nnx.merge(graphdef, params)
+    b, p = ids_bp.shape
+    cache = model.init_cache(b, mask_bs.shape[1])
+    logits, cache = model(ids_bp, attention_mask=mask_bs, cache=cache, cache_index=0, last_only=True)
+    return logits[:, -1], cache
+
+
+def _step(graphdef, params, carry, knobs):
+    """Pick the next token from `carry["logits"]`, write it, and run it through the model."""
+    model = nnx.merge(graphdef, params)
+    temperature, top_k, top_p, seed, stop_ids = knobs
+    i, index = carry["i"], carry["index"]
+    token = sample(carry["logits"], jax.random.fold_in(jax.random.key(seed), i), temperature, top_k, top_p)
+    token = jnp.where(carry["done"], stop_ids[0], token)
+    done = carry["done"] | jnp.isin(token, stop_ids)
+    mask = jax.lax.dynamic_update_slice_in_dim(carry["mask"], jnp.ones_like(token)[:, None], index, axis=1)
+    logits, cache = model(token[:, None], attention_mask=mask, cache=carry["cache"], cache_index=index)
+    out = jax.lax.dynamic_update_slice_in_dim(carry["out"], token[:, None], i, axis=1)
+    return dict(carry, i=i + 1, index=index + 1, logits=logits[:, -1], cache=cache, mask=mask, done=done, out=out)
+
+
+_decode_step = jax.jit(_step, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _generate(graphdef, params, state, max_new, knobs, replicated):  # max_new is traced: no recompile per count
+    def cond(c):
+        return (c["i"] < max_new) & ~jnp.all(c["done"])
+
+    final = jax.lax.while_loop(cond, lambda c: _step(graphdef, params, c, knobs), state)
+    out = final["out"], final["i"]
+    # weights sharded over a mesh (several processes, say): the new tokens come back replicated, so every process
+    # can read them
+    return out if replicated is None else jax.lax.with_sharding_constraint(out, replicated)
+
+
 class Generator:
-    """Compiled prefill + decode for one model; reused across calls with the same bucketed shapes."""
+    """Prefill + decode for one model, compiled once per model shape and bucketed batch shape."""
 
     def __init__(self, model: GPTNeoX):
         self.graphdef, self.params = nnx.split(model)
         self.config = model.config
-        # Weights sharded over a mesh (several processes, say): the new tokens come back replicated, so every
-        # process can read them.
         sharding = getattr(jax.tree.leaves(self.params)[0], "sharding", None)
-        replicated = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
-        self._prefill = jax.jit(self._prefill_fn)
-        self._decode_step = jax.jit(self._step_fn)
-        self._generate = jax.jit(self._generate_fn, static_argnums=(2,), out_shardings=replicated)
+        self.replicated = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
 
-    # ---- traced ---------------------------------------------------------------------------------------
-    def _prefill_fn(self, params, ids_bp, mask_bs):
-        model = nnx.merge(self.graphdef, params)
-        b, p = ids_bp.shape
-        cache = model.init_cache(b, mask_bs.shape[1])
-        logits, cache = model(ids_bp, attention_mask=mask_bs, cache=cache, cache_index=0, last_only=True)
-        return logits[:, -1], cache
-
-    def _step_fn(self, params, carry, knobs):
-        """Pick the next token from `carry["logits"]`, write it, and run it through the model."""
-        model = nnx.merge(self.graphdef, params)
-        temperature, top_k, top_p, seed, stop_ids = knobs
-        i, index = carry["i"], carry["index"]
-        token = sample(carry["logits"], jax.random.fold_in(jax.random.key(seed), i), temperature, top_k, top_p)
-        token = jnp.where(carry["done"], stop_ids[0], token)
-        done = carry["done"] | jnp.isin(token, stop_ids)
-        mask = jax.lax.dynamic_update_slice_in_dim(carry["mask"], jnp.ones_like(token)[:, None], index, axis=1)
-        logits, cache = model(token[:, None], attention_mask=mask, cache=carry["cache"], cache_index=index)
-        out = jax.lax.dynamic_update_slice_in_dim(carry["out"], token[:, None], i, axis=1)
-        return dict(carry, i=i + 1, index=index + 1, logits=logits[:, -1], cache=cache, mask=mask, done=done, out=out)
-
-    def _generate_fn(self, params, state, max_new, knobs):
-        def cond(c):
-            return (c["i"] < max_new) & ~jnp.all(c["done"])
-
-        final = jax.lax.while_loop(cond, lambda c: self._step_fn(params, c, knobs), state)
-        return final["out"], final["i"]
+    def step(self, state, knobs):
+        """One decode step: the next token of every row written into `state`, its logits computed."""
+        return _decode_step(self.graphdef, self.params, state, knobs)
 
     # ---- host ------------------------------------------------------------------------------------------
     def _start(self, prompts, max_new_tokens, bucket, stop_ids, sampling: Sampling):
@@ -147,7 +161,7 @@ class Generator:
         length = _round_up(p + max_new_tokens, bucket)
         mask = np.zeros((b, length), np.int32)
         mask[:, :p] = prompt_mask
-        logits, cache = self._prefill(self.params, jnp.asarray(ids), jnp.asarray(mask))
+        logits, cache = _prefill(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask))
         state = {"i": jnp.int32(0), "index": jnp.int32(p), "logits": logits, "cache": cache, "mask": jnp.asarray(mask),
                  "done": jnp.zeros((b,), bool), "out": jnp.zeros((b, _round_up(max_new_tokens, bucket)), jnp.int32)}
         knobs = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p),
@@ -157,7 +171,7 @@ class Generator:
     def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: Sequence[int] = (), bucket: int = 64) -> list[list[int]]:
         state, knobs = self._start(prompts, max_new_tokens, bucket, stop_ids, sampling)
-        out, n = self._generate(self.params, state, max_new_tokens, knobs)
+        out, n = _generate(self.graphdef, self.params, state, jnp.int32(max_new_tokens), knobs, self.replicated)
         out = np.asarray(out)[:, :int(n)]
         return [_cut(row, stop_ids) for row in out]
 
@@ -166,7 +180,7 @@ class Generator:
         """Yield the next token of every row [b] as it is produced (rows that stopped repeat a stop id)."""
         state, knobs = self._start(prompts, max_new_tokens, bucket, stop_ids, sampling)
         for _ in range(max_new_tokens):
-            state = self._decode_step(self.params, state, knobs)
+            state = self.step(state, knobs)
             yield np.asarray(state["out"][:, int(state["i"]) - 1])
             if bool(jnp.all(state["done"])):
                 return
@@ -187,3 +201,20 @@ def generate(model: GPTNeoX, prompts: Sequence[Sequence[int]], max_new_tokens: i
              stop_ids: Sequence[int] = (), bucket: int = 64) -> list[list[int]]:
     """New tokens for each prompt (token lists of any lengths), stopping after a stop id or max_new_tokens."""
     return Generator(model)(prompts, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stop_ids, bucket)
+
+
+def generate_text(model: GPTNeoX, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64, *,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
+                  bucket: int = 64) -> str | list[str]:
+    """Text in, text out: each prompt's continuation, stopped at the tokenizer's end-of-document token (not
+    included). `tokenizer` is a path or a NeoXTokenizer; a single prompt gives a single string."""
+    from neox_jax.data.tokenizer import NeoXTokenizer
+    from neox_jax.pretrained import check_vocab
+
+    tok = tokenizer if isinstance(tokenizer, NeoXTokenizer) else NeoXTokenizer(tokenizer)
+    check_vocab(tok, model.config, "tokenizer")
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    new = generate(model, [tok.encode(t) for t in texts], max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, seed=seed, stop_ids=[tok.eod_id], bucket=bucket)
+    out = [tok.decode([t for t in row if t != tok.eod_id]) for row in new]
+    return out[0] if isinstance(prompts, str) else out

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from neox_jax import GPTNeoX, NeoXConfig
-from neox_jax.generation import Generator, Sampling
+from neox_jax.generation import Generator, Sampling, _generate
 
 HBM_GBPS = {"h100": 3350, "h200": 4800, "a100": 2039}
 
@@ -30,8 +30,8 @@ def bench_ours(model, prompts, new_tokens):
     jax.block_until_ready(state["logits"])
     ttft = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = gen._generate(gen.params, state, new_tokens, knobs)
-    jax.block_until_ready(out["out"])
+    out, _ = _generate(gen.graphdef, gen.params, state, jax.numpy.int32(new_tokens), knobs, gen.replicated)
+    jax.block_until_ready(out)
     return ttft, len(prompts) * new_tokens / (time.perf_counter() - t0)
 
 

@@ -52,10 +52,41 @@ def test_kv_cache_logits_equal_full_forward_at_every_step(pair):
             ids[i, width - len(t):], mask[i, width - len(t):] = t, 1
         full = np.asarray(forward(model, ids, mask))[:, -1]
         assert np.abs(np.asarray(state["logits"]) - full).max() <= 1e-5, step
-        state = gen._decode_step(gen.params, state, knobs)
+        state = gen.step(state, knobs)
         new = np.asarray(state["out"])[:, step]
         for i in range(3):
             tokens[i].append(int(new[i]))
+
+
+def test_generate_compiles_once_per_model_shape_and_bucket(pair):
+    _, model = pair
+    compiled = []
+
+    def listener(event, _seconds, fun_name="", **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(fun_name)
+
+    generate(model, PROMPTS[:2], 10)  # compiles (or finds what other tests compiled)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        again = generate(model, PROMPTS[:2], 10)  # a new Generator inside, the same shapes
+        other = generate(model, [p[:3] for p in PROMPTS[:2]], 12)  # shorter prompts, the same 64-token buckets
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiled == [] and len(again) == len(other) == 2
+
+
+def test_text_in_text_out(pair, tmp_path):
+    from neox_jax.data.tokenizer import NeoXTokenizer, train_tokenizer
+    from neox_jax.generation import generate_text
+
+    _, model = pair
+    path = train_tokenizer([f"alpha beta {i} gamma" for i in range(500)], 380, tmp_path / "tok.json")
+    tok = NeoXTokenizer(path)
+    want = generate(model, [tok.encode("alpha beta")], 16, stop_ids=[tok.eod_id])[0]
+    text = generate_text(model, path, "alpha beta", 16)
+    assert text == tok.decode([t for t in want if t != tok.eod_id])
+    assert generate_text(model, tok, ["alpha beta", "gamma"], 16)[0] == text
 
 
 def test_sampling_is_reproducible_for_a_seed(pair):
