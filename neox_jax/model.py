@@ -253,7 +253,7 @@ class GPTNeoX(nnx.Module):
         return {"k": constrain(zeros, axes), "v": constrain(zeros, axes)}
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0,
-                 last_only: bool = False):
+                 last_only: bool = False, hidden_only: bool = False):
         """Logits for `input_ids` [b, t] (fp32 [b, t, vocab]).
 
         attention_mask: 1 for real tokens, 0 for padding (left padding); padded keys are never attended and
@@ -262,7 +262,8 @@ class GPTNeoX(nnx.Module):
         With `cache` (from `init_cache`, length S) the tokens are those at cache positions
         cache_index .. cache_index + t; `attention_mask` then covers the whole cache [b, S] and the call
         returns (logits, updated cache). `last_only` computes the logits of the last position only (a
-        prefill needs no others, and the vocabulary projection is most of its cost).
+        prefill needs no others, and the vocabulary projection is most of its cost). `hidden_only` returns the last
+        layer's output [b, t, d] instead (no cache), for a loss that applies the output layer itself.
         """
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
@@ -280,5 +281,7 @@ class GPTNeoX(nnx.Module):
                 default_positions = jax.lax.dynamic_slice_in_dim(default_positions, cache_index, t, axis=1)
         positions = default_positions if positions is None else jnp.asarray(positions)
         x_btd, cache = self.apply_layers(self.embed(input_ids), positions, mask_bts, cache, cache_index)
+        if hidden_only:
+            return x_btd
         logits = self.logits(x_btd[:, -1:] if last_only else x_btd)
         return logits if cache is None else (logits, cache)

@@ -30,7 +30,8 @@ def bubble_fraction(stages: int, microbatches: int) -> float:
 
 
 def pipelined_loss(model: GPTNeoX, tokens_mbt, labels_mbt, stages: int, loss_fn):
-    """Mean `loss_fn(logits, labels)` over microbatches [M, mb, t] run through a `stages`-stage pipeline.
+    """Mean `loss_fn(model, last layer's output, labels)` over microbatches [M, mb, t] run through a `stages`-stage
+    pipeline.
 
     Each iteration embeds the microbatch entering the first stage and scores the one leaving the last, so
     neither the embeddings nor the logits of all M microbatches are ever held at once (the scoring is
@@ -54,7 +55,7 @@ def pipelined_loss(model: GPTNeoX, tokens_mbt, labels_mbt, stages: int, loss_fn)
     if cfg.remat_policy != "none":  # keep only each stage's input per iteration; recompute the stage backward
         stage = jax.checkpoint(stage, prevent_cse=False)
     run_stages = jax.vmap(stage)
-    score = jax.checkpoint(lambda x, labels: loss_fn(model.logits(x), labels), prevent_cse=False)
+    score = jax.checkpoint(lambda x, labels: loss_fn(model, x, labels), prevent_cse=False)
 
     def iteration(state, xs):
         tokens, labels, scored = xs

@@ -18,6 +18,7 @@ all-gathered back to their layout. A step whose loss or gradient is not finite c
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -88,6 +89,27 @@ def pipe_microbatches(cfg: TrainConfig, pipe: int) -> int:
 def cross_entropy(logits_btv, labels_bt):
     logp = jax.nn.log_softmax(logits_btv.astype(F32), axis=-1)
     return -jnp.take_along_axis(logp, labels_bt[..., None], axis=-1)[..., 0].mean()
+
+
+LOSS_CHUNK = 512  # sequence positions whose fp32 logits exist at once in the training loss
+
+
+def lm_loss(model: GPTNeoX, x_btd, labels_bt, chunk: int = LOSS_CHUNK):
+    """Mean next-token cross-entropy from the last layer's output `x_btd`: the output layer and the loss run over
+    the sequence `chunk` positions at a time (the largest divisor of its length up to `chunk`), each chunk's fp32
+    logits recomputed in the backward, so the whole [b, t, vocab] fp32 logits never exist. Equal to
+    `cross_entropy(model.logits(x), labels)` in value and gradient."""
+    b, t, d = x_btd.shape
+    c = max(n for n in range(1, min(chunk, t) + 1) if t % n == 0)
+    xs = x_btd.reshape(b, t // c, c, d).swapaxes(0, 1)
+    labels = labels_bt.reshape(b, t // c, c).swapaxes(0, 1)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def piece(total, x_and_labels):
+        x, l = x_and_labels
+        return total + cross_entropy(model.logits(x), l) * (c / t), None
+
+    return jax.lax.scan(piece, shd.varying(jnp.zeros((), F32)), (xs, labels))[0]
 
 
 class Trainer:
@@ -175,7 +197,7 @@ class Trainer:
 
     def loss(self, params, tokens_bt):
         model = nnx.merge(self.graphdef, params)
-        return cross_entropy(model(tokens_bt[:, :-1]), tokens_bt[:, 1:])
+        return lm_loss(model, model(tokens_bt[:, :-1], hidden_only=True), tokens_bt[:, 1:])
 
     def pipelined_loss(self, params, batch_mbt):
         """Mean loss of the whole step's batch [accum, rows, seq + 1] through the pipeline. Each microstep's
@@ -184,7 +206,7 @@ class Trainer:
         split = self.microbatches // a
         tokens = batch_mbt.reshape(a, rows // split, split, t1).swapaxes(1, 2).reshape(a * split, rows // split, t1)
         return pipelined_loss(nnx.merge(self.graphdef, params), tokens[..., :-1], tokens[..., 1:], self.stages,
-                              cross_entropy)
+                              lm_loss)
 
     def _grads(self, params, batch_mbt, loss_scale=1.0):
         """Mean loss and fp32 gradients over the step's microbatches, in the ZeRO layout.

@@ -114,3 +114,26 @@ def test_bf16_and_fp32_gradient_sums_against_the_fp32_reference(reference):
         errors[dtype] = jax.tree.leaves(relative_errors(grads, ref_grads))
     assert max(errors["float32"]) <= 1e-5
     assert max(errors["bfloat16"]) <= 2 * 2**-8 and max(errors["bfloat16"]) > 100 * max(errors["float32"])
+
+
+def test_the_chunked_loss_equals_the_full_one_in_value_and_gradient():
+    from flax import nnx
+
+    from neox_jax.model import GPTNeoX
+    from neox_jax.train import cross_entropy, lm_loss
+
+    model = GPTNeoX(MODEL, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = np.random.RandomState(3).randint(0, 256, (3, 33))
+
+    def loss(params, how):
+        m = nnx.merge(graphdef, params)
+        x = m(tokens[:, :-1], hidden_only=True)
+        return how(m, x, tokens[:, 1:])
+
+    full = lambda m, x, labels: cross_entropy(m.logits(x), labels)  # noqa: E731
+    chunked = lambda m, x, labels: lm_loss(m, x, labels, chunk=8)  # noqa: E731  4 chunks of 8 positions
+    (a, ga), (b, gb) = (jax.value_and_grad(loss)(params, how) for how in (full, chunked))
+    assert abs(float(a) - float(b)) <= 1e-5 and max_diff(gb, jax.tree.map(np.asarray, ga)) <= 1e-5
+    assert abs(float(lm_loss(model, model(tokens[:, :-1], hidden_only=True), tokens[:, 1:], chunk=5)) - float(a)) \
+        <= 1e-5  # 32 positions: the largest divisor up to 5 is 4
