@@ -59,53 +59,49 @@ ONLY = {
 TRAINING_ONLY = {"hidden_dropout", "attention_dropout"}  # a weights-only read accepts any value of these
 
 
-def _off(reason: str, *keys: str) -> dict[str, str]:
+def _each(reason: str, *keys: str) -> dict[str, str]:
     return {k: reason for k in keys}
 
 
 # key -> why it is refused when set (to True, a non-empty value, or a number other than 0). The model's own are
 # refused for weights-only reads too; the training ones only for training.
 OFF_MODEL = {
-    **_off("sparse or sliding-window attention is not implemented (dense causal only)", "sparsity_config",
+    **_each("sparse or sliding-window attention is not implemented (dense causal only)", "sparsity_config",
            "sliding_window_width", "sparse_attention"),
-    **_off("not implemented in neox-jax's model", "use_qk_layernorm", "num_unique_layers", "soft_prompt_tuning",
+    **_each("not implemented in neox-jax's model", "use_qk_layernorm", "num_unique_layers", "soft_prompt_tuning",
            "use_mup", "te_columnparallel", "te_rowparallel", "te_layernorm_mlp", "te_mha", "te_fp8_mha"),
 }
 OFF_TRAINING = {
-    **_off("Megatron sequence parallelism is not implemented yet (issue 12)", "sequence_parallel"),
-    **_off("neox-jax trains with train_iters", "train_epochs"),
-    **_off("only GPT-NeoX's plain language-model data is read", "train_label_data_paths", "valid_label_data_paths",
+    **_each("Megatron sequence parallelism is not implemented yet (issue 12)", "sequence_parallel"),
+    **_each("neox-jax trains with train_iters", "train_epochs"),
+    **_each("only GPT-NeoX's plain language-model data is read", "train_label_data_paths", "valid_label_data_paths",
            "test_label_data_paths", "train_reward_data_paths", "valid_reward_data_paths", "test_reward_data_paths",
            "pos_train_data_paths", "neg_train_data_paths", "pos_train_label_data_paths", "neg_train_label_data_paths",
            "pos_valid_data_paths", "neg_valid_data_paths", "pos_valid_label_data_paths", "neg_valid_label_data_paths",
            "pos_test_data_paths", "neg_test_data_paths", "pos_test_label_data_paths", "neg_test_label_data_paths",
            "weight_by_num_documents"),
-    **_off("the loss is the plain mean next-token cross-entropy", "eod_mask_loss", "z_loss"),
-    **_off("neox-jax's optimizer is AdamW with GPT-NeoX's schedule", "use_bnb_optimizer", "scheduler",
+    **_each("the loss is the plain mean next-token cross-entropy", "eod_mask_loss", "z_loss"),
+    **_each("neox-jax's optimizer is AdamW with GPT-NeoX's schedule", "use_bnb_optimizer", "scheduler",
            "use_checkpoint_lr_scheduler"),
-    **_off("a run resumes its whole state from `save` (to start from other weights, convert them)", "finetune",
+    **_each("a run resumes its whole state from `save` (to start from other weights, convert them)", "finetune",
            "no_load_optim", "no_load_rng"),
-    **_off("not implemented: stop with train_iters, or SIGTERM (the step is saved)", "exit_interval"),
-    **_off("not implemented: copy the checkpoints from `save` yourself", "s3_path"),
-    **_off("not a DeepSpeed feature neox-jax has", "amp", "curriculum_learning", "data_efficiency", "elasticity",
+    **_each("not implemented: stop with train_iters, or SIGTERM (the step is saved)", "exit_interval"),
+    **_each("not implemented: copy the checkpoints from `save` yourself", "s3_path"),
+    **_each("not a DeepSpeed feature neox-jax has", "amp", "curriculum_learning", "data_efficiency", "elasticity",
            "compression_training", "autotuning", "deepspeed_extra_args", "serve_model_weights"),
 }
 OFF = {**OFF_MODEL, **OFF_TRAINING}
 
 
-def _ignored(reason: str, *keys: str) -> dict[str, str]:
-    return {k: reason for k in keys}
-
-
 IGNORED = {
-    **_ignored("a fused CUDA kernel of GPT-NeoX's; XLA fuses on its own (the function is the same)",
+    **_each("a fused CUDA kernel of GPT-NeoX's; XLA fuses on its own (the function is the same)",
                "layernorm_fusion", "rmsnorm_fusion", "scaled_upper_triang_masked_softmax_fusion",
                "scaled_masked_softmax_fusion", "bias_dropout_fusion", "rope_fusion", "fused_kernels_build_path",
                "use_flashattn_swiglu", "mamba_selective_scan_fusion", "mamba_causal_conv_fusion",
                "mamba_inner_func_fusion"),
-    **_ignored("neox-jax's softmax and loss are always fp32, which these only approximate", "attention_softmax_in_fp32",
+    **_each("neox-jax's softmax and loss are always fp32, which these only approximate", "attention_softmax_in_fp32",
                "apply_query_key_layer_scaling", "fp16_lm_cross_entropy"),
-    **_ignored("only for a feature that is refused or off here (it is checked through that feature)",
+    **_each("only for a feature that is refused or off here (it is checked through that feature)",
                "rms_norm_epsilon", "scalenorm_epsilon", "rpe_num_buckets", "rpe_max_distance", "opt_pos_emb_offset",
                "param_sharing_style", "gmlp_attn_dim", "mamba_selective_fp32_params", "mamba_use_bias_in_conv",
                "mamba_use_bias_in_linears", "moe_expert_interval", "moe_top_k", "moe_router_type", "moe_lbl_in_fp32",
@@ -117,7 +113,7 @@ IGNORED = {
                "kto_desirable_weight", "kto_undesirable_weight", "kto_beta", "fp32_reinforce", "kl_impl",
                "kl_div_beta", "reinforce_leave_one_out", "allow_chopped", "weighted_sampler_alpha",
                "precompute_model_name", "s3_chunk_size", "curriculum_seqlen"),
-    **_ignored("where memory is kept and how layers are placed: XLA and the rules table decide (the function is the "
+    **_each("where memory is kept and how layers are placed: XLA and the rules table decide (the function is the "
                "same); remat is per layer", "checkpoint_num_layers", "partition_activations",
                "contiguous_checkpointing", "checkpoint_in_cpu", "synchronize_each_layer", "profile_backward",
                "deepspeed_activation_checkpointing", "activation_checkpointing", "pipe_partition_method",
@@ -125,14 +121,14 @@ IGNORED = {
                "zero_reduce_bucket_size", "zero_allgather_bucket_size", "fp32_allreduce", "prescale_gradients",
                "gradient_predivide_factor", "communication_data_type", "sparse_gradients", "data_types",
                "rotary_save_freqs_buffer", "mmap_warmup", "num_workers", "use_shared_fs", "checkpoint"),
-    **_ignored("how GPT-NeoX launches: use `neox-jax launch`, SLURM or Open MPI (docs/multihost.md)",
+    **_each("how GPT-NeoX launches: use `neox-jax launch`, SLURM or Open MPI (docs/multihost.md)",
                "distributed_backend", "local_rank", "rank", "lazy_mpu_init", "world_size", "is_pipe_parallel",
                "global_num_gpus", "deepspeed", "deepspeed_mpi", "deepspeed_slurm", "deepscale", "deepscale_config",
                "user_script", "launcher", "hostfile", "include", "exclude", "num_nodes", "num_gpus", "master_port",
                "master_addr", "force_multi", "no_ssh_check", "comment", "account", "autotuning_run", "onnx_safe",
                "adlr_autoresume", "adlr_autoresume_interval", "config_files", "iteration", "do_train", "do_valid",
                "do_test", "git_hash"),
-    **_ignored("GPT-NeoX's logging and profiling knobs: neox-jax logs loss, lr, gradient norm, throughput and MFU "
+    **_each("GPT-NeoX's logging and profiling knobs: neox-jax logs loss, lr, gradient norm, throughput and MFU "
                "to the console and TensorBoard (`wandb_project` for wandb)", "steps_per_print",
                "wall_clock_breakdown", "dump_state", "flops_profiler", "comms_logger", "memory_profiling",
                "memory_profiling_path", "profile", "profile_step_start", "profile_step_stop", "log_grad_pct_zeros",
@@ -141,20 +137,20 @@ IGNORED = {
                "wandb_group", "wandb_run_name", "wandb_team", "wandb_project", "wandb_host", "wandb_init_all_ranks",
                "use_comet", "comet_workspace", "comet_project", "comet_experiment_name", "comet_tags",
                "comet_others", "comet_experiment", "tensorboard", "wandb", "csv_monitor", "char_level_ppl"),
-    **_ignored("GPT-NeoX's generation and evaluation scripts: use `neox-jax generate` / `neox-jax lm-eval`",
+    **_each("GPT-NeoX's generation and evaluation scripts: use `neox-jax generate` / `neox-jax lm-eval`",
                "text_gen_type", "temperature", "top_p", "top_k", "return_logits", "maximum_tokens", "prompt_end",
                "sample_input_file", "sample_output_file", "num_samples", "recompute", "eval_results_prefix",
                "eval_tasks"),
-    **_ignored("neox-jax runs no test evaluation at the end of training", "test_data_paths", "test_data_weights"),
-    **_ignored("the data are tokenized already (`tokenizer` names a tokenizer.json for samples)", "merge_file"),
-    **_ignored("neox-jax always saves and restores the whole state, which exact resume needs", "no_save_optim",
+    **_each("neox-jax runs no test evaluation at the end of training", "test_data_paths", "test_data_weights"),
+    **_each("the data are tokenized already (`tokenizer` names a tokenizer.json for samples)", "merge_file"),
+    **_each("neox-jax always saves and restores the whole state, which exact resume needs", "no_save_optim",
                "no_save_rng", "override_lr_scheduler"),
-    **_ignored("unused by GPT-NeoX's GPT2Dataset", "short_seq_prob"),
-    **_ignored("set by GPT-NeoX at run time (a checkpoint's stored config carries it)", "tokenizer",
+    **_each("unused by GPT-NeoX's GPT2Dataset", "short_seq_prob"),
+    **_each("set by GPT-NeoX at run time (a checkpoint's stored config carries it)", "tokenizer",
                "tensorboard_writer", "save_iters", "batch_size"),
-    **_ignored("every checkpoint is verified by its fingerprints and probe on restore",
+    **_each("every checkpoint is verified by its fingerprints and probe on restore",
                "checkpoint_validation_with_forward_pass"),
-    **_ignored("loss scaling for fp16 only (its settings are read from `fp16`)", "hysteresis", "dynamic_loss_scale",
+    **_each("loss scaling for fp16 only (its settings are read from `fp16`)", "hysteresis", "dynamic_loss_scale",
                "loss_scale", "loss_scale_window", "min_scale"),
 }
 
