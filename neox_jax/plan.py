@@ -19,7 +19,7 @@ import numpy as np
 
 from neox_jax import sharding as shd
 from neox_jax.config import TrainConfig
-from neox_jax.traffic import minimum_traffic, params_per_device, ratio_line
+from neox_jax.traffic import minimum_traffic, ratio_line
 from neox_jax.train import Trainer
 
 DEVICES = {  # usable memory per device, bytes
@@ -283,6 +283,9 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
         accum = jax.numpy.dtype(cfg.grad_accum_dtype)
         upcast = trainer.stages > 1 and accum != jax.numpy.dtype(trainer.model_cfg.param_dtype)
         grads = reduced + (2 if upcast else 1) * sharded_bytes(like(accum), sh.params)
+    # parameters a device holds of its `pipe` x `tensor` shard (before any FSDP split): one-byte elements counted
+    held = sharded_bytes(like(np.int8), named(mesh, shd.param_specs(trainer.abstract_params, trainer.logical_axes,
+                                                                     mesh)))
     return Plan(
         mesh=dict(mesh.shape), devices=mesh.size, global_batch=trainer.global_batch_size,
         params=sharded_bytes(state.params, sh.params),
@@ -296,9 +299,7 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
         compile_seconds=seconds, capacity=DEVICES[device], stages=trainer.stages,
         microbatches=trainer.microbatches,
         recomputed_forwards=recomputed_forwards(trainer.cfg, trainer.stages),
-        minimum=minimum_traffic(trainer.cfg, dict(mesh.shape), params_per_device(
-            trainer.abstract_params, named(mesh, shd.param_specs(trainer.abstract_params, trainer.logical_axes, mesh))),
-            trainer.microbatches),
+        minimum=minimum_traffic(trainer.cfg, dict(mesh.shape), held),
     )
 
 

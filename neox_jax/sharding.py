@@ -15,6 +15,7 @@ rules table below alone decides where they live on the `(data, pipe, tensor)` me
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Mapping
 
@@ -134,15 +135,15 @@ def _trim(spec: P, mesh_shape: Mapping[str, int]) -> P:
 _UNCONSTRAINED = [False]
 
 
-class unconstrained:
+@contextlib.contextmanager
+def unconstrained():
     """No `constrain` applies inside `with unconstrained():`. The pipeline runs its stages so under a vmap: there a
     constraint would force the stage axis replicated (vmap's `spmd_axis_name` would name it, but cannot be used
     inside the train step's shard_map), so the stages' layout comes from the constraints around the vmap alone."""
-
-    def __enter__(self):
-        _UNCONSTRAINED.append(True)
-
-    def __exit__(self, *_):
+    _UNCONSTRAINED.append(True)
+    try:
+        yield
+    finally:
         _UNCONSTRAINED.pop()
 
 

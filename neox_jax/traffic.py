@@ -15,7 +15,6 @@ sets beside what the compiled step sends (bytes each device sends per step, ring
 
 from __future__ import annotations
 
-import math
 
 import jax.numpy as jnp
 
@@ -25,11 +24,11 @@ def per_layer_allreduces(parallel_residual: bool, recompute: bool) -> int:
     return forward * (2 if recompute else 1) + 2
 
 
-def minimum_traffic(cfg, mesh: dict[str, int], params_per_device: int, microbatches: int = 1) -> dict[str, float]:
+def minimum_traffic(cfg, mesh: dict[str, int], params_per_device: int) -> dict[str, float]:
     """Bytes each device must send per step over `data`, `tensor` and `pipe` (axes of size 1 send nothing).
 
     `cfg` is the TrainConfig, `params_per_device` the parameters one device holds (its `pipe` x `tensor` shard of
-    the model, embeddings included), `microbatches` the pipeline's per step (with `pipe` > 1)."""
+    the model, embeddings included)."""
     m = cfg.model
     d, p, t = mesh["data"], mesh["pipe"], mesh["tensor"]
     work = jnp.dtype(cfg.working_dtype).itemsize
@@ -59,10 +58,3 @@ def ratio_line(axis: str, compiled: float, minimum: float | None) -> str:
         return f"  over {axis:10s} {amount(compiled)}"
     return f"  over {axis:10s} {amount(compiled)}   minimum {amount(minimum)}   {compiled / minimum:5.2f}x"
 
-
-def params_per_device(abstract_params, param_shardings) -> int:
-    """Parameters (elements) one device holds under `param_shardings`."""
-    import jax
-
-    return sum(math.prod(s.shard_shape(x.shape)) for x, s in zip(jax.tree.leaves(abstract_params),
-                                                                jax.tree.leaves(param_shardings)))

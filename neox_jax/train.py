@@ -106,8 +106,8 @@ def lm_loss(model: GPTNeoX, x_btd, labels_bt, chunk: int = LOSS_CHUNK):
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def piece(total, x_and_labels):
-        x, l = x_and_labels
-        return total + cross_entropy(model.logits(x), l) * (c / t), None
+        x, y = x_and_labels
+        return total + cross_entropy(model.logits(x), y) * (c / t), None
 
     return jax.lax.scan(piece, shd.varying(jnp.zeros((), F32)), (xs, labels))[0]
 

@@ -256,10 +256,14 @@ NEOX_BASE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "pos_
     ({"norm": "rmsnorm"}, "norm='rmsnorm' is not supported"),
 ])
 def test_neox_yaml_settings_we_do_not_implement_are_refused(tmp_path, changes, says):
+    _refused(tmp_path, changes, says, NeoXConfig.from_neox_yaml)
+
+
+def _refused(tmp_path, changes, says, read):
     f = tmp_path / "m.yml"
     f.write_text(yaml.safe_dump({**NEOX_BASE, **changes}))
     with pytest.raises(ConfigError, match=__import__("re").escape(says)):
-        NeoXConfig.from_neox_yaml(f)
+        read(f)
 
 
 def test_neox_yaml_dropout_left_at_gpt_neox_default_is_refused(tmp_path):
@@ -282,10 +286,7 @@ def test_neox_yaml_dropout_left_at_gpt_neox_default_is_refused(tmp_path):
     ({"optimizer": {"type": "Adam", "params": {"lr": 1e-4, "momentum": 0.9}}}, "optimizer params ['momentum']"),
 ])
 def test_neox_yaml_training_settings_we_do_not_implement_are_refused(tmp_path, changes, says):
-    f = tmp_path / "m.yml"
-    f.write_text(yaml.safe_dump({**NEOX_BASE, **changes}))
-    with pytest.raises(ConfigError, match=__import__("re").escape(says)):
-        TrainConfig.from_neox_yaml(f)
+    _refused(tmp_path, changes, says, TrainConfig.from_neox_yaml)
 
 
 def test_neox_yaml_refuses_every_unsupported_setting_at_once_and_warns_of_unknown_keys(tmp_path):

@@ -38,12 +38,12 @@ class LocalBatches:
         """This process's rows of step `step`; with `vocab_size`, every token id is checked to fall inside the
         embedding (ids past it would train to NaN)."""
         rows = self.batches.batch(step, self.lo, self.hi)
-        if self.vocab_size and rows.size and (rows.max() >= self.vocab_size or rows.min() < 0):
-            k, j, _ = np.argwhere((rows >= self.vocab_size) | (rows < 0))[0]
-            bad = int(rows[k, j][(rows[k, j] >= self.vocab_size) | (rows[k, j] < 0)][0])
+        outside = np.argwhere((rows < 0) | (rows >= self.vocab_size)) if self.vocab_size else ()
+        if len(outside):
+            k, j, p = outside[0]
             raise ValueError(
-                f"token id {bad} in {self.batches.source(step, k, self.lo + j)} (step {step + 1}'s batch) is outside "
-                f"the model's vocab_size={self.vocab_size}: the data was tokenized with a larger vocabulary than the "
+                f"token id {rows[k, j, p]} in {self.batches.source(step, k, self.lo + j)} (step {step + 1}'s batch) is "
+                f"outside the model's vocab_size={self.vocab_size}: the data was tokenized with a larger vocabulary than the "
                 "model's; preprocess it with the model's tokenizer, or train a model with a larger vocab_size")
         return rows
 
