@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from neox_jax import sharding as shd
 from neox_jax.config import TrainConfig
@@ -60,6 +61,7 @@ class Plan:
     microbatches: int = 1
     minimum: dict = dataclasses.field(default_factory=dict)  # mesh axis -> the least bytes (neox_jax/traffic.py)
     recomputed_forwards: int = 0  # forwards run again in the backward: 0, 1 per layer, 2 per stage and per layer
+    replication: float = 1.0  # devices holding each working-weight byte, averaged over the bytes (from the specs)
 
     @property
     def xla_total(self) -> int:
@@ -72,6 +74,10 @@ class Plan:
     @property
     def fits(self) -> bool:
         return self.xla_total <= self.capacity
+
+    @property
+    def fits_analytically(self) -> bool:
+        return self.analytic_total <= self.capacity
 
     def report(self, device: str) -> str:
         rows = [
@@ -111,18 +117,29 @@ class Plan:
         return "\n".join(out)
 
 
-def activation_bytes(cfg: TrainConfig, mesh: dict) -> int:
-    """Korthikanti et al.: per layer s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes at 16-bit; with full
-    recomputation only each layer's input (2*s*b*h) is kept, plus one layer's working set; plus the
-    fp32 logits and their gradient."""
+def activation_bytes(cfg: TrainConfig, mesh: dict, microbatches: int = 1) -> int:
+    """Korthikanti et al.: a layer's activations for b sequences are s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes at
+    16-bit. With recomputation only each layer's input (2*s*b*h) is kept, plus one layer's working set in the
+    backward. With a pipeline of P stages over M microbatches each device runs L/P layers on microbatches of
+    b = micro_batch x accumulation / M sequences and keeps its stage's input for each of the M + P - 1 iterations.
+    Plus one chunk of the loss's fp32 logits and their gradient (train.LOSS_CHUNK positions)."""
+    from neox_jax.train import LOSS_CHUNK
+
     m = cfg.model
-    s, b, h, a, t = cfg.seq_length, cfg.micro_batch_size, m.hidden_size, m.num_heads, mesh["tensor"]
-    width = np.dtype(m.dtype).itemsize / 2  # the formula counts 16-bit activations
+    s, h, a, t, stages = cfg.seq_length, m.hidden_size, m.num_heads, mesh["tensor"], mesh["pipe"]
+    width = np.dtype(cfg.working_dtype).itemsize / 2  # the formula counts 16-bit activations
+    b = cfg.micro_batch_size * cfg.grad_accum_steps // microbatches if stages > 1 else cfg.micro_batch_size
+    layers = m.num_layers // stages
     per_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) * width
-    kept = m.num_layers * (2 * s * b * h * width if m.remat_policy != "none" else per_layer)
-    working = per_layer if m.remat_policy != "none" else 0
-    logits = 2 * s * b * (m.vocab_size / t) * 4
-    return int(kept + working + logits)
+    layer_input = 2 * s * b * h * width
+    if m.remat_policy == "none":
+        kept = layers * per_layer
+    else:
+        kept = layers * layer_input + per_layer
+    if stages > 1:
+        kept += (microbatches + stages - 1) * layer_input
+    logits = 2 * b * min(LOSS_CHUNK, s) * (m.vocab_size / t) * 4
+    return int(kept + logits)
 
 
 # ---- collectives in the compiled HLO ----------------------------------------------------------------
@@ -292,7 +309,7 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
         master=sharded_bytes(state.master, sh.master) if state.master is not None else 0,
         opt_state=sharded_bytes(state.opt_state, sh.opt_state),
         grads=grads,
-        activations_estimate=activation_bytes(trainer.cfg, dict(mesh.shape)),
+        activations_estimate=activation_bytes(trainer.cfg, dict(mesh.shape), trainer.microbatches),
         xla_argument=mem.argument_size_in_bytes, xla_output=mem.output_size_in_bytes,
         xla_alias=mem.alias_size_in_bytes, xla_temp=mem.temp_size_in_bytes,
         collectives=collective_bytes(partitioned, dict(mesh.shape)),
@@ -300,7 +317,68 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
         microbatches=trainer.microbatches,
         recomputed_forwards=recomputed_forwards(trainer.cfg, trainer.stages),
         minimum=minimum_traffic(trainer.cfg, dict(mesh.shape), held),
+        replication=replication(trainer.abstract_params, trainer.param_specs, dict(mesh.shape)),
     )
+
+
+def replication(abstract_params, specs, mesh_shape: dict[str, int]) -> float:
+    """How many devices hold each parameter byte, averaged over the bytes: a tensor split over mesh axes of total
+    size k is held by devices / k of them. (Per-device bytes x devices / this = the model's bytes.)"""
+    devices = math.prod(mesh_shape.values())
+    held = total = 0
+    for x, spec in zip(jax.tree.leaves(abstract_params), jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, P))):
+        split = math.prod(mesh_shape[a] for entry in spec if entry for a in ((entry,) if isinstance(entry, str)
+                                                                               else entry))
+        size = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+        held, total = held + size * devices / split, total + size
+    return held / total
+
+
+def relayout(cfg: TrainConfig, mesh: dict[str, int], zero_stage: int | None = None) -> TrainConfig:
+    """`cfg` on another mesh with the same global batch, micro batch and sequences per pipeline microbatch: the
+    accumulation steps follow the data size (for comparing layouts of one training run)."""
+    from neox_jax.config import ConfigError
+    from neox_jax.train import pipe_microbatches
+
+    global_batch = cfg.global_batch_size(cfg.mesh["data"])
+    rows = mesh["data"] * cfg.micro_batch_size
+    if global_batch % rows:
+        raise ConfigError(f"mesh {mesh}: the global batch of {global_batch} sequences is not a multiple of data="
+                          f"{mesh['data']} x micro_batch_size={cfg.micro_batch_size}: change micro_batch_size")
+    accum = global_batch // rows
+    split = pipe_microbatches(cfg, cfg.mesh["pipe"]) // cfg.grad_accum_steps if cfg.mesh["pipe"] > 1 else 0
+    return cfg.replace(mesh=dict(mesh), grad_accum_steps=accum,
+                       pipe_microbatches=accum * split if mesh["pipe"] > 1 else 0,
+                       zero_stage=cfg.zero_stage if zero_stage is None else zero_stage)
+
+
+def summary(p: Plan, cfg: TrainConfig, cluster=None) -> dict:
+    """One layout's plan as a flat, JSON-ready row (bytes per device per step; seconds on `cluster` when given):
+    what the notebooks tabulate and plot."""
+    from neox_jax.pipeline import bubble_fraction
+    from neox_jax.predict import inside_node
+
+    mesh = p.mesh
+    traffic = {axis: p.collectives.get(axis, 0) for axis in ("data", "pipe", "tensor")}
+    row = dict(layout=f"({mesh['data']},{mesh['pipe']},{mesh['tensor']})", data=mesh["data"], pipe=mesh["pipe"],
+               tensor=mesh["tensor"], zero_stage=cfg.zero_stage, devices=p.devices, global_batch=p.global_batch,
+               microbatches=p.microbatches, params=p.params, master=p.master, opt_state=p.opt_state, grads=p.grads,
+               activations=p.activations_estimate, analytic_total=p.analytic_total, xla_total=p.xla_total,
+               capacity=p.capacity, fits_analytically=p.fits_analytically, fits_xla=p.fits,
+               replication=p.replication, traffic=traffic,
+               minimum={axis: p.minimum.get(axis, 0) for axis in traffic},
+               other_traffic=sum(v for a, v in p.collectives.items() if a not in traffic),
+               bubble=bubble_fraction(p.stages, p.microbatches) if p.stages > 1 else 0.0,
+               recompute_factor=3 + p.recomputed_forwards, model_bytes=cfg.working_model().num_params
+               * np.dtype(cfg.working_dtype).itemsize)
+    if cluster is not None:
+        pred = prediction(p, cfg, cluster)
+        inside = {a: inside_node(cluster, mesh, a) for a in traffic}
+        row.update(inside_node=sum(v for a, v in traffic.items() if inside[a]),
+                   across_nodes=sum(v for a, v in traffic.items() if not inside[a]),
+                   compute_s=pred.compute_s, bubble_s=pred.bubble_s, comm_s=dict(pred.comm_s), step_s=pred.step_s,
+                   tflops_6n=pred.tflops_6n, tflops_paper=pred.tflops_paper, tokens_per_s=pred.tokens_per_s)
+    return row
 
 
 def recomputed_forwards(cfg: TrainConfig, stages: int) -> int:

@@ -65,10 +65,16 @@ CLUSTERS = {
 }
 
 
-def link_gbps(cluster: Cluster, mesh: dict[str, int], axis: str) -> float:
-    """The bandwidth an axis's collectives run at: inside a node when the axis and those inside it fit one node."""
+def inside_node(cluster: Cluster, mesh: dict[str, int], axis: str) -> bool:
+    """Whether an axis's collectives stay inside a node: the axis and those inside it (`tensor` innermost, then
+    `pipe`, then `data`) fit in one node's devices."""
     inner = {"tensor": ("tensor",), "pipe": ("pipe", "tensor"), "data": ("data", "pipe", "tensor")}[axis]
-    return cluster.intra_gbps if math.prod(mesh[a] for a in inner) <= cluster.devices_per_node else cluster.inter_gbps
+    return math.prod(mesh[a] for a in inner) <= cluster.devices_per_node
+
+
+def link_gbps(cluster: Cluster, mesh: dict[str, int], axis: str) -> float:
+    """The bandwidth an axis's collectives run at, per device."""
+    return cluster.intra_gbps if inside_node(cluster, mesh, axis) else cluster.inter_gbps
 
 
 @dataclasses.dataclass

@@ -115,3 +115,47 @@ def test_the_prediction_takes_the_compiled_traffic_and_recomputation(traffic_pla
     want = predict(small((2, 2, 2), 8).model, piped.mesh, 128, piped.global_batch, piped.microbatches, 2,
                    {a: piped.collectives[a] for a in ("data", "pipe", "tensor")}, cluster)
     assert got == want and got.bubble_s > 0
+
+
+# ---- comparing layouts (the sharding notebook's rows) ----------------------------------------------------------
+
+
+def test_activation_estimate_by_hand_with_a_pipeline():
+    from neox_jax.plan import activation_bytes
+
+    cfg = TrainConfig.from_dict({"model": {"vocab_size": 512, "hidden_size": 64, "num_layers": 4, "num_heads": 4,
+                                           "remat_policy": "full"},
+                                 "mesh": {"data": 1, "pipe": 2, "tensor": 2}, "seq_length": 128,
+                                 "micro_batch_size": 2, "grad_accum_steps": 2, "pipe_microbatches": 4,
+                                 "precision": "bf16"})
+    # 1 sequence per pipeline microbatch, 2 layers per stage, 16-bit activations
+    per_layer = 128 * 64 * (10 + 24 / 2 + 5 * 4 * 128 / (64 * 2))  # one layer's working set
+    layer_input = 2 * 128 * 64
+    stage_inputs = (4 + 2 - 1) * layer_input  # one per iteration
+    logits = 2 * 128 * (512 / 2) * 4  # a 128-token chunk of fp32 logits and their gradient
+    assert activation_bytes(cfg, cfg.mesh, 4) == int(2 * layer_input + per_layer + stage_inputs + logits)
+
+
+def test_relayout_keeps_the_run_and_the_summary_splits_traffic_by_link():
+    from neox_jax.config import ConfigError
+    from neox_jax.plan import relayout, summary
+    from neox_jax.predict import Cluster
+
+    base = TrainConfig.from_dict({"model": {"preset": "pythia-14m", "remat_policy": "full"},
+                                  "mesh": {"data": 2, "pipe": 2, "tensor": 2}, "seq_length": 128,
+                                  "micro_batch_size": 2, "grad_accum_steps": 2, "pipe_microbatches": 4,
+                                  "precision": "bf16"})
+    cfg = relayout(base, {"data": 4, "pipe": 2, "tensor": 1})
+    assert cfg.global_batch_size(4) == base.global_batch_size(2) == 8
+    assert (cfg.grad_accum_steps, cfg.pipe_microbatches) == (1, 2)  # still 1 sequence per pipeline microbatch
+    assert relayout(base, {"data": 4, "pipe": 1, "tensor": 2}, zero_stage=3).zero_stage == 3
+    with pytest.raises(ConfigError, match="not a multiple of data=8 x micro_batch_size=2"):
+        relayout(base.replace(grad_accum_steps=1, pipe_microbatches=2), {"data": 8, "pipe": 1, "tensor": 1})
+
+    node_of_two = Cluster("toy", 100.0, 80, 2, 100.0, 10.0, 0.5)  # pipe stays inside a node, data crosses
+    row = summary(plan(cfg), cfg, node_of_two)
+    assert row["inside_node"] == row["traffic"]["pipe"] > 0 and row["across_nodes"] == row["traffic"]["data"] > 0
+    # layers split over pipe (4 copies of each byte), embeddings and the final LayerNorm on all 8 devices
+    assert 4 < row["replication"] < 8
+    assert row["params"] * row["devices"] / row["replication"] == pytest.approx(row["model_bytes"], rel=1e-9)
+    assert row["step_s"] == pytest.approx(row["compute_s"] + row["bubble_s"] + sum(row["comm_s"].values()))
