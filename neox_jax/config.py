@@ -17,6 +17,7 @@ ACTIVATIONS = ("gelu", "gelu_fast")
 INIT_METHODS = ("small_init", "wang_init", "normal", "scaled_normal")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ATTENTION = ("auto", "xla", "cudnn")
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the value and the setting."""
@@ -45,6 +46,7 @@ class NeoXConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of the parameters
     remat_policy: str = "none"
+    attention: str = "auto"  # auto (cuDNN's fused kernel on a GPU where it applies, else the einsum) | xla | cudnn
     bos_token_id: int = 0
     eos_token_id: int = 0
 
@@ -72,7 +74,8 @@ class NeoXConfig:
                 f"{self.rotary_ndims}: rotary needs an even, non-zero number of dimensions")
         for name, allowed in (("activation", ACTIVATIONS), ("init_method", INIT_METHODS),
                               ("output_layer_init_method", INIT_METHODS), ("dtype", DTYPES),
-                              ("param_dtype", DTYPES), ("remat_policy", REMAT_POLICIES)):
+                              ("param_dtype", DTYPES), ("remat_policy", REMAT_POLICIES),
+                              ("attention", ATTENTION)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
 

@@ -90,14 +90,45 @@ def apply_rotary(x_btnh, cos_btr, sin_btr):
     return jnp.concatenate([rotated.astype(x_btnh.dtype), x_pass], axis=-1)
 
 
-def attend(q_btnh, k_bsnh, v_bsnh, mask_bts):
-    """Softmax attention with fp32 scores; `mask_bts` is True where query t may see key s."""
+def attend(q_btnh, k_bsnh, v_bsnh, mask_bts=None):
+    """Softmax attention with fp32 scores, the reference every backend is checked against; `mask_bts` is True where
+    query t may see key s (None: causal, t == s)."""
     scale = 1.0 / math.sqrt(q_btnh.shape[-1])
     scores_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bsnh, preferred_element_type=F32) * scale
+    if mask_bts is None:
+        mask_bts = jnp.tril(jnp.ones(scores_bnts.shape[-2:], bool))[None]
     # finfo.min, not -inf: a query that may see nothing (a pad position) gets a uniform row, not NaN.
     scores_bnts = jnp.where(mask_bts[:, None], scores_bnts, jnp.finfo(F32).min)
     probs_bnts = jax.nn.softmax(scores_bnts, axis=-1).astype(v_bsnh.dtype)
     return jnp.einsum("bnts,bsnh->btnh", probs_bnts, v_bsnh)
+
+
+def attention_backend(setting: str, dtype, head_dim: int) -> str:
+    """The backend `attention: auto | xla | cudnn` runs here: "einsum" (`attend`), "xla" or "cudnn" (JAX's
+    `dot_product_attention`). cuDNN's fused kernel takes bf16/fp16 on a GPU with heads of at most 128 (the 20B's 96
+    included); `auto` uses it there and the einsum elsewhere. An impossible `cudnn` is refused while tracing."""
+    gpu = jax.default_backend() == "gpu"
+    fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
+    if setting == "auto":
+        return "cudnn" if gpu and fits else "einsum"
+    if setting == "cudnn" and not (gpu and fits):
+        from neox_jax.config import ConfigError
+
+        why = (f"this machine's backend is {jax.default_backend()}" if not gpu else
+               f"it takes bf16/fp16 with head_dim <= 128 in multiples of 8 (here {jnp.dtype(dtype).name}, head_dim "
+               f"{head_dim})")
+        raise ConfigError(f"attention='cudnn': cuDNN's fused attention needs an NVIDIA GPU and {why}: use attention "
+                          "auto or xla, or precision bf16")
+    return setting
+
+
+def dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask_bts, setting: str):
+    backend = attention_backend(setting, q_btnh.dtype, q_btnh.shape[-1])
+    if backend == "einsum":
+        return attend(q_btnh, k_bsnh, v_bsnh, mask_bts)
+    mask = None if mask_bts is None else mask_bts[:, None]
+    return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask=mask, is_causal=mask_bts is None,
+                                        implementation=backend)
 
 
 class Embed(nnx.Module):
@@ -109,7 +140,7 @@ class Embed(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, cfg: NeoXConfig, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        self.rotary_ndims, self.rotary_base = cfg.rotary_ndims, cfg.rotary_base
+        self.rotary_ndims, self.rotary_base, self.backend = cfg.rotary_ndims, cfg.rotary_base, cfg.attention
         # Fused QKV with NeoX's per-head [heads, 3, head_dim] output layout: a tensor-parallel shard of
         # `heads` holds whole heads with their q, k and v.
         self.query_key_value = Dense(rngs, cfg, _std(cfg.init_method, cfg), (d, n, 3, h),
@@ -118,8 +149,9 @@ class Attention(nnx.Module):
                            ("heads", "head_dim", "embed"), (d,), ("embed",))
 
     def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, kv=None, cache_index=None):
-        """With a KV cache `kv` = (k, v) [b, S, n, h], this call's keys and values are written at
-        `cache_index` and the queries attend over the whole cache (`mask_bts` is then [b, t, S])."""
+        """`mask_bts` None is causal attention over this call's tokens. With a KV cache `kv` = (k, v) [b, S, n, h],
+        this call's keys and values are written at `cache_index` and the queries attend over the whole cache
+        (`mask_bts` is then [b, t, S])."""
         qkv_btnkh = self.query_key_value("btd,dnkh->btnkh", x_btd)
         q, k, v = qkv_btnkh[:, :, :, 0], qkv_btnkh[:, :, :, 1], qkv_btnkh[:, :, :, 2]
         q, k = apply_rotary(q, cos_btr, sin_btr), apply_rotary(k, cos_btr, sin_btr)
@@ -127,7 +159,7 @@ class Attention(nnx.Module):
             at = (0, cache_index, 0, 0)
             kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), at) for c, new in zip(kv, (k, v)))
             k, v = kv
-        out_btnh = attend(q, k, v, mask_bts)
+        out_btnh = dot_product_attention(q, k, v, mask_bts, self.backend)
         return self.dense("btnh,nhd->btd", out_btnh), kv
 
 
@@ -271,7 +303,7 @@ class GPTNeoX(nnx.Module):
         query_pos = jnp.arange(t) + (0 if cache is None else cache_index)
         causal_ts = jnp.arange(s)[None, :] <= query_pos[:, None]
         if attention_mask is None:
-            mask_bts = jnp.broadcast_to(causal_ts, (b, t, s))
+            mask_bts = None if cache is None else jnp.broadcast_to(causal_ts, (b, t, s))  # None: causal
             default_positions = jnp.broadcast_to(query_pos, (b, t))
         else:
             attention_mask = jnp.asarray(attention_mask)

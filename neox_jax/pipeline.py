@@ -45,12 +45,11 @@ def pipelined_loss(model: GPTNeoX, tokens_mbt, labels_mbt, stages: int, loss_fn)
     per_stage = cfg.num_layers // stages
     staged = jax.tree.map(lambda w: w.reshape(stages, per_stage, *w.shape[1:]), stacked)
     positions_bt = jnp.broadcast_to(jnp.arange(t), (mb, t))
-    mask_bts = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (mb, t, t))
     stage_axes = ("stage", "batch", "length", "embed")
 
     def stage(params, x):
         with unconstrained():  # the stage axis is laid out by the constraints around the vmap
-            return run_layers(graphdef, params, cfg, x, positions_bt, mask_bts)[0]
+            return run_layers(graphdef, params, cfg, x, positions_bt, None)[0]  # causal
 
     if cfg.remat_policy != "none":  # keep only each stage's input per iteration; recompute the stage backward
         stage = jax.checkpoint(stage, prevent_cse=False)

@@ -94,7 +94,7 @@ class Saver:
 
     # settings a resumed run must keep: they define the model's function or the order of the data
     KEPT = ("seed", "seq_length", "data_paths", "data_weights", "split")
-    MODEL_FREE = ("dtype", "param_dtype", "remat_policy")  # how the model runs, not what it computes
+    MODEL_FREE = ("dtype", "param_dtype", "remat_policy", "attention")  # how the model runs, not what it computes
 
     def check_settings(self, meta: dict, where: str):
         stored, now = meta["config"], self.cfg.to_dict()

@@ -163,3 +163,42 @@ def test_init_follows_small_and_wang_init():
     # layers are initialised independently
     k = np.asarray(model.layers.attention.dense.kernel[...])
     assert not np.allclose(k[0], k[1])
+
+
+@pytest.mark.parametrize("dtype,relative", [("float32", False), ("bfloat16", True)])
+def test_attention_backends_equal_the_einsum_reference(dtype, relative):
+    """`attention: xla` (JAX's dot_product_attention) against the einsum (`auto` on a CPU), causal and left-padded,
+    with the decode cache too. Both take fp32 scores and softmax and cast the probabilities to the compute dtype, so
+    fp32 agrees to rounding (at most 1e-6; measured 8e-7); in bf16 the same products may round differently once, at
+    most one unit roundoff (2**-8) of the logits' spread."""
+    cfg = NeoXConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, dtype=dtype)
+    reference = GPTNeoX(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(reference)
+    xla = nnx.merge(nnx.split(GPTNeoX(cfg.replace(attention="xla"), rngs=nnx.Rngs(1)))[0], state)
+    ids = random_ids(256, (2, 40))
+    mask = np.ones((2, 40), np.int32)
+    mask[1, :9] = 0  # the second row left-padded
+    forward = nnx.jit(lambda m, x, a: m(x, attention_mask=a))
+    for attention_mask in (None, mask):
+        want = np.asarray(forward(reference, ids, attention_mask))
+        got = np.asarray(forward(xla, ids, attention_mask))
+        assert np.abs(got - want).max() <= (2.0**-8 * want.std() if relative else 1e-6), attention_mask is not None
+    prompts = [list(ids[0, :12]), list(ids[1, :5])]
+    assert neox_jax_generate(xla, prompts) == neox_jax_generate(reference, prompts)
+
+
+def neox_jax_generate(model, prompts):
+    from neox_jax import generate
+
+    return generate(model, prompts, max_new_tokens=8)
+
+
+def test_cudnn_attention_is_refused_where_it_cannot_run():
+    from neox_jax.config import ConfigError
+
+    model = GPTNeoX(NeoXConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=2, attention="cudnn"),
+                    rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="attention='cudnn'.*backend is cpu.*use attention auto or xla"):
+        model(np.zeros((1, 4), np.int32))
+    with pytest.raises(ConfigError, match="attention='flash': choose one of auto, xla, cudnn"):
+        NeoXConfig(attention="flash")
