@@ -280,6 +280,7 @@ class TrainConfig:
     tensorboard_dir: str = ""  # "" = <save>/tensorboard, or none without `save`
     wandb_project: str = ""  # log to Weights & Biases when set and wandb is installed
     peak_tflops: float = 0.0  # device peak for MFU; 0 = from the device kind (A100 312, H100/H200 989 bf16)
+    profile_steps: tuple[int, ...] = ()  # (first, last): a jax.profiler trace of those steps into the TensorBoard dir
     sample_prompt: str = ""  # printed with a sampled continuation at the end of training
     # several processes (neox_jax/distributed.py)
     init_timeout: int = 300  # seconds to wait for every process to join
@@ -308,7 +309,7 @@ class TrainConfig:
                 raise ConfigError(f"{weights} has {len(getattr(self, weights))} entries for "
                                   f"{len(getattr(self, paths))} {paths}")
         for name in ("betas", "data_paths", "data_weights", "valid_data_paths", "valid_data_weights",
-                     "extra_save_iters"):
+                     "extra_save_iters", "profile_steps"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         object.__setattr__(self, "mesh", dict(self.mesh))
@@ -345,6 +346,12 @@ class TrainConfig:
              "steps to save at, each 0 or more")
         need(self.eval_iters >= 0, "eval_iters", "0 (no validation) or a number of batches")
         need(self.peak_tflops >= 0, "peak_tflops", "0 (from the device kind) or the device's peak")
+        need(not self.profile_steps or (len(self.profile_steps) == 2 and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in self.profile_steps)
+            and 1 <= self.profile_steps[0] <= self.profile_steps[1]), "profile_steps",
+            "two steps [first, last], 1 <= first <= last (counted from 1, as the log counts them), or [] for none")
+        need(not self.profile_steps or bool(self.tensorboard_dir or self.save), "profile_steps",
+             "the trace is written into tensorboard_dir (or <save>/tensorboard): set one of them")
         for name in ("data_weights", "valid_data_weights"):
             need(all(isinstance(w, (int, float)) and w > 0 for w in getattr(self, name)), name,
                  "every weight must be a positive number")

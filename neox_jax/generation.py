@@ -2,8 +2,10 @@
 
 Shapes are static so each compiles once: prompts are left-padded to a multiple of `bucket` tokens and
 the cache holds prompt + max_new_tokens rounded up the same way, so a new prompt length only recompiles
-when it crosses a bucket. A whole generation runs in one jitted `while_loop`; `stream` runs the same
-decode step from Python and yields tokens as they come.
+when it crosses a bucket. A whole generation runs in one jitted program of a few `while_loop`s, one per span
+of cache positions (`read_spans`): each decode step writes one token's keys and values per layer into the cache
+in place and reads only the cache's positions up to the span's end (at most twice those filled), never the whole
+preallocated cache. `stream` runs the same decode step from Python and yields tokens as they come.
 """
 
 from __future__ import annotations
@@ -75,6 +77,15 @@ def _round_up(n: int, bucket: int) -> int:
     return max(bucket, math.ceil(n / bucket) * bucket)
 
 
+def read_spans(prompt: int, length: int, bucket: int) -> list[int]:
+    """The ends of the spans of cache positions decode steps read: the prompt's bucket plus one, then doubling up to
+    the cache length. A step writing position i reads the first span end above i."""
+    ends = [min(length, prompt + bucket)]
+    while ends[-1] < length:
+        ends.append(min(length, 2 * ends[-1]))
+    return ends
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad token lists to a bucketed length: (ids [b, P], mask [b, P])."""
     if not prompts:
@@ -99,12 +110,13 @@ def _prefill(graphdef, params, ids_bp, mask_bs):
     model = nnx.merge(graphdef, params)
     b, p = ids_bp.shape
     cache = model.init_cache(b, mask_bs.shape[1])
-    logits, cache = model(ids_bp, attention_mask=mask_bs, cache=cache, cache_index=0, last_only=True)
+    logits, cache = model(ids_bp, attention_mask=mask_bs, cache=cache, cache_index=0, last_only=True, cache_read=p)
     return logits[:, -1], cache
 
 
-def _step(graphdef, params, carry, knobs):
-    """Pick the next token from `carry["logits"]`, write it, and run it through the model."""
+def _step(graphdef, params, carry, knobs, read: int):
+    """Pick the next token from `carry["logits"]`, write it, and run it through the model, attending over the
+    cache's first `read` positions."""
     model = nnx.merge(graphdef, params)
     temperature, top_k, top_p, seed, stop_ids = knobs
     i, index = carry["i"], carry["index"]
@@ -112,21 +124,25 @@ def _step(graphdef, params, carry, knobs):
     token = jnp.where(carry["done"], stop_ids[0], token)
     done = carry["done"] | jnp.isin(token, stop_ids)
     mask = jax.lax.dynamic_update_slice_in_dim(carry["mask"], jnp.ones_like(token)[:, None], index, axis=1)
-    logits, cache = model(token[:, None], attention_mask=mask, cache=carry["cache"], cache_index=index)
+    logits, cache = model(token[:, None], attention_mask=mask, cache=carry["cache"], cache_index=index,
+                          cache_read=read)
     out = jax.lax.dynamic_update_slice_in_dim(carry["out"], token[:, None], i, axis=1)
     return dict(carry, i=i + 1, index=index + 1, logits=logits[:, -1], cache=cache, mask=mask, done=done, out=out)
 
 
-_decode_step = jax.jit(_step, static_argnums=0)
+# the state is donated: the cache is updated in place, step after step, never copied (inside `_generate`'s loops the
+# carry is updated in place without asking)
+_decode_step = jax.jit(_step, static_argnums=(0, 4), donate_argnums=2)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _generate(graphdef, params, state, max_new, knobs, replicated):  # max_new is traced: no recompile per count
-    def cond(c):
-        return (c["i"] < max_new) & ~jnp.all(c["done"])
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _generate(graphdef, params, state, max_new, knobs, replicated, spans):  # max_new is traced: no recompile per count
+    for end in spans:  # one loop per span of the cache, each reading up to its end
+        def cond(c, end=end):
+            return (c["i"] < max_new) & ~jnp.all(c["done"]) & (c["index"] < end)
 
-    final = jax.lax.while_loop(cond, lambda c: _step(graphdef, params, c, knobs), state)
-    out = final["out"], final["i"]
+        state = jax.lax.while_loop(cond, lambda c, end=end: _step(graphdef, params, c, knobs, end), state)
+    out = state["out"], state["i"]
     # weights sharded over a mesh (several processes, say): the new tokens come back replicated, so every process
     # can read them
     return out if replicated is None else jax.lax.with_sharding_constraint(out, replicated)
@@ -141,9 +157,10 @@ class Generator:
         sharding = getattr(jax.tree.leaves(self.params)[0], "sharding", None)
         self.replicated = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
 
-    def step(self, state, knobs):
+    def step(self, state, knobs, spans):
         """One decode step: the next token of every row written into `state`, its logits computed."""
-        return _decode_step(self.graphdef, self.params, state, knobs)
+        index = int(state["index"])
+        return _decode_step(self.graphdef, self.params, state, knobs, next(end for end in spans if end > index))
 
     # ---- host ------------------------------------------------------------------------------------------
     def _start(self, prompts, max_new_tokens, bucket, stop_ids, sampling: Sampling):
@@ -166,21 +183,22 @@ class Generator:
                  "done": jnp.zeros((b,), bool), "out": jnp.zeros((b, _round_up(max_new_tokens, bucket)), jnp.int32)}
         knobs = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p),
                  jnp.uint32(sampling.seed), jnp.asarray(stop))
-        return state, knobs
+        return state, knobs, tuple(read_spans(p, length, bucket))
 
     def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: Sequence[int] = (), bucket: int = 64) -> list[list[int]]:
-        state, knobs = self._start(prompts, max_new_tokens, bucket, stop_ids, sampling)
-        out, n = _generate(self.graphdef, self.params, state, jnp.int32(max_new_tokens), knobs, self.replicated)
+        state, knobs, spans = self._start(prompts, max_new_tokens, bucket, stop_ids, sampling)
+        out, n = _generate(self.graphdef, self.params, state, jnp.int32(max_new_tokens), knobs, self.replicated,
+                           spans)
         out = np.asarray(out)[:, :int(n)]
         return [_cut(row, stop_ids) for row in out]
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                stop_ids: Sequence[int] = (), bucket: int = 64) -> Iterator[np.ndarray]:
         """Yield the next token of every row [b] as it is produced (rows that stopped repeat a stop id)."""
-        state, knobs = self._start(prompts, max_new_tokens, bucket, stop_ids, sampling)
+        state, knobs, spans = self._start(prompts, max_new_tokens, bucket, stop_ids, sampling)
         for _ in range(max_new_tokens):
-            state = self.step(state, knobs)
+            state = self.step(state, knobs, spans)
             yield np.asarray(state["out"][:, int(state["i"]) - 1])
             if bool(jnp.all(state["done"])):
                 return

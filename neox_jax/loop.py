@@ -17,6 +17,7 @@ checkpoint they are read up to the step being saved, so a non-finite step is nev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -36,6 +37,7 @@ from neox_jax.data.loader import Loader, LocalBatches
 from neox_jax.distributed import is_primary
 from neox_jax.flops import flops_6n, flops_neox, peak_tflops
 from neox_jax.metrics import MetricsLogger
+from neox_jax.profile import StepProfiler
 from neox_jax.model import with_params
 from neox_jax.progress import bar
 from neox_jax.saving import Saver, fp32_weights
@@ -133,6 +135,7 @@ class Recorder:
         self.losses: dict[int, float] = {}
         self.nonfinite_in_a_row = 0  # fp32/bf16 (fp16 counts its skipped steps in the loss scale)
         self.last_time = start_time
+        self.data_wait = 0.0  # seconds the loop waited for batches since the last log line
         self.line = ""
 
     def __call__(self, step: int, metrics) -> dict[str, float]:
@@ -165,6 +168,7 @@ class Recorder:
         seconds = (now - self.last_time) / self.cfg.log_interval
         self.last_time = now
         values["step_time"] = seconds
+        values["data_wait_s"], self.data_wait = self.data_wait / self.cfg.log_interval, 0.0  # per step
         values["tokens_per_sec"] = self.tokens_per_step / seconds
         per_device = seconds * self.devices * 1e12
         model, seq = self.cfg.model, self.cfg.seq_length
@@ -293,6 +297,7 @@ def _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start
                   f"{cfg.seq_length} tokens, {cfg.precision}")
     recorder = Recorder(cfg, trainer.mesh, logger, trainer.global_batch_size, time.perf_counter(), console.print)
     result.losses = recorder.losses
+    profiler = StepProfiler(cfg.profile_steps, result.tensorboard_dir, console.on)
     state, pending, stop = result.state, None, None
     if start == 0 and 0 in cfg.extra_save_iters and saver.latest_step() is None:
         saver.save(0, state)  # the initial weights, as GPT-NeoX saves iteration 0 when asked
@@ -307,10 +312,20 @@ def _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start
 
     with StopVote(trainer.mesh) as votes, Loader(batches, trainer.batch_sharding, cfg.seq_length, start_step=start,
                                                  vocab_size=cfg.model.vocab_size) as loader, \
-            console.bar(end - start) as progress:
+            console.bar(end - start) as progress, contextlib.closing(profiler):
         for step in range(start, end):
+            profiler.before(step + 1)
+            waited = time.perf_counter()
             _, batch = next(loader)
+            recorder.data_wait += time.perf_counter() - waited
             state, metrics = step_fn(state, batch)
+            profiled = profiler.after(step + 1, metrics)
+            if profiled:
+                logger.log(step + 1, {f"profile_{k}": v for k, v in profiled.items()})
+                console.print(f"profiled steps {cfg.profile_steps[0]}-{cfg.profile_steps[1]} into "
+                              f"{result.tensorboard_dir} (TensorBoard's profile tab, or Perfetto): per device per step "
+                              f"{profiled['compute_s'] * 1e3:.1f} ms compute, {profiled['communication_s'] * 1e3:.1f} "
+                              "ms communication (collectives, waits included)")
             vote = votes.vote()
             read_pending()
             pending = (step, metrics, vote)

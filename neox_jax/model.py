@@ -90,27 +90,30 @@ def apply_rotary(x_btnh, cos_btr, sin_btr):
     return jnp.concatenate([rotated.astype(x_btnh.dtype), x_pass], axis=-1)
 
 
-def attend(q_btnh, k_bsnh, v_bsnh, mask_bts=None):
+def attend(q_btnh, k, v, mask_bts=None, kv_layout: str = "bsnh"):
     """Softmax attention with fp32 scores, the reference every backend is checked against; `mask_bts` is True where
-    query t may see key s (None: causal, t == s)."""
+    query t may see key s (None: causal, t == s). Keys and values are [b, s, n, h], or [b, n, s, h] (the KV cache's
+    layout) with kv_layout="bnsh"."""
     scale = 1.0 / math.sqrt(q_btnh.shape[-1])
-    scores_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bsnh, preferred_element_type=F32) * scale
+    scores_bnts = jnp.einsum(f"btnh,{kv_layout}->bnts", q_btnh, k, preferred_element_type=F32) * scale
     if mask_bts is None:
         mask_bts = jnp.tril(jnp.ones(scores_bnts.shape[-2:], bool))[None]
     # finfo.min, not -inf: a query that may see nothing (a pad position) gets a uniform row, not NaN.
     scores_bnts = jnp.where(mask_bts[:, None], scores_bnts, jnp.finfo(F32).min)
-    probs_bnts = jax.nn.softmax(scores_bnts, axis=-1).astype(v_bsnh.dtype)
-    return jnp.einsum("bnts,bsnh->btnh", probs_bnts, v_bsnh)
+    probs_bnts = jax.nn.softmax(scores_bnts, axis=-1).astype(v.dtype)
+    return jnp.einsum(f"bnts,{kv_layout}->btnh", probs_bnts, v)
 
 
-def attention_backend(setting: str, dtype, head_dim: int) -> str:
+def attention_backend(setting: str, dtype, head_dim: int, causal: bool) -> str:
     """The backend `attention: auto | xla | cudnn` runs here: "einsum" (`attend`), "xla" or "cudnn" (JAX's
-    `dot_product_attention`). cuDNN's fused kernel takes bf16/fp16 on a GPU with heads of at most 128 (the 20B's 96
-    included); `auto` uses it there and the einsum elsewhere. An impossible `cudnn` is refused while tracing."""
+    `dot_product_attention`). cuDNN's fused kernel takes bf16/fp16 on a GPU with heads of at most 128 in multiples of
+    8 (the 20B's 96 included); `auto` uses it there for causal calls without a mask (training, unpadded prefill) and
+    the einsum elsewhere (padded batches and the decode cache through cuDNN are not yet checked on a GPU). An
+    impossible `cudnn` is refused while tracing."""
     gpu = jax.default_backend() == "gpu"
     fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
     if setting == "auto":
-        return "cudnn" if gpu and fits else "einsum"
+        return "cudnn" if gpu and fits and causal else "einsum"
     if setting == "cudnn" and not (gpu and fits):
         from neox_jax.config import ConfigError
 
@@ -122,13 +125,15 @@ def attention_backend(setting: str, dtype, head_dim: int) -> str:
     return setting
 
 
-def dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask_bts, setting: str):
-    backend = attention_backend(setting, q_btnh.dtype, q_btnh.shape[-1])
+def dot_product_attention(q_btnh, k, v, mask_bts, setting: str, kv_layout: str = "bsnh"):
+    """Attention by the `attention` setting; `mask_bts` None is causal."""
+    backend = attention_backend(setting, q_btnh.dtype, q_btnh.shape[-1], causal=mask_bts is None)
     if backend == "einsum":
-        return attend(q_btnh, k_bsnh, v_bsnh, mask_bts)
+        return attend(q_btnh, k, v, mask_bts, kv_layout)
+    if kv_layout == "bnsh":  # JAX's kernels take [b, s, n, h]
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     mask = None if mask_bts is None else mask_bts[:, None]
-    return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask=mask, is_causal=mask_bts is None,
-                                        implementation=backend)
+    return jax.nn.dot_product_attention(q_btnh, k, v, mask=mask, is_causal=mask_bts is None, implementation=backend)
 
 
 class Embed(nnx.Module):
@@ -148,19 +153,26 @@ class Attention(nnx.Module):
         self.dense = Dense(rngs, cfg, _std(cfg.output_layer_init_method, cfg), (n, h, d),
                            ("heads", "head_dim", "embed"), (d,), ("embed",))
 
-    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, kv=None, cache_index=None):
-        """`mask_bts` None is causal attention over this call's tokens. With a KV cache `kv` = (k, v) [b, S, n, h],
-        this call's keys and values are written at `cache_index` and the queries attend over the whole cache
-        (`mask_bts` is then [b, t, S])."""
+    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, cache=None, cache_index=None):
+        """`mask_bts` None is causal attention over this call's tokens. With a KV cache, `cache` = (the stacked
+        {k, v} [layers, b, n, S, h], this layer's index): this call's keys and values are written at `cache_index`
+        (one token's per layer in a decode step) and the queries attend over the cache's first `mask_bts.shape[-1]`
+        positions, all that is read of it."""
         qkv_btnkh = self.query_key_value("btd,dnkh->btnkh", x_btd)
         q, k, v = qkv_btnkh[:, :, :, 0], qkv_btnkh[:, :, :, 1], qkv_btnkh[:, :, :, 2]
         q, k = apply_rotary(q, cos_btr, sin_btr), apply_rotary(k, cos_btr, sin_btr)
-        if kv is not None:
-            at = (0, cache_index, 0, 0)
-            kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), at) for c, new in zip(kv, (k, v)))
-            k, v = kv
-        out_btnh = dot_product_attention(q, k, v, mask_bts, self.backend)
-        return self.dense("btnh,nhd->btd", out_btnh), kv
+        if cache is None:
+            return self.dense("btnh,nhd->btd", dot_product_attention(q, k, v, mask_bts, self.backend)), None
+        cache, layer = cache
+        b, n, h, read = q.shape[0], q.shape[2], q.shape[3], mask_bts.shape[-1]
+        kv = []
+        for name, new in (("k", k), ("v", v)):
+            stacked = jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2)[None].astype(cache[name].dtype),
+                                                   (layer, 0, 0, cache_index, 0))
+            cache = dict(cache, **{name: stacked})
+            kv.append(jax.lax.dynamic_slice(stacked, (layer, 0, 0, 0, 0), (1, b, n, read, h))[0])
+        out_btnh = dot_product_attention(q, *kv, mask_bts, self.backend, kv_layout="bnsh")
+        return self.dense("btnh,nhd->btd", out_btnh), cache
 
 
 class MLP(nnx.Module):
@@ -186,12 +198,12 @@ class Block(nnx.Module):
         self.attention = Attention(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, kv=None, cache_index=None):
-        attn_btd, kv = self.attention(self.input_layernorm(x_btd), cos_btr, sin_btr, mask_bts, kv, cache_index)
+    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, cache=None, cache_index=None):
+        attn_btd, cache = self.attention(self.input_layernorm(x_btd), cos_btr, sin_btr, mask_bts, cache, cache_index)
         if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
-            return x_btd + attn_btd + self.mlp(self.post_attention_layernorm(x_btd)), kv
+            return x_btd + attn_btd + self.mlp(self.post_attention_layernorm(x_btd)), cache
         h_btd = x_btd + attn_btd
-        return h_btd + self.mlp(self.post_attention_layernorm(h_btd)), kv
+        return h_btd + self.mlp(self.post_attention_layernorm(h_btd)), cache
 
 
 _REMAT = {
@@ -211,17 +223,19 @@ def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts
     layer_axes = jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked),
                               is_leaf=lambda x: isinstance(x, P))
 
-    def layer(x_btd, xs):
-        params, kv = xs
+    def layer(carry, xs):  # the cache, when there is one, rides in the carry: updated in place, layer by layer
+        x_btd, cache = carry
+        params, index = xs
         params = jax.tree.map(constrain, params, layer_axes)
-        x_btd, kv = nnx.merge(graphdef, params)(x_btd, cos_btr, sin_btr, mask_bts, kv, cache_index)
-        return constrain(x_btd, ("batch", "length", "embed")), kv
+        x_btd, cache = nnx.merge(graphdef, params)(x_btd, cos_btr, sin_btr, mask_bts,
+                                                   None if cache is None else (cache, index), cache_index)
+        return (constrain(x_btd, ("batch", "length", "embed")), cache), None
 
     if cfg.remat_policy != "none":
         layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
-    kv = None if cache is None else (cache["k"], cache["v"])
-    x_btd, kv = jax.lax.scan(layer, x_btd, (stacked, kv))
-    return x_btd, None if cache is None else {"k": kv[0], "v": kv[1]}
+    layers = jax.tree.leaves(stacked)[0].shape[0]
+    (x_btd, cache), _ = jax.lax.scan(layer, (x_btd, cache), (stacked, jnp.arange(layers)))
+    return x_btd, cache
 
 
 def abstract_model(config: NeoXConfig):
@@ -277,15 +291,16 @@ class GPTNeoX(nnx.Module):
         return constrain(logits_btv, ("batch", "length", "vocab"))
 
     def init_cache(self, batch: int, length: int, dtype=None) -> dict:
-        """An empty KV cache {k, v}: [layers, batch, length, heads, head_dim], heads split over `tensor`."""
+        """An empty KV cache {k, v}: [layers, batch, heads, length, head_dim] in the compute dtype, heads split over
+        `tensor` (heads before length: attention reads each head's keys as they lie, no transpose)."""
         cfg = self.config
-        shape = (cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_heads, length, cfg.head_dim)
         zeros = jnp.zeros(shape, dtype or cfg.dtype)
-        axes = ("layers", "batch", "length", "heads", "head_dim")
+        axes = ("layers", "batch", "heads", "length", "head_dim")
         return {"k": constrain(zeros, axes), "v": constrain(zeros, axes)}
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0,
-                 last_only: bool = False, hidden_only: bool = False):
+                 last_only: bool = False, hidden_only: bool = False, cache_read: int | None = None):
         """Logits for `input_ids` [b, t] (fp32 [b, t, vocab]).
 
         attention_mask: 1 for real tokens, 0 for padding (left padding); padded keys are never attended and
@@ -293,13 +308,14 @@ class GPTNeoX(nnx.Module):
 
         With `cache` (from `init_cache`, length S) the tokens are those at cache positions
         cache_index .. cache_index + t; `attention_mask` then covers the whole cache [b, S] and the call
-        returns (logits, updated cache). `last_only` computes the logits of the last position only (a
+        returns (logits, updated cache). Attention reads only the cache's first `cache_read` positions (static;
+        default S): they must hold every position up to cache_index + t. `last_only` computes the logits of the last position only (a
         prefill needs no others, and the vocabulary projection is most of its cost). `hidden_only` returns the last
         layer's output [b, t, d] instead (no cache), for a loss that applies the output layer itself.
         """
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
-        s = t if cache is None else cache["k"].shape[2]
+        s = t if cache is None else cache_read or cache["k"].shape[3]
         query_pos = jnp.arange(t) + (0 if cache is None else cache_index)
         causal_ts = jnp.arange(s)[None, :] <= query_pos[:, None]
         if attention_mask is None:
@@ -307,7 +323,7 @@ class GPTNeoX(nnx.Module):
             default_positions = jnp.broadcast_to(query_pos, (b, t))
         else:
             attention_mask = jnp.asarray(attention_mask)
-            mask_bts = causal_ts[None] & attention_mask[:, None, :].astype(bool)
+            mask_bts = causal_ts[None] & attention_mask[:, None, :s].astype(bool)
             default_positions = positions_from_mask(attention_mask)
             if cache is not None:
                 default_positions = jax.lax.dynamic_slice_in_dim(default_positions, cache_index, t, axis=1)

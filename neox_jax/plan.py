@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from neox_jax import sharding as shd
-from neox_jax.config import TrainConfig
+from neox_jax.config import ConfigError, TrainConfig
 from neox_jax.traffic import minimum_traffic, ratio_line
 from neox_jax.train import Trainer
 
@@ -337,7 +337,6 @@ def replication(abstract_params, specs, mesh_shape: dict[str, int]) -> float:
 def relayout(cfg: TrainConfig, mesh: dict[str, int], zero_stage: int | None = None) -> TrainConfig:
     """`cfg` on another mesh with the same global batch, micro batch and sequences per pipeline microbatch: the
     accumulation steps follow the data size (for comparing layouts of one training run)."""
-    from neox_jax.config import ConfigError
     from neox_jax.train import pipe_microbatches
 
     global_batch = cfg.global_batch_size(cfg.mesh["data"])
@@ -369,8 +368,8 @@ def summary(p: Plan, cfg: TrainConfig, cluster=None) -> dict:
                minimum={axis: p.minimum.get(axis, 0) for axis in traffic},
                other_traffic=sum(v for a, v in p.collectives.items() if a not in traffic),
                bubble=bubble_fraction(p.stages, p.microbatches) if p.stages > 1 else 0.0,
-               recompute_factor=3 + p.recomputed_forwards, model_bytes=cfg.working_model().num_params
-               * np.dtype(cfg.working_dtype).itemsize)
+               recompute_factor=3 + p.recomputed_forwards,
+               model_bytes=cfg.model.num_params * np.dtype(cfg.working_dtype).itemsize)
     if cluster is not None:
         pred = prediction(p, cfg, cluster)
         inside = {a: inside_node(cluster, mesh, a) for a in traffic}

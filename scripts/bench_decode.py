@@ -1,86 +1,130 @@
-"""Decode throughput and time to first token: neox_jax vs transformers `generate` on the same model and machine.
+"""Decode throughput through the public `generate()`, optionally side by side with transformers' `generate`.
 
-    python scripts/bench_decode.py [--preset pythia-160m] [--dtype float32] [--new-tokens 64] [--prompt-len 128]
+    python scripts/bench_decode.py [--presets pythia-70m pythia-160m] [--batches 1 16] [--prompt-len 32]
+                                   [--new-tokens 128] [--dtype float32] [--pairs 3] [--compare transformers]
 
-Random weights of the preset's shape. Prints one JSON line per (implementation, batch) and the device.
-On a GPU, also the batch-1 memory-bandwidth bound: weight bytes / HBM bandwidth per token.
+Random weights of each preset's shape, written once as a Hugging Face folder that both sides load (the same
+weights). Every measurement runs in its own process (scripts/compare.py), the sides interleaved: a child compiles
+with one call, then times `--calls` calls and reports the median. Tokens/s count the new tokens of all rows over the
+whole call, prefill included, as a user sees it. Prints one JSON line per (preset, batch) with both sides' medians
+and spread and the ratio neox_jax / transformers; on a GPU, batch 1 also against the HBM bound (weights and cache
+bytes per token / bandwidth).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-import jax
-import numpy as np
-from flax import nnx
-
-from neox_jax import GPTNeoX, NeoXConfig
-from neox_jax.generation import Generator, Sampling, _generate
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import interleaved  # noqa: E402
 
 HBM_GBPS = {"h100": 3350, "h200": 4800, "a100": 2039}
 
 
-def bench_ours(model, prompts, new_tokens):
-    gen = Generator(model)
-    gen(prompts, new_tokens)  # compile
-    t0 = time.perf_counter()
-    state, knobs = gen._start(prompts, new_tokens, 64, [], Sampling())
-    jax.block_until_ready(state["logits"])
-    ttft = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out, _ = _generate(gen.graphdef, gen.params, state, jax.numpy.int32(new_tokens), knobs, gen.replicated)
-    jax.block_until_ready(out)
-    return ttft, len(prompts) * new_tokens / (time.perf_counter() - t0)
+def prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
+    import numpy as np
+
+    return np.random.RandomState(0).randint(2, vocab, (batch, length)).tolist()
 
 
-def bench_hf(cfg, prompts, new_tokens, dtype):
+def worker_jax(args) -> dict:
+    import jax
+
+    import neox_jax
+
+    model = neox_jax.from_pretrained(args.model_dir, dtype=args.dtype)
+    ids = prompts(model.config.vocab_size, args.batch, args.prompt_len)
+    neox_jax.generate(model, ids, max_new_tokens=args.new_tokens)  # compiles prefill and decode
+    times = []
+    for _ in range(args.calls):
+        t0 = time.perf_counter()
+        out = neox_jax.generate(model, ids, max_new_tokens=args.new_tokens)
+        times.append(time.perf_counter() - t0)
+    assert all(len(row) == args.new_tokens for row in out)
+    seconds = statistics.median(times)
+    row = {"seconds": seconds, "tokens_per_s": args.batch * args.new_tokens / seconds,
+           "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    bandwidth = next((v for k, v in HBM_GBPS.items() if k in row["device"].lower()), None)
+    if bandwidth and args.batch == 1:
+        cfg = model.config
+        itemsize = jax.numpy.dtype(cfg.dtype).itemsize
+        cache = 2 * cfg.num_layers * (args.prompt_len + args.new_tokens / 2) * cfg.hidden_size * itemsize
+        bound = bandwidth * 1e9 / (cfg.num_params * itemsize + cache)
+        row.update(bandwidth_bound_tokens_per_s=bound, fraction_of_bound=row["tokens_per_s"] / bound)
+    return row
+
+
+def worker_torch(args) -> dict:
     import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(**cfg.to_hf())).to(device, getattr(torch, dtype)).eval()
-    ids = torch.tensor(prompts, device=device)
+    model = GPTNeoXForCausalLM.from_pretrained(args.model_dir, torch_dtype=getattr(torch, args.dtype)).to(device)
+    model.eval()
+    ids = torch.tensor(prompts(model.config.vocab_size, args.batch, args.prompt_len), device=device)
+    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    times = []
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
-        ttft = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        total = time.perf_counter() - t0
-    return ttft, len(prompts) * new_tokens / max(total - ttft, 1e-9)
+        model.generate(ids, **kwargs)
+        for _ in range(args.calls):
+            t0 = time.perf_counter()
+            model.generate(ids, **kwargs)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    return {"seconds": seconds, "tokens_per_s": args.batch * args.new_tokens / seconds, "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def random_folder(preset: str, dtype: str, root: Path) -> Path:
+    from flax import nnx
+
+    from neox_jax import GPTNeoX, NeoXConfig, save_pretrained
+
+    folder = root / preset
+    save_pretrained(GPTNeoX(NeoXConfig.preset(preset), rngs=nnx.Rngs(0)), folder, dtype=dtype)
+    return folder
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="pythia-160m")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--presets", nargs="+", default=["pythia-70m", "pythia-160m"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--pairs", type=int, default=3, help="interleaved measurements per side")
+    p.add_argument("--calls", type=int, default=3, help="timed calls per measurement (after one that compiles)")
+    p.add_argument("--compare", choices=["transformers"], help="also run transformers' generate, interleaved")
+    p.add_argument("--worker", choices=["neox_jax", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
-    cfg = NeoXConfig.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype)
-    model = GPTNeoX(cfg, rngs=nnx.Rngs(0))
-    kind = jax.devices()[0].device_kind
-    weight_bytes = cfg.num_params * np.dtype(args.dtype).itemsize
-    bw = next((v for k, v in HBM_GBPS.items() if k in kind.lower()), None)
-    for batch in args.batches:
-        prompts = np.random.RandomState(0).randint(2, cfg.vocab_size, (batch, args.prompt_len)).tolist()
-        rows = [("neox_jax", *bench_ours(model, prompts, args.new_tokens))]
-        if not args.skip_hf:
-            rows.append(("transformers", *bench_hf(cfg, prompts, args.new_tokens, args.dtype)))
-        for name, ttft, tps in rows:
-            row = {"impl": name, "preset": args.preset, "dtype": args.dtype, "batch": batch, "prompt": args.prompt_len,
-                   "new_tokens": args.new_tokens, "ttft_ms": round(ttft * 1e3, 1), "decode_tokens_per_s": round(tps, 1),
-                   "device": kind}
-            if bw and batch == 1:
-                bound = bw * 1e9 / weight_bytes
-                row["bandwidth_bound_tokens_per_s"] = round(bound, 1)
-                row["fraction_of_bound"] = round(tps / bound, 3)
-            print(json.dumps(row), flush=True)
+    if args.worker:
+        print(json.dumps((worker_jax if args.worker == "neox_jax" else worker_torch)(args)))
+        return
+    sides = ["neox_jax"] + (["transformers"] if args.compare else [])
+    with tempfile.TemporaryDirectory() as root:
+        for preset in args.presets:
+            folder = random_folder(preset, args.dtype, Path(root))
+            for batch in args.batches:
+                common = ["--model-dir", str(folder), "--batch", str(batch), "--prompt-len", str(args.prompt_len),
+                          "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--calls", str(args.calls)]
+                result = interleaved(__file__, common, sides, args.pairs, "tokens_per_s")
+                runs = result.pop("runs")
+                print(json.dumps({"preset": preset, "batch": batch, "prompt": args.prompt_len,
+                                  "new_tokens": args.new_tokens, "dtype": args.dtype, **result,
+                                  "versions": {k: v for r in runs.values() for k, v in r[0].items()
+                                               if k in ("jax", "torch", "device", "threads")},
+                                  "cpus": os.cpu_count()}), flush=True)
 
 
 if __name__ == "__main__":

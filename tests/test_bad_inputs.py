@@ -323,8 +323,10 @@ def test_neox_yaml_keys_that_change_the_run_are_honoured(tmp_path):
                                  "train_iters": 100, "lr_decay_fraction": 0.8, "clip_grad": 0.5,
                                  "extra_save_iters": [0, 1, 2, 4], "peak_theoretical_tflops": 312,
                                  "train_data_paths": ["t"], "valid_data_paths": ["v"], "valid_data_weights": [1.0],
-                                 "save": "ckpt", "load": "ckpt", "zero_optimization": {"stage": 3}}))
+                                 "save": "ckpt", "load": "ckpt", "zero_optimization": {"stage": 3},
+                                 "profile": True, "profile_step_stop": 15}))
     cfg = TrainConfig.from_neox_yaml(f)
+    assert cfg.profile_steps == (10, 15)  # GPT-NeoX's nsys window, its default start
     assert cfg.model.intermediate_size == 194  # int(3.02 x 64) = 193, rounded up to a multiple of 2 as GPT-NeoX does
     assert cfg.mesh["data"] == 8 and cfg.lr_decay_iters == 80 and cfg.grad_clip == 0.5
     assert cfg.extra_save_iters == (0, 1, 2, 4) and cfg.keep_last == 0 and cfg.peak_tflops == 312

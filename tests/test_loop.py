@@ -278,3 +278,19 @@ def test_a_diverging_run_stops_before_saving_and_keeps_its_last_good_checkpoint(
     weights = c.restore_weights(3, abstract_params(cfg.model))
     assert all(np.isfinite(np.asarray(w)).all() for w in jax.tree.leaves(weights))
     c.close()
+
+
+def test_profile_steps_write_a_trace_and_the_step_breakdown(corpus, tmp_path):
+    cfg = config(corpus, tmp_path, train_iters=5, profile_steps=[2, 4], save_interval=100, eval_interval=100)
+    lines = []
+    result = train(cfg, show_progress=False, print_fn=lines.append)
+    assert list(Path(result.tensorboard_dir).glob("plugins/profile/*/*.xplane.pb"))  # TensorBoard's profile tab
+    assert [line for line in lines if line.startswith("profiled steps 2-4 into")]
+    scalars = {(tag, step): value for step, tag, value in read_scalars(result.tensorboard_dir)}
+    # the (4, 1, 2) mesh computes and reduces over data and tensor in every step
+    assert scalars["profile_compute_s", 4] > 0 and scalars["profile_communication_s", 4] > 0
+    assert all(scalars["data_wait_s", step] >= 0 for step in range(1, 6))
+    with pytest.raises(ConfigError, match="profile_steps=.*1 <= first <= last"):
+        config(corpus, tmp_path, profile_steps=[3, 2])
+    with pytest.raises(ConfigError, match="profile_steps=.*set one of them"):
+        config(corpus, tmp_path, profile_steps=[1, 2], save="")

@@ -32,7 +32,8 @@ READ = {
     # data, evaluation, checkpoints, logging
     "data_path", "train_data_paths", "valid_data_paths", "train_data_weights", "valid_data_weights", "split",
     "eval_interval", "eval_iters", "save", "load", "checkpoint_factor", "save_interval", "keep_last_n_checkpoints",
-    "extra_save_iters", "log_interval", "tensorboard_dir", "peak_theoretical_tflops",
+    "extra_save_iters", "log_interval", "tensorboard_dir", "peak_theoretical_tflops", "profile", "profile_step_start",
+    "profile_step_stop",
 }
 
 # key -> (GPT-NeoX's default, the one value neox-jax implements)
@@ -131,7 +132,7 @@ IGNORED = {
     **_each("GPT-NeoX's logging and profiling knobs: neox-jax logs loss, lr, gradient norm, throughput and MFU "
                "to the console and TensorBoard (`wandb_project` for wandb)", "steps_per_print",
                "wall_clock_breakdown", "dump_state", "flops_profiler", "comms_logger", "memory_profiling",
-               "memory_profiling_path", "profile", "profile_step_start", "profile_step_stop", "log_grad_pct_zeros",
+               "memory_profiling_path", "log_grad_pct_zeros",
                "log_param_norm", "log_grad_norm", "log_optimizer_states", "log_gradient_noise_scale",
                "gradient_noise_scale_n_batches", "gradient_noise_scale_cpu_offload", "log_dir", "use_wandb",
                "wandb_group", "wandb_run_name", "wandb_team", "wandb_project", "wandb_host", "wandb_init_all_ranks",

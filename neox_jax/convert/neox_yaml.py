@@ -267,6 +267,9 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
         log_interval=int(args.get("log_interval", 100)),
         tensorboard_dir=str(args.get("tensorboard_dir") or ""),
         peak_tflops=float(args.get("peak_theoretical_tflops") or 0),
+        # GPT-NeoX's nsys window (defaults 10 to 12) becomes a jax.profiler trace of the same steps
+        profile_steps=(int(args.get("profile_step_start", 10)), int(args.get("profile_step_stop", 12)))
+        if args.get("profile") else (),
     )
     d.update(overrides)
     return TrainConfig(**d)
