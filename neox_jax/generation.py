@@ -78,8 +78,8 @@ def _round_up(n: int, bucket: int) -> int:
 
 
 def read_spans(prompt: int, length: int, bucket: int) -> list[int]:
-    """The ends of the spans of cache positions decode steps read: the prompt's bucket plus one, then doubling up to
-    the cache length. A step writing position i reads the first span end above i."""
+    """The ends of the spans of cache positions decode steps read: the padded prompt plus one bucket, then doubling
+    up to the cache length. A step writing position i reads up to the first end above i."""
     ends = [min(length, prompt + bucket)]
     while ends[-1] < length:
         ends.append(min(length, 2 * ends[-1]))

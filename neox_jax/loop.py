@@ -37,8 +37,8 @@ from neox_jax.data.loader import Loader, LocalBatches
 from neox_jax.distributed import is_primary
 from neox_jax.flops import flops_6n, flops_neox, peak_tflops
 from neox_jax.metrics import MetricsLogger
-from neox_jax.profile import StepProfiler
 from neox_jax.model import with_params
+from neox_jax.profile import StepProfiler
 from neox_jax.progress import bar
 from neox_jax.saving import Saver, fp32_weights
 from neox_jax.sharding import make_mesh
@@ -297,7 +297,7 @@ def _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start
                   f"{cfg.seq_length} tokens, {cfg.precision}")
     recorder = Recorder(cfg, trainer.mesh, logger, trainer.global_batch_size, time.perf_counter(), console.print)
     result.losses = recorder.losses
-    profiler = StepProfiler(cfg.profile_steps, result.tensorboard_dir, console.on)
+    profiler = StepProfiler(cfg.profile_steps, result.tensorboard_dir, console.on, logger, console.print)
     state, pending, stop = result.state, None, None
     if start == 0 and 0 in cfg.extra_save_iters and saver.latest_step() is None:
         saver.save(0, state)  # the initial weights, as GPT-NeoX saves iteration 0 when asked
@@ -319,13 +319,7 @@ def _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start
             _, batch = next(loader)
             recorder.data_wait += time.perf_counter() - waited
             state, metrics = step_fn(state, batch)
-            profiled = profiler.after(step + 1, metrics)
-            if profiled:
-                logger.log(step + 1, {f"profile_{k}": v for k, v in profiled.items()})
-                console.print(f"profiled steps {cfg.profile_steps[0]}-{cfg.profile_steps[1]} into "
-                              f"{result.tensorboard_dir} (TensorBoard's profile tab, or Perfetto): per device per step "
-                              f"{profiled['compute_s'] * 1e3:.1f} ms compute, {profiled['communication_s'] * 1e3:.1f} "
-                              "ms communication (collectives, waits included)")
+            profiler.after(step + 1, metrics)
             vote = votes.vote()
             read_pending()
             pending = (step, metrics, vote)

@@ -309,9 +309,10 @@ class GPTNeoX(nnx.Module):
         With `cache` (from `init_cache`, length S) the tokens are those at cache positions
         cache_index .. cache_index + t; `attention_mask` then covers the whole cache [b, S] and the call
         returns (logits, updated cache). Attention reads only the cache's first `cache_read` positions (static;
-        default S): they must hold every position up to cache_index + t. `last_only` computes the logits of the last position only (a
-        prefill needs no others, and the vocabulary projection is most of its cost). `hidden_only` returns the last
-        layer's output [b, t, d] instead (no cache), for a loss that applies the output layer itself.
+        default S): they must hold every position up to cache_index + t. `last_only` computes the logits of the
+        last position only (a prefill needs no others, and the vocabulary projection is most of its cost).
+        `hidden_only` returns the last layer's output [b, t, d] instead (no cache), for a loss that applies the
+        output layer itself.
         """
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
