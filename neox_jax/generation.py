@@ -106,15 +106,16 @@ def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int) -> t
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _prefill(graphdef, params, ids_bp, mask_bs):
+def _prefill(graphdef, params, layers, ids_bp, mask_bs):
     model = nnx.merge(graphdef, params)
     b, p = ids_bp.shape
     cache = model.init_cache(b, mask_bs.shape[1])
-    logits, cache = model(ids_bp, attention_mask=mask_bs, cache=cache, cache_index=0, last_only=True, cache_read=p)
+    logits, cache = model(ids_bp, attention_mask=mask_bs, cache=cache, cache_index=0, last_only=True, cache_read=p,
+                          layer_weights=layers)
     return logits[:, -1], cache
 
 
-def _step(graphdef, params, carry, knobs, read: int):
+def _step(graphdef, params, layers, carry, knobs, read: int):
     """Pick the next token from `carry["logits"]`, write it, and run it through the model, attending over the
     cache's first `read` positions."""
     model = nnx.merge(graphdef, params)
@@ -125,23 +126,23 @@ def _step(graphdef, params, carry, knobs, read: int):
     done = carry["done"] | jnp.isin(token, stop_ids)
     mask = jax.lax.dynamic_update_slice_in_dim(carry["mask"], jnp.ones_like(token)[:, None], index, axis=1)
     logits, cache = model(token[:, None], attention_mask=mask, cache=carry["cache"], cache_index=index,
-                          cache_read=read)
+                          cache_read=read, layer_weights=layers)
     out = jax.lax.dynamic_update_slice_in_dim(carry["out"], token[:, None], i, axis=1)
     return dict(carry, i=i + 1, index=index + 1, logits=logits[:, -1], cache=cache, mask=mask, done=done, out=out)
 
 
 # the state is donated: the cache is updated in place, step after step, never copied (inside `_generate`'s loops the
 # carry is updated in place without asking)
-_decode_step = jax.jit(_step, static_argnums=(0, 4), donate_argnums=2)
+_decode_step = jax.jit(_step, static_argnums=(0, 5), donate_argnums=3)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _generate(graphdef, params, state, max_new, knobs, replicated, spans):  # max_new is traced: no recompile per count
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _generate(graphdef, params, layers, state, max_new, knobs, replicated, spans):  # max_new traced: compiled once
     for end in spans:  # one loop per span of the cache, each reading up to its end
         def cond(c, end=end):
             return (c["i"] < max_new) & ~jnp.all(c["done"]) & (c["index"] < end)
 
-        state = jax.lax.while_loop(cond, lambda c, end=end: _step(graphdef, params, c, knobs, end), state)
+        state = jax.lax.while_loop(cond, lambda c, end=end: _step(graphdef, params, layers, c, knobs, end), state)
     out = state["out"], state["i"]
     # weights sharded over a mesh (several processes, say): the new tokens come back replicated, so every process
     # can read them
@@ -154,13 +155,18 @@ class Generator:
     def __init__(self, model: GPTNeoX):
         self.graphdef, self.params = nnx.split(model)
         self.config = model.config
+        # XLA's CPU backend copies each layer's slice out of the stacked weights before its matmuls, at every decode
+        # step (1.3-1.4x slower at batch 1, measured): on a CPU in one process the generator keeps per-layer copies
+        # (the layer weights twice in memory while it lives); elsewhere the stacked weights are read as they are.
+        self.layers = model.unstack() if jax.default_backend() == "cpu" and jax.process_count() == 1 else None
         sharding = getattr(jax.tree.leaves(self.params)[0], "sharding", None)
         self.replicated = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
 
     def step(self, state, knobs, spans):
         """One decode step: the next token of every row written into `state`, its logits computed."""
         index = int(state["index"])
-        return _decode_step(self.graphdef, self.params, state, knobs, next(end for end in spans if end > index))
+        return _decode_step(self.graphdef, self.params, self.layers, state, knobs,
+                            next(end for end in spans if end > index))
 
     # ---- host ------------------------------------------------------------------------------------------
     def _start(self, prompts, max_new_tokens, bucket, stop_ids, sampling: Sampling):
@@ -178,7 +184,7 @@ class Generator:
         length = _round_up(p + max_new_tokens, bucket)
         mask = np.zeros((b, length), np.int32)
         mask[:, :p] = prompt_mask
-        logits, cache = _prefill(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask))
+        logits, cache = _prefill(self.graphdef, self.params, self.layers, jnp.asarray(ids), jnp.asarray(mask))
         state = {"i": jnp.int32(0), "index": jnp.int32(p), "logits": logits, "cache": cache, "mask": jnp.asarray(mask),
                  "done": jnp.zeros((b,), bool), "out": jnp.zeros((b, _round_up(max_new_tokens, bucket)), jnp.int32)}
         knobs = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p),
@@ -188,8 +194,8 @@ class Generator:
     def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: Sequence[int] = (), bucket: int = 64) -> list[list[int]]:
         state, knobs, spans = self._start(prompts, max_new_tokens, bucket, stop_ids, sampling)
-        out, n = _generate(self.graphdef, self.params, state, jnp.int32(max_new_tokens), knobs, self.replicated,
-                           spans)
+        out, n = _generate(self.graphdef, self.params, self.layers, state, jnp.int32(max_new_tokens), knobs,
+                           self.replicated, spans)
         out = np.asarray(out)[:, :int(n)]
         return [_cut(row, stop_ids) for row in out]
 

@@ -215,12 +215,15 @@ _REMAT = {
 
 def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts, cache=None, cache_index=None):
     """Apply a stack of layers (weights with a leading layer axis) with a scan; the pipeline runs one stage's
-    slice of the stack through this too."""
+    slice of the stack through this too. `stacked` may also be a tuple of per-layer weights (`unstack`): the
+    layers then run one after the other, unrolled, each reading its own arrays."""
     cos_btr, sin_btr = rotary_cos_sin(positions_bt, cfg.rotary_ndims, cfg.rotary_base)
     # Logical axes of one layer's weights (the stacked axis dropped). Constraining the weights to them
     # inside the scan makes a sharded run gather one layer's weights at a time where they are split
     # beyond the rules table (ZeRO-3), instead of moving activations.
-    layer_axes = jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked),
+    per_layer = isinstance(stacked, tuple)
+    layer_axes = jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked[0] if per_layer
+                                                                                   else stacked),
                               is_leaf=lambda x: isinstance(x, P))
 
     def layer(carry, xs):  # the cache, when there is one, rides in the carry: updated in place, layer by layer
@@ -233,6 +236,11 @@ def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts
 
     if cfg.remat_policy != "none":
         layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
+    if per_layer:
+        carry = (x_btd, cache)
+        for index, params in enumerate(stacked):
+            carry, _ = layer(carry, (params, index))
+        return carry
     layers = jax.tree.leaves(stacked)[0].shape[0]
     (x_btd, cache), _ = jax.lax.scan(layer, (x_btd, cache), (stacked, jnp.arange(layers)))
     return x_btd, cache
@@ -280,9 +288,16 @@ class GPTNeoX(nnx.Module):
         x_btd = jnp.take(table_ve, input_ids_bt, axis=0).astype(self.config.dtype)
         return constrain(x_btd, ("batch", "length", "embed"))
 
-    def apply_layers(self, x_btd, positions_bt, mask_bts, cache=None, cache_index=None):
+    def apply_layers(self, x_btd, positions_bt, mask_bts, cache=None, cache_index=None, layer_weights=None):
         graphdef, stacked = nnx.split(self.layers)
-        return run_layers(graphdef, stacked, self.config, x_btd, positions_bt, mask_bts, cache, cache_index)
+        return run_layers(graphdef, stacked if layer_weights is None else layer_weights, self.config, x_btd,
+                          positions_bt, mask_bts, cache, cache_index)
+
+    def unstack(self) -> tuple:
+        """Each layer's weights as arrays of their own (a copy), for `layer_weights=`: XLA's CPU backend copies a
+        layer's slice out of the stacked arrays before every matmul, which a decode step pays for every token."""
+        _, stacked = nnx.split(self.layers)
+        return tuple(jax.tree.map(lambda w: w[i], stacked) for i in range(self.config.num_layers))
 
     def logits(self, x_btd):
         x_btd = self.final_layer_norm(x_btd)
@@ -300,7 +315,8 @@ class GPTNeoX(nnx.Module):
         return {"k": constrain(zeros, axes), "v": constrain(zeros, axes)}
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0,
-                 last_only: bool = False, hidden_only: bool = False, cache_read: int | None = None):
+                 last_only: bool = False, hidden_only: bool = False, cache_read: int | None = None,
+                 layer_weights: tuple | None = None):
         """Logits for `input_ids` [b, t] (fp32 [b, t, vocab]).
 
         attention_mask: 1 for real tokens, 0 for padding (left padding); padded keys are never attended and
@@ -312,7 +328,7 @@ class GPTNeoX(nnx.Module):
         default S): they must hold every position up to cache_index + t. `last_only` computes the logits of the
         last position only (a prefill needs no others, and the vocabulary projection is most of its cost).
         `hidden_only` returns the last layer's output [b, t, d] instead (no cache), for a loss that applies the
-        output layer itself.
+        output layer itself. `layer_weights` (from `unstack`) replaces the stacked layer weights.
         """
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
@@ -329,7 +345,7 @@ class GPTNeoX(nnx.Module):
             if cache is not None:
                 default_positions = jax.lax.dynamic_slice_in_dim(default_positions, cache_index, t, axis=1)
         positions = default_positions if positions is None else jnp.asarray(positions)
-        x_btd, cache = self.apply_layers(self.embed(input_ids), positions, mask_bts, cache, cache_index)
+        x_btd, cache = self.apply_layers(self.embed(input_ids), positions, mask_bts, cache, cache_index, layer_weights)
         if hidden_only:
             return x_btd
         logits = self.logits(x_btd[:, -1:] if last_only else x_btd)

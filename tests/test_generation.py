@@ -61,8 +61,9 @@ def test_kv_cache_logits_equal_full_forward_at_every_step(pair):
 def test_a_decode_step_writes_one_token_in_place_and_reads_only_the_filled_span():
     """The compiled step: the cache (2 x 16.8 MB here) is donated and updated in place (aliased, no cache-sized
     temporary: measured 0.9 MB of temporaries, where the cache passed through the layer scan took 7.1 MB and was
-    never aliased), the write is one token's keys and values per layer, and attention reads the span's 128
-    positions of the 1024."""
+    never aliased), the write is one token's keys and values per layer, attention reads the span's 128 positions
+    of the 1024, and on the CPU no layer's weights are sliced out of the stacked arrays (the generator's per-layer
+    copies are read as they are)."""
     import re
 
     from neox_jax import GPTNeoX, NeoXConfig
@@ -74,12 +75,15 @@ def test_a_decode_step_writes_one_token_in_place_and_reads_only_the_filled_span(
     assert spans == (128, 256, 512, 1024)  # the prompt's bucket of 64, then doubling up to 64 + 900 rounded up
     layers, b, n, length, h = state["cache"]["k"].shape
     cache_bytes = 2 * state["cache"]["k"].nbytes
-    compiled = _decode_step.lower(gen.graphdef, gen.params, state, knobs, spans[0]).compile()
+    compiled = _decode_step.lower(gen.graphdef, gen.params, gen.layers, state, knobs, spans[0]).compile()
     memory = compiled.memory_analysis()
     assert memory.alias_size_in_bytes >= cache_bytes and memory.temp_size_in_bytes < cache_bytes / 10
     hlo = compiled.as_text()
     assert not re.search(rf"f32\[{layers},{b},{n},{length},{h}\]\S* copy\(", hlo)  # never copied whole
     assert set(re.findall(rf"f32\[1,{b},{n},(\d+),{h}\]", hlo)) == {"1", "128"}  # written: 1; read: 128
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    assert not [line for line in hlo.splitlines() if re.search(rf"f32\[{d},{f}\]\S* \S+\(", line)
+                and "parameter(" not in line]  # dense_h_to_4h's kernel: never sliced or copied
 
 
 def test_generate_compiles_once_per_model_shape_and_bucket(pair):
