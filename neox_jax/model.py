@@ -165,13 +165,11 @@ class Attention(nnx.Module):
             return self.dense("btnh,nhd->btd", dot_product_attention(q, k, v, mask_bts, self.backend)), None
         cache, layer = cache
         b, n, h, read = q.shape[0], q.shape[2], q.shape[3], mask_bts.shape[-1]
-        kv = []
-        for name, new in (("k", k), ("v", v)):
-            stacked = jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2)[None].astype(cache[name].dtype),
-                                                   (layer, 0, 0, cache_index, 0))
-            cache = dict(cache, **{name: stacked})
-            kv.append(jax.lax.dynamic_slice(stacked, (layer, 0, 0, 0, 0), (1, b, n, read, h))[0])
-        out_btnh = dot_product_attention(q, *kv, mask_bts, self.backend, kv_layout="bnsh")
+        cache = {name: jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2)[None].astype(cache[name].dtype),
+                                                    (layer, 0, 0, cache_index, 0))
+                 for name, new in (("k", k), ("v", v))}
+        k, v = (jax.lax.dynamic_slice(cache[name], (layer, 0, 0, 0, 0), (1, b, n, read, h))[0] for name in "kv")
+        out_btnh = dot_product_attention(q, k, v, mask_bts, self.backend, kv_layout="bnsh")
         return self.dense("btnh,nhd->btd", out_btnh), cache
 
 

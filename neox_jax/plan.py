@@ -366,7 +366,6 @@ def summary(p: Plan, cfg: TrainConfig, cluster=None) -> dict:
                capacity=p.capacity, fits_analytically=p.fits_analytically, fits_xla=p.fits,
                replication=p.replication, traffic=traffic,
                minimum={axis: p.minimum.get(axis, 0) for axis in traffic},
-               other_traffic=sum(v for a, v in p.collectives.items() if a not in traffic),
                bubble=bubble_fraction(p.stages, p.microbatches) if p.stages > 1 else 0.0,
                recompute_factor=3 + p.recomputed_forwards,
                model_bytes=cfg.model.num_params * np.dtype(cfg.working_dtype).itemsize)

@@ -27,8 +27,8 @@ class StepProfiler:
 
     def __init__(self, steps: tuple[int, ...], folder: str | Path | None, enabled: bool, logger=None, print_fn=print):
         self.first, self.last = steps if steps else (0, -1)
-        self.folder = Path(folder) if folder else None
-        self.on = bool(steps) and enabled and self.folder is not None
+        self.folder = Path(folder) if folder else None  # the config requires one with `profile_steps`
+        self.on = bool(steps) and enabled
         self.logger, self.print = logger, print_fn
         self.tracing = False
 

@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import interleaved  # noqa: E402
+from compare import interleaved, timed  # noqa: E402
 
 HBM_GBPS = {"h100": 3350, "h200": 4800, "a100": 2039}
 
@@ -41,14 +39,9 @@ def worker_jax(args) -> dict:
 
     model = neox_jax.from_pretrained(args.model_dir, dtype=args.dtype)
     ids = prompts(model.config.vocab_size, args.batch, args.prompt_len)
-    neox_jax.generate(model, ids, max_new_tokens=args.new_tokens)  # compiles prefill and decode
-    times = []
-    for _ in range(args.calls):
-        t0 = time.perf_counter()
-        out = neox_jax.generate(model, ids, max_new_tokens=args.new_tokens)
-        times.append(time.perf_counter() - t0)
+    out = neox_jax.generate(model, ids, max_new_tokens=args.new_tokens)  # compiles prefill and decode
     assert all(len(row) == args.new_tokens for row in out)
-    seconds = statistics.median(times)
+    seconds = timed(lambda: neox_jax.generate(model, ids, max_new_tokens=args.new_tokens), args.calls)
     row = {"seconds": seconds, "tokens_per_s": args.batch * args.new_tokens / seconds,
            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
     bandwidth = next((v for k, v in HBM_GBPS.items() if k in row["device"].lower()), None)
@@ -70,16 +63,14 @@ def worker_torch(args) -> dict:
     model.eval()
     ids = torch.tensor(prompts(model.config.vocab_size, args.batch, args.prompt_len), device=device)
     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    times = []
-    with torch.no_grad():
+    def call():
         model.generate(ids, **kwargs)
-        for _ in range(args.calls):
-            t0 = time.perf_counter()
-            model.generate(ids, **kwargs)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    seconds = statistics.median(times)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        call()
+        seconds = timed(call, args.calls)
     return {"seconds": seconds, "tokens_per_s": args.batch * args.new_tokens / seconds, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
@@ -119,11 +110,9 @@ def main():
                 common = ["--model-dir", str(folder), "--batch", str(batch), "--prompt-len", str(args.prompt_len),
                           "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--calls", str(args.calls)]
                 result = interleaved(__file__, common, sides, args.pairs, "tokens_per_s")
-                runs = result.pop("runs")
+                del result["runs"]
                 print(json.dumps({"preset": preset, "batch": batch, "prompt": args.prompt_len,
                                   "new_tokens": args.new_tokens, "dtype": args.dtype, **result,
-                                  "versions": {k: v for r in runs.values() for k, v in r[0].items()
-                                               if k in ("jax", "torch", "device", "threads")},
                                   "cpus": os.cpu_count()}), flush=True)
 
 

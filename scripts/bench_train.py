@@ -22,21 +22,10 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import interleaved  # noqa: E402
-
-
-def timed(fn, steps: int) -> float:
-    """Median seconds of `fn()` over `steps` calls (`fn` blocks until its result is ready)."""
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from compare import interleaved, timed  # noqa: E402
 
 
 def worker_jax(args) -> dict:
@@ -167,9 +156,7 @@ def main():
         for side in sides:
             result[side][key] = round(statistics.median(r[key] for r in runs[side]), 4)
     print(json.dumps({"preset": args.preset, "mesh": args.mesh, "seq": args.seq, "micro_batch": args.micro_batch,
-                      "precision": args.precision, "remat": args.remat, **result,
-                      "versions": {k: v for r in runs.values() for k, v in r[0].items()
-                                   if k in ("jax", "torch", "device", "threads")}, "cpus": os.cpu_count()}))
+                      "precision": args.precision, "remat": args.remat, **result, "cpus": os.cpu_count()}))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,17 @@ import json
 import statistics
 import subprocess
 import sys
+import time
+
+
+def timed(fn, calls: int) -> float:
+    """Median seconds of `fn()` over `calls` calls (`fn` returns when its work is done)."""
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def child(script: str, args: list[str]) -> dict:
@@ -34,7 +45,9 @@ def interleaved(script: str, args: list[str], sides: list[str], pairs: int, metr
         for side in (sides if i % 2 == 0 else sides[::-1]):
             runs[side].append(child(script, [*args, "--worker", side]))
             progress(f"pair {i + 1}/{pairs} {side}: {metric} {runs[side][-1][metric]}")
-    out = {"pairs": pairs, "metric": metric, **{side: spread([r[metric] for r in runs[side]]) for side in sides}}
+    out = {"pairs": pairs, "metric": metric, **{side: spread([r[metric] for r in runs[side]]) for side in sides},
+           "versions": {k: v for r in runs.values() for k, v in r[0].items() if k in ("jax", "torch", "device",
+                                                                                      "threads")}}
     if len(sides) == 2:
         first, second = (runs[s] for s in sides)
         out[f"{sides[0]}/{sides[1]}"] = spread([a[metric] / b[metric] for a, b in zip(first, second)])

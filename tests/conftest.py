@@ -23,8 +23,9 @@ def shared():
 
 
 def require(module: str, extra: str = "test"):
-    """Import an optional oracle (torch, transformers, lm_eval): skip without it, except where
-    NEOX_JAX_REQUIRE_ORACLES=1 (CI sets it), where a missing oracle is a failure: its tests must run there."""
+    """Import an optional dependency (the oracles torch, transformers, lm_eval; the notebooks' runner): skip without
+    it, except where NEOX_JAX_REQUIRE_ORACLES=1 (CI sets it), where a missing one is a failure: its tests must run
+    there."""
     if os.environ.get("NEOX_JAX_REQUIRE_ORACLES") == "1":
         import importlib
 

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import require
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 GiB = 2**30
 
 
 def execute(name: str):
     """Run a notebook in a fresh kernel in its small mode; returns the executed notebook."""
-    nbformat = pytest.importorskip("nbformat", reason="needs the notebooks extra: pip install -e '.[notebooks]'")
-    nbclient = pytest.importorskip("nbclient", reason="needs the notebooks extra: pip install -e '.[notebooks]'")
+    nbformat, nbclient = require("nbformat", "notebooks"), require("nbclient", "notebooks")
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     # the kernel emulates its own devices (not the 8 of this process's XLA_FLAGS) and draws inline
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MPLBACKEND")}
@@ -30,8 +31,7 @@ def layouts():
     nb = execute("sharding_layouts.ipynb")
     cell = next(c for c in nb.cells if "layout-table" in c.metadata.get("tags", ()))
     data = next(o["data"] for o in cell.outputs if "application/json" in o.get("data", {}))
-    rows = data["application/json"]["layouts"]
-    return {row["name"]: row for row in json.loads(json.dumps(rows))}
+    return {row["name"]: row for row in data["application/json"]["layouts"]}
 
 
 @pytest.mark.slow
