@@ -211,26 +211,32 @@ _REMAT = {
 }
 
 
+def layer_axes(stacked) -> dict:
+    """Logical axes of one layer's weights (the stacked `layers` axis dropped)."""
+    return jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked), is_leaf=lambda x: isinstance(x, P))
+
+
+def apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts=None, cache=None, cache_index=None):
+    """One layer (`params`: one layer's slice of the stack, `axes` their `layer_axes`) -> (x, cache). Constraining
+    the weights to their logical axes makes a sharded run gather one layer's weights at a time where they are split
+    beyond the rules table (ZeRO-3), instead of moving activations."""
+    params = jax.tree.map(constrain, params, axes)
+    x_btd, cache = nnx.merge(graphdef, params)(x_btd, cos_btr, sin_btr, mask_bts, cache, cache_index)
+    return constrain(x_btd, ("batch", "length", "embed")), cache
+
+
 def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts, cache=None, cache_index=None):
-    """Apply a stack of layers (weights with a leading layer axis) with a scan; the pipeline runs one stage's
-    slice of the stack through this too. `stacked` may also be a tuple of per-layer weights (`unstack`): the
-    layers then run one after the other, unrolled, each reading its own arrays."""
+    """Apply a stack of layers (weights with a leading layer axis) with a scan. `stacked` may also be a tuple of
+    per-layer weights (`unstack`): the layers then run one after the other, unrolled, each reading its own arrays."""
     cos_btr, sin_btr = rotary_cos_sin(positions_bt, cfg.rotary_ndims, cfg.rotary_base)
-    # Logical axes of one layer's weights (the stacked axis dropped). Constraining the weights to them
-    # inside the scan makes a sharded run gather one layer's weights at a time where they are split
-    # beyond the rules table (ZeRO-3), instead of moving activations.
     per_layer = isinstance(stacked, tuple)
-    layer_axes = jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked[0] if per_layer
-                                                                                   else stacked),
-                              is_leaf=lambda x: isinstance(x, P))
+    axes = layer_axes(stacked[0] if per_layer else stacked)
 
     def layer(carry, xs):  # the cache, when there is one, rides in the carry: updated in place, layer by layer
         x_btd, cache = carry
         params, index = xs
-        params = jax.tree.map(constrain, params, layer_axes)
-        x_btd, cache = nnx.merge(graphdef, params)(x_btd, cos_btr, sin_btr, mask_bts,
-                                                   None if cache is None else (cache, index), cache_index)
-        return (constrain(x_btd, ("batch", "length", "embed")), cache), None
+        return apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts,
+                           None if cache is None else (cache, index), cache_index), None
 
     if cfg.remat_policy != "none":
         layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)

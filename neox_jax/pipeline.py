@@ -1,71 +1,163 @@
-"""GPipe over the `pipe` mesh axis: the layer stack cut into stages that all run at once.
+"""A one-forward-one-backward (1F1B) pipeline over the `pipe` mesh axis: the layer stack cut into stages.
 
-Layer weights `[layers, ...]` are viewed as `[stages, layers_per_stage, ...]` with the stage axis on `pipe`
-(the stack is split over `pipe` in contiguous blocks, so the view moves nothing). Each iteration
-every stage runs its layers on the activation it holds (`vmap` over stages, partitioned along `pipe`), then
-the activations rotate one stage forward (a collective-permute). After `M + P - 1` iterations every
-microbatch has left the last stage; the backward pipeline is the autodiff of this loop. With a remat
-policy each stage keeps only its input per iteration. Bubble: (P - 1) / (M + P - 1).
+Each device of `pipe` runs one stage: a contiguous block of L/P layers (the rules table splits the stacked
+`layers` axis over `pipe` in blocks, so nothing moves to set it up). The schedule is written by hand inside a
+`shard_map` manual over `pipe` (`tensor`, and `data` where it is automatic, stay XLA's): every tick each stage
+runs the forward of one microbatch and the backward of an earlier one, then sends the activation to the next stage
+and the activation gradient to the previous one (two collective-permutes). Stage s runs microbatch i forward at
+tick i + s and backward at tick i + 2(P - 1) - s; the last stage scores a microbatch and starts its backward in the
+tick it arrives. Three loops: P - 1 ticks of forwards only, M ticks of both, P - 1 of backwards only, so every
+stage computes (M + P - 1) forwards and backwards, as GPipe does: bubble (P - 1) / (M + P - 1).
 
-The microbatches are those of gradient accumulation, as in GPT-NeoX (DeepSpeed's pipeline runs GAS
-microbatches): the train step feeds its `[accum, rows, seq]` batch straight in, optionally cut further
-(`pipe_microbatches`). The embedding runs as a microbatch enters and the output layer and loss as it
-leaves, outside the pipelined stack as in GPT-NeoX.
+Memory is what makes it 1F1B: stage s holds the inputs of 2(P - 1 - s) + 1 microbatches at once (2P - 1 slots
+on every stage), whatever M, where GPipe's autodiff keeps every microbatch's until the backward starts.
+Recomputation is done once and chosen by `remat_policy`:
 
-The pipeline applies causal attention without a padding mask, as training does.
+    full    each layer's input is kept; the backward recomputes one layer at a time (jax.vjp of the layer)
+    none    only the stage's input is kept; the backward recomputes the whole stage once, holding its internals
+
+so each layer's forward runs twice in either case (recompute factor 4; the planner prints it).
+
+The gradient is computed here, not by autodiff of the loop: the function returns the loss and the gradients of
+`seed` x the mean loss, summed over microbatches in `accum_dtype`. The embedding runs on the first stage and
+the output layer and loss on the last, outside the pipelined stack as in GPT-NeoX; both are computed on every
+stage in the same program, so the activations never leave their stage; their gradients, non-zero on one stage,
+are summed over `pipe` once at the end. The pipeline applies causal attention without a padding mask, as
+training does.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from neox_jax.model import GPTNeoX, run_layers
-from neox_jax.sharding import constrain, unconstrained, varying
+from neox_jax import sharding as shd
+from neox_jax.model import apply_layer, layer_axes, rotary_cos_sin
+
+PIPELINE_REMAT = ("full", "none")  # the recomputations the pipeline implements (module docstring)
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
     return (stages - 1) / (microbatches + stages - 1)
 
 
-def pipelined_loss(model: GPTNeoX, tokens_mbt, labels_mbt, stages: int, loss_fn):
-    """Mean `loss_fn(model, last layer's output, labels)` over microbatches [M, mb, t] run through a `stages`-stage
-    pipeline.
+def slots(stages: int) -> int:
+    """Microbatch inputs a stage keeps at once: the first stage's backward of microbatch i comes 2(P - 1) ticks
+    after its forward."""
+    return 2 * stages - 1
 
-    Each iteration embeds the microbatch entering the first stage and scores the one leaving the last, so
-    neither the embeddings nor the logits of all M microbatches are ever held at once (the scoring is
-    rematerialised in the backward pass).
-    """
+
+def pipeline_grads(graphdef, params, tokens_mbt, labels_mbt, loss_fn, *, seed, accum_dtype):
+    """(mean loss, gradients of `seed` x mean loss in `accum_dtype`) of microbatches [M, mb, t] through as many
+    stages as the mesh's `pipe` axis has devices.
+
+    `graphdef` and `params` (a nested dict) make the GPTNeoX; `loss_fn(model, last layer's output, labels)` is one
+    microbatch's loss."""
+    stages = dict(jax.sharding.get_abstract_mesh().shape)["pipe"]
+    model = nnx.merge(graphdef, params)
     cfg = model.config
-    m, mb, t = tokens_mbt.shape
     if cfg.num_layers % stages:
         raise ValueError(f"num_layers={cfg.num_layers} is not divisible by {stages} pipeline stages")
-    graphdef, stacked = nnx.split(model.layers)
-    per_stage = cfg.num_layers // stages
-    staged = jax.tree.map(lambda w: w.reshape(stages, per_stage, *w.shape[1:]), stacked)
-    positions_bt = jnp.broadcast_to(jnp.arange(t), (mb, t))
-    stage_axes = ("stage", "batch", "length", "embed")
+    if cfg.remat_policy not in PIPELINE_REMAT:
+        raise ValueError(f"remat_policy={cfg.remat_policy!r} with a pipeline: it recomputes per layer (full) or per "
+                         "stage (none)")
+    layer_def, stacked = nnx.split(model.layers)
+    axes = nnx.to_pure_dict(layer_axes(stacked))
+    # the stacked layers enter split over `pipe` (each stage its block), the rest whole
+    in_specs = {k: jax.tree.map(lambda _: P("pipe") if k == "layers" else P(), v) for k, v in params.items()}
 
-    def stage(params, x):
-        with unconstrained():  # the stage axis is laid out by the constraints around the vmap
-            return run_layers(graphdef, params, cfg, x, positions_bt, None)[0]  # causal
+    def stage_program(params, tokens_mbt, labels_mbt, seed):
+        s = jax.lax.axis_index("pipe")
+        last, m, (_, mb, t), keep = stages - 1, tokens_mbt.shape[0], tokens_mbt.shape, slots(stages)
+        layers = params["layers"]  # this stage's [L / P, ...]
+        # the weights outside the stack, marked as differing per stage so their gradients stay per stage
+        outer = jax.lax.pcast({k: v for k, v in params.items() if k != "layers"}, "pipe", to="varying")
+        cos_btr, sin_btr = rotary_cos_sin(jnp.broadcast_to(jnp.arange(t), (mb, t)), cfg.rotary_ndims,
+                                          cfg.rotary_base)
 
-    if cfg.remat_policy != "none":  # keep only each stage's input per iteration; recompute the stage backward
-        stage = jax.checkpoint(stage, prevent_cse=False)
-    run_stages = jax.vmap(stage)
-    score = jax.checkpoint(lambda x, labels: loss_fn(model, x, labels), prevent_cse=False)
+        def whole(outer):
+            return nnx.merge(graphdef, {**outer, "layers": layers})
 
-    def iteration(state, xs):
-        tokens, labels, scored = xs
-        state = state.at[0].set(model.embed(tokens))  # feed the first stage
-        state = run_stages(staged, constrain(state, stage_axes))
-        loss = jnp.where(scored, score(state[-1], labels), 0.0)  # the microbatch leaving the last stage
-        return jnp.roll(state, 1, axis=0), loss  # stage i's output becomes stage i + 1's input
+        def layer(w, x):
+            return apply_layer(layer_def, w, axes, x, cos_btr, sin_btr)[0]  # causal
 
-    pad = jnp.zeros((stages - 1, mb, t), tokens_mbt.dtype)
-    feed = (jnp.concatenate([tokens_mbt, pad]), jnp.concatenate([pad, labels_mbt]),
-            jnp.arange(m + stages - 1) >= stages - 1)  # microbatch k leaves the last stage at iteration k + P - 1
-    state = varying(jnp.zeros((stages, mb, t, cfg.hidden_size), jnp.dtype(cfg.dtype)))
-    _, losses = jax.lax.scan(iteration, state, feed)
-    return losses.sum() / m
+        def run_stage(ws, x):
+            return jax.lax.scan(lambda x, w: (layer(w, x), x), x, ws)  # (output, each layer's input)
+
+        def stage_backward(kept, g):  # -> (weight gradients, input gradient)
+            if cfg.remat_policy == "full":
+                def one(g, w_and_x):
+                    dw, dx = jax.vjp(layer, *w_and_x)[1](g)
+                    return dx, dw
+
+                dx, dws = jax.lax.scan(one, g, (layers, kept), reverse=True)
+                return dws, dx
+            return jax.vjp(lambda ws, x: run_stage(ws, x)[0], layers, kept)[1](g)
+
+        def embed(outer, tokens_bt):
+            return whole(outer).embed(tokens_bt)
+
+        def tick(carry, k, forward: bool, backward: bool):
+            x_in, g_in, kept, sums, loss_sum = carry
+            f, b = k - s, k - (2 * last - s)  # the microbatches this stage runs forward and backward
+            y = g_out = None
+            if forward:
+                x = jnp.where(s == 0, embed(outer, tokens_mbt[jnp.clip(f, 0, m - 1)]), x_in)
+                y, inputs = run_stage(layers, x)
+                kept = jax.lax.dynamic_update_index_in_dim(kept, inputs if cfg.remat_policy == "full" else x,
+                                                           f % keep, 0)
+            if forward and backward:  # the last stage scores the microbatch it just ran and starts its backward
+                scored = (s == last) & (f >= 0) & (f < m)
+                labels = labels_mbt[jnp.clip(f, 0, m - 1)]
+                head = {k: v for k, v in outer.items() if k != "embed_in"}
+                loss, pull = jax.vjp(lambda h, y: loss_fn(whole({**outer, **h}), y, labels), head, y)
+                d_head, g_last = pull(shd.vary_like(jnp.where(scored, seed / m, 0.0).astype(loss.dtype), loss))
+                sums = {**sums, **jax.tree.map(lambda a, g: a + g.astype(accum_dtype), {k: sums[k] for k in head},
+                                               d_head)}
+                loss_sum = loss_sum + jnp.where(scored, loss, 0.0)
+                g_in = jnp.where(s == last, g_last, g_in)
+            if backward:
+                g = jnp.where((b >= 0) & (b < m), g_in, 0)
+                d_layers, g_out = stage_backward(jax.lax.dynamic_index_in_dim(kept, b % keep, 0, keepdims=False), g)
+                tokens = tokens_mbt[jnp.clip(b, 0, m - 1)]
+                d_embed = jax.vjp(lambda e: embed({**outer, "embed_in": e}, tokens), outer["embed_in"])[1](
+                    jnp.where(s == 0, g_out, 0))[0]
+                add = lambda a, g: a + g.astype(accum_dtype)  # noqa: E731
+                sums = {**sums, "layers": jax.tree.map(add, sums["layers"], d_layers),
+                        "embed_in": jax.tree.map(add, sums["embed_in"], d_embed)}
+            # stage s's output becomes stage s + 1's input, its input gradient stage s - 1's output gradient
+            if y is not None:
+                x_in = jax.lax.ppermute(y, "pipe", [(i, i + 1) for i in range(last)])
+            if g_out is not None:
+                g_in = jax.lax.ppermute(g_out, "pipe", [(i + 1, i) for i in range(last)])
+            return (x_in, g_in, kept, sums, loss_sum), None
+
+        act = shd.varying(jnp.zeros((mb, t, cfg.hidden_size), jnp.dtype(cfg.dtype)))
+        kept_shape = (keep, *((layers_per_stage(layers),) if cfg.remat_policy == "full" else ()), *act.shape)
+        sums = jax.tree.map(lambda w: shd.varying(jnp.zeros(w.shape, accum_dtype)), params)
+        carry = (act, act, shd.varying(jnp.zeros(kept_shape, act.dtype)), sums, shd.varying(jnp.zeros((), F32)))
+        for first, end, forward, backward in ((0, last, True, False), (last, m + last, True, True),
+                                              (m + last, m + 2 * last, False, True)):
+            carry, _ = jax.lax.scan(functools.partial(tick, forward=forward, backward=backward), carry,
+                                    jnp.arange(first, end))
+        _, _, _, sums, loss_sum = carry
+        # each stage's sums of the weights outside the stack leave side by side: summed over `pipe` below
+        sums = {k: v if k == "layers" else jax.tree.map(lambda g: g[None], v) for k, v in sums.items()}
+        return jax.lax.psum(loss_sum, "pipe") / m, sums
+
+    out_specs = {k: jax.tree.map(lambda _: P("pipe"), v) for k, v in params.items()}
+    loss, sums = jax.shard_map(stage_program, in_specs=(in_specs, P(), P(), P()), out_specs=(P(), out_specs),
+                               axis_names={"pipe"})(params, tokens_mbt, labels_mbt, seed)
+    # (a psum inside the shard_map would be the same all-reduce, but XLA's CPU compiler fails on a bf16 one there)
+    return loss, {k: v if k == "layers" else jax.tree.map(lambda g: g.sum(0), v) for k, v in sums.items()}
+
+
+F32 = jnp.float32
+
+
+def layers_per_stage(stage_layers) -> int:
+    return jax.tree.leaves(stage_layers)[0].shape[0]

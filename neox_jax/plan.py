@@ -60,7 +60,8 @@ class Plan:
     stages: int = 1
     microbatches: int = 1
     minimum: dict = dataclasses.field(default_factory=dict)  # mesh axis -> the least bytes (neox_jax/traffic.py)
-    recomputed_forwards: int = 0  # forwards run again in the backward: 0, 1 per layer, 2 per stage and per layer
+    recomputed_forwards: int = 0  # forwards run again in the backward (0 or 1)
+    recomputation: str = "no recomputation"  # what is recomputed
     replication: float = 1.0  # devices holding each working-weight byte, averaged over the bytes (from the specs)
 
     @property
@@ -106,10 +107,8 @@ class Plan:
             out += ["", f"pipeline: {self.stages} stages x {self.microbatches} microbatches per step, bubble "
                         f"(P-1)/(M+P-1) = {bubble_fraction(self.stages, self.microbatches):.1%}; per-stage weights "
                         f"{self.params / GB:.2f} GB per device (1/{self.stages} of the layers)"]
-        how = {0: "no recomputation", 1: "each layer recomputed once", 2: "per-stage and per-layer recomputation "
-               "nested: each layer's forward runs three times"}[self.recomputed_forwards]
         out += ["", f"recompute factor {3 + self.recomputed_forwards} (forward 1 + backward 2 + "
-                    f"{self.recomputed_forwards} recomputed: {how})"]
+                    f"{self.recomputed_forwards} recomputed: {self.recomputation})"]
         verdict = "fits" if self.fits else "does NOT fit"
         out += ["", f"compile time {self.compile_seconds:.1f}s",
                 f"{device}: {self.capacity / 2**30:.0f} GiB per device -> {verdict} "
@@ -121,8 +120,11 @@ def activation_bytes(cfg: TrainConfig, mesh: dict, microbatches: int = 1) -> int
     """Korthikanti et al.: a layer's activations for b sequences are s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes at
     16-bit. With recomputation only each layer's input (2*s*b*h) is kept, plus one layer's working set in the
     backward. With a pipeline of P stages over M microbatches each device runs L/P layers on microbatches of
-    b = micro_batch x accumulation / M sequences and keeps its stage's input for each of the M + P - 1 iterations.
-    Plus one chunk of the loss's fp32 logits and their gradient (train.LOSS_CHUNK positions)."""
+    b = micro_batch x accumulation / M sequences and keeps 2P - 1 of them at once (neox_jax/pipeline.py): each
+    layer's input (remat full) plus one layer's working set, or the stage's input (none) plus the whole stage's
+    working set in its backward. Plus one chunk of the loss's fp32 logits and their gradient (train.LOSS_CHUNK
+    positions)."""
+    from neox_jax.pipeline import slots
     from neox_jax.train import LOSS_CHUNK
 
     m = cfg.model
@@ -132,12 +134,11 @@ def activation_bytes(cfg: TrainConfig, mesh: dict, microbatches: int = 1) -> int
     layers = m.num_layers // stages
     per_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) * width
     layer_input = 2 * s * b * h * width
+    in_flight = slots(stages) if stages > 1 else 1
     if m.remat_policy == "none":
-        kept = layers * per_layer
+        kept = (in_flight * layer_input if stages > 1 else 0) + layers * per_layer
     else:
-        kept = layers * layer_input + per_layer
-    if stages > 1:
-        kept += (microbatches + stages - 1) * layer_input
+        kept = in_flight * layers * layer_input + per_layer
     logits = 2 * b * min(LOSS_CHUNK, s) * (m.vocab_size / t) * 4
     return int(kept + logits)
 
@@ -296,11 +297,10 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
     reduced = sharded_bytes(like(np.float32), named(mesh, trainer.zero_specs))  # the fp32 ZeRO shard
     if cfg.zero_stage == 3:  # reduced every microstep into it, beside one microbatch's gradients
         grads = reduced + sharded_bytes(trainer.abstract_params, sh.params)
-    else:  # each replica's sums over its microbatches, in grad_accum_dtype (the pipeline's weights in it too)
-        accum = jax.numpy.dtype(cfg.grad_accum_dtype)
-        upcast = trainer.stages > 1 and accum != jax.numpy.dtype(trainer.model_cfg.param_dtype)
-        grads = reduced + (2 if upcast else 1) * sharded_bytes(like(accum), sh.params)
+    else:  # each replica's sums over its microbatches, in grad_accum_dtype
+        grads = reduced + sharded_bytes(like(jax.numpy.dtype(cfg.grad_accum_dtype)), sh.params)
     # parameters a device holds of its `pipe` x `tensor` shard (before any FSDP split): one-byte elements counted
+    recomputed, how = recomputation(trainer.cfg, trainer.stages)
     held = sharded_bytes(like(np.int8), named(mesh, shd.param_specs(trainer.abstract_params, trainer.logical_axes,
                                                                      mesh)))
     return Plan(
@@ -315,7 +315,7 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
         collectives=collective_bytes(partitioned, dict(mesh.shape)),
         compile_seconds=seconds, capacity=DEVICES[device], stages=trainer.stages,
         microbatches=trainer.microbatches,
-        recomputed_forwards=recomputed_forwards(trainer.cfg, trainer.stages),
+        recomputed_forwards=recomputed, recomputation=how,
         minimum=minimum_traffic(trainer.cfg, dict(mesh.shape), held),
         replication=replication(trainer.abstract_params, trainer.param_specs, dict(mesh.shape)),
     )
@@ -379,12 +379,17 @@ def summary(p: Plan, cfg: TrainConfig, cluster=None) -> dict:
     return row
 
 
-def recomputed_forwards(cfg: TrainConfig, stages: int) -> int:
-    """How many times the backward runs each layer's forward again: once with per-layer remat, twice more when
-    the pipeline's per-stage checkpoint wraps it (neox_jax/pipeline.py)."""
-    if cfg.model.remat_policy == "none":
-        return 0
-    return 2 if stages > 1 else 1
+def recomputation(cfg: TrainConfig, stages: int) -> tuple[int, str]:
+    """(forwards run again in the backward, what): the layer scan's checkpoint recomputes each layer once (a `dots`
+    policy keeps its matmuls' outputs); the pipeline recomputes each layer (remat full) or each stage (none) once in
+    its backward (neox_jax/pipeline.py)."""
+    policy = cfg.model.remat_policy
+    if stages > 1:
+        return 1, ("each stage's forward recomputed once in its backward" if policy == "none" else
+                   "each layer's forward recomputed once in its stage's backward")
+    if policy == "none":
+        return 0, "no recomputation"
+    return 1, "each layer recomputed once" + ("" if policy == "full" else f" ({policy}: the matmuls kept)")
 
 
 def prediction(p: Plan, cfg: TrainConfig, cluster):

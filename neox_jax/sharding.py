@@ -15,7 +15,6 @@ rules table below alone decides where they live on the `(data, pipe, tensor)` me
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Mapping
 
@@ -132,26 +131,12 @@ def _trim(spec: P, mesh_shape: Mapping[str, int]) -> P:
     return P(*(a if mesh_shape.get(a, 1) > 1 else None for a in spec))
 
 
-_UNCONSTRAINED = [False]
-
-
-@contextlib.contextmanager
-def unconstrained():
-    """No `constrain` applies inside `with unconstrained():`. The pipeline runs its stages so under a vmap: there a
-    constraint would force the stage axis replicated (vmap's `spmd_axis_name` would name it, but cannot be used
-    inside the train step's shard_map), so the stages' layout comes from the constraints around the vmap alone."""
-    _UNCONSTRAINED.append(True)
-    try:
-        yield
-    finally:
-        _UNCONSTRAINED.pop()
-
-
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Sharding constraint from logical names; a no-op when no mesh is active. Inside a `shard_map` that is
-    manual over some mesh axes (the train step's, over `data`) those are already split: they are left out."""
+    manual over some mesh axes (the train step's, over `data`; the pipeline's, over `pipe`) those are already
+    split: they are left out."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or _UNCONSTRAINED[-1]:
+    if mesh.empty:
         return x
     manual = manual_axes()
     shape = {a: (1 if a in manual else n) for a, n in zip(mesh.axis_names, mesh.axis_sizes)}
@@ -169,6 +154,13 @@ def varying(x: jax.Array) -> jax.Array:
     it is combined with); a no-op outside a `shard_map`."""
     axes = manual_axes()
     return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
+def vary_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """`x` marked as differing across every manual axis that `ref` differs across (a cotangent must match its
+    primal's type)."""
+    missing = jax.typeof(ref).manual_axis_type.varying - jax.typeof(x).manual_axis_type.varying
+    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
 
 
 def add_axis(spec: P, shape: tuple[int, ...], axes: tuple[str | None, ...], mesh_axis: str,

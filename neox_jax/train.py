@@ -33,7 +33,7 @@ from neox_jax import sharding as shd
 from neox_jax.config import ConfigError, TrainConfig
 from neox_jax.model import GPTNeoX, abstract_model
 from neox_jax.optim import LossScale, make_optimizer, schedule
-from neox_jax.pipeline import pipelined_loss
+from neox_jax.pipeline import PIPELINE_REMAT, pipeline_grads
 
 F32 = jnp.float32
 
@@ -67,10 +67,13 @@ def check_layout(cfg: TrainConfig, mesh_shape: dict[str, int]):
         problems.append(f"pipe_microbatches={microbatches} must be a multiple of grad_accum_steps="
                         f"{cfg.grad_accum_steps} that cuts micro_batch_size={cfg.micro_batch_size} (per data "
                         "replica) evenly: change pipe_microbatches")
-    if pipe > 1 and cfg.grad_accum_dtype == "bfloat16" and cfg.precision == "fp32":
-        problems.append("grad_accum_dtype=bfloat16 with precision=fp32: the pipeline sums its microbatches in the "
-                        "dtype of the weights it runs, so it would run bf16 weights; use precision bf16 or float32 "
-                        "sums")
+    if pipe > 1 and cfg.zero_stage == 3:
+        problems.append(f"zero_stage=3 (FSDP) with pipe={pipe}: FSDP gathers every weight in every microstep, which a "
+                        "pipeline would repeat per stage and tick (DeepSpeed likewise refuses ZeRO-3 with pipeline "
+                        "parallelism): use zero_stage 1, or pipe 1")
+    if pipe > 1 and m.remat_policy not in PIPELINE_REMAT:
+        problems.append(f"remat_policy={m.remat_policy} with pipe={pipe}: the pipeline recomputes once, each layer "
+                        "(full) or each stage (none), and keeps no other activations: use remat_policy full or none")
     if problems:
         raise ConfigError("impossible layout for mesh "
                           f"data={data}, pipe={pipe}, tensor={tensor}:\n  " + "\n  ".join(problems))
@@ -199,14 +202,15 @@ class Trainer:
         model = nnx.merge(self.graphdef, params)
         return lm_loss(model, model(tokens_bt[:, :-1], hidden_only=True), tokens_bt[:, 1:])
 
-    def pipelined_loss(self, params, batch_mbt):
-        """Mean loss of the whole step's batch [accum, rows, seq + 1] through the pipeline. Each microstep's
-        rows are cut into `split` microbatches (split innermost, so every piece keeps its data sharding)."""
+    def pipelined_grads(self, params, batch_mbt, seed, accum_dtype):
+        """(mean loss, gradients of `seed` x it summed in `accum_dtype`) of the whole step's batch [accum, rows,
+        seq + 1] through the pipeline. Each microstep's rows are cut into `split` microbatches (split innermost, so
+        every piece keeps its data sharding)."""
         a, rows, t1 = batch_mbt.shape
         split = self.microbatches // a
         tokens = batch_mbt.reshape(a, rows // split, split, t1).swapaxes(1, 2).reshape(a * split, rows // split, t1)
-        return pipelined_loss(nnx.merge(self.graphdef, params), tokens[..., :-1], tokens[..., 1:], self.stages,
-                              lm_loss)
+        return pipeline_grads(self.graphdef, params, tokens[..., :-1], tokens[..., 1:], lm_loss, seed=seed,
+                              accum_dtype=accum_dtype)
 
     def _grads(self, params, batch_mbt, loss_scale=1.0):
         """Mean loss and fp32 gradients over the step's microbatches, in the ZeRO layout.
@@ -220,17 +224,13 @@ class Trainer:
         if self.cfg.zero_stage == 3:
             return self._grads_per_microstep(params, batch_mbt, loss_scale)
         data, n = self.mesh_shape["data"], batch_mbt.shape[0]
-        accum, params_dtype = jnp.dtype(self.cfg.grad_accum_dtype), jnp.dtype(self.model_cfg.param_dtype)
+        accum = jnp.dtype(self.cfg.grad_accum_dtype)
         # the dimension ZeRO splits over `data` when it splits a dimension of its own, else -1: an all-reduce
         dims = jax.tree.map(lambda spec: next((i for i, e in enumerate(spec) if e == "data"), -1), self.zero_specs,
                             is_leaf=lambda x: isinstance(x, P))
-        # The replication checks cannot follow the pipeline's vmap over stages inside; without them a gradient taken
-        # inside the shard_map reduces nothing over `data` either.
-        check = self.stages == 1
-
         def replica(params, batch_mbt, loss_scale):  # one data replica's rows; `pipe` and `tensor` stay automatic
-            if check:  # so that the gradient's transpose reduces nothing over `data`
-                params = jax.tree.map(lambda p: jax.lax.pcast(p, "data", to="varying"), params)
+            # so that the gradient's transpose reduces nothing over `data`
+            params = jax.tree.map(lambda p: jax.lax.pcast(p, "data", to="varying"), params)
 
             def grad_of(loss_fn, weights, tokens):
                 def scaled(w):
@@ -240,9 +240,8 @@ class Trainer:
                 g, loss = jax.grad(scaled, has_aux=True)(weights)
                 return jax.tree.map(lambda x: x.astype(accum), g), loss
 
-            if self.stages > 1:  # the pipeline's microbatches accumulate in the dtype of the weights it is given
-                weights = jax.tree.map(lambda p: p.astype(accum), params) if accum != params_dtype else params
-                total, loss = grad_of(self.pipelined_loss, weights, batch_mbt)  # of the mean over microbatches
+            if self.stages > 1:
+                loss, total = self.pipelined_grads(params, batch_mbt, loss_scale, accum)  # of the mean loss
             else:
                 def micro(acc, tokens_bt):
                     g, loss = grad_of(self.loss, params, tokens_bt)
@@ -267,7 +266,7 @@ class Trainer:
 
         loss, totals = jax.shard_map(replica, mesh=self.mesh, in_specs=(P(), P(None, "data"), P()),
                                      out_specs=(P(), jax.tree.map(lambda k: P(*[None] * k, "data"), along)),
-                                     axis_names={"data"}, check_vma=check)(params, batch_mbt, loss_scale)
+                                     axis_names={"data"})(params, batch_mbt, loss_scale)
         summed = 1 if self.stages > 1 else n  # microbatches summed (the pipeline's loss is their mean already)
 
         def reduce(g, dim, scale):  # one reduce-scatter (all-reduce without ZeRO) per tensor, on its local shard
@@ -293,10 +292,6 @@ class Trainer:
 
             g, loss = jax.grad(scaled, has_aux=True)(params)
             return jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x.astype(F32), g), zero), loss
-
-        if self.stages > 1:
-            g, loss = grad_of(self.pipelined_loss, batch_mbt)
-            return loss, jax.tree.map(lambda x: x / loss_scale, g)
 
         def micro(acc, tokens_bt):
             g, loss = grad_of(self.loss, tokens_bt)

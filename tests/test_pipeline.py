@@ -1,4 +1,4 @@
-"""GPipe over `pipe`: equal to the unpipelined single-device model, and really a pipeline (8 CPU devices)."""
+"""The 1F1B pipeline over `pipe`: equal to the unpipelined single-device model, and really a pipeline (8 CPU devices)."""
 
 import jax
 import numpy as np
@@ -82,27 +82,48 @@ def test_compiled_222_step_is_a_pipeline_not_layer_sharding():
     assert gathers_over_pipe == 0  # and no stage ever gathers another stage's weights
 
 
+@pytest.mark.parametrize("remat", ["full", "none"])
+def test_activation_memory_does_not_grow_with_the_microbatches(remat):
+    """1F1B: a stage holds at most 2P - 1 microbatches' inputs whatever M (GPipe's autodiff held all M + P - 1).
+    From 16 to 64 microbatches of 2 sequences on 4 stages the compiled step's temporaries may grow by less than
+    4 stage inputs (of 16 KB each); keeping every microbatch's would add 48 of them, or 48 x 2 layer inputs."""
+    temp = {}
+    for accum in (16, 64):
+        tr = trainer({"pipe": 4}, micro_batch_size=2, grad_accum_steps=accum,
+                     model=MODEL.replace(remat_policy=remat))
+        assert tr.microbatches == accum
+        compiled = tr.step.lower(tr.abstract_state(), tr.abstract_batch()).compile()
+        temp[accum] = compiled.memory_analysis().temp_size_in_bytes
+    stage_input = 2 * 32 * 64 * 4
+    assert temp[64] - temp[16] < 4 * stage_input
+
+
 def test_pipeline_layout_checks():
     with pytest.raises(Exception, match="pipe_microbatches=3 must be a multiple of grad_accum_steps=2"):
         trainer({"pipe": 2}, grad_accum_steps=2, pipe_microbatches=3)
     assert bubble_fraction(4, 32) == pytest.approx(3 / 35)
+    with pytest.raises(Exception, match="remat_policy=dots_saveable with pipe=2: the pipeline recomputes once"):
+        trainer({"pipe": 2}, model=MODEL.replace(remat_policy="dots_saveable"))
 
 
-def test_bf16_and_fp32_gradient_sums_through_the_pipeline(reference):
-    """bf16 training on (2,2,2) with 8 pipeline microbatches, summed in fp32 or bf16, against the fp32 single-device
-    reference. Both carry bf16 compute error (about 2^-8 relative per tensor); the bf16 sums add their rounding of 8
-    partial sums on top, so they land further from the reference than the fp32 sums, and fp32 sums with fp32
-    weights are exact (the first check)."""
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_bf16_and_fp32_gradient_sums_through_the_pipeline(reference, precision):
+    """Training on (2,2,2) with 8 pipeline microbatches, summed in fp32 or bf16, against the fp32 single-device
+    reference. In bf16 both carry bf16 compute error (about 2^-8 relative per tensor) and the bf16 sums add their
+    rounding of 8 partial sums (unit roundoff 2^-9 each) on top, so they land further from the reference than the
+    fp32 sums. In fp32 the fp32 sums are exact and the bf16 sums carry that rounding alone."""
     tokens, _, ref_grads = reference
     errors = {}
     for dtype in ("float32", "bfloat16"):
-        tr = trainer(dict(data=2, pipe=2, tensor=2), pipe_microbatches=8, precision="bf16", grad_accum_dtype=dtype)
+        tr = trainer(dict(data=2, pipe=2, tensor=2), pipe_microbatches=8, precision=precision, grad_accum_dtype=dtype)
         state = tr.init(jax.random.key(0))
         _, grads = tr.grads(state.params, tr.put_batch(tokens))
         errors[dtype] = float(np.sqrt(sum(np.sum((np.asarray(g) - r) ** 2) for g, r in
                                           zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
                                       / sum(np.sum(r ** 2) for r in jax.tree.leaves(ref_grads))))
-    assert errors["float32"] <= 2**-6 and errors["bfloat16"] <= 2**-5
+    print(precision, errors)
+    if precision == "bf16":
+        assert errors["float32"] <= 2**-6 and errors["bfloat16"] <= 2**-5
+    else:
+        assert errors["float32"] <= 1e-5 and 2**-12 <= errors["bfloat16"] <= 2**-7
     assert errors["bfloat16"] > errors["float32"]
-    with pytest.raises(Exception, match="grad_accum_dtype=bfloat16 with precision=fp32"):
-        trainer(dict(data=2, pipe=2, tensor=2), grad_accum_dtype="bfloat16")
