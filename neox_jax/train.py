@@ -90,8 +90,11 @@ def pipe_microbatches(cfg: TrainConfig, pipe: int) -> int:
 
 
 def cross_entropy(logits_btv, labels_bt):
-    logp = jax.nn.log_softmax(logits_btv.astype(F32), axis=-1)
-    return -jnp.take_along_axis(logp, labels_bt[..., None], axis=-1)[..., 0].mean()
+    """Mean of logsumexp(logits) - the label's logit, in fp32. (Written so, not as a gather from `log_softmax`: the
+    backward then needs no full [b, t, vocab] log-probabilities; 1.4 s of the pythia-70m gradient on a CPU.)"""
+    logits_btv = logits_btv.astype(F32)
+    target_bt = jnp.take_along_axis(logits_btv, labels_bt[..., None], axis=-1)[..., 0]
+    return (jax.nn.logsumexp(logits_btv, axis=-1) - target_bt).mean()
 
 
 LOSS_CHUNK = 512  # sequence positions whose fp32 logits exist at once in the training loss

@@ -121,6 +121,7 @@ def test_bf16_and_fp32_gradient_sums_against_the_fp32_reference(reference):
 
 
 def test_the_chunked_loss_equals_the_full_one_in_value_and_gradient():
+    import optax
     from flax import nnx
 
     from neox_jax.model import GPTNeoX
@@ -137,7 +138,9 @@ def test_the_chunked_loss_equals_the_full_one_in_value_and_gradient():
 
     full = lambda m, x, labels: cross_entropy(m.logits(x), labels)  # noqa: E731
     chunked = lambda m, x, labels: lm_loss(m, x, labels, chunk=8)  # noqa: E731  4 chunks of 8 positions
-    (a, ga), (b, gb) = (jax.value_and_grad(loss)(params, how) for how in (full, chunked))
+    optax_ce = lambda m, x, labels: optax.softmax_cross_entropy_with_integer_labels(m.logits(x), labels).mean()  # noqa
+    (a, ga), (b, gb), (c, gc) = (jax.value_and_grad(loss)(params, how) for how in (full, chunked, optax_ce))
+    assert abs(float(a) - float(c)) <= 1e-6 and max_diff(ga, jax.tree.map(np.asarray, gc)) <= 1e-6  # optax's
     assert abs(float(a) - float(b)) <= 1e-5 and max_diff(gb, jax.tree.map(np.asarray, ga)) <= 1e-5
     assert abs(float(lm_loss(model, model(tokens[:, :-1], hidden_only=True), tokens[:, 1:], chunk=5)) - float(a)) \
         <= 1e-5  # 32 positions: the largest divisor up to 5 is 4

@@ -73,7 +73,7 @@ OFF_MODEL = {
            "use_mup", "te_columnparallel", "te_rowparallel", "te_layernorm_mlp", "te_mha", "te_fp8_mha"),
 }
 OFF_TRAINING = {
-    **_each("Megatron sequence parallelism is not implemented yet (issue 12)", "sequence_parallel"),
+    **_each("Megatron sequence parallelism is not implemented (docs/sharding.md says why)", "sequence_parallel"),
     **_each("neox-jax trains with train_iters", "train_epochs"),
     **_each("only GPT-NeoX's plain language-model data is read", "train_label_data_paths", "valid_label_data_paths",
            "test_label_data_paths", "train_reward_data_paths", "valid_reward_data_paths", "test_reward_data_paths",
