@@ -61,6 +61,7 @@ class Plan:
     microbatches: int = 1
     minimum: dict = dataclasses.field(default_factory=dict)  # mesh axis -> the least bytes (neox_jax/traffic.py)
     recomputed_forwards: int = 0  # forwards run again in the backward (0 or 1)
+    forwards_per_layer: float = 0.0  # measured: layer forwards per layer and microbatch in the compiled step
     recomputation: str = "no recomputation"  # what is recomputed
     replication: float = 1.0  # devices holding each working-weight byte, averaged over the bytes (from the specs)
 
@@ -108,7 +109,10 @@ class Plan:
                         f"(P-1)/(M+P-1) = {bubble_fraction(self.stages, self.microbatches):.1%}; per-stage weights "
                         f"{self.params / GB:.2f} GB per device (1/{self.stages} of the layers)"]
         out += ["", f"recompute factor {3 + self.recomputed_forwards} (forward 1 + backward 2 + "
-                    f"{self.recomputed_forwards} recomputed: {self.recomputation})"]
+                    f"{self.recomputed_forwards} recomputed: {self.recomputation}); compiled: each layer's forward "
+                    f"runs {self.forwards_per_layer:.2f} times per microbatch (its attention scores counted in the "
+                    "step" + (f"; {self.microbatches + self.stages - 1} pipeline ticks for {self.microbatches} "
+                              "microbatches)" if self.stages > 1 else ")")]
         verdict = "fits" if self.fits else "does NOT fit"
         out += ["", f"compile time {self.compile_seconds:.1f}s",
                 f"{device}: {self.capacity / 2**30:.0f} GiB per device -> {verdict} "
@@ -272,6 +276,20 @@ def collective_bytes(hlo: str, mesh_shape: dict[str, int]) -> dict[str, int]:
     return dict(out)
 
 
+_SCORES = re.compile(r'= \w+\[(?:\d+,)*(\d+),(\d+)\]\S* dot\(.*op_name="(?:[^"]*/)?(?:jvp\()*btnh,bsnh->bnts\)*/'
+                     r'dot_general"', re.IGNORECASE)
+
+
+def attention_forwards(hlo: str, seq_length: int) -> int:
+    """How many times the compiled step computes a layer's attention scores, loop trip counts included: the dots
+    of the scores' einsum whose output ends in [seq, seq] (its transposes in the backward carry the same name but
+    give [seq, head_dim]). Each layer forward, first or recomputed, computes them once."""
+    comps, entry = _computations(hlo)
+    mult = _multipliers(comps, entry)
+    return sum(mult.get(name, 0) for name, lines in comps.items() for line in lines
+               if (m := _SCORES.search(line)) and int(m.group(1)) == int(m.group(2)) == seq_length)
+
+
 def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
     import time
 
@@ -316,6 +334,8 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
         compile_seconds=seconds, capacity=DEVICES[device], stages=trainer.stages,
         microbatches=trainer.microbatches,
         recomputed_forwards=recomputed, recomputation=how,
+        forwards_per_layer=attention_forwards(partitioned, trainer.cfg.seq_length) / (cfg.model.num_layers // trainer.stages
+                                                              * max(trainer.microbatches, cfg.grad_accum_steps)),
         minimum=minimum_traffic(trainer.cfg, dict(mesh.shape), held),
         replication=replication(trainer.abstract_params, trainer.param_specs, dict(mesh.shape)),
     )

@@ -86,6 +86,15 @@ def test_traffic_over_tensor_is_gpt_neox_count(traffic_plans):
     assert abs(traffic_plans[(4, 1, 2), 1].collectives["tensor"] / per_microstep - 1) <= 0.10
 
 
+def test_the_compiled_step_runs_each_layer_forward_once_plus_one_recomputation(traffic_plans):
+    """Counted in the compiled HLO (attention scores per layer and microbatch, loop trips included): 2 with per-layer
+    remat; the pipeline's 2 per tick, 9 ticks for 8 microbatches on 2 stages; 1 without remat."""
+    assert traffic_plans[(4, 1, 2), 8].forwards_per_layer == 2.0
+    assert traffic_plans[(2, 2, 2), 8].forwards_per_layer == pytest.approx(2 * 9 / 8)
+    cfg = small((4, 1, 2), 2)
+    assert plan(cfg.replace(model=cfg.model.replace(remat_policy="none"))).forwards_per_layer == 1.0
+
+
 def test_the_loss_never_gathers_the_vocabulary_over_tensor():
     from neox_jax.plan import compile_partitioned
     from neox_jax.sharding import make_mesh
