@@ -39,6 +39,7 @@ from neox_jax import sharding as shd
 from neox_jax.model import apply_layer, layer_axes, rotary_cos_sin
 
 PIPELINE_REMAT = ("full", "none")  # the recomputations the pipeline implements (module docstring)
+F32 = jnp.float32
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
@@ -101,9 +102,12 @@ def pipeline_grads(graphdef, params, tokens_mbt, labels_mbt, loss_fn, *, seed, a
         def embed(outer, tokens_bt):
             return whole(outer).embed(tokens_bt)
 
-        def tick(carry, k, forward: bool, backward: bool):
+        def add(sums, grads):
+            return jax.tree.map(lambda a, g: a + g.astype(accum_dtype), sums, grads)
+
+        def tick(carry, now, forward: bool, backward: bool):
             x_in, g_in, kept, sums, loss_sum = carry
-            f, b = k - s, k - (2 * last - s)  # the microbatches this stage runs forward and backward
+            f, b = now - s, now - (2 * last - s)  # the microbatches this stage runs forward and backward
             y = g_out = None
             if forward:
                 x = jnp.where(s == 0, embed(outer, tokens_mbt[jnp.clip(f, 0, m - 1)]), x_in)
@@ -116,8 +120,7 @@ def pipeline_grads(graphdef, params, tokens_mbt, labels_mbt, loss_fn, *, seed, a
                 head = {k: v for k, v in outer.items() if k != "embed_in"}
                 loss, pull = jax.vjp(lambda h, y: loss_fn(whole({**outer, **h}), y, labels), head, y)
                 d_head, g_last = pull(shd.vary_like(jnp.where(scored, seed / m, 0.0).astype(loss.dtype), loss))
-                sums = {**sums, **jax.tree.map(lambda a, g: a + g.astype(accum_dtype), {k: sums[k] for k in head},
-                                               d_head)}
+                sums = {**sums, **add({k: sums[k] for k in head}, d_head)}
                 loss_sum = loss_sum + jnp.where(scored, loss, 0.0)
                 g_in = jnp.where(s == last, g_last, g_in)
             if backward:
@@ -126,9 +129,7 @@ def pipeline_grads(graphdef, params, tokens_mbt, labels_mbt, loss_fn, *, seed, a
                 tokens = tokens_mbt[jnp.clip(b, 0, m - 1)]
                 d_embed = jax.vjp(lambda e: embed({**outer, "embed_in": e}, tokens), outer["embed_in"])[1](
                     jnp.where(s == 0, g_out, 0))[0]
-                add = lambda a, g: a + g.astype(accum_dtype)  # noqa: E731
-                sums = {**sums, "layers": jax.tree.map(add, sums["layers"], d_layers),
-                        "embed_in": jax.tree.map(add, sums["embed_in"], d_embed)}
+                sums = {**sums, "layers": add(sums["layers"], d_layers), "embed_in": add(sums["embed_in"], d_embed)}
             # stage s's output becomes stage s + 1's input, its input gradient stage s - 1's output gradient
             if y is not None:
                 x_in = jax.lax.ppermute(y, "pipe", [(i, i + 1) for i in range(last)])
@@ -137,7 +138,8 @@ def pipeline_grads(graphdef, params, tokens_mbt, labels_mbt, loss_fn, *, seed, a
             return (x_in, g_in, kept, sums, loss_sum), None
 
         act = shd.varying(jnp.zeros((mb, t, cfg.hidden_size), jnp.dtype(cfg.dtype)))
-        kept_shape = (keep, *((layers_per_stage(layers),) if cfg.remat_policy == "full" else ()), *act.shape)
+        per_stage = jax.tree.leaves(layers)[0].shape[0]
+        kept_shape = (keep, *((per_stage,) if cfg.remat_policy == "full" else ()), *act.shape)
         sums = jax.tree.map(lambda w: shd.varying(jnp.zeros(w.shape, accum_dtype)), params)
         carry = (act, act, shd.varying(jnp.zeros(kept_shape, act.dtype)), sums, shd.varying(jnp.zeros((), F32)))
         for first, end, forward, backward in ((0, last, True, False), (last, m + last, True, True),
@@ -155,9 +157,3 @@ def pipeline_grads(graphdef, params, tokens_mbt, labels_mbt, loss_fn, *, seed, a
     # (a psum inside the shard_map would be the same all-reduce, but XLA's CPU compiler fails on a bf16 one there)
     return loss, {k: v if k == "layers" else jax.tree.map(lambda g: g.sum(0), v) for k, v in sums.items()}
 
-
-F32 = jnp.float32
-
-
-def layers_per_stage(stage_layers) -> int:
-    return jax.tree.leaves(stage_layers)[0].shape[0]
