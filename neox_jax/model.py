@@ -213,7 +213,8 @@ _REMAT = {
 
 def layer_axes(stacked) -> dict:
     """Logical axes of one layer's weights (the stacked `layers` axis dropped)."""
-    return jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked), is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked),
+                        is_leaf=lambda x: isinstance(x, P))
 
 
 def apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts=None, cache=None, cache_index=None):

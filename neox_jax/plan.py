@@ -334,8 +334,8 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
         compile_seconds=seconds, capacity=DEVICES[device], stages=trainer.stages,
         microbatches=trainer.microbatches,
         recomputed_forwards=recomputed, recomputation=how,
-        forwards_per_layer=attention_forwards(partitioned, trainer.cfg.seq_length) / (cfg.model.num_layers // trainer.stages
-                                                              * max(trainer.microbatches, cfg.grad_accum_steps)),
+        forwards_per_layer=attention_forwards(partitioned, trainer.cfg.seq_length)
+        / (cfg.model.num_layers // trainer.stages * max(trainer.microbatches, cfg.grad_accum_steps)),
         minimum=minimum_traffic(trainer.cfg, dict(mesh.shape), held),
         replication=replication(trainer.abstract_params, trainer.param_specs, dict(mesh.shape)),
     )

@@ -1,4 +1,5 @@
-"""The 1F1B pipeline over `pipe`: equal to the unpipelined single-device model, and really a pipeline (8 CPU devices)."""
+"""The 1F1B pipeline over `pipe`: equal to the unpipelined single-device model, and really a pipeline (8 CPU
+devices)."""
 
 import jax
 import numpy as np
