@@ -251,6 +251,12 @@ def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts
     return x_btd, cache
 
 
+def output_logits(h_btd, kernel_dv):
+    """fp32 logits of the final LayerNorm's output."""
+    return constrain(jnp.einsum("btd,dv->btv", h_btd, kernel_dv, preferred_element_type=F32),
+                     ("batch", "length", "vocab"))
+
+
 def abstract_model(config: NeoXConfig):
     """(graphdef, parameter state of ShapeDtypeStructs): the model's structure, nothing allocated."""
     return nnx.split(nnx.eval_shape(lambda: GPTNeoX(config, rngs=nnx.Rngs(0))))
@@ -305,10 +311,11 @@ class GPTNeoX(nnx.Module):
         return tuple(jax.tree.map(lambda w: w[i], stacked) for i in range(self.config.num_layers))
 
     def logits(self, x_btd):
-        x_btd = self.final_layer_norm(x_btd)
-        kernel_dv = constrain(self.embed_out.kernel[...], ("embed", "vocab"))
-        logits_btv = jnp.einsum("btd,dv->btv", x_btd, kernel_dv.astype(x_btd.dtype), preferred_element_type=F32)
-        return constrain(logits_btv, ("batch", "length", "vocab"))
+        return output_logits(self.final_layer_norm(x_btd), self.output_kernel(x_btd.dtype))
+
+    def output_kernel(self, dtype):
+        """The output layer's [embed, vocab] kernel in `dtype`, vocabulary-parallel."""
+        return constrain(self.embed_out.kernel[...], ("embed", "vocab")).astype(dtype)
 
     def init_cache(self, batch: int, length: int, dtype=None) -> dict:
         """An empty KV cache {k, v}: [layers, batch, heads, length, head_dim] in the compute dtype, heads split over

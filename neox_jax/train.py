@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from neox_jax import sharding as shd
 from neox_jax.config import ConfigError, TrainConfig
-from neox_jax.model import GPTNeoX, abstract_model
+from neox_jax.model import GPTNeoX, abstract_model, output_logits
 from neox_jax.optim import LossScale, make_optimizer, schedule
 from neox_jax.pipeline import PIPELINE_REMAT, pipeline_grads
 
@@ -101,21 +101,51 @@ LOSS_CHUNK = 512  # sequence positions whose fp32 logits exist at once in the tr
 
 
 def lm_loss(model: GPTNeoX, x_btd, labels_bt, chunk: int = LOSS_CHUNK):
-    """Mean next-token cross-entropy from the last layer's output `x_btd`: the output layer and the loss run over
-    the sequence `chunk` positions at a time (the largest divisor of its length up to `chunk`), each chunk's fp32
-    logits recomputed in the backward, so the whole [b, t, vocab] fp32 logits never exist. Equal to
-    `cross_entropy(model.logits(x), labels)` in value and gradient."""
-    b, t, d = x_btd.shape
+    """Mean next-token cross-entropy from the last layer's output `x_btd`. Equal to
+    `cross_entropy(model.logits(x), labels)` in value and gradient; the output layer and the loss are
+    `output_cross_entropy`'s."""
+    h_btd = model.final_layer_norm(x_btd)
+    return output_cross_entropy(h_btd, model.output_kernel(h_btd.dtype), labels_bt, chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def output_cross_entropy(h_btd, kernel_dv, labels_bt, chunk: int = LOSS_CHUNK):
+    """Mean cross-entropy of the logits `h @ kernel`, run over the sequence `chunk` positions at a time (the
+    largest divisor of its length up to `chunk`), so the whole [b, t, vocab] fp32 logits never exist. The
+    gradients are computed with the loss, chunk by chunk (softmax minus the one-hot label): the logits are computed
+    once, where autodiff of a rematerialised loss computed them again in the backward."""
+    return _output_cross_entropy(h_btd, kernel_dv, labels_bt, chunk)[0]
+
+
+def _output_cross_entropy(h_btd, kernel_dv, labels_bt, chunk):
+    b, t, d = h_btd.shape
     c = max(n for n in range(1, min(chunk, t) + 1) if t % n == 0)
-    xs = x_btd.reshape(b, t // c, c, d).swapaxes(0, 1)
+    hs = h_btd.reshape(b, t // c, c, d).swapaxes(0, 1)
     labels = labels_bt.reshape(b, t // c, c).swapaxes(0, 1)
 
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def piece(total, x_and_labels):
-        x, y = x_and_labels
-        return total + cross_entropy(model.logits(x), y) * (c / t), None
+    def piece(carry, h_and_labels):
+        total, dkernel_dv = carry
+        h_bcd, labels_bc = h_and_labels
+        logits_bcv = output_logits(h_bcd, kernel_dv)
+        lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+        target_bc = jnp.take_along_axis(logits_bcv, labels_bc[..., None], axis=-1)[..., 0]
+        onehot_bcv = jnp.arange(logits_bcv.shape[-1]) == labels_bc[..., None]
+        dlogits_bcv = ((jnp.exp(logits_bcv - lse_bc[..., None]) - onehot_bcv) / (b * t)).astype(h_bcd.dtype)
+        dh_bcd = jnp.einsum("bcv,dv->bcd", dlogits_bcv, kernel_dv)
+        dkernel_dv = dkernel_dv + jnp.einsum("bcd,bcv->dv", h_bcd, dlogits_bcv, preferred_element_type=F32)
+        return (total + (lse_bc - target_bc).sum(), dkernel_dv), dh_bcd
 
-    return jax.lax.scan(piece, shd.varying(jnp.zeros((), F32)), (xs, labels))[0]
+    zeros = shd.varying(shd.constrain(jnp.zeros(kernel_dv.shape, F32), ("embed", "vocab")))
+    (total, dkernel_dv), dhs = jax.lax.scan(piece, (shd.varying(jnp.zeros((), F32)), zeros), (hs, labels))
+    return total / (b * t), (dhs.swapaxes(0, 1).reshape(b, t, d), dkernel_dv.astype(kernel_dv.dtype))
+
+
+def _output_cross_entropy_bwd(chunk, grads, g):
+    dh_btd, dkernel_dv = grads
+    return (g * dh_btd).astype(dh_btd.dtype), (g * dkernel_dv).astype(dkernel_dv.dtype), None
+
+
+output_cross_entropy.defvjp(_output_cross_entropy, _output_cross_entropy_bwd)
 
 
 class Trainer:
