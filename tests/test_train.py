@@ -144,3 +144,34 @@ def test_the_chunked_loss_equals_the_full_one_in_value_and_gradient():
     assert abs(float(a) - float(b)) <= 1e-5 and max_diff(gb, jax.tree.map(np.asarray, ga)) <= 1e-5
     assert abs(float(lm_loss(model, model(tokens[:, :-1], hidden_only=True), tokens[:, 1:], chunk=5)) - float(a)) \
         <= 1e-5  # 32 positions: the largest divisor up to 5 is 4
+
+
+def test_the_loss_gradient_computes_the_logits_once():
+    """The output layer's [b, c, vocab] logits are one matmul in the gradient's program (autodiff of a
+    rematerialised chunk computed them in the forward and again in the backward)."""
+    from flax import nnx
+
+    from neox_jax.model import GPTNeoX
+    from neox_jax.train import lm_loss
+
+    model = GPTNeoX(MODEL, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = np.random.RandomState(3).randint(0, 256, (2, 33))
+
+    def loss(params):
+        m = nnx.merge(graphdef, params)
+        return lm_loss(m, m(tokens[:, :-1], hidden_only=True), tokens[:, 1:], chunk=8)
+
+    def vocab_matmuls(jaxpr):
+        count = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[-1] == MODEL.vocab_size:
+                count += 1
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(sub, "jaxpr", None)
+                    if inner is not None:
+                        count += vocab_matmuls(getattr(inner, "jaxpr", inner))
+        return count
+
+    assert vocab_matmuls(jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr) == 2  # logits, kernel gradient
