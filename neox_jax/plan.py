@@ -127,7 +127,7 @@ def activation_bytes(cfg: TrainConfig, mesh: dict, microbatches: int = 1) -> int
     b = micro_batch x accumulation / M sequences and keeps 2P - 1 of them at once (neox_jax/pipeline.py): each
     layer's input (remat full) plus one layer's working set, or the stage's input (none) plus the whole stage's
     working set in its backward. Plus one chunk of the loss's fp32 logits and their gradient (train.LOSS_CHUNK
-    positions)."""
+    positions) and the loss's fp32 sum of the output kernel's gradient."""
     from neox_jax.pipeline import slots
     from neox_jax.train import LOSS_CHUNK
 
@@ -143,8 +143,8 @@ def activation_bytes(cfg: TrainConfig, mesh: dict, microbatches: int = 1) -> int
         kept = (in_flight * layer_input if stages > 1 else 0) + layers * per_layer
     else:
         kept = in_flight * layers * layer_input + per_layer
-    logits = 2 * b * min(LOSS_CHUNK, s) * (m.vocab_size / t) * 4
-    return int(kept + logits)
+    loss = (2 * b * min(LOSS_CHUNK, s) + h) * (m.vocab_size / t) * 4
+    return int(kept + loss)
 
 
 # ---- collectives in the compiled HLO ----------------------------------------------------------------
@@ -317,8 +317,8 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
         grads = reduced + sharded_bytes(trainer.abstract_params, sh.params)
     else:  # each replica's sums over its microbatches, in grad_accum_dtype
         grads = reduced + sharded_bytes(like(jax.numpy.dtype(cfg.grad_accum_dtype)), sh.params)
-    # parameters a device holds of its `pipe` x `tensor` shard (before any FSDP split): one-byte elements counted
     recomputed, how = recomputation(trainer.cfg, trainer.stages)
+    # parameters a device holds of its `pipe` x `tensor` shard (before any FSDP split): one-byte elements counted
     held = sharded_bytes(like(np.int8), named(mesh, shd.param_specs(trainer.abstract_params, trainer.logical_axes,
                                                                      mesh)))
     return Plan(

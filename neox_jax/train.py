@@ -90,8 +90,7 @@ def pipe_microbatches(cfg: TrainConfig, pipe: int) -> int:
 
 
 def cross_entropy(logits_btv, labels_bt):
-    """Mean of logsumexp(logits) - the label's logit, in fp32. (Written so, not as a gather from `log_softmax`: the
-    backward then needs no full [b, t, vocab] log-probabilities; 1.4 s of the pythia-70m gradient on a CPU.)"""
+    """Mean of logsumexp(logits) - the label's logit, in fp32: the whole-logits loss `lm_loss` equals."""
     logits_btv = logits_btv.astype(F32)
     target_bt = jnp.take_along_axis(logits_btv, labels_bt[..., None], axis=-1)[..., 0]
     return (jax.nn.logsumexp(logits_btv, axis=-1) - target_bt).mean()
@@ -261,6 +260,7 @@ class Trainer:
         # the dimension ZeRO splits over `data` when it splits a dimension of its own, else -1: an all-reduce
         dims = jax.tree.map(lambda spec: next((i for i, e in enumerate(spec) if e == "data"), -1), self.zero_specs,
                             is_leaf=lambda x: isinstance(x, P))
+
         def replica(params, batch_mbt, loss_scale):  # one data replica's rows; `pipe` and `tensor` stay automatic
             # so that the gradient's transpose reduces nothing over `data`
             params = jax.tree.map(lambda p: jax.lax.pcast(p, "data", to="varying"), params)

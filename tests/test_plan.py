@@ -140,7 +140,7 @@ def test_activation_estimate_by_hand_with_a_pipeline():
     # 1 sequence per pipeline microbatch, 2 layers per stage, 16-bit activations
     per_layer = 128 * 64 * (10 + 24 / 2 + 5 * 4 * 128 / (64 * 2))  # one layer's working set
     layer_input = 2 * 128 * 64
-    logits = 2 * 128 * (512 / 2) * 4  # a 128-token chunk of fp32 logits and their gradient
+    logits = (2 * 128 + 64) * (512 / 2) * 4  # a 128-token chunk of fp32 logits and their gradient, the kernel's
     # 3 microbatches in flight on the first stage (2P - 1), each with its 2 layers' inputs
     assert activation_bytes(cfg, cfg.mesh, 4) == int(3 * 2 * layer_input + per_layer + logits)
     # 16 microbatches of one sequence each (4x the rows per step): nothing grows with M
