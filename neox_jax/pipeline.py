@@ -57,15 +57,10 @@ def pipeline_grads(graphdef, params, tokens_mbt, labels_mbt, loss_fn, *, seed, a
     stages as the mesh's `pipe` axis has devices.
 
     `graphdef` and `params` (a nested dict) make the GPTNeoX; `loss_fn(model, last layer's output, labels)` is one
-    microbatch's loss."""
+    microbatch's loss. `train.check_layout` has checked the layout (layers divisible by stages, remat policy)."""
     stages = dict(jax.sharding.get_abstract_mesh().shape)["pipe"]
     model = nnx.merge(graphdef, params)
     cfg = model.config
-    if cfg.num_layers % stages:
-        raise ValueError(f"num_layers={cfg.num_layers} is not divisible by {stages} pipeline stages")
-    if cfg.remat_policy not in PIPELINE_REMAT:
-        raise ValueError(f"remat_policy={cfg.remat_policy!r} with a pipeline: it recomputes per layer (full) or per "
-                         "stage (none)")
     layer_def, stacked = nnx.split(model.layers)
     axes = nnx.to_pure_dict(layer_axes(stacked))
     # the stacked layers enter split over `pipe` (each stage its block), the rest whole

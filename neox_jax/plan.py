@@ -10,6 +10,7 @@ of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transfor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections import defaultdict
@@ -244,12 +245,18 @@ def _multipliers(comps: dict[str, list[str]], entry: str | None) -> dict[str, in
     return mult
 
 
+@functools.lru_cache(maxsize=1)
+def _loops(hlo: str) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """The computations and how many times each runs per step (the planner reads one HLO text twice)."""
+    comps, entry = _computations(hlo)
+    return comps, _multipliers(comps, entry)
+
+
 def collective_bytes(hlo: str, mesh_shape: dict[str, int]) -> dict[str, int]:
     """Bytes each device sends per step, by the mesh axes a collective spans."""
     axes, dims = list(mesh_shape), tuple(mesh_shape.values())
     n = math.prod(dims)
-    comps, entry = _computations(hlo)
-    mult = _multipliers(comps, entry)
+    comps, mult = _loops(hlo)
     out: dict[str, int] = defaultdict(int)
     for name, lines in comps.items():
         k = mult.get(name, 0)
@@ -284,8 +291,7 @@ def attention_forwards(hlo: str, seq_length: int) -> int:
     """How many times the compiled step computes a layer's attention scores, loop trip counts included: the dots
     of the scores' einsum whose output ends in [seq, seq] (its transposes in the backward carry the same name but
     give [seq, head_dim]). Each layer forward, first or recomputed, computes them once."""
-    comps, entry = _computations(hlo)
-    mult = _multipliers(comps, entry)
+    comps, mult = _loops(hlo)
     return sum(mult.get(name, 0) for name, lines in comps.items() for line in lines
                if (m := _SCORES.search(line)) and int(m.group(1)) == int(m.group(2)) == seq_length)
 
