@@ -1,11 +1,12 @@
-"""Generation: prefill, then decode with a preallocated KV cache; greedy, temperature, top-k and top-p.
+"""Generation: prefill, then decode with a KV cache; greedy, temperature, top-k and top-p.
 
-Shapes are static so each compiles once: prompts are left-padded to a multiple of `bucket` tokens and
-the cache holds prompt + max_new_tokens rounded up the same way, so a new prompt length only recompiles
-when it crosses a bucket. A whole generation runs in one jitted program of a few `while_loop`s, one per span
-of cache positions (`read_spans`): each decode step writes one token's keys and values per layer into the cache
-in place and reads only the cache's positions up to the span's end (at most twice those filled), never the whole
-preallocated cache. `stream` runs the same decode step from Python and yields tokens as they come.
+Shapes are static so each compiles once: prompts are left-padded to a multiple of `bucket` tokens and the
+positions prompt + max_new_tokens are rounded up the same way, so a new prompt length only recompiles when it
+crosses a bucket. A whole generation runs in one jitted program of a few `while_loop`s, one per span of cache
+positions (`read_spans`: the prompt plus a bucket, then doubling): the cache is grown to each span's end as the
+span starts (one copy per span), and each decode step writes one token's keys and values per layer into it in
+place and reads all of it (at most twice the positions filled). `stream` runs the same decode step from Python
+and yields tokens as they come.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from neox_jax.model import GPTNeoX
+from neox_jax.model import GPTNeoX, cache_length
 
 F32 = jnp.float32
 
@@ -105,28 +106,48 @@ def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int) -> t
 # Generator of an equally shaped model, `generate()` calls included, reuses them for the same bucketed shapes.
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _prefill(graphdef, params, layers, ids_bp, mask_bs):
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _prefill(graphdef, params, copies, ids_bp, mask_bs, length: int):
+    """The prompt's keys and values in a cache of `length` positions (the first span's), its last logits."""
     model = nnx.merge(graphdef, params)
     b, p = ids_bp.shape
-    cache = model.init_cache(b, mask_bs.shape[1])
+    cache = model.init_cache(b, length, per_layer=copies is not None)
     logits, cache = model(ids_bp, attention_mask=mask_bs, cache=cache, cache_index=0, last_only=True, cache_read=p,
-                          layer_weights=layers)
+                          **_weights(copies, b))
     return logits[:, -1], cache
 
 
-def _step(graphdef, params, layers, carry, knobs, read: int):
+def _weights(copies, batch: int) -> dict:
+    """The model's keyword arguments for the generator's weight copies at this batch size."""
+    if copies is None:
+        return {}
+    return copies if batch > 1 else dict(copies, output_kernel_vd=None)
+
+
+def _grow(cache, length: int):
+    """The cache with room for `length` positions (the next span's): one copy per span, so that every decode step
+    reads its whole cache as it lies, never a slice (which XLA's CPU backend would copy)."""
+    grow = length - cache_length(cache)
+    return jax.tree.map(lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, grow), (0, 0)]), cache) if grow else cache
+
+
+_grow_jit = jax.jit(_grow, static_argnums=1, donate_argnums=0)
+
+
+def _step(graphdef, params, copies, carry, knobs, read: int):
     """Pick the next token from `carry["logits"]`, write it, and run it through the model, attending over the
     cache's first `read` positions."""
     model = nnx.merge(graphdef, params)
     temperature, top_k, top_p, seed, stop_ids = knobs
     i, index = carry["i"], carry["index"]
+    b = carry["done"].shape[0]
+    assert cache_length(carry["cache"]) == read, "the cache is sized to the span it reads (_grow)"
     token = sample(carry["logits"], jax.random.fold_in(jax.random.key(seed), i), temperature, top_k, top_p)
     token = jnp.where(carry["done"], stop_ids[0], token)
     done = carry["done"] | jnp.isin(token, stop_ids)
     mask = jax.lax.dynamic_update_slice_in_dim(carry["mask"], jnp.ones_like(token)[:, None], index, axis=1)
     logits, cache = model(token[:, None], attention_mask=mask, cache=carry["cache"], cache_index=index,
-                          cache_read=read, layer_weights=layers)
+                          cache_read=read, **_weights(copies, b))
     out = jax.lax.dynamic_update_slice_in_dim(carry["out"], token[:, None], i, axis=1)
     return dict(carry, i=i + 1, index=index + 1, logits=logits[:, -1], cache=cache, mask=mask, done=done, out=out)
 
@@ -137,12 +158,13 @@ _decode_step = jax.jit(_step, static_argnums=(0, 5), donate_argnums=3)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7))
-def _generate(graphdef, params, layers, state, max_new, knobs, replicated, spans):  # max_new traced: compiled once
-    for end in spans:  # one loop per span of the cache, each reading up to its end
+def _generate(graphdef, params, copies, state, max_new, knobs, replicated, spans):  # max_new traced: compiled once
+    for end in spans:  # one loop per span of the cache, each reading all of a cache grown to its end
         def cond(c, end=end):
             return (c["i"] < max_new) & ~jnp.all(c["done"]) & (c["index"] < end)
 
-        state = jax.lax.while_loop(cond, lambda c, end=end: _step(graphdef, params, layers, c, knobs, end), state)
+        state = dict(state, cache=_grow(state["cache"], end))
+        state = jax.lax.while_loop(cond, lambda c, end=end: _step(graphdef, params, copies, c, knobs, end), state)
     out = state["out"], state["i"]
     # weights sharded over a mesh (several processes, say): the new tokens come back replicated, so every process
     # can read them
@@ -156,17 +178,22 @@ class Generator:
         self.graphdef, self.params = nnx.split(model)
         self.config = model.config
         # XLA's CPU backend copies each layer's slice out of the stacked weights before its matmuls, at every decode
-        # step (1.3-1.4x slower at batch 1, measured): on a CPU in one process the generator keeps per-layer copies
-        # (the layer weights twice in memory while it lives); elsewhere the stacked weights are read as they are.
-        self.layers = model.unstack() if jax.default_backend() == "cpu" and jax.process_count() == 1 else None
+        # step (1.3-1.4x slower at batch 1, measured), and multiplies 2-32 rows by the [vocab, embed] output kernel
+        # 1.2-1.8x faster than by the [embed, vocab] one (one row: 0.9-1x, so batch 1 keeps the model's): on a CPU in
+        # one process the generator keeps such copies (the weights twice in memory while it lives); elsewhere the
+        # model's own are read.
+        self.copies = None
+        if jax.default_backend() == "cpu" and jax.process_count() == 1:
+            self.copies = {"layer_weights": model.unstack(), "output_kernel_vd": model.embed_out.kernel[...].T.copy()}
         sharding = getattr(jax.tree.leaves(self.params)[0], "sharding", None)
         self.replicated = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
 
     def step(self, state, knobs, spans):
         """One decode step: the next token of every row written into `state`, its logits computed."""
         index = int(state["index"])
-        return _decode_step(self.graphdef, self.params, self.layers, state, knobs,
-                            next(end for end in spans if end > index))
+        end = next(end for end in spans if end > index)
+        state = dict(state, cache=_grow_jit(state["cache"], end))
+        return _decode_step(self.graphdef, self.params, self.copies, state, knobs, end)
 
     # ---- host ------------------------------------------------------------------------------------------
     def _start(self, prompts, max_new_tokens, bucket, stop_ids, sampling: Sampling):
@@ -184,17 +211,19 @@ class Generator:
         length = _round_up(p + max_new_tokens, bucket)
         mask = np.zeros((b, length), np.int32)
         mask[:, :p] = prompt_mask
-        logits, cache = _prefill(self.graphdef, self.params, self.layers, jnp.asarray(ids), jnp.asarray(mask))
+        spans = tuple(read_spans(p, length, bucket))
+        logits, cache = _prefill(self.graphdef, self.params, self.copies, jnp.asarray(ids), jnp.asarray(mask),
+                                 spans[0])
         state = {"i": jnp.int32(0), "index": jnp.int32(p), "logits": logits, "cache": cache, "mask": jnp.asarray(mask),
                  "done": jnp.zeros((b,), bool), "out": jnp.zeros((b, _round_up(max_new_tokens, bucket)), jnp.int32)}
         knobs = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p),
                  jnp.uint32(sampling.seed), jnp.asarray(stop))
-        return state, knobs, tuple(read_spans(p, length, bucket))
+        return state, knobs, spans
 
     def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: Sequence[int] = (), bucket: int = 64) -> list[list[int]]:
         state, knobs, spans = self._start(prompts, max_new_tokens, bucket, stop_ids, sampling)
-        out, n = _generate(self.graphdef, self.params, self.layers, state, jnp.int32(max_new_tokens), knobs,
+        out, n = _generate(self.graphdef, self.params, self.copies, state, jnp.int32(max_new_tokens), knobs,
                            self.replicated, spans)
         out = np.asarray(out)[:, :int(n)]
         return [_cut(row, stop_ids) for row in out]

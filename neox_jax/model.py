@@ -71,6 +71,14 @@ class Dense(nnx.Module):
         y = jnp.einsum(spec, x, self.kernel[...].astype(x.dtype))
         return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
+    def flat(self, x, k: int):
+        """The einsum over `x`'s last `k` axes and the kernel's first `k`, as one matrix product of both flattened
+        (the attention's output projection: written as "btnh,nhd", XLA's CPU backend copied the kernel into another
+        layout at every decode step)."""
+        kernel = self.kernel[...].astype(x.dtype)
+        y = x.reshape(x.shape[:-k] + (-1,)) @ kernel.reshape(-1, *kernel.shape[k:])
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
 
 def rotary_cos_sin(positions_bt, rotary_ndims: int, base: float):
     """fp32 cos/sin [b, t, r] of GPT-NeoX's rotary (inv_freq over the rotary dims only)."""
@@ -155,22 +163,25 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, cache=None, cache_index=None):
         """`mask_bts` None is causal attention over this call's tokens. With a KV cache, `cache` = (the stacked
-        {k, v} [layers, b, n, S, h], this layer's index): this call's keys and values are written at `cache_index`
-        (one token's per layer in a decode step) and the queries attend over the cache's first `mask_bts.shape[-1]`
-        positions, all that is read of it."""
+        {k, v} [layers, b, n, S, h], this layer's index), or (this layer's own {k, v} [b, n, S, h], None): this call's
+        keys and values are written at `cache_index` (one token's per layer in a decode step) and the queries attend
+        over the cache's first `mask_bts.shape[-1]` positions, all that is read of it."""
         qkv_btnkh = self.query_key_value("btd,dnkh->btnkh", x_btd)
         q, k, v = qkv_btnkh[:, :, :, 0], qkv_btnkh[:, :, :, 1], qkv_btnkh[:, :, :, 2]
         q, k = apply_rotary(q, cos_btr, sin_btr), apply_rotary(k, cos_btr, sin_btr)
         if cache is None:
-            return self.dense("btnh,nhd->btd", dot_product_attention(q, k, v, mask_bts, self.backend)), None
+            return self.dense.flat(dot_product_attention(q, k, v, mask_bts, self.backend), 2), None
         cache, layer = cache
         b, n, h, read = q.shape[0], q.shape[2], q.shape[3], mask_bts.shape[-1]
-        cache = {name: jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2)[None].astype(cache[name].dtype),
-                                                    (layer, 0, 0, cache_index, 0))
-                 for name, new in (("k", k), ("v", v))}
-        k, v = (jax.lax.dynamic_slice(cache[name], (layer, 0, 0, 0, 0), (1, b, n, read, h))[0] for name in "kv")
+        lead = () if layer is None else (layer,)  # the stacked cache: this layer's slice
+        cache = {name: jax.lax.dynamic_update_slice(
+            cache[name], new.swapaxes(1, 2).reshape((1,) * len(lead) + (b, n, -1, h)).astype(cache[name].dtype),
+            lead + (0, 0, cache_index, 0)) for name, new in (("k", k), ("v", v))}
+        # a read of the whole per-layer cache is no copy: the generator sizes it to the span it reads
+        k, v = (jax.lax.dynamic_slice(cache[name], lead + (0, 0, 0, 0), (1,) * len(lead) + (b, n, read, h))
+                .reshape(b, n, read, h) for name in "kv")
         out_btnh = dot_product_attention(q, k, v, mask_bts, self.backend, kv_layout="bnsh")
-        return self.dense("btnh,nhd->btd", out_btnh), cache
+        return self.dense.flat(out_btnh, 2), cache
 
 
 class MLP(nnx.Module):
@@ -233,21 +244,25 @@ def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts
     per_layer = isinstance(stacked, tuple)
     axes = layer_axes(stacked[0] if per_layer else stacked)
 
-    def layer(carry, xs):  # the cache, when there is one, rides in the carry: updated in place, layer by layer
-        x_btd, cache = carry
-        params, index = xs
-        return apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts,
-                           None if cache is None else (cache, index), cache_index), None
+    def layer(x_btd, params, cache):  # cache: None, or (arrays, this layer's index in them or None)
+        return apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts, cache, cache_index)
 
     if cfg.remat_policy != "none":
         layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
-    if per_layer:
-        carry = (x_btd, cache)
+    if per_layer:  # and the cache, when there is one, a tuple of per-layer caches (`init_cache(per_layer=True)`)
+        caches = []
         for index, params in enumerate(stacked):
-            carry, _ = layer(carry, (params, index))
-        return carry
+            x_btd, layer_cache = layer(x_btd, params, None if cache is None else (cache[index], None))
+            caches.append(layer_cache)
+        return x_btd, None if cache is None else tuple(caches)
+
+    def body(carry, xs):  # the stacked cache rides in the carry: updated in place, layer by layer
+        x_btd, cache = carry
+        params, index = xs
+        return layer(x_btd, params, None if cache is None else (cache, index)), None
+
     layers = jax.tree.leaves(stacked)[0].shape[0]
-    (x_btd, cache), _ = jax.lax.scan(layer, (x_btd, cache), (stacked, jnp.arange(layers)))
+    (x_btd, cache), _ = jax.lax.scan(body, (x_btd, cache), (stacked, jnp.arange(layers)))
     return x_btd, cache
 
 
@@ -255,6 +270,11 @@ def output_logits(h_btd, kernel_dv):
     """fp32 logits of the final LayerNorm's output."""
     return constrain(jnp.einsum("btd,dv->btv", h_btd, kernel_dv, preferred_element_type=F32),
                      ("batch", "length", "vocab"))
+
+
+def cache_length(cache) -> int:
+    """The positions a KV cache (stacked or per layer) holds."""
+    return jax.tree.leaves(cache)[0].shape[-2]
 
 
 def abstract_model(config: NeoXConfig):
@@ -310,25 +330,31 @@ class GPTNeoX(nnx.Module):
         _, stacked = nnx.split(self.layers)
         return tuple(jax.tree.map(lambda w: w[i], stacked) for i in range(self.config.num_layers))
 
-    def logits(self, x_btd):
-        return output_logits(self.final_layer_norm(x_btd), self.output_kernel(x_btd.dtype))
+    def logits(self, x_btd, kernel_vd=None):
+        h_btd = self.final_layer_norm(x_btd)
+        if kernel_vd is None:
+            return output_logits(h_btd, self.output_kernel(x_btd.dtype))
+        return jnp.einsum("btd,vd->btv", h_btd, kernel_vd.astype(h_btd.dtype), preferred_element_type=F32)
 
     def output_kernel(self, dtype):
         """The output layer's [embed, vocab] kernel in `dtype`, vocabulary-parallel."""
         return constrain(self.embed_out.kernel[...], ("embed", "vocab")).astype(dtype)
 
-    def init_cache(self, batch: int, length: int, dtype=None) -> dict:
+    def init_cache(self, batch: int, length: int, dtype=None, per_layer: bool = False) -> dict | tuple:
         """An empty KV cache {k, v}: [layers, batch, heads, length, head_dim] in the compute dtype, heads split over
-        `tensor` (heads before length: attention reads each head's keys as they lie, no transpose)."""
+        `tensor` (heads before length: attention reads each head's keys as they lie, no transpose). `per_layer`:
+        a tuple of each layer's {k, v} [batch, heads, length, head_dim] instead, to go with `layer_weights`."""
         cfg = self.config
-        shape = (cfg.num_layers, batch, cfg.num_heads, length, cfg.head_dim)
-        zeros = jnp.zeros(shape, dtype or cfg.dtype)
-        axes = ("layers", "batch", "heads", "length", "head_dim")
-        return {"k": constrain(zeros, axes), "v": constrain(zeros, axes)}
+        shape = (batch, cfg.num_heads, length, cfg.head_dim)
+        axes = ("batch", "heads", "length", "head_dim")
+        if not per_layer:
+            shape, axes = (cfg.num_layers,) + shape, ("layers",) + axes
+        zeros = lambda: {name: constrain(jnp.zeros(shape, dtype or cfg.dtype), axes) for name in "kv"}  # noqa: E731
+        return tuple(zeros() for _ in range(cfg.num_layers)) if per_layer else zeros()
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0,
                  last_only: bool = False, hidden_only: bool = False, cache_read: int | None = None,
-                 layer_weights: tuple | None = None):
+                 layer_weights: tuple | None = None, output_kernel_vd=None):
         """Logits for `input_ids` [b, t] (fp32 [b, t, vocab]).
 
         attention_mask: 1 for real tokens, 0 for padding (left padding); padded keys are never attended and
@@ -340,11 +366,12 @@ class GPTNeoX(nnx.Module):
         default S): they must hold every position up to cache_index + t. `last_only` computes the logits of the
         last position only (a prefill needs no others, and the vocabulary projection is most of its cost).
         `hidden_only` returns the last layer's output [b, t, d] instead (no cache), for a loss that applies the
-        output layer itself. `layer_weights` (from `unstack`) replaces the stacked layer weights.
+        output layer itself. `layer_weights` (from `unstack`) replaces the stacked layer weights, `output_kernel_vd`
+        (the output kernel transposed, [vocab, embed]) the output layer's.
         """
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
-        s = t if cache is None else cache_read or cache["k"].shape[3]
+        s = t if cache is None else cache_read or cache_length(cache)
         query_pos = jnp.arange(t) + (0 if cache is None else cache_index)
         causal_ts = jnp.arange(s)[None, :] <= query_pos[:, None]
         if attention_mask is None:
@@ -360,5 +387,5 @@ class GPTNeoX(nnx.Module):
         x_btd, cache = self.apply_layers(self.embed(input_ids), positions, mask_bts, cache, cache_index, layer_weights)
         if hidden_only:
             return x_btd
-        logits = self.logits(x_btd[:, -1:] if last_only else x_btd)
+        logits = self.logits(x_btd[:, -1:] if last_only else x_btd, output_kernel_vd)
         return logits if cache is None else (logits, cache)
