@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from typing import Iterator, Sequence
 
 import jax
@@ -118,10 +119,11 @@ def _prefill(graphdef, params, copies, ids_bp, mask_bs, length: int):
 
 
 def _weights(copies, batch: int) -> dict:
-    """The model's keyword arguments for the generator's weight copies at this batch size."""
+    """The model's keyword arguments for the generator's weight copies at this batch size (one row reads the
+    model's own output kernel)."""
     if copies is None:
         return {}
-    return copies if batch > 1 else dict(copies, output_kernel_vd=None)
+    return dict(copies, output_kernel_vd=copies["output_kernel_vd"] if batch > 1 else None)
 
 
 def _grow(cache, length: int):
@@ -131,7 +133,7 @@ def _grow(cache, length: int):
     return jax.tree.map(lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, grow), (0, 0)]), cache) if grow else cache
 
 
-_grow_jit = jax.jit(_grow, static_argnums=1, donate_argnums=0)
+_grow_jit = jax.jit(_grow, static_argnums=1)
 
 
 def _step(graphdef, params, copies, carry, knobs, read: int):
@@ -176,6 +178,7 @@ class Generator:
 
     def __init__(self, model: GPTNeoX):
         self.graphdef, self.params = nnx.split(model)
+        self.leaves = jax.tree.leaves(self.params)  # the model's own arrays (`generator_for` compares them)
         self.config = model.config
         # XLA's CPU backend copies each layer's slice out of the stacked weights before its matmuls, at every decode
         # step (1.3-1.4x slower at batch 1, measured), and multiplies 2-32 rows by the [vocab, embed] output kernel
@@ -184,7 +187,8 @@ class Generator:
         # model's own are read.
         self.copies = None
         if jax.default_backend() == "cpu" and jax.process_count() == 1:
-            self.copies = {"layer_weights": model.unstack(), "output_kernel_vd": model.embed_out.kernel[...].T.copy()}
+            self.copies = {"layer_weights": model.unstack(), "output_kernel_vd": None}  # the latter made at batch 2
+        self._output_kernel = model.embed_out.kernel[...]
         sharding = getattr(jax.tree.leaves(self.params)[0], "sharding", None)
         self.replicated = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
 
@@ -208,6 +212,8 @@ class Generator:
         stop = np.asarray(list(stop_ids) or [-1], np.int32)
         ids, prompt_mask = pad_prompts(prompts, bucket, int(stop[0]) if stop[0] >= 0 else 0)
         b, p = ids.shape
+        if self.copies is not None and b > 1 and self.copies["output_kernel_vd"] is None:
+            self.copies["output_kernel_vd"] = self._output_kernel.T.copy()
         length = _round_up(p + max_new_tokens, bucket)
         mask = np.zeros((b, length), np.int32)
         mask[:, :p] = prompt_mask
@@ -249,11 +255,25 @@ def _cut(row: np.ndarray, stop_ids: Sequence[int]) -> list[int]:
     return out
 
 
+_GENERATORS: "weakref.WeakKeyDictionary[GPTNeoX, Generator]" = weakref.WeakKeyDictionary()
+
+
+def generator_for(model: GPTNeoX) -> Generator:
+    """The model's Generator, kept with the model and reused while its weights are the same arrays (its CPU weight
+    copies cost 0.1-0.4 s to make for pythia-70m/-160m, 10% of a 128-token generation); a model whose weights were
+    replaced (trained, loaded) gets a new one."""
+    gen = _GENERATORS.get(model)
+    leaves = jax.tree.leaves(nnx.state(model))
+    if gen is None or len(gen.leaves) != len(leaves) or any(a is not b for a, b in zip(gen.leaves, leaves)):
+        gen = _GENERATORS[model] = Generator(model)
+    return gen
+
+
 def generate(model: GPTNeoX, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
              stop_ids: Sequence[int] = (), bucket: int = 64) -> list[list[int]]:
     """New tokens for each prompt (token lists of any lengths), stopping after a stop id or max_new_tokens."""
-    return Generator(model)(prompts, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stop_ids, bucket)
+    return generator_for(model)(prompts, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stop_ids, bucket)
 
 
 def generate_text(model: GPTNeoX, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64, *,

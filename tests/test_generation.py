@@ -119,6 +119,25 @@ def test_generate_compiles_once_per_model_shape_and_bucket(pair):
     assert compiled == [] and len(again) == len(other) == 2
 
 
+def test_generate_keeps_the_generator_while_the_weights_are_the_same(pair):
+    """`generate()` reuses the model's Generator (its CPU weight copies cost 10% of a short generation to make)
+    until the model's weights are replaced; then the new weights are the ones read."""
+    from neox_jax.generation import generator_for
+
+    _, model = pair
+    gen = generator_for(model)
+    assert generator_for(model) is gen
+    before = generate(model, PROMPTS[:2], 8)
+    kernel = model.embed_out.kernel[...]
+    model.embed_out.kernel[...] = -kernel  # greedy picks the least likely token instead
+    try:
+        assert generator_for(model) is not gen
+        after = generate(model, PROMPTS[:2], 8)
+        assert after == Generator(model)(PROMPTS[:2], 8) and after != before
+    finally:
+        model.embed_out.kernel[...] = kernel
+
+
 def test_text_in_text_out(pair, tmp_path):
     from neox_jax.data.tokenizer import NeoXTokenizer, train_tokenizer
     from neox_jax.generation import generate_text
