@@ -260,8 +260,8 @@ _GENERATORS: "weakref.WeakKeyDictionary[GPTNeoX, Generator]" = weakref.WeakKeyDi
 
 def generator_for(model: GPTNeoX) -> Generator:
     """The model's Generator, kept with the model and reused while its weights are the same arrays (its CPU weight
-    copies cost 0.1-0.4 s to make for pythia-70m/-160m, 10% of a 128-token generation); a model whose weights were
-    replaced (trained, loaded) gets a new one."""
+    copies take 35-400 ms to make for pythia-70m/-160m, up to 10% of a 128-token generation); a model whose weights
+    were replaced (trained, loaded) gets a new one."""
     gen = _GENERATORS.get(model)
     leaves = jax.tree.leaves(nnx.state(model))
     if gen is None or len(gen.leaves) != len(leaves) or any(a is not b for a, b in zip(gen.leaves, leaves)):
