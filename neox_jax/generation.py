@@ -178,7 +178,8 @@ class Generator:
 
     def __init__(self, model: GPTNeoX):
         self.graphdef, self.params = nnx.split(model)
-        self.leaves = jax.tree.leaves(self.params)  # the model's own arrays (`generator_for` compares them)
+        # the model's arrays now (its Variables, shared with `params`, may take others): `generator_for` compares them
+        self.leaves = jax.tree.leaves(self.params)
         self.config = model.config
         # XLA's CPU backend copies each layer's slice out of the stacked weights before its matmuls, at every decode
         # step (1.3-1.4x slower at batch 1, measured), and multiplies 2-32 rows by the [vocab, embed] output kernel
@@ -188,7 +189,6 @@ class Generator:
         self.copies = None
         if jax.default_backend() == "cpu" and jax.process_count() == 1:
             self.copies = {"layer_weights": model.unstack(), "output_kernel_vd": None}  # the latter made at batch 2
-        self._output_kernel = model.embed_out.kernel[...]
         sharding = getattr(jax.tree.leaves(self.params)[0], "sharding", None)
         self.replicated = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
 
@@ -196,7 +196,8 @@ class Generator:
         """One decode step: the next token of every row written into `state`, its logits computed."""
         index = int(state["index"])
         end = next(end for end in spans if end > index)
-        state = dict(state, cache=_grow_jit(state["cache"], end))
+        if cache_length(state["cache"]) < end:  # the step entered the next span
+            state = dict(state, cache=_grow_jit(state["cache"], end))
         return _decode_step(self.graphdef, self.params, self.copies, state, knobs, end)
 
     # ---- host ------------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ class Generator:
         ids, prompt_mask = pad_prompts(prompts, bucket, int(stop[0]) if stop[0] >= 0 else 0)
         b, p = ids.shape
         if self.copies is not None and b > 1 and self.copies["output_kernel_vd"] is None:
-            self.copies["output_kernel_vd"] = self._output_kernel.T.copy()
+            self.copies["output_kernel_vd"] = self.params["embed_out"]["kernel"][...].T.copy()
         length = _round_up(p + max_new_tokens, bucket)
         mask = np.zeros((b, length), np.int32)
         mask[:, :p] = prompt_mask
@@ -264,7 +265,8 @@ def generator_for(model: GPTNeoX) -> Generator:
     were replaced (trained, loaded) gets a new one."""
     gen = _GENERATORS.get(model)
     leaves = jax.tree.leaves(nnx.state(model))
-    if gen is None or len(gen.leaves) != len(leaves) or any(a is not b for a, b in zip(gen.leaves, leaves)):
+    held = [] if gen is None else gen.leaves
+    if len(held) != len(leaves) or any(a is not b for a, b in zip(held, leaves)):
         gen = _GENERATORS[model] = Generator(model)
     return gen
 

@@ -266,9 +266,9 @@ def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts
     return x_btd, cache
 
 
-def output_logits(h_btd, kernel_dv):
-    """fp32 logits of the final LayerNorm's output."""
-    return constrain(jnp.einsum("btd,dv->btv", h_btd, kernel_dv, preferred_element_type=F32),
+def output_logits(h_btd, kernel, kernel_axes: str = "dv"):
+    """fp32 logits of the final LayerNorm's output; the kernel [embed, vocab] ("dv") or [vocab, embed] ("vd")."""
+    return constrain(jnp.einsum(f"btd,{kernel_axes}->btv", h_btd, kernel, preferred_element_type=F32),
                      ("batch", "length", "vocab"))
 
 
@@ -333,8 +333,8 @@ class GPTNeoX(nnx.Module):
     def logits(self, x_btd, kernel_vd=None):
         h_btd = self.final_layer_norm(x_btd)
         if kernel_vd is None:
-            return output_logits(h_btd, self.output_kernel(x_btd.dtype))
-        return jnp.einsum("btd,vd->btv", h_btd, kernel_vd.astype(h_btd.dtype), preferred_element_type=F32)
+            return output_logits(h_btd, self.output_kernel(h_btd.dtype))
+        return output_logits(h_btd, kernel_vd.astype(h_btd.dtype), "vd")
 
     def output_kernel(self, dtype):
         """The output layer's [embed, vocab] kernel in `dtype`, vocabulary-parallel."""

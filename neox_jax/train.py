@@ -305,13 +305,16 @@ class Trainer:
                                      axis_names={"data"})(params, batch_mbt, loss_scale)
         summed = 1 if self.stages > 1 else n  # microbatches summed (the pipeline's loss is their mean already)
 
+        def mean(g, scale):
+            return g.astype(F32) / (summed * data * scale)
+
         def reduce(g, dim, scale):  # one reduce-scatter (all-reduce without ZeRO) per tensor, on its local shard
             g = jax.lax.psum(g, "data") if dim < 0 else jax.lax.psum_scatter(g, "data", scatter_dimension=dim,
                                                                              tiled=True)
-            return g.astype(F32) / (summed * data * scale)
+            return mean(g, scale)
 
         if data == 1:  # nothing to reduce (XLA's CPU all-reduce over one device copies every gradient: 3% of a step)
-            grads = jax.tree.map(lambda g: g.astype(F32) / (summed * loss_scale), totals)
+            grads = jax.tree.map(lambda g: mean(g, loss_scale), totals)
             return loss, jax.lax.with_sharding_constraint(grads, shd.named(self.mesh, self.zero_specs))
         reduced_specs = jax.tree.map(lambda z, p, dim: z if dim >= 0 else p, self.zero_specs, self.param_specs, dims,
                                      is_leaf=is_spec)
