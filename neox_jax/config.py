@@ -281,6 +281,7 @@ class TrainConfig:
     wandb_project: str = ""  # log to Weights & Biases when set and wandb is installed
     peak_tflops: float = 0.0  # device peak for MFU; 0 = from the device kind (A100 312, H100/H200 989 bf16)
     profile_steps: tuple[int, ...] = ()  # (first, last): a jax.profiler trace of those steps into the TensorBoard dir
+    xla_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # over the backend's (xla_options.py)
     sample_prompt: str = ""  # printed with a sampled continuation at the end of training
     # several processes (neox_jax/distributed.py)
     init_timeout: int = 300  # seconds to wait for every process to join
@@ -313,6 +314,10 @@ class TrainConfig:
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         object.__setattr__(self, "mesh", dict(self.mesh))
+        if not isinstance(self.xla_options, Mapping) or not all(isinstance(k, str) for k in self.xla_options):
+            raise ConfigError(f"xla_options={self.xla_options!r}: expected a mapping of XLA option names to values, "
+                              "e.g. {xla_gpu_enable_latency_hiding_scheduler: false}")
+        object.__setattr__(self, "xla_options", dict(self.xla_options))
         self._check_domains()
         for name in ("dtype", "param_dtype"):
             value = getattr(self.model, name)

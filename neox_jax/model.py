@@ -115,9 +115,9 @@ def attend(q_btnh, k, v, mask_bts=None, kv_layout: str = "bsnh"):
 def attention_backend(setting: str, dtype, head_dim: int, causal: bool) -> str:
     """The backend `attention: auto | xla | cudnn` runs here: "einsum" (`attend`), "xla" or "cudnn" (JAX's
     `dot_product_attention`). cuDNN's fused kernel takes bf16/fp16 on a GPU with heads of at most 128 in multiples of
-    8 (the 20B's 96 included); `auto` uses it there for causal calls without a mask (training, unpadded prefill) and
-    the einsum elsewhere (padded batches and the decode cache through cuDNN are not yet checked on a GPU). An
-    impossible `cudnn` is refused while tracing."""
+    8 (the 20B's 96 included); `auto` uses it there for causal calls without a mask (training, a forward without a
+    cache) and the einsum elsewhere (padded batches and calls with a KV cache through cuDNN are not yet checked on a
+    GPU). An impossible `cudnn` is refused while tracing."""
     gpu = jax.default_backend() == "gpu"
     fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
     if setting == "auto":

@@ -34,6 +34,7 @@ from neox_jax.config import ConfigError, TrainConfig
 from neox_jax.model import GPTNeoX, abstract_model, output_logits
 from neox_jax.optim import LossScale, make_optimizer, schedule
 from neox_jax.pipeline import PIPELINE_REMAT, pipeline_grads
+from neox_jax.xla_options import compiler_options
 
 F32 = jnp.float32
 
@@ -182,16 +183,16 @@ class Trainer:
         self.state_shardings = shd.named(mesh, self.state_specs)
         self.batch_sharding = NamedSharding(mesh, P(None, *shd.batch_spec()))  # [accum, batch, length]
 
-        self.init = jax.jit(self._under_mesh(self._init), out_shardings=self.state_shardings)
+        self.compiler_options = compiler_options(cfg.xla_options)
+        jit = functools.partial(jax.jit, compiler_options=self.compiler_options)
+        self.init = jit(self._under_mesh(self._init), out_shardings=self.state_shardings)
         replicated = NamedSharding(mesh, P())
-        self.grads = jax.jit(self._under_mesh(self._grads),
-                             in_shardings=(self.state_shardings.params, self.batch_sharding),
-                             out_shardings=(replicated, shd.named(mesh, self.zero_specs)))
-        self.eval_loss = jax.jit(self._under_mesh(self._eval_loss),
-                                 in_shardings=(self.state_shardings.params, self.batch_sharding),
-                                 out_shardings=replicated)
-        self.step = jax.jit(self._under_mesh(self._step), in_shardings=(self.state_shardings, self.batch_sharding),
-                            out_shardings=(self.state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+        self.grads = jit(self._under_mesh(self._grads), in_shardings=(self.state_shardings.params, self.batch_sharding),
+                         out_shardings=(replicated, shd.named(mesh, self.zero_specs)))
+        self.eval_loss = jit(self._under_mesh(self._eval_loss),
+                             in_shardings=(self.state_shardings.params, self.batch_sharding), out_shardings=replicated)
+        self.step = jit(self._under_mesh(self._step), in_shardings=(self.state_shardings, self.batch_sharding),
+                        out_shardings=(self.state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
     def _under_mesh(self, fn):
         """Trace `fn` with the mesh set, so the model's logical constraints apply."""
