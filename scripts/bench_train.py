@@ -2,14 +2,15 @@
 side with transformers on the same weights, batch and sequence.
 
     python scripts/bench_train.py [--preset pythia-70m] [--mesh data=1] [--seq 512] [--micro-batch 4]
-                                  [--precision fp32|bf16] [--remat none] [--steps 5] [--pairs 3]
-                                  [--compare transformers]
+                                  [--precision fp32|bf16] [--remat none] [--xla-defaults on|off] [--steps 5]
+                                  [--pairs 3] [--compare transformers]
 
 Random tokens and random weights of the preset's shape (written once as a Hugging Face folder both sides load).
 Each measurement is its own process (scripts/compare.py), the sides interleaved. neox_jax times the forward
 (the loss), the gradient (forward + backward) and the whole step (+ AdamW); transformers the same with
 `GPTNeoXForCausalLM(labels=...)`, `backward()` and `torch.optim.AdamW` (bf16: autocast). The first step, which
 compiles, is not timed. One JSON line with each side's medians and spread and the ratio of tokens/s.
+`--xla-defaults off` compiles without the backend's default XLA options (neox_jax/xla_options.py), to measure them.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def worker_jax(args) -> dict:
 
     model = NeoXConfig.from_hf(args.model_dir).replace(remat_policy=args.remat)
     cfg = TrainConfig(model=model, mesh=mesh_shape, seq_length=args.seq, micro_batch_size=args.micro_batch,
-                      precision=args.precision)
+                      precision=args.precision,
+                      xla_options={} if args.xla_defaults == "on" else dict.fromkeys(GPU_DEFAULTS))
     mesh = make_mesh(mesh_shape)
     tr = Trainer(cfg, mesh)
     state = tr.init(jax.random.key(0))
@@ -128,6 +130,7 @@ def main():
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--remat", default="none")
+    p.add_argument("--xla-defaults", default="on", choices=["on", "off"], help="the backend's default XLA options")
     p.add_argument("--steps", type=int, default=5, help="timed calls of each kind per measurement")
     p.add_argument("--pairs", type=int, default=3, help="interleaved measurements per side")
     p.add_argument("--compare", choices=["transformers"], help="also time transformers, interleaved")
@@ -149,14 +152,15 @@ def main():
         save_pretrained(GPTNeoX(shape, rngs=nnx.Rngs(0)), Path(root) / "model")
         common = ["--model-dir", str(Path(root) / "model"), "--mesh", args.mesh, "--seq", str(args.seq),
                   "--micro-batch", str(args.micro_batch), "--precision", args.precision, "--remat", args.remat,
-                  "--steps", str(args.steps)]
+                  "--xla-defaults", args.xla_defaults, "--steps", str(args.steps)]
         result = interleaved(__file__, common, sides, args.pairs, "tokens_per_s")
     runs = result.pop("runs")
     for key in ("forward_s", "gradient_s", "step_s", "backward_over_forward"):
         for side in sides:
             result[side][key] = round(statistics.median(r[key] for r in runs[side]), 4)
     print(json.dumps({"preset": args.preset, "mesh": args.mesh, "seq": args.seq, "micro_batch": args.micro_batch,
-                      "precision": args.precision, "remat": args.remat, **result, "cpus": os.cpu_count()}))
+                      "precision": args.precision, "remat": args.remat, "xla_defaults": args.xla_defaults, **result,
+                      "cpus": os.cpu_count()}))
 
 
 if __name__ == "__main__":
