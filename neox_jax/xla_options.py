@@ -50,7 +50,8 @@ def compiler_options(overrides: Mapping[str, Any], backend: str | None = None) -
         else:
             options[name] = value
     try:
-        jax.jit(lambda: 0, compiler_options=options).lower().compile()
+        if options:
+            jax.jit(lambda: 0, compiler_options=options).lower().compile()
     except Exception as e:  # XLA's INVALID_ARGUMENT, naming the option: "No such compile option: 'x'", ...
         raise ConfigError(f"xla_options {options}: XLA (jax {jax.__version__}) refuses one: {str(e).splitlines()[0]}; "
                           "correct or remove it in `xla_options` (null drops one of the defaults)") from None
