@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from neox_jax import matmul
 from neox_jax import sharding as shd
 from neox_jax.config import ConfigError, TrainConfig
 from neox_jax.model import GPTNeoX, abstract_model, output_logits
@@ -134,7 +135,7 @@ def _output_cross_entropy(h_btd, kernel_dv, labels_bt, chunk):
         target_bc = jnp.take_along_axis(logits_bcv, labels_bc[..., None], axis=-1)[..., 0]
         onehot_bcv = jnp.arange(logits_bcv.shape[-1]) == labels_bc[..., None]
         dlogits_bcv = ((exp_bcv / sum_bc[..., None] - onehot_bcv) / (b * t)).astype(h_bcd.dtype)
-        dh_bcd = jnp.einsum("bcv,dv->bcd", dlogits_bcv, kernel_dv)
+        dh_bcd = matmul.einsum("bcv,dv->bcd", dlogits_bcv, kernel_dv)
         dkernel_dv = dkernel_dv + jnp.einsum("bcd,bcv->dv", h_bcd, dlogits_bcv, preferred_element_type=F32)
         return (total + (lse_bc - target_bc).sum(), dkernel_dv), dh_bcd
 
