@@ -7,17 +7,31 @@ a CPU, below fp32, `einsum` asks for the fp32 result and rounds it to the operan
 both products of the backward (a custom VJP: autodiff would multiply the fp32 cotangent by a bf16 operand, a mixed
 product that XLA again runs in fp32). The numbers are the plain einsum's up to summation order: either way the
 products are exact in fp32, summed in fp32 and rounded once. Elsewhere (GPUs multiply bf16 natively) and in fp32 it
-is the plain einsum.
+is the plain einsum, and so under `as_on_gpu()`, which the planner traces in: it compiles a GPU cluster's program on
+this CPU, and the fp32 results would double the bytes of the tensor-parallel all-reduces it counts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
 import jax.numpy as jnp
 
 F32 = jnp.float32
+_CPU_PRODUCTS = contextvars.ContextVar("cpu_products", default=True)
+
+
+@contextlib.contextmanager
+def as_on_gpu():
+    """Trace the plain products whatever the backend (the planner's GPU programs, compiled on a CPU)."""
+    token = _CPU_PRODUCTS.set(False)
+    try:
+        yield
+    finally:
+        _CPU_PRODUCTS.reset(token)
 
 
 def einsum(spec: str, x, w):
@@ -25,11 +39,17 @@ def einsum(spec: str, x, w):
     product with batch indices (in both operands and the result, as attention's) is the plain einsum: XLA's CPU
     backend fails at run time on some of their backward products with bf16 operands and an fp32 result
     ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32", JAX 0.10.2)."""
-    inputs, out = spec.replace(" ", "").split("->")
-    xs, ws = inputs.split(",")
-    if x.dtype == F32 or jax.default_backend() != "cpu" or set(xs) & set(ws) & set(out):
+    xs, ws, out = _indices(spec)
+    if x.dtype == F32 or jax.default_backend() != "cpu" or not _CPU_PRODUCTS.get() or set(xs) & set(ws) & set(out):
         return jnp.einsum(spec, x, w)
     return _rounded(spec, x, w)
+
+
+def _indices(spec: str) -> tuple[str, str, str]:
+    """"btd,df->btf" -> ("btd", "df", "btf")."""
+    inputs, out = spec.replace(" ", "").split("->")
+    xs, ws = inputs.split(",")
+    return xs, ws, out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -45,8 +65,7 @@ def _rounded_bwd(spec, residuals, g):
     """Each operand's gradient is the product of the cotangent with the other operand, spec permuted; every index of
     an operand appears in the other or in the result (no operand is summed over alone), as in every product here."""
     x, w = residuals
-    inputs, out = spec.replace(" ", "").split("->")
-    xs, ws = inputs.split(",")
+    xs, ws, out = _indices(spec)
     assert set(xs) <= set(ws + out) and set(ws) <= set(xs + out), spec
     return _rounded(f"{out},{ws}->{xs}", g, w), _rounded(f"{xs},{out}->{ws}", x, g)
 

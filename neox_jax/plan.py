@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from neox_jax import matmul
 from neox_jax import sharding as shd
 from neox_jax.config import ConfigError, TrainConfig
 from neox_jax.traffic import minimum_traffic, ratio_line
@@ -311,7 +312,9 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
     trainer = Trainer(cfg, mesh)
     state, batch = trainer.abstract_state(), trainer.abstract_batch()
     t0 = time.perf_counter()
-    compiled, partitioned = compile_partitioned(trainer.step.lower(state, batch))
+    with matmul.as_on_gpu():  # the products a GPU runs, not this CPU's (neox_jax/matmul.py)
+        lowered = trainer.step.lower(state, batch)
+    compiled, partitioned = compile_partitioned(lowered)
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     sh = trainer.state_shardings

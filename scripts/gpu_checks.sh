@@ -25,13 +25,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/dev
 "$py" -c "import jax, torch, transformers, flax; print(jax.__version__, jax.devices(), torch.__version__, \
 transformers.__version__, flax.__version__)" | tee "$out/versions.txt"
 
-run() {  # name, then the command: its JSON lines into $out/name.jsonl, its log into $out/name.log
-    local name=$1; shift
+failed=()
+run() {  # name, then the command: its JSON lines into $out/name.jsonl, its log into $out/name.log; a failure is
+    local name=$1; shift  # reported at the end, and the other parts still run
     echo "== $name: $*"
-    "$@" 2> >(tee "$out/$name.log" >&2) | tee "$out/$name.jsonl"
+    "$@" 2> >(tee "$out/$name.log" >&2) | tee "$out/$name.jsonl" || failed+=("$name")
 }
 if [[ $part == attention || $part == all ]]; then
-    run attention "$py" scripts/check_fused_attention.py --heads 96 128 || echo "attention check FAILED"
+    run attention "$py" scripts/check_fused_attention.py --heads 96 128
 fi
 if [[ $part == train || $part == all ]]; then
     common=(--preset pythia-1.4b --seq 2048 --micro-batch 4 --precision bf16 --steps 5)
@@ -41,4 +42,8 @@ fi
 if [[ $part == decode || $part == all ]]; then
     run decode "$py" scripts/bench_decode.py --presets pythia-6.9b --batches 1 --dtype bfloat16 --pairs 2 \
         --calls 2 --compare transformers
+fi
+if (( ${#failed[@]} )); then
+    echo "FAILED: ${failed[*]} (logs in $out)"
+    exit 1
 fi

@@ -59,6 +59,8 @@ def test_on_the_cpu_every_product_of_forward_and_backward_takes_bf16_operands():
     plain_grad = jax.grad(loss_of(jnp.einsum, spec), argnums=(0, 1))
     plain = dot_operand_dtypes(lambda x, w: (jnp.einsum(spec, x, w), plain_grad(x, w)), x, w)
     assert set(plain) == {("f32", "f32")}
+    with matmul.as_on_gpu():  # the planner's programs: the plain products whatever the backend
+        assert dot_operand_dtypes(lambda x, w: (matmul.einsum(spec, x, w), grad(x, w)), x, w) == plain
 
 
 def test_fp32_is_the_plain_einsum_bit_for_bit():
