@@ -30,10 +30,11 @@ FUSED = re.compile(r"__cudnn\$fmha\w*")  # JAX's cuDNN attention calls: forward 
 GPU = jax.default_backend() == "gpu"
 
 
-def config(head: int, mesh: dict, attention: str = "auto") -> TrainConfig:
+def config(head: int, mesh: dict, attention: str = "auto", remat: str = "none", micro_batch: int = 2) -> TrainConfig:
     model = NeoXConfig(vocab_size=1024, hidden_size=4 * head, num_layers=4, num_heads=4, rotary_pct=0.25,
-                       max_position_embeddings=512, attention=attention)
-    return TrainConfig(model=model, mesh=mesh, seq_length=256, micro_batch_size=2, precision="bf16", warmup=0)
+                       max_position_embeddings=512, attention=attention, remat_policy=remat)
+    return TrainConfig(model=model, mesh=mesh, seq_length=256, micro_batch_size=micro_batch, precision="bf16",
+                       warmup=0)
 
 
 def verdict(name: str, text: str, **extra) -> dict:
@@ -65,8 +66,7 @@ def train_step(head: int) -> dict:
 def pipeline_stage(head: int) -> dict:
     """The pipeline's stage program with one stage (this device): the attention runs inside its shard_map."""
     mesh = {"data": 1, "pipe": 1, "tensor": 1}
-    tr = Trainer(config(head, mesh).replace(model=config(head, mesh).model.replace(remat_policy="full")),
-                 make_mesh(mesh, jax.devices()[:1]))
+    tr = Trainer(config(head, mesh, remat="full"), make_mesh(mesh, jax.devices()[:1]))
     state = tr.abstract_state_with_shardings()
     run = jax.jit(tr._under_mesh(lambda params, batch: tr.pipelined_grads(params, batch, 1.0, jnp.float32)))
     return verdict(f"pipeline stage program, head {head}", run.lower(state.params, tr.abstract_batch()).compile()
@@ -78,8 +78,7 @@ def neox20b_layout(head: int) -> dict:
     XLA for the 20B's layout, pipeline and tensor-parallel heads included."""
     shape = {"data": 2, "pipe": 4, "tensor": 2}
     mesh = AbstractMesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    tr = Trainer(config(head, shape).replace(micro_batch_size=4, model=config(head, shape).model.replace(
-        remat_policy="full")), mesh)
+    tr = Trainer(config(head, shape, remat="full", micro_batch=4), mesh)
     state = tr.abstract_state_with_shardings()
     platform = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
     lowered = tr.grads.trace(state.params, tr.abstract_batch()).lower(lowering_platforms=(platform,))
