@@ -150,7 +150,7 @@ def test_strict_stops_and_leaves_no_output(tmp_path, small_tokenizer):
 
 
 def test_zst_and_txt_inputs_and_several_keys(tmp_path, small_tokenizer):
-    zstandard = pytest.importorskip("zstandard", reason="reading .jsonl.zst needs zstandard")
+    zstandard = pytest.importorskip("zstandard", reason="reading .jsonl.zst needs zstandard: pip install zstandard")
     records = [{"text": f"doc {i}", "title": f"title {i}"} for i in range(5)]
     (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
         "".join(json.dumps(r) + "\n" for r in records).encode()))

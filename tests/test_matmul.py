@@ -48,7 +48,7 @@ def dot_operand_dtypes(fn, *args) -> list[tuple[str, str]]:
     return [(types[a], types[b]) for a, b in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)]
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backend's products")
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU backend: run with JAX_PLATFORMS=cpu")
 def test_on_the_cpu_every_product_of_forward_and_backward_takes_bf16_operands():
     spec, x_shape, w_shape = SPECS[1]
     x, w = operands(x_shape, w_shape, BF16)
