@@ -64,41 +64,51 @@ def test_kv_cache_logits_equal_full_forward_at_every_step(pair):
             tokens[i].append(int(new[i]))
 
 
-def test_a_decode_step_writes_one_token_in_place_and_reads_its_span_as_it_lies():
-    """The compiled step: the cache is donated and updated in place (aliased, no cache-sized temporary), sized to
-    the span the step reads (128 positions of the 1024 this generation needs; grown a span at a time), so the
-    only ops that produce a layer's cache are the in-place writes of one token's keys and values, and attention
-    reads the cache as it lies (a slice of a longer cache was copied at every step: 1/3 of a pythia-160m step at
-    batch 16); on the CPU no layer's weights are sliced out of the stacked arrays or copied into another layout."""
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decoding_writes_one_token_in_place_and_reads_its_span_as_it_lies(batch):
+    """The compiled decode step and a whole generation's loops: the cache is updated in place (the step's donated,
+    aliased, no cache-sized temporary), sized to the span the step reads (128 positions of the 1024 this generation
+    needs; grown a span at a time), and never copied: the only ops that produce a layer's cache in the step are the
+    in-place writes of one token's keys and values, and nothing in either program copies or transposes a cache (a
+    slice of a longer cache was copied at every step: 1/3 of a pythia-160m step at batch 16; at batch 1 a [1, n, S, h]
+    cache was copied four times per layer and step in the loop). On the CPU no layer's weights are sliced out of the
+    stacked arrays or copied into another layout."""
     import re
 
     from neox_jax import GPTNeoX, NeoXConfig
-    from neox_jax.generation import _decode_step
+    from neox_jax.generation import _decode_step, _generate
 
     cfg = NeoXConfig(vocab_size=512, hidden_size=128, num_layers=4, num_heads=4, max_position_embeddings=2048)
     gen = Generator(GPTNeoX(cfg, rngs=nnx.Rngs(0)))
-    state, knobs, spans = gen._start([[3] * 30] * 4, 900, 64, [], Sampling())
+    state, knobs, spans = gen._start([[3] * 30] * batch, 900, 64, [], Sampling())
     assert spans == (128, 256, 512, 1024)  # the prompt's bucket of 64, then doubling up to 64 + 900 rounded up
     assert len(state["cache"]) == cfg.num_layers  # per-layer caches, with the per-layer weight copies
-    b, n, length, h = state["cache"][0]["k"].shape
-    assert length == spans[0]
+    groups, length, h = state["cache"][0]["k"].shape
+    assert (groups, length, h) == (batch * cfg.num_heads, spans[0], cfg.head_dim)
     cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state["cache"]))
-    compiled = _decode_step.lower(gen.graphdef, gen.params, gen.copies, state, knobs, spans[0]).compile()
-    memory = compiled.memory_analysis()
+    step = _decode_step.lower(gen.graphdef, gen.params, gen.copies, state, knobs, spans[0]).compile()
+    memory = step.memory_analysis()
     assert memory.alias_size_in_bytes >= cache_bytes and memory.temp_size_in_bytes < cache_bytes / 10
-    hlo = compiled.as_text()
-    entry = hlo.split("\nENTRY ")[1]
-    made = [name for name, op in re.findall(rf"%(\S+) = f32\[{b},{n},{length},{h}\]\S* (\S+)\(", entry)
-            if op != "parameter"]
-    assert len(made) == 2 * cfg.num_layers and all("dynamic-update-slice" in name for name in made), made
-    assert set(re.findall(rf"f32\[{b},{n},(\d+),{h}\]", hlo)) == {"1", str(length)}  # written: 1; read: all
+    entry = step.as_text().split("\nENTRY ")[1]
+    made = [op for op in re.findall(rf"%\S+ = f32\[{groups},{length},{h}\]\S* (\S+)\(", entry) if op != "parameter"]
+    assert made == ["fusion"] * 2 * cfg.num_layers, made  # the writes: dynamic-update-slice fusions, in place
+    loops = _generate.lower(gen.graphdef, gen.params, gen.copies, state, jnp.int32(900), knobs, gen.replicated,
+                            spans).compile().as_text()
+    loops = loops[:loops.index("\nENTRY ")]  # the loops' bodies (the entry copies the caches it is given, once)
+    for hlo in (step.as_text(), loops):
+        for span in spans:  # as the cache lies, transposed, or with batch and heads apart
+            shapes = (rf"({groups},{span},{h}|{groups},{h},{span}|1,{groups},{span},{h}|"
+                      rf"{batch},{cfg.num_heads},{span},{h})")
+            assert not re.findall(rf"%(copy\S*) = f32\[{shapes}\]", hlo)
     d, f = cfg.hidden_size, cfg.intermediate_size
-    assert not [line for line in entry.splitlines() if re.search(rf"= f32\[({d},{f}|{d},{d})\]\S* \S+\(", line)
-                and not re.search(r" (parameter|bitcast)\(", line)]  # h_to_4h's, attention.dense's kernels: read as is
+    kernels = rf"f32\[({3 * d + f},{d}|{d},{d + f})\]"  # the fused layers' [out, in] kernels
+    assert re.findall(rf"= {kernels}\S* parameter\(", entry)
+    assert not [line for line in entry.splitlines() if re.search(rf"= {kernels}\S* \S+\(", line)
+                and not re.search(r" (parameter|bitcast)\(", line)]  # read as they lie
 
     for _ in range(spans[0] - int(state["index"]) + 1):  # into the next span: the cache grows to it
         state = gen.step(state, knobs, spans)
-    assert state["cache"][0]["v"].shape[2] == spans[1] and int(state["index"]) == spans[0] + 1
+    assert state["cache"][0]["v"].shape[1] == spans[1] and int(state["index"]) == spans[0] + 1
 
 
 def test_generate_compiles_once_per_model_shape_and_bucket(pair):

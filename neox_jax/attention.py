@@ -1,0 +1,125 @@
+"""Attention: GPT-NeoX's rotary embedding, softmax attention with fp32 scores (the einsum every backend is checked
+against) or JAX's `dot_product_attention` (cuDNN's fused kernel on a GPU) by the `attention` setting, and the KV
+cache's writes and reads in a decode step. Shape suffixes as in model.py; g is batch x heads in one axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def rotary_cos_sin(positions_bt, rotary_ndims: int, base: float):
+    """fp32 cos/sin [b, t, r] of GPT-NeoX's rotary (inv_freq over the rotary dims only)."""
+    inv_freq_r2 = 1.0 / base ** (jnp.arange(0, rotary_ndims, 2, dtype=F32) / rotary_ndims)
+    freqs = positions_bt.astype(F32)[..., None] * inv_freq_r2
+    emb_btr = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb_btr), jnp.sin(emb_btr)
+
+
+def apply_rotary(x_btnh, cos_btr, sin_btr):
+    """rotate_half convention (`cat(-x2, x1)`) on the first r dims of each head; the rest pass through."""
+    r = cos_btr.shape[-1]
+    x_rot, x_pass = x_btnh[..., :r].astype(F32), x_btnh[..., r:]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
+    cos, sin = cos_btr[:, :, None, :], sin_btr[:, :, None, :]
+    rotated = x_rot * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    return jnp.concatenate([rotated.astype(x_btnh.dtype), x_pass], axis=-1)
+
+
+def attend(q_btnh, k, v, mask_bts=None, kv_layout: str = "bsnh"):
+    """Softmax attention with fp32 scores, the reference every backend is checked against; `mask_bts` is True where
+    query t may see key s (None: causal, t == s). Keys and values are [b, s, n, h], or [b, n, s, h] (the KV cache's
+    layout) with kv_layout="bnsh"."""
+    return _attend(q_btnh, k, v, None if mask_bts is None else mask_bts[:, None], f"btnh,{kv_layout}->bnts",
+                   f"bnts,{kv_layout}->btnh")
+
+
+def _attend(q, k, v, mask, scores_spec: str, out_spec: str):
+    """`attend` for any layout, given by the einsum specs of the scores ("...ts") and of the output; `mask` is
+    broadcast against the scores (None: causal)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum(scores_spec, q, k, preferred_element_type=F32) * scale
+    if mask is None:
+        mask = jnp.tril(jnp.ones(scores.shape[-2:], bool))
+    # finfo.min, not -inf: a query that may see nothing (a pad position) gets a uniform row, not NaN.
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(F32).min), axis=-1).astype(v.dtype)
+    return jnp.einsum(out_spec, probs, v)
+
+
+def attention_backend(setting: str, dtype, head_dim: int, causal: bool) -> str:
+    """The backend `attention: auto | xla | cudnn` runs here: "einsum" (`attend`), "xla" or "cudnn" (JAX's
+    `dot_product_attention`). cuDNN's fused kernel takes bf16/fp16 on a GPU with heads of at most 128 in multiples of
+    8 (the 20B's 96 included); `auto` uses it there for causal calls without a mask (training, a forward without a
+    cache) and the einsum elsewhere (padded batches and calls with a KV cache through cuDNN are not yet checked on a
+    GPU). An impossible `cudnn` is refused while tracing."""
+    gpu = jax.default_backend() == "gpu"
+    fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
+    if setting == "auto":
+        return "cudnn" if gpu and fits and causal else "einsum"
+    if setting == "cudnn" and not (gpu and fits):
+        from neox_jax.config import ConfigError
+
+        why = (f"this machine's backend is {jax.default_backend()}" if not gpu else
+               f"it takes bf16/fp16 with head_dim <= 128 in multiples of 8 (here {jnp.dtype(dtype).name}, head_dim "
+               f"{head_dim})")
+        raise ConfigError(f"attention='cudnn': cuDNN's fused attention needs an NVIDIA GPU and {why}: use attention "
+                          "auto or xla, or precision bf16")
+    return setting
+
+
+def dot_product_attention(q_btnh, k, v, mask_bts, setting: str, kv_layout: str = "bsnh"):
+    """Attention by the `attention` setting; `mask_bts` None is causal."""
+    backend = attention_backend(setting, q_btnh.dtype, q_btnh.shape[-1], causal=mask_bts is None)
+    if backend == "einsum":
+        return attend(q_btnh, k, v, mask_bts, kv_layout)
+    if kv_layout == "bnsh":  # JAX's kernels take [b, s, n, h]
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+    mask = None if mask_bts is None else mask_bts[:, None]
+    return jax.nn.dot_product_attention(q_btnh, k, v, mask=mask, is_causal=mask_bts is None, implementation=backend)
+
+
+def attend_qkv(qkv_btnkh, cos_btr, sin_btr, mask_bts, backend: str, cache=None, cache_index=None):
+    """Attention of the fused QKV projection's output, rotary applied -> (out [b, t, n, h], cache). `mask_bts` None
+    is causal attention over this call's tokens. With a KV cache, `cache` = (the stacked {k, v} [layers, b, n, S, h],
+    this layer's index), or (this layer's own {k, v} [b * n, S, h], None): this call's keys and values are written at
+    `cache_index` (one token's per layer in a decode step) and the queries attend over the cache's first
+    `mask_bts.shape[-1]` positions, all that is read of it."""
+    q, k, v = qkv_btnkh[:, :, :, 0], qkv_btnkh[:, :, :, 1], qkv_btnkh[:, :, :, 2]
+    q, k = apply_rotary(q, cos_btr, sin_btr), apply_rotary(k, cos_btr, sin_btr)
+    if cache is None:
+        return dot_product_attention(q, k, v, mask_bts, backend), None
+    cache, layer = cache
+    b, t, n, h = q.shape
+    read = mask_bts.shape[-1]
+    if layer is None:
+        return _attend_layer_cache(q, k, v, mask_bts, backend, cache, cache_index)
+    cache = {name: jax.lax.dynamic_update_slice(
+        cache[name], new.swapaxes(1, 2)[None].astype(cache[name].dtype), (layer, 0, 0, cache_index, 0))
+        for name, new in (("k", k), ("v", v))}
+    k, v = (jax.lax.dynamic_slice(cache[name], (layer, 0, 0, 0, 0), (1, b, n, read, h))[0] for name in "kv")
+    return dot_product_attention(q, k, v, mask_bts, backend, kv_layout="bnsh"), cache
+
+
+def _attend_layer_cache(q_btnh, k_btnh, v_btnh, mask_bts, backend, cache, cache_index):
+    """`attend_qkv` with a layer's own cache {k, v} [b * n, S, h]. With batch and heads in one axis XLA's CPU backend
+    updates it in place and reads it as it lies at any batch size; a [1, n, S, h] cache (batch 1) was copied four
+    times per layer and step in a generation's loop (its size-1 axis dropped for the products, and the update
+    duplicated for that view): 3 of pythia-160m's 25 ms per token. The generator sizes the cache to the span it reads,
+    so the read of all of it is no copy."""
+    b, t, n, h = q_btnh.shape
+    read = mask_bts.shape[-1]
+    groups = lambda x: x.swapaxes(1, 2).reshape(b * n, t, h)  # noqa: E731
+    cache = {name: jax.lax.dynamic_update_slice(cache[name], groups(new).astype(cache[name].dtype),
+                                                (0, cache_index, 0)) for name, new in (("k", k_btnh), ("v", v_btnh))}
+    k_gsh, v_gsh = (jax.lax.dynamic_slice(cache[name], (0, 0, 0), (b * n, read, h)) for name in "kv")
+    if attention_backend(backend, q_btnh.dtype, h, causal=False) != "einsum":
+        k, v = (x.reshape(b, n, read, h) for x in (k_gsh, v_gsh))
+        return dot_product_attention(q_btnh, k, v, mask_bts, backend, kv_layout="bnsh"), cache
+    mask_gts = jnp.broadcast_to(mask_bts[:, None], (b, n, t, read)).reshape(b * n, t, read)
+    out_gth = _attend(groups(q_btnh), k_gsh, v_gsh, mask_gts, "gth,gsh->gts", "gts,gsh->gth")
+    return out_gth.reshape(b, n, t, h).swapaxes(1, 2), cache
