@@ -174,9 +174,11 @@ def _generate(graphdef, params, copies, state, max_new, knobs, replicated, spans
 
 
 class Generator:
-    """Prefill + decode for one model, compiled once per model shape and bucketed batch shape."""
+    """Prefill + decode for one model, compiled once per model shape and bucketed batch shape. `copies`: keep the
+    weight copies and per-layer caches laid out for decoding (below); None, the default, keeps them on a CPU in one
+    process, where they are measured faster; True elsewhere measures them (the weights twice in memory)."""
 
-    def __init__(self, model: GPTNeoX):
+    def __init__(self, model: GPTNeoX, copies: bool | None = None):
         self.graphdef, self.params = nnx.split(model)
         # the model's arrays now (its Variables, shared with `params`, may take others): `generator_for` compares them
         self.leaves = jax.tree.leaves(self.params)
@@ -187,9 +189,13 @@ class Generator:
         # [vocab, embed] output kernel 1.2-1.8x faster than by the [embed, vocab] one (one row: 0.9-1x, so batch 1
         # keeps the model's): on a CPU in one process the generator keeps such copies (the weights twice in memory
         # while it lives) and per-layer caches; elsewhere the model's own weights and a stacked cache are read.
-        self.copies = None
-        if jax.default_backend() == "cpu" and jax.process_count() == 1:
-            self.copies = {"layer_weights": model.fused_layers(), "output_kernel_vd": None}  # the latter: at batch 2
+        if copies is None:
+            copies = jax.default_backend() == "cpu" and jax.process_count() == 1
+        if copies and jax.process_count() > 1:
+            raise ValueError("Generator(copies=True) makes its weight copies in one process: with several processes "
+                             "the model's own weights are read (copies=None or False)")
+        # the output kernel's: made at the first batch of 2 or more rows
+        self.copies = {"layer_weights": model.fused_layers(), "output_kernel_vd": None} if copies else None
         sharding = getattr(jax.tree.leaves(self.params)[0], "sharding", None)
         self.replicated = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
 

@@ -186,16 +186,16 @@ class Trainer:
 
         self.compiler_options = compiler_options(cfg.xla_options)
         jit = functools.partial(jax.jit, compiler_options=self.compiler_options)
-        self.init = jit(self._under_mesh(self._init), out_shardings=self.state_shardings)
+        self.init = jit(self.under_mesh(self._init), out_shardings=self.state_shardings)
         replicated = NamedSharding(mesh, P())
-        self.grads = jit(self._under_mesh(self._grads), in_shardings=(self.state_shardings.params, self.batch_sharding),
+        self.grads = jit(self.under_mesh(self._grads), in_shardings=(self.state_shardings.params, self.batch_sharding),
                          out_shardings=(replicated, shd.named(mesh, self.zero_specs)))
-        self.eval_loss = jit(self._under_mesh(self._eval_loss),
+        self.eval_loss = jit(self.under_mesh(self._eval_loss),
                              in_shardings=(self.state_shardings.params, self.batch_sharding), out_shardings=replicated)
-        self.step = jit(self._under_mesh(self._step), in_shardings=(self.state_shardings, self.batch_sharding),
+        self.step = jit(self.under_mesh(self._step), in_shardings=(self.state_shardings, self.batch_sharding),
                         out_shardings=(self.state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
-    def _under_mesh(self, fn):
+    def under_mesh(self, fn):
         """Trace `fn` with the mesh set, so the model's logical constraints apply."""
 
         def traced(*args):

@@ -2,18 +2,21 @@
 
     python scripts/bench_decode.py [--presets pythia-70m pythia-160m] [--batches 1 16] [--prompt-len 32]
                                    [--new-tokens 128] [--dtype float32] [--pairs 3] [--compare transformers]
+                                   [--weight-copies auto|on|off]
 
 Random weights of each preset's shape, written once as a Hugging Face folder that both sides load (the same
 weights). Every measurement runs in its own process (scripts/compare.py), the sides interleaved: a child compiles
 with one call, then times `--calls` calls and reports the median. Tokens/s count the new tokens of all rows over the
 whole call, prefill included, as a user sees it. Prints one JSON line per (preset, batch) with both sides' medians
 and spread and the ratio neox_jax / transformers; on a GPU, batch 1 also against the HBM bound (weights and cache
-bytes per token / bandwidth).
+bytes per token / bandwidth). `--weight-copies on|off` runs a `Generator(copies=...)` instead of `generate()`'s own:
+the decode layouts (fused per-layer weight copies, per-layer caches) kept or not whatever the backend.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -39,9 +42,12 @@ def worker_jax(args) -> dict:
 
     model = neox_jax.from_pretrained(args.model_dir, dtype=args.dtype)
     ids = prompts(model.config.vocab_size, args.batch, args.prompt_len)
-    out = neox_jax.generate(model, ids, max_new_tokens=args.new_tokens)  # compiles prefill and decode
+    generate = functools.partial(neox_jax.generate, model)
+    if args.weight_copies != "auto":  # a Generator of the asked kind, kept between calls as generate() keeps its own
+        generate = neox_jax.Generator(model, copies=args.weight_copies == "on")
+    out = generate(ids, max_new_tokens=args.new_tokens)  # compiles prefill and decode
     assert all(len(row) == args.new_tokens for row in out)
-    seconds = timed(lambda: neox_jax.generate(model, ids, max_new_tokens=args.new_tokens), args.calls)
+    seconds = timed(lambda: generate(ids, max_new_tokens=args.new_tokens), args.calls)
     row = {"seconds": seconds, "tokens_per_s": args.batch * args.new_tokens / seconds,
            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
     bandwidth = next((v for k, v in HBM_GBPS.items() if k in row["device"].lower()), None)
@@ -95,6 +101,8 @@ def main():
     p.add_argument("--pairs", type=int, default=3, help="interleaved measurements per side")
     p.add_argument("--calls", type=int, default=3, help="timed calls per measurement (after one that compiles)")
     p.add_argument("--compare", choices=["transformers"], help="also run transformers' generate, interleaved")
+    p.add_argument("--weight-copies", choices=["auto", "on", "off"], default="auto",
+                   help="neox_jax's Generator(copies=...): auto, the default, keeps the decode layouts on a CPU only")
     p.add_argument("--worker", choices=["neox_jax", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -108,11 +116,13 @@ def main():
             folder = random_folder(preset, args.dtype, Path(root))
             for batch in args.batches:
                 common = ["--model-dir", str(folder), "--batch", str(batch), "--prompt-len", str(args.prompt_len),
-                          "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--calls", str(args.calls)]
+                          "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--calls", str(args.calls),
+                          "--weight-copies", args.weight_copies]
                 result = interleaved(__file__, common, sides, args.pairs, "tokens_per_s")
                 del result["runs"]
                 print(json.dumps({"preset": preset, "batch": batch, "prompt": args.prompt_len,
-                                  "new_tokens": args.new_tokens, "dtype": args.dtype, **result,
+                                  "new_tokens": args.new_tokens, "dtype": args.dtype,
+                                  "weight_copies": args.weight_copies, **result,
                                   "cpus": os.cpu_count()}), flush=True)
 
 

@@ -9,9 +9,10 @@
 #   train      pythia-1.4b, seq 2048, micro batch 4, bf16: tokens/s and MFU against transformers (3 interleaved
 #              pairs), then neox_jax once more without the default XLA options
 #   decode     pythia-6.9b with random bf16 weights, batch 1, 128 new tokens: tokens/s against transformers'
-#              generate and the fraction of the HBM bound (2 pairs)
+#              generate and the fraction of the HBM bound (2 pairs), then neox_jax once more with the CPU's decode
+#              layouts (fused per-layer weight copies, per-layer caches: --weight-copies on)
 #
-# Unmeasured estimate on an H200: attention 1 min, train 6 min, decode 5 min: give `train` and `decode` calls of
+# Unmeasured estimate on an H200: attention 1 min, train 6 min, decode 6 min: give `train` and `decode` calls of
 # their own within a 10-minute command limit. Compiled programs are cached across the benchmark's processes.
 set -euo pipefail
 part=${1:-all}
@@ -40,8 +41,9 @@ if [[ $part == train || $part == all ]]; then
     run train_xla_defaults_off "$py" scripts/bench_train.py "${common[@]}" --pairs 1 --xla-defaults off
 fi
 if [[ $part == decode || $part == all ]]; then
-    run decode "$py" scripts/bench_decode.py --presets pythia-6.9b --batches 1 --dtype bfloat16 --pairs 2 \
-        --calls 2 --compare transformers
+    common=(--presets pythia-6.9b --batches 1 --dtype bfloat16 --calls 2)
+    run decode "$py" scripts/bench_decode.py "${common[@]}" --pairs 2 --compare transformers
+    run decode_weight_copies "$py" scripts/bench_decode.py "${common[@]}" --pairs 1 --weight-copies on
 fi
 if (( ${#failed[@]} )); then
     echo "FAILED: ${failed[*]} (logs in $out)"

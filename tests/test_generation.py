@@ -27,9 +27,8 @@ def test_greedy_batch_equals_transformers_generate(pair, copies):
     """Through the CPU generator's per-layer weights and caches, and through the stacked ones every other backend
     (and several processes) reads."""
     hf, model = pair
-    gen = Generator(model)
-    if copies != "cpu copies":
-        gen.copies = None
+    gen = Generator(model, copies=copies == "cpu copies")
+    assert (gen.copies is None) == (copies != "cpu copies")
     ours = gen(PROMPTS, 64)
     width = max(map(len, PROMPTS))
     ids = torch.zeros((3, width), dtype=torch.long)
@@ -213,3 +212,13 @@ def test_generate_cli_errors(tmp_path, capsys):
                 "--tokenizer", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
     assert "tokenizer" in err and "not found" in err
+
+
+def test_weight_copies_are_one_process_s(pair, monkeypatch):
+    """`Generator(copies=True)` keeps the decode layouts on any backend, but not across processes, where each holds
+    only its share of the weights: refused, naming the setting."""
+    _, model = pair
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert Generator(model).copies is None  # the default reads the model's own weights there
+    with pytest.raises(ValueError, match=r"Generator\(copies=True\).*several processes"):
+        Generator(model, copies=True)
