@@ -94,10 +94,10 @@ def attend_qkv(qkv_btnkh, cos_btr, sin_btr, mask_bts, backend: str, cache=None, 
     if cache is None:
         return dot_product_attention(q, k, v, mask_bts, backend), None
     cache, layer = cache
-    b, t, n, h = q.shape
-    read = mask_bts.shape[-1]
     if layer is None:
         return _attend_layer_cache(q, k, v, mask_bts, backend, cache, cache_index)
+    b, t, n, h = q.shape
+    read = mask_bts.shape[-1]
     cache = {name: jax.lax.dynamic_update_slice(
         cache[name], new.swapaxes(1, 2)[None].astype(cache[name].dtype), (layer, 0, 0, cache_index, 0))
         for name, new in (("k", k), ("v", v))}

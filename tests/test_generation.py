@@ -91,6 +91,7 @@ def test_decoding_writes_one_token_in_place_and_reads_its_span_as_it_lies(batch)
     entry = step.as_text().split("\nENTRY ")[1]
     made = [op for op in re.findall(rf"%\S+ = f32\[{groups},{length},{h}\]\S* (\S+)\(", entry) if op != "parameter"]
     assert made == ["fusion"] * 2 * cfg.num_layers, made  # the writes: dynamic-update-slice fusions, in place
+    assert set(re.findall(rf"f32\[{groups},(\d+),{h}\]", step.as_text())) == {"1", str(length)}  # written; read
     loops = _generate.lower(gen.graphdef, gen.params, gen.copies, state, jnp.int32(900), knobs, gen.replicated,
                             spans).compile().as_text()
     loops = loops[:loops.index("\nENTRY ")]  # the loops' bodies (the entry copies the caches it is given, once)
