@@ -96,7 +96,7 @@ def attend_qkv(qkv_btnkh, cos_btr, sin_btr, mask_bts, backend: str, cache=None, 
     cache, layer = cache
     if layer is None:
         return _attend_layer_cache(q, k, v, mask_bts, backend, cache, cache_index)
-    b, t, n, h = q.shape
+    b, _, n, h = q.shape
     read = mask_bts.shape[-1]
     cache = {name: jax.lax.dynamic_update_slice(
         cache[name], new.swapaxes(1, 2)[None].astype(cache[name].dtype), (layer, 0, 0, cache_index, 0))

@@ -213,7 +213,8 @@ def apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts=None, 
 
 def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts, cache=None, cache_index=None):
     """Apply a stack of layers (weights with a leading layer axis) with a scan. `stacked` may also be a tuple of
-    per-layer weights (`unstack`): the layers then run one after the other, unrolled, each reading its own arrays."""
+    per-layer weights (`unstack`, or `fused_layers`' `FusedLayer`s): the layers then run one after the other,
+    unrolled, each reading its own arrays."""
     cos_btr, sin_btr = rotary_cos_sin(positions_bt, cfg.rotary_ndims, cfg.rotary_base)
     per_layer = isinstance(stacked, tuple)
     first = stacked[0] if per_layer else stacked
@@ -352,7 +353,7 @@ class GPTNeoX(nnx.Module):
         default S): they must hold every position up to cache_index + t. `last_only` computes the logits of the
         last position only (a prefill needs no others, and the vocabulary projection is most of its cost).
         `hidden_only` returns the last layer's output [b, t, d] instead (no cache), for a loss that applies the
-        output layer itself. `layer_weights` (from `unstack`) replaces the stacked layer weights, `output_kernel_vd`
+        output layer itself. `layer_weights` (from `fused_layers` or `unstack`) replaces the stacked layer weights, `output_kernel_vd`
         (the output kernel transposed, [vocab, embed]) the output layer's.
         """
         input_ids = jnp.asarray(input_ids)
