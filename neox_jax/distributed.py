@@ -133,14 +133,15 @@ class _environ:
 
 
 def cpu_only() -> bool:
-    """True when JAX will run on the CPU: JAX_PLATFORMS says so, or no accelerator plugin is installed."""
+    """True when JAX will run on the CPU: JAX_PLATFORMS says so, or no accelerator plugin is installed (JAX finds
+    them in the `jax_plugins` namespace package or entry points; TPUs through libtpu)."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
     from importlib.metadata import entry_points
     from importlib.util import find_spec
 
-    return not list(entry_points(group="jax_plugins")) and find_spec("libtpu") is None
+    return not (list(entry_points(group="jax_plugins")) or find_spec("jax_plugins") or find_spec("libtpu"))
 
 
 def emulate_cpu_devices(n: int):

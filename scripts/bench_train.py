@@ -41,6 +41,7 @@ def worker_jax(args) -> dict:
 
     from neox_jax.config import NeoXConfig, TrainConfig
     from neox_jax.flops import flops_6n, peak_tflops
+    from neox_jax.host_malloc import reuse_freed_memory
     from neox_jax.pretrained import from_pretrained
     from neox_jax.sharding import make_mesh
     from neox_jax.train import Trainer
@@ -77,7 +78,8 @@ def worker_jax(args) -> dict:
     peak = peak_tflops(kind)
     return {"forward_s": forward, "gradient_s": gradient, "step_s": step_s, "tokens_per_s": n / step_s,
             "backward_over_forward": (gradient - forward) / forward, "tflops_per_device_6n": tflops,
-            "mfu_6n": tflops / peak if peak else None, "device": kind, "jax": jax.__version__}
+            "mfu_6n": tflops / peak if peak else None, "device": kind, "jax": jax.__version__,
+            "host_malloc": "reuse" if reuse_freed_memory() else "system"}
 
 
 def worker_torch(args) -> dict:

@@ -46,8 +46,8 @@ def interleaved(script: str, args: list[str], sides: list[str], pairs: int, metr
             runs[side].append(child(script, [*args, "--worker", side]))
             progress(f"pair {i + 1}/{pairs} {side}: {metric} {runs[side][-1][metric]}")
     out = {"pairs": pairs, "metric": metric, **{side: spread([r[metric] for r in runs[side]]) for side in sides},
-           "versions": {k: v for r in runs.values() for k, v in r[0].items() if k in ("jax", "torch", "device",
-                                                                                      "threads")}}
+           "setup": {k: v for r in runs.values() for k, v in r[0].items()
+                     if k in ("jax", "torch", "device", "threads", "host_malloc")}}
     if len(sides) == 2:
         first, second = (runs[s] for s in sides)
         out[f"{sides[0]}/{sides[1]}"] = spread([a[metric] / b[metric] for a, b in zip(first, second)])

@@ -1,0 +1,62 @@
+"""host_malloc: under a CPU backend a compiled call's freed buffers are reused by the next call, not paged in afresh.
+
+Each case runs in a fresh process: the setting is process-wide and must come before JAX starts its backend.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+
+# a call whose 256 MiB output is freed before the next: new pages touched per call (minor page faults)
+PROBE = """
+import json, resource, sys
+{before}
+import neox_jax.model
+from neox_jax import host_malloc
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.broadcast_to(x, (1 << 26,)) + 1.0)
+for i in range(10):  # the heap grows over the first calls, to two outputs' room
+    if i == 5:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(jnp.float32(i)).block_until_ready()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 5
+print(json.dumps({{"applied": host_malloc.reuse_freed_memory(), "faults_per_call": faults}}))
+"""
+
+
+def probe(malloc: str | None = None, before: str = "") -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "NEOX_JAX_MALLOC"}
+    env["JAX_PLATFORMS"] = "cpu"
+    if malloc:
+        env["NEOX_JAX_MALLOC"] = malloc
+    out = subprocess.run([sys.executable, "-c", PROBE.format(before=before)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_freed_buffers_are_reused_under_a_cpu_backend():
+    reuse, system = probe(), probe("system")
+    assert reuse["applied"] and not system["applied"]
+    # glibc's defaults map each 256 MiB output afresh: 65,536 pages of 4 KiB (fewer, larger ones with transparent
+    # huge pages always on); kept for reuse, the pages are touched once
+    assert system["faults_per_call"] >= 100
+    assert reuse["faults_per_call"] * 20 <= system["faults_per_call"]
+
+
+def test_nothing_is_set_once_the_backend_has_started():
+    assert not probe(before="import jax; jax.devices()")["applied"]
+
+
+def test_a_bad_setting_is_refused_naming_it():
+    env = {**os.environ, "NEOX_JAX_MALLOC": "jemalloc"}
+    out = subprocess.run([sys.executable, "-c", "import neox_jax.model"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0
+    assert "NEOX_JAX_MALLOC='jemalloc'" in out.stderr and "reuse" in out.stderr and "system" in out.stderr
