@@ -51,9 +51,13 @@ def reuse_freed_memory() -> bool:
     return _applied
 
 
+def state() -> str:
+    """"reuse" when this process's malloc was set, else "system"."""
+    return "reuse" if reuse_freed_memory() else "system"
+
+
 def _backend_started() -> bool:
     from jax._src import xla_bridge  # no public API tells; without this one, assume it has
 
     started = getattr(xla_bridge, "backends_are_initialized", None)
     return started is None or started()
-

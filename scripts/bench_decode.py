@@ -39,7 +39,7 @@ def worker_jax(args) -> dict:
     import jax
 
     import neox_jax
-    from neox_jax.host_malloc import reuse_freed_memory
+    from neox_jax import host_malloc
 
     model = neox_jax.from_pretrained(args.model_dir, dtype=args.dtype)
     ids = prompts(model.config.vocab_size, args.batch, args.prompt_len)
@@ -51,7 +51,7 @@ def worker_jax(args) -> dict:
     seconds = timed(lambda: generate(ids, max_new_tokens=args.new_tokens), args.calls)
     row = {"seconds": seconds, "tokens_per_s": args.batch * args.new_tokens / seconds,
            "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-           "host_malloc": "reuse" if reuse_freed_memory() else "system"}
+           "host_malloc": host_malloc.state()}
     bandwidth = next((v for k, v in HBM_GBPS.items() if k in row["device"].lower()), None)
     if bandwidth and args.batch == 1:
         cfg = model.config

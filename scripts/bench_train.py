@@ -39,17 +39,18 @@ def worker_jax(args) -> dict:
     import numpy as np
     from flax import nnx
 
+    from neox_jax import host_malloc
     from neox_jax.config import NeoXConfig, TrainConfig
     from neox_jax.flops import flops_6n, peak_tflops
-    from neox_jax.host_malloc import reuse_freed_memory
     from neox_jax.pretrained import from_pretrained
     from neox_jax.sharding import make_mesh
     from neox_jax.train import Trainer
+    from neox_jax.xla_options import defaults
 
     model = NeoXConfig.from_hf(args.model_dir).replace(remat_policy=args.remat)
     cfg = TrainConfig(model=model, mesh=mesh_shape, seq_length=args.seq, micro_batch_size=args.micro_batch,
                       precision=args.precision,
-                      xla_options={} if args.xla_defaults == "on" else dict.fromkeys(GPU_DEFAULTS))
+                      xla_options={} if args.xla_defaults == "on" else dict.fromkeys(defaults(jax.default_backend())))
     mesh = make_mesh(mesh_shape)
     tr = Trainer(cfg, mesh)
     state = tr.init(jax.random.key(0))
@@ -79,7 +80,7 @@ def worker_jax(args) -> dict:
     return {"forward_s": forward, "gradient_s": gradient, "step_s": step_s, "tokens_per_s": n / step_s,
             "backward_over_forward": (gradient - forward) / forward, "tflops_per_device_6n": tflops,
             "mfu_6n": tflops / peak if peak else None, "device": kind, "jax": jax.__version__,
-            "host_malloc": "reuse" if reuse_freed_memory() else "system"}
+            "host_malloc": host_malloc.state()}
 
 
 def worker_torch(args) -> dict:

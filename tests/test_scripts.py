@@ -3,6 +3,7 @@ ones a lent GPU runs (scripts/gpu_checks.sh) are known to work before the device
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,9 @@ def test_fused_attention_check_on_cpu_finds_no_fused_call_and_xla_equal_to_the_e
 def test_bench_train_and_bench_decode_compare_with_transformers():
     require("transformers")
     (train,) = run("bench_train.py", "--preset", "pythia-14m", "--seq", "32", "--micro-batch", "2", "--steps", "1",
-                   "--pairs", "1", "--precision", "bf16", "--compare", "transformers")
-    assert train["xla_defaults"] == "on" and train["neox_jax"]["median"] > 0 and train["transformers"]["median"] > 0
+                   "--pairs", "1", "--precision", "bf16", "--compare", "transformers", "--xla-defaults", "off")
+    assert train["xla_defaults"] == "off" and train["neox_jax"]["median"] > 0 and train["transformers"]["median"] > 0
+    assert train["setup"]["host_malloc"] == ("reuse" if platform.libc_ver()[0] == "glibc" else "system")
     assert train["neox_jax/transformers"]["median"] == pytest.approx(
         train["neox_jax"]["median"] / train["transformers"]["median"], rel=1e-3)
     assert train["neox_jax"]["step_s"] > 0 and train["transformers"]["backward_over_forward"] > 0
