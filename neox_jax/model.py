@@ -355,8 +355,8 @@ class GPTNeoX(nnx.Module):
         default S): they must hold every position up to cache_index + t. `last_only` computes the logits of the
         last position only (a prefill needs no others, and the vocabulary projection is most of its cost).
         `hidden_only` returns the last layer's output [b, t, d] instead (no cache), for a loss that applies the
-        output layer itself. `layer_weights` (from `fused_layers` or `unstack`) replaces the stacked layer weights, `output_kernel_vd`
-        (the output kernel transposed, [vocab, embed]) the output layer's.
+        output layer itself. `layer_weights` (from `fused_layers` or `unstack`) replaces the stacked layer weights,
+        `output_kernel_vd` (the output kernel transposed, [vocab, embed]) the output layer's.
         """
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape

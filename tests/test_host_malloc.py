@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+pytestmark = pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc",
+    reason=f"host_malloc sets glibc's malloc only; this Python runs on {platform.libc_ver()[0] or 'another C library'}")
 
 # a call whose 256 MiB output is freed before the next: new pages touched per call (minor page faults)
 PROBE = """
