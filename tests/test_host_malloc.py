@@ -6,6 +6,7 @@ Each case runs in a fresh process: the setting is process-wide and must come bef
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.skipif(
     platform.libc_ver()[0] != "glibc",
     reason=f"host_malloc sets glibc's malloc only; this Python runs on {platform.libc_ver()[0] or 'another C library'}")
 
-# a call whose 256 MiB output is freed before the next: new pages touched per call (minor page faults)
+# a call whose 256 MiB output is freed before the next: new pages touched by each call (minor page faults)
 PROBE = """
 import json, resource, sys
 {before}
@@ -23,12 +24,12 @@ import neox_jax.model
 from neox_jax import host_malloc
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.broadcast_to(x, (1 << 26,)) + 1.0)
-for i in range(10):  # the heap grows over the first calls, to two outputs' room
-    if i == 5:
-        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
+for i in range(16):
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(jnp.float32(i)).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 5
-print(json.dumps({{"applied": host_malloc.reuse_freed_memory(), "faults_per_call": faults}}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+print(json.dumps({{"applied": host_malloc.reuse_freed_memory(), "faults": faults}}))
 """
 
 
@@ -47,9 +48,12 @@ def test_freed_buffers_are_reused_under_a_cpu_backend():
     reuse, system = probe(), probe("system")
     assert reuse["applied"] and not system["applied"]
     # glibc's defaults map each 256 MiB output afresh: 65,536 pages of 4 KiB (fewer, larger ones with transparent
-    # huge pages always on); kept for reuse, the pages are touched once
-    assert system["faults_per_call"] >= 100
-    assert reuse["faults_per_call"] * 20 <= system["faults_per_call"]
+    # huge pages always on). Kept for reuse, the pages are touched once: the heap grows over the first calls to
+    # the room of two or three outputs (when a freed output is released depends on the runtime's threads, so the
+    # call that grows it varies from run to run), and after that a call touches none
+    reused, fresh = statistics.median(reuse["faults"]), statistics.median(system["faults"])
+    assert fresh >= 100
+    assert reused * 20 <= fresh, (reuse["faults"], system["faults"])
 
 
 def test_nothing_is_set_once_the_backend_has_started():
