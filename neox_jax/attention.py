@@ -1,16 +1,21 @@
 """Attention: GPT-NeoX's rotary embedding, softmax attention with fp32 scores (the einsum every backend is checked
-against) or JAX's `dot_product_attention` (cuDNN's fused kernel on a GPU) by the `attention` setting, and the KV
-cache's writes and reads in a decode step. Shape suffixes as in model.py; g is batch x heads in one axis.
+against), JAX's `dot_product_attention` (cuDNN's fused kernel on a GPU) or causal attention by query blocks (the
+CPU's) by the `attention` setting, and the KV cache's writes and reads in a decode step. Shape suffixes as in
+model.py; g is batch x heads in one axis.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
+from neox_jax import matmul
+
 F32 = jnp.float32
+CAUSAL_BLOCK = 128  # queries per block of `causal_blocks`: the fastest of 64 / 128 / 256 / 512 on the CPU at t = 512
 
 
 def rotary_cos_sin(positions_bt, rotary_ndims: int, base: float):
@@ -51,16 +56,80 @@ def _attend(q, k, v, mask, scores_spec: str, out_spec: str):
     return jnp.einsum(out_spec, probs, v)
 
 
+def causal_blocks(q_btnh, k_btnh, v_btnh, block: int = CAUSAL_BLOCK):
+    """Causal attention by blocks of `block` queries, each scored against the keys up to its last query only (at
+    t = 4 blocks, 3/8 of the scores are never computed), with a backward that recomputes each block's probabilities
+    from the forward's saved row log-sum-exps instead of keeping [b, n, t, t] ones: `auto`'s training attention on a
+    CPU, where XLA has no fused kernel. The same fp32 scores and softmax as `attend`, the probabilities cast to the
+    compute dtype for the product with the values."""
+    heads_first = lambda x: x.swapaxes(1, 2)  # noqa: E731  [b, n, t, h]: every product below reads rows as they lie
+    return heads_first(_causal_blocks(*map(heads_first, (q_btnh, k_btnh, v_btnh)), block))
+
+
+def _spans(t: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block, t)) for start in range(0, t, block)]
+
+
+def _block_scores(q_bnth, k_bnsh, start: int, end: int):
+    """Queries start..end against keys 0..end: fp32 scaled scores [b, n, end - start, end], -inf where masked."""
+    scores = jnp.einsum("bnth,bnsh->bnts", q_bnth[:, :, start:end], k_bnsh[:, :, :end], preferred_element_type=F32)
+    visible_ts = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+    return jnp.where(visible_ts, scores * (1.0 / math.sqrt(q_bnth.shape[-1])), -jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _causal_blocks(q_bnth, k_bnsh, v_bnsh, block: int):
+    return _causal_blocks_fwd(q_bnth, k_bnsh, v_bnsh, block)[0]
+
+
+def _causal_blocks_fwd(q_bnth, k_bnsh, v_bnsh, block: int):
+    outs, lses = [], []
+    for start, end in _spans(q_bnth.shape[2], block):
+        scores = _block_scores(q_bnth, k_bnsh, start, end)
+        top = scores.max(-1, keepdims=True)  # finite: a query always sees itself
+        exp = jnp.exp(scores - top)
+        total = exp.sum(-1, keepdims=True)
+        outs.append(jnp.einsum("bnts,bnsh->bnth", (exp / total).astype(v_bnsh.dtype), v_bnsh[:, :, :end]))
+        lses.append(top + jnp.log(total))
+    out_bnth = jnp.concatenate(outs, axis=2)
+    return out_bnth, (q_bnth, k_bnsh, v_bnsh, out_bnth, jnp.concatenate(lses, axis=2))
+
+
+def _causal_blocks_bwd(block: int, residuals, g_bnth):
+    """Softmax attention's backward block by block: dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K and
+    dK = dS^T Q (scale folded into dS); a block's dK and dV land on the keys it saw."""
+    q, k, v, out, lse_bnt1 = residuals
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    delta_bnt1 = jnp.einsum("bnth,bnth->bnt", g_bnth, out, preferred_element_type=F32)[..., None]
+    dq, dk, dv = [], jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32)
+    for start, end in _spans(q.shape[2], block):
+        probs = jnp.exp(_block_scores(q, k, start, end) - lse_bnt1[:, :, start:end])
+        g = g_bnth[:, :, start:end]
+        dv = dv.at[:, :, :end].add(jnp.einsum("bnts,bnth->bnsh", probs.astype(g.dtype), g, preferred_element_type=F32))
+        dprobs = jnp.einsum("bnth,bnsh->bnts", g, v[:, :, :end], preferred_element_type=F32)
+        dscores = (probs * (dprobs - delta_bnt1[:, :, start:end]) * scale).astype(q.dtype)
+        dq.append(jnp.einsum("bnts,bnsh->bnth", dscores, k[:, :, :end], preferred_element_type=F32))
+        dk = dk.at[:, :, :end].add(jnp.einsum("bnts,bnth->bnsh", dscores, q[:, :, start:end],
+                                              preferred_element_type=F32))
+    return jnp.concatenate(dq, axis=2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_causal_blocks.defvjp(_causal_blocks_fwd, _causal_blocks_bwd)
+
+
 def attention_backend(setting: str, dtype, head_dim: int, causal: bool) -> str:
-    """The backend `attention: auto | xla | cudnn` runs here: "einsum" (`attend`), "xla" or "cudnn" (JAX's
-    `dot_product_attention`). cuDNN's fused kernel takes bf16/fp16 on a GPU with heads of at most 128 in multiples of
-    8 (the 20B's 96 included); `auto` uses it there for causal calls without a mask (training, a forward without a
-    cache) and the einsum elsewhere (padded batches and calls with a KV cache through cuDNN are not yet checked on a
-    GPU). An impossible `cudnn` is refused while tracing."""
+    """The backend `attention: auto | xla | cudnn` runs here: "einsum" (`attend`), "blocks" (`causal_blocks`), "xla"
+    or "cudnn" (JAX's `dot_product_attention`). cuDNN's fused kernel takes bf16/fp16 on a GPU with heads of at most
+    128 in multiples of 8 (the 20B's 96 included); `auto` uses it there for causal calls without a mask (training, a
+    forward without a cache), `causal_blocks` for those in a CPU's program (not the planner's GPU programs:
+    `matmul.as_on_gpu`), and the einsum elsewhere (padded batches and calls with a KV cache through cuDNN are not yet
+    checked on a GPU). An impossible `cudnn` is refused while tracing."""
     gpu = jax.default_backend() == "gpu"
     fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
     if setting == "auto":
-        return "cudnn" if gpu and fits and causal else "einsum"
+        if gpu and fits and causal:
+            return "cudnn"
+        return "blocks" if causal and matmul.cpu_program() else "einsum"
     if setting == "cudnn" and not (gpu and fits):
         from neox_jax.config import ConfigError
 
@@ -77,6 +146,8 @@ def dot_product_attention(q_btnh, k, v, mask_bts, setting: str, kv_layout: str =
     backend = attention_backend(setting, q_btnh.dtype, q_btnh.shape[-1], causal=mask_bts is None)
     if backend == "einsum":
         return attend(q_btnh, k, v, mask_bts, kv_layout)
+    if backend == "blocks":  # causal, so no cache: [b, s, n, h]
+        return causal_blocks(q_btnh, k, v)
     if kv_layout == "bnsh":  # JAX's kernels take [b, s, n, h]
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     mask = None if mask_bts is None else mask_bts[:, None]

@@ -26,12 +26,18 @@ _CPU_PRODUCTS = contextvars.ContextVar("cpu_products", default=True)
 
 @contextlib.contextmanager
 def as_on_gpu():
-    """Trace the plain products whatever the backend (the planner's GPU programs, compiled on a CPU)."""
+    """Trace the plain products, and the attention a GPU would run, whatever the backend (the planner's GPU programs,
+    compiled on a CPU)."""
     token = _CPU_PRODUCTS.set(False)
     try:
         yield
     finally:
         _CPU_PRODUCTS.reset(token)
+
+
+def cpu_program() -> bool:
+    """Whether the program being traced is the CPU's own: a CPU backend, not under `as_on_gpu()`."""
+    return jax.default_backend() == "cpu" and _CPU_PRODUCTS.get()
 
 
 def einsum(spec: str, x, w):
@@ -40,7 +46,7 @@ def einsum(spec: str, x, w):
     backend fails at run time on some of their backward products with bf16 operands and an fp32 result
     ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32", JAX 0.10.2)."""
     xs, ws, out = _indices(spec)
-    if x.dtype == F32 or jax.default_backend() != "cpu" or not _CPU_PRODUCTS.get() or set(xs) & set(ws) & set(out):
+    if x.dtype == F32 or not cpu_program() or set(xs) & set(ws) & set(out):
         return jnp.einsum(spec, x, w)
     return _rounded(spec, x, w)
 

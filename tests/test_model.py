@@ -200,10 +200,10 @@ def test_init_follows_small_and_wang_init():
 
 @pytest.mark.parametrize("dtype,relative", [("float32", False), ("bfloat16", True)])
 def test_attention_backends_equal_the_einsum_reference(dtype, relative):
-    """`attention: xla` (JAX's dot_product_attention) against the einsum (`auto` on a CPU), causal and left-padded,
-    with the decode cache too. Both take fp32 scores and softmax and cast the probabilities to the compute dtype, so
-    fp32 agrees to rounding (at most 1e-6; measured 8e-7); in bf16 the same products may round differently once, at
-    most one unit roundoff (2**-8) of the logits' spread."""
+    """`attention: xla` (JAX's dot_product_attention) against `auto` on a CPU (`causal_blocks` unpadded, the einsum
+    left-padded and with the decode cache). All take fp32 scores and softmax and cast the probabilities to the
+    compute dtype, so fp32 agrees to rounding (at most 1e-6); in bf16 the same products may round differently once,
+    at most one unit roundoff (2**-8) of the logits' spread."""
     cfg = NeoXConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, dtype=dtype)
     reference = GPTNeoX(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(reference)
