@@ -26,7 +26,7 @@ def largest_relative_error(got, want) -> float:
 def test_causal_blocks_equal_the_einsum_in_value_and_gradient(t, block):
     """fp32: the same scores and softmax, summed in another order (measured: 3e-7 of the largest output, 8e-7 of the
     largest gradient). bf16 (inputs and cotangent rounded): as close to the fp32 reference as the einsum's own bf16,
-    within two unit roundoffs of the largest entry (measured 3.5e-3 to 5.9e-3 for either)."""
+    within two unit roundoffs of the largest entry (measured 3e-3 to 6e-3 for either)."""
     q, k, v, g = qkv_and_cotangent(t)
     want, want_vjp = jax.vjp(attend, q, k, v)
     got, got_vjp = jax.vjp(lambda *x: causal_blocks(*x, block=block), q, k, v)

@@ -107,6 +107,7 @@ def test_pipeline_layout_checks():
         trainer({"pipe": 2}, model=MODEL.replace(remat_policy="dots_saveable"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_bf16_and_fp32_gradient_sums_through_the_pipeline(reference, precision):
     """Training on (2,2,2) with 8 pipeline microbatches, summed in fp32 or bf16, against the fp32 single-device
