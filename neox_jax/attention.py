@@ -57,8 +57,8 @@ def _attend(q, k, v, mask, scores_spec: str, out_spec: str):
 
 
 def causal_blocks(q_btnh, k_btnh, v_btnh, block: int = CAUSAL_BLOCK):
-    """Causal attention by blocks of `block` queries, each scored against the keys up to its last query only (at
-    t = 4 blocks, 3/8 of the scores are never computed), with a backward that recomputes each block's probabilities
+    """Causal attention by blocks of `block` queries, each scored against the keys up to its last query only (with
+    4 blocks, 3/8 of the scores are never computed), with a backward that recomputes each block's probabilities
     from the forward's saved row log-sum-exps instead of keeping [b, n, t, t] ones: `auto`'s training attention on a
     CPU, where XLA has no fused kernel. The same fp32 scores and softmax as `attend`, the probabilities cast to the
     compute dtype for the product with the values."""
