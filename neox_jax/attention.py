@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from neox_jax import matmul
 
@@ -118,13 +119,15 @@ _causal_blocks.defvjp(_causal_blocks_fwd, _causal_blocks_bwd)
 
 
 def attention_backend(setting: str, dtype, head_dim: int, causal: bool) -> str:
-    """The backend `attention: auto | xla | cudnn` runs here: "einsum" (`attend`), "blocks" (`causal_blocks`), "xla"
-    or "cudnn" (JAX's `dot_product_attention`). cuDNN's fused kernel takes bf16/fp16 on a GPU with heads of at most
-    128 in multiples of 8 (the 20B's 96 included); `auto` uses it there for causal calls without a mask (training, a
-    forward without a cache), `causal_blocks` for those in a CPU's program (not the planner's GPU programs:
-    `matmul.as_on_gpu`), and the einsum elsewhere (padded batches and calls with a KV cache through cuDNN are not yet
-    checked on a GPU). An impossible `cudnn` is refused while tracing."""
-    gpu = jax.default_backend() == "gpu"
+    """The backend `attention: auto | xla | cudnn` runs in the program being traced (`matmul.platform()`: the
+    mesh's devices, not the process's backend): "einsum" (`attend`), "blocks" (`causal_blocks`), "xla" or "cudnn"
+    (JAX's `dot_product_attention`). cuDNN's fused kernel takes bf16/fp16 on a GPU with heads of at most 128 in
+    multiples of 8 (the 20B's 96 included); `auto` uses it there for causal calls without a mask (training, a
+    forward without a cache), `causal_blocks` for those in a CPU's program (not the planner's GPU programs compiled
+    on CPU devices: `matmul.as_on_gpu`), and the einsum elsewhere (padded batches and calls with a KV cache through
+    cuDNN are not yet checked on a GPU; pythia-1b's heads of 256 are beyond the kernel). An impossible `cudnn` is
+    refused while tracing."""
+    gpu = matmul.platform() == "gpu"
     fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
     if setting == "auto":
         if gpu and fits and causal:
@@ -133,7 +136,7 @@ def attention_backend(setting: str, dtype, head_dim: int, causal: bool) -> str:
     if setting == "cudnn" and not (gpu and fits):
         from neox_jax.config import ConfigError
 
-        why = (f"this machine's backend is {jax.default_backend()}" if not gpu else
+        why = (f"this program is compiled for {matmul.platform()} devices" if not gpu else
                f"it takes bf16/fp16 with head_dim <= 128 in multiples of 8 (here {jnp.dtype(dtype).name}, head_dim "
                f"{head_dim})")
         raise ConfigError(f"attention='cudnn': cuDNN's fused attention needs an NVIDIA GPU and {why}: use attention "
@@ -151,7 +154,75 @@ def dot_product_attention(q_btnh, k, v, mask_bts, setting: str, kv_layout: str =
     if kv_layout == "bnsh":  # JAX's kernels take [b, s, n, h]
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     mask = None if mask_bts is None else mask_bts[:, None]
-    return jax.nn.dot_product_attention(q_btnh, k, v, mask=mask, is_causal=mask_bts is None, implementation=backend)
+
+    def kernel(q, k, v, mask):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask_bts is None, implementation=backend)
+
+    return per_shard(kernel, q_btnh, k, v, mask)
+
+
+def per_shard(kernel, q_btnh, k_bsnh, v_bsnh, mask_b1ts=None):
+    """`kernel(q, k, v, mask)` on each device's shard of batch (over `data`) and heads (over `tensor`), inside a
+    `shard_map` manual over every mesh axis not manual already, so XLA partitions nothing in it. cuDNN's custom call
+    brings a partitioning rule of its own, which fails inside our `shard_map`s (the step's over `data`, the
+    pipeline's over `pipe`) and under tensor parallelism; attention needs no communication once batch and heads are
+    split, so the kernel sees whole sequences of whole heads and the rule never runs. A dimension its mesh axes do
+    not divide (a batch of 1 on `data`) stays whole on every device. Without a mesh: the kernel as it is."""
+    from neox_jax import sharding as shd
+
+    mesh = jax.sharding.get_abstract_mesh()
+    auto = {} if mesh.empty else {a: n for a, n in zip(mesh.axis_names, mesh.axis_sizes)
+                                  if a not in shd.manual_axes()}
+    if not auto:
+        return kernel(q_btnh, k_bsnh, v_bsnh, mask_b1ts)
+    names = shd.logical_to_spec(("batch", "length", "heads", "head_dim"))
+    spec = P(*(a if a in auto and d % auto[a] == 0 else None for a, d in zip(names, q_btnh.shape)))
+    region = _Region(kernel, spec, None if mask_b1ts is None else P(spec[0]),
+                     tuple(a for a in mesh.axis_names if a in auto))
+    return _per_shard(region, q_btnh, k_bsnh, v_bsnh, mask_b1ts)
+
+
+class _Region:
+    """What `_per_shard` runs and how: the kernel, the specs, the region's mesh axes, and the structure of the
+    kernel's residuals (known once the forward is traced; custom_vjp residuals hold arrays only)."""
+
+    def __init__(self, kernel, spec, mask_spec, axes):
+        self.kernel, self.spec, self.mask_spec, self.axes = kernel, spec, mask_spec, axes
+        # the residuals vary over the axes that split q, k and v: stacked over those (a leading axis each)
+        self.residual_spec = P(tuple(a for a in axes if a in spec))
+        self.residual_tree = None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _per_shard(region, q, k, v, mask):
+    return _per_shard_fwd(region, q, k, v, mask)[0]
+
+
+def _per_shard_fwd(region, q, k, v, mask):
+    """The forward and its residuals (the kernel's own: cuDNN's softmax statistics, not recomputed) per device,
+    stacked along a leading axis. Autodiff of the `shard_map` itself would give them a spec naming the enclosing
+    `shard_map`'s axes too (JAX 0.10.2), which does not lower inside the step's."""
+
+    def forward(q, k, v, mask):
+        out, pull = jax.vjp(lambda q, k, v: region.kernel(q, k, v, mask), q, k, v)
+        leaves, region.residual_tree = jax.tree.flatten(pull)
+        return out, [x[None] for x in leaves]
+
+    spec = region.spec
+    return jax.shard_map(forward, in_specs=(spec, spec, spec, region.mask_spec),
+                         out_specs=(spec, region.residual_spec), axis_names=set(region.axes))(q, k, v, mask)
+
+
+def _per_shard_bwd(region, residuals, g):
+    def backward(residuals, g):
+        return jax.tree.unflatten(region.residual_tree, [x[0] for x in residuals])(g)
+
+    spec = region.spec
+    return (*jax.shard_map(backward, in_specs=(region.residual_spec, spec), out_specs=(spec, spec, spec),
+                           axis_names=set(region.axes))(residuals, g), None)
+
+
+_per_shard.defvjp(_per_shard_fwd, _per_shard_bwd)
 
 
 def attend_qkv(qkv_btnkh, cos_btr, sin_btr, mask_bts, backend: str, cache=None, cache_index=None):

@@ -22,6 +22,23 @@ import jax.numpy as jnp
 
 F32 = jnp.float32
 _CPU_PRODUCTS = contextvars.ContextVar("cpu_products", default=True)
+_PLATFORM = contextvars.ContextVar("platform", default=None)  # the devices the traced program is compiled for
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str | None):
+    """Trace for `platform`'s devices ("cpu", "gpu"; None: the process's default backend): the mesh's, so that a
+    CPU process compiling a GPU cluster's program (the planner) makes the GPU's hardware choices."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def platform() -> str:
+    """The platform of the program being traced: `compiling_for`'s, else JAX's default backend."""
+    return _PLATFORM.get() or jax.default_backend()
 
 
 @contextlib.contextmanager
@@ -36,8 +53,8 @@ def as_on_gpu():
 
 
 def cpu_program() -> bool:
-    """Whether the program being traced is the CPU's own: a CPU backend, not under `as_on_gpu()`."""
-    return jax.default_backend() == "cpu" and _CPU_PRODUCTS.get()
+    """Whether the program being traced runs on CPU devices, not under `as_on_gpu()`."""
+    return platform() == "cpu" and _CPU_PRODUCTS.get()
 
 
 def einsum(spec: str, x, w):

@@ -184,7 +184,8 @@ class Trainer:
         self.state_shardings = shd.named(mesh, self.state_specs)
         self.batch_sharding = NamedSharding(mesh, P(None, *shd.batch_spec()))  # [accum, batch, length]
 
-        self.compiler_options = compiler_options(cfg.xla_options)
+        self.platform = mesh.devices.flat[0].platform
+        self.compiler_options = compiler_options(cfg.xla_options, self.platform)
         jit = functools.partial(jax.jit, compiler_options=self.compiler_options)
         self.init = jit(self.under_mesh(self._init), out_shardings=self.state_shardings)
         replicated = NamedSharding(mesh, P())
@@ -196,10 +197,11 @@ class Trainer:
                         out_shardings=(self.state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
     def under_mesh(self, fn):
-        """Trace `fn` with the mesh set, so the model's logical constraints apply."""
+        """Trace `fn` with the mesh set, so the model's logical constraints apply, and for the mesh's devices, so
+        the hardware choices (attention, products) are theirs whatever this process's backend."""
 
         def traced(*args):
-            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), matmul.compiling_for(self.platform):
                 return fn(*args)
 
         return traced
