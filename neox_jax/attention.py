@@ -158,7 +158,7 @@ def dot_product_attention(q_btnh, k, v, mask_bts, setting: str, kv_layout: str =
     def kernel(q, k, v, mask):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask_bts is None, implementation=backend)
 
-    return per_shard(kernel, q_btnh, k, v, mask)
+    return per_shard(kernel, q_btnh, k, v, mask) if backend == "cudnn" else kernel(q_btnh, k, v, mask)
 
 
 def per_shard(kernel, q_btnh, k_bsnh, v_bsnh, mask_b1ts=None):
@@ -167,7 +167,12 @@ def per_shard(kernel, q_btnh, k_bsnh, v_bsnh, mask_b1ts=None):
     brings a partitioning rule of its own, which fails inside our `shard_map`s (the step's over `data`, the
     pipeline's over `pipe`) and under tensor parallelism; attention needs no communication once batch and heads are
     split, so the kernel sees whole sequences of whole heads and the rule never runs. A dimension its mesh axes do
-    not divide (a batch of 1 on `data`) stays whole on every device. Without a mesh: the kernel as it is."""
+    not divide (a batch of 1 on `data`) stays whole on every device. Without a mesh: the kernel as it is.
+
+    The region must compute nothing from constants alone (cuDNN's kernel does not; an einsum's iota mask would): in
+    a scan's backward JAX hoists such loop-invariant work out of the loop, splitting the region, and JAX 0.10.2 gives
+    the split's residuals a spec naming the enclosing `shard_map`'s axes (the fault `_per_shard_fwd` avoids),
+    which does not lower."""
     from neox_jax import sharding as shd
 
     mesh = jax.sharding.get_abstract_mesh()

@@ -1,6 +1,7 @@
 """Causal attention by query blocks (`attention.causal_blocks`, `auto`'s training attention on a CPU) against the einsum
 reference, and which backend `auto` picks."""
 
+import functools
 import re
 
 import jax
@@ -58,3 +59,44 @@ def test_auto_picks_the_blocks_for_causal_calls_on_a_cpu_and_the_einsum_otherwis
     assert attention_backend("xla", jnp.float32, 64, causal=True) == "xla"
     with matmul.as_on_gpu():  # the planner's programs: what a GPU runs, not the CPU's blocks
         assert attention_backend("auto", jnp.float32, 64, causal=True) == "einsum"
+    with matmul.compiling_for("gpu"):  # a GPU mesh's program, traced in this CPU process
+        assert attention_backend("auto", jnp.bfloat16, 96, causal=True) == "cudnn"
+        assert attention_backend("auto", jnp.bfloat16, 256, causal=True) == "einsum"  # beyond the kernel's heads
+        assert attention_backend("auto", jnp.float32, 64, causal=True) == "einsum"
+        assert attention_backend("auto", jnp.bfloat16, 64, causal=False) == "einsum"
+    assert attention_backend("auto", jnp.bfloat16, 96, causal=True) == "blocks"  # and back
+
+
+@pytest.mark.parametrize("mesh_shape,outer", [({"data": 2, "tensor": 4}, "data"),
+                                              ({"data": 2, "pipe": 2, "tensor": 2}, "pipe"),
+                                              ({"data": 2, "tensor": 4}, None)],
+                         ids=["in-data-region", "in-pipe-region", "no-region"])
+def test_per_shard_kernels_give_one_device_s_values_and_gradients(mesh_shape, outer):
+    """`per_shard` (how cuDNN's kernel runs on a GPU mesh: batch over data, heads over tensor, the kernel's residuals
+    carried out per device by a custom VJP) inside a shard_map manual over `outer` as the train step's and the
+    pipeline's are, or under automatic partitioning, with JAX's XLA kernel in cuDNN's place: equal to the kernel on
+    one device."""
+    from jax.sharding import PartitionSpec as P
+
+    from neox_jax.attention import per_shard
+    from neox_jax.sharding import make_mesh
+
+    q, k, v, g = (jnp.concatenate([x, 2 * x]) for x in qkv_and_cotangent(16, heads=8, head_dim=8))  # batch 4
+
+    def kernel(q, k, v, mask):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+    def value_and_grads(attention, q, k, v, g):
+        out, pull = jax.vjp(attention, q, k, v)
+        return (out, *pull(g))
+
+    want = value_and_grads(lambda *x: kernel(*x, None), q, k, v, g)
+    sharded = functools.partial(value_and_grads, lambda *x: per_shard(kernel, *x))
+    if outer:  # the step's region splits the rows over data; the pipeline's holds them whole on every stage
+        spec = P("data") if outer == "data" else P()
+        sharded = jax.shard_map(sharded, in_specs=spec, out_specs=spec, axis_names={outer})
+    mesh = make_mesh(mesh_shape, jax.devices()[:8])
+    with jax.set_mesh(mesh):
+        got = jax.jit(sharded)(q, k, v, g)
+    for got_x, want_x in zip(got, want):
+        assert largest_relative_error(got_x, want_x) <= 1e-6
