@@ -167,25 +167,35 @@ def cmd_plan(args):
             raise SystemExit(f"error: --devices {devices} is not a multiple of the mesh's fixed axes ({fixed})")
         cfg = cfg.replace(mesh={k: devices // fixed if v == -1 else v for k, v in cfg.mesh.items()})
     n = math.prod(cfg.mesh.values())
-    os.environ["JAX_PLATFORMS"] = "cpu"  # the mesh is emulated on CPU devices, whatever this machine has
-    _join(args, cfg.mesh)
+    os.environ["JAX_PLATFORMS"] = "cpu"  # compile-only GPUs, or the mesh emulated on CPU devices: no device is used
+    if args.device:
+        raise SystemExit(f"error: --device is now --target (one flag for the card): --target {args.device}")
+    from neox_jax import gpus
+    from neox_jax.predict import Cluster
+
+    cluster = Cluster.get(args.cluster) if args.cluster else None
+    target = args.target or (cluster.card if cluster else "a100-40gb")
+    gpus.card(target)
+    if cluster and target != cluster.card:
+        raise SystemExit(f"error: --target {target} but --cluster {cluster.name} has {cluster.card}: give one of them")
+    hosts = args.hosts or -(-n // (cluster.devices_per_node if cluster else 8))
+    compiler = "cpu" if gpus.missing() else "gpu"
+    if compiler == "cpu":
+        _join(args, cfg.mesh)
     from neox_jax.distributed import is_primary
     from neox_jax.plan import plan
 
-    primary = is_primary()
+    primary = compiler == "gpu" or is_primary()
     if primary:
+        where = (f"{hosts} x {n // hosts} {target} with XLA's GPU compiler" if compiler == "gpu" else
+                 f"{n} emulated CPU devices (XLA's GPU compiler needs the gpu-plan extra: {gpus.GPU_PLAN})")
         print(f"planning {args.config} on mesh {dict(cfg.mesh)}: {cfg.model.num_params / 1e9:.2f}B parameters, "
               f"seq {cfg.seq_length}, micro batch {cfg.micro_batch_size} x {cfg.grad_accum_steps} accumulation, "
-              f"{cfg.precision}, ZeRO stage {cfg.zero_stage}, remat {cfg.model.remat_policy}; compiling for {n} "
-              "emulated devices...", flush=True)
-    cluster = None
-    if args.cluster:
-        from neox_jax.predict import Cluster
-
-        cluster = Cluster.get(args.cluster)
-    p = plan(cfg, args.device)
+              f"{cfg.precision}, ZeRO stage {cfg.zero_stage}, remat {cfg.model.remat_policy}; compiling for "
+              f"{where}...", flush=True)
+    p = plan(cfg, target, hosts, compiler)
     if primary:
-        print(p.report(args.device))
+        print(p.report())
         if cluster:
             from neox_jax.plan import prediction
 
@@ -442,7 +452,11 @@ def main(argv=None):
     p.add_argument("--mesh", help="e.g. data=12,pipe=4,tensor=2 (default: the config's)")
     p.add_argument("--micro-batch", type=int, help="sequences per data-parallel replica per microstep")
     p.add_argument("--seq-length", type=int)
-    p.add_argument("--device", default="a100-40gb", choices=["a100-40gb", "a100-80gb", "h100-80gb", "h200-141gb"])
+    p.add_argument("--target", help="the card to compile for (default: the --cluster's, else a100-40gb): "
+                                    "a100-40gb, a100-80gb, h100-80gb, h200-141gb, a6000-48gb, rtx3090ti-24gb")
+    p.add_argument("--hosts", type=int, help="hosts the devices are spread over (default: the --cluster's node "
+                                             "size, else 8 devices per host)")
+    p.add_argument("--device", help=argparse.SUPPRESS)  # renamed --target: refused with that word
     p.add_argument("--devices", type=int, help="device count that fills a -1 mesh axis (default: the smallest "
                                                 "mesh of the layout, data=1)")
     p.add_argument("--cluster", help="predict step time and TFLOP/s on a cluster: a100-40gb-paper, a100-80gb-selene, "

@@ -133,15 +133,44 @@ class _environ:
 
 
 def cpu_only() -> bool:
-    """True when JAX will run on the CPU: JAX_PLATFORMS says so, or no accelerator plugin is installed (JAX finds
-    them in the `jax_plugins` namespace package or entry points; TPUs through libtpu)."""
+    """True when JAX will run on the CPU: JAX_PLATFORMS says so, or no accelerator is usable. A plugin counts only
+    with its driver: the gpu-plan extra installs the CUDA plugin on machines without a GPU (to compile GPU programs),
+    where JAX falls back to the CPU and a CPU run must keep its emulated devices and allocator setting."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
+    return not any(_driver_present(name) for name in _accelerator_plugins())
+
+
+def _accelerator_plugins() -> set[str]:
+    """JAX's accelerator plugins installed (the `jax_plugins` namespace package or entry points; TPUs' libtpu)."""
     from importlib.metadata import entry_points
     from importlib.util import find_spec
 
-    return not (list(entry_points(group="jax_plugins")) or find_spec("jax_plugins") or find_spec("libtpu"))
+    names = {ep.name for ep in entry_points(group="jax_plugins")}
+    if find_spec("jax_plugins"):
+        import pkgutil
+
+        import jax_plugins
+
+        names |= {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
+    return names | ({"libtpu"} if find_spec("libtpu") else set())
+
+
+def _driver_present(plugin: str) -> bool:
+    """Whether `plugin`'s device driver is here: NVIDIA's libcuda for CUDA, the kernel's /dev/kfd for ROCm; any
+    other plugin is taken to have one."""
+    if "cuda" in plugin:
+        import ctypes
+
+        try:
+            ctypes.CDLL("libcuda.so.1")
+        except OSError:
+            return False
+        return True
+    if "rocm" in plugin:
+        return os.path.exists("/dev/kfd")
+    return True
 
 
 def emulate_cpu_devices(n: int):

@@ -1,10 +1,12 @@
-"""The layout planner: compile the train step for a mesh on emulated CPU devices, allocate nothing, and
-report per-device memory and collective traffic, beside an analytical estimate.
+"""The layout planner: compile the train step for a mesh of GPUs without having them, allocate nothing, and
+report per-device memory, collective traffic and kernels, beside an analytical estimate.
 
-The compiled figures come from XLA's CPU backend: its buffer assignment is a real schedule of the same
-partitioned program, but the CPU compiler keeps some bf16 work in fp32, so its temporaries are an upper
-bound for a GPU run. The analytical figures use exact shard shapes for the state and the activation model
-of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models").
+With the gpu-plan extra the step is compiled by XLA's own GPU compiler for compile-only devices of the target card
+(`neox_jax/gpus.py`): the memory is the GPU program's buffer assignment, the kernels and asynchronous collectives
+are the GPU passes' own. Without it, the fallback compiles the same partitioned program for emulated CPU devices,
+labelled as such: XLA's CPU compiler keeps some bf16 work in fp32, so its temporaries are an upper bound. The
+analytical figures use exact shard shapes for the state and the activation model of Korthikanti et al. 2022
+("Reducing Activation Recomputation in Large Transformer Models").
 """
 
 from __future__ import annotations
@@ -19,18 +21,12 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from neox_jax import matmul
+from neox_jax import gpus, matmul
 from neox_jax import sharding as shd
 from neox_jax.config import ConfigError, TrainConfig
 from neox_jax.traffic import minimum_traffic, ratio_line
 from neox_jax.train import Trainer
 
-DEVICES = {  # usable memory per device, bytes
-    "a100-40gb": 40 * 2**30,
-    "a100-80gb": 80 * 2**30,
-    "h100-80gb": 80 * 2**30,
-    "h200-141gb": 141 * 2**30,
-}
 GB = 1e9
 
 
@@ -66,6 +62,11 @@ class Plan:
     forwards_per_layer: float = 0.0  # measured: layer forwards per layer and microbatch in the compiled step
     recomputation: str = "no recomputation"  # what is recomputed
     replication: float = 1.0  # devices holding each working-weight byte, averaged over the bytes (from the specs)
+    target: str = "a100-40gb"  # the card (neox_jax/gpus.py)
+    compiler: str = "gpu"  # "gpu": XLA's GPU compiler for the card; "cpu": the fallback on emulated CPU devices
+    hosts: int = 1
+    kernels: dict = dataclasses.field(default_factory=dict)  # kernel -> calls per step (GPU compile)
+    collective_ops: dict = dataclasses.field(default_factory=dict)  # kind -> (asynchronous, all) per step
 
     @property
     def xla_total(self) -> int:
@@ -83,7 +84,7 @@ class Plan:
     def fits_analytically(self) -> bool:
         return self.analytic_total <= self.capacity
 
-    def report(self, device: str) -> str:
+    def report(self) -> str:
         rows = [
             ("parameters (working weights)", self.params),
             ("fp32 master weights", self.master),
@@ -91,7 +92,12 @@ class Plan:
             ("gradients (microbatch sums + fp32 shard)", self.grads),
             ("activations (analytical)", self.activations_estimate),
         ]
+        compiler = (f"XLA's GPU compiler for {self.hosts} x {self.devices // self.hosts} {self.target} (compile-only "
+                    "devices, autotuning off, cuBLAS GEMMs: neox_jax/gpus.py)" if self.compiler == "gpu" else
+                    "XLA's CPU compiler on emulated devices (the fallback without the gpu-plan extra: "
+                    f"{gpus.GPU_PLAN}); temporaries an upper bound for a GPU")
         out = [f"mesh {self.mesh} on {self.devices} devices, global batch {self.global_batch} sequences",
+               f"compiled by {compiler}",
                "", "per device                                         analytical"]
         out += [f"  {name:47s} {v / GB:9.2f} GB" for name, v in rows]
         out += [f"  {'total':47s} {self.analytic_total / GB:9.2f} GB", "",
@@ -104,6 +110,13 @@ class Plan:
                 "after SPMD partitioning, beside the least it could send: neox_jax/traffic.py)"]
         for axes, v in sorted(((a, v) for a, v in self.collectives.items() if v >= 1e6), key=lambda kv: -kv[1]):
             out.append(ratio_line(axes, v, self.minimum.get(axes)))
+        if self.collective_ops:
+            out.append("  in the GPU program, per step (asynchronous: start/done pairs the scheduler overlaps): " +
+                       ", ".join(f"{kind} {a:,} of {n:,} asynchronous" for kind, (a, n) in
+                                 sorted(self.collective_ops.items())))
+        if self.kernels:
+            out += ["", "kernels per step (loop trips included): " +
+                    ", ".join(f"{name} {n:,}" for name, n in sorted(self.kernels.items()))]
         if self.stages > 1:
             from neox_jax.pipeline import bubble_fraction
 
@@ -117,8 +130,8 @@ class Plan:
                               "microbatches)" if self.stages > 1 else ")")]
         verdict = "fits" if self.fits else "does NOT fit"
         out += ["", f"compile time {self.compile_seconds:.1f}s",
-                f"{device}: {self.capacity / 2**30:.0f} GiB per device -> {verdict} "
-                f"({100 * self.xla_total / self.capacity:.0f}% by XLA's count)"]
+                f"{self.target}: {self.capacity / 2**30:.1f} GiB per device -> {verdict} "
+                f"({100 * self.xla_total / self.capacity:.0f}% by XLA's {self.compiler.upper()} count)"]
         return "\n".join(out)
 
 
@@ -246,7 +259,7 @@ def _multipliers(comps: dict[str, list[str]], entry: str | None) -> dict[str, in
     return mult
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=2)
 def _loops(hlo: str) -> tuple[dict[str, list[str]], dict[str, int]]:
     """The computations and how many times each runs per step (the planner reads one HLO text twice)."""
     comps, entry = _computations(hlo)
@@ -289,22 +302,72 @@ _SCORES = re.compile(r'= \w+\[(?:\d+,)*(\d+),(\d+)\]\S* dot\(.*op_name="(?:[^"]*
 
 
 def attention_forwards(hlo: str, seq_length: int) -> int:
-    """How many times the compiled step computes a layer's attention scores, loop trip counts included: the dots
-    of the scores' einsum whose output ends in [seq, seq] (its transposes in the backward carry the same name but
-    give [seq, head_dim]). Each layer forward, first or recomputed, computes them once."""
+    """How many times the compiled step computes a layer's attention, loop trip counts included: cuDNN's forward
+    calls, or the dots of the einsum's scores whose output ends in [seq, seq] (its transposes in the backward carry
+    the same name but give [seq, head_dim]). Each layer forward, first or recomputed, computes them once."""
     comps, mult = _loops(hlo)
-    return sum(mult.get(name, 0) for name, lines in comps.items() for line in lines
-               if (m := _SCORES.search(line)) and int(m.group(1)) == int(m.group(2)) == seq_length)
+    return kernel_calls(hlo).get("cuDNN attention forward", 0) + sum(
+        mult.get(name, 0) for name, lines in comps.items() for line in lines
+        if (m := _SCORES.search(line)) and int(m.group(1)) == int(m.group(2)) == seq_length)
 
 
-def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def kernel_calls(hlo: str) -> dict[str, int]:
+    """Calls per step of the kernels that do a GPU step's work, loop trips included: cuDNN's attention (forward,
+    backward), cuBLAS's GEMMs and Triton's."""
+    comps, mult = _loops(hlo)
+    out: dict[str, int] = defaultdict(int)
+    for name, lines in comps.items():
+        for line in lines:
+            target = m.group(1) if (m := _CUSTOM_CALL.search(line)) else ""
+            if target.startswith("__cudnn$fmha"):
+                out["cuDNN attention " + ("backward" if "Backward" in target else "forward")] += mult.get(name, 0)
+            elif target.startswith("__cublas"):
+                out["cuBLAS GEMM"] += mult.get(name, 0)
+            elif " fusion(" in line and '"__triton_gemm"' in line:
+                out["Triton GEMM"] += mult.get(name, 0)
+    return {k: v for k, v in out.items() if v}
+
+
+_OP = re.compile(r"\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(-start)?\(")
+
+
+def collective_ops(hlo: str) -> dict[str, tuple[int, int]]:
+    """Collectives per step in an optimized GPU program by kind: (asynchronous, all). Asynchronous ones are a
+    `-start` / `-done` pair, or run in a computation an `async-start` calls; the others block where they stand."""
+    comps, mult = _loops(hlo)
+    in_async = {c for lines in comps.values() for line in lines if " async-start(" in line
+                for c in re.findall(r"calls=%?([\w.\-]+)", line)}
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, lines in comps.items():
+        for line in lines:
+            if (m := _OP.search(line)) and "-done(" not in line:
+                counts = out[m.group(1)]
+                counts[0] += mult.get(name, 0) if (m.group(2) or name in in_async) else 0
+                counts[1] += mult.get(name, 0)
+    return {k: (a, n) for k, (a, n) in out.items() if n}
+
+
+def plan(cfg: TrainConfig, target: str = "a100-40gb", hosts: int | None = None, compiler: str | None = None) -> Plan:
+    """The step of `cfg` compiled for `target` cards (neox_jax/gpus.py): by XLA's GPU compiler for `hosts` hosts
+    (default: 8 devices per host) where the gpu-plan extra is installed (`compiler` "gpu" insists on it), else on
+    emulated CPU devices ("cpu")."""
     import time
 
     from neox_jax.sharding import make_mesh, named
 
-    if device not in DEVICES:
-        raise ValueError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
-    mesh = make_mesh(cfg.mesh)
+    card = gpus.card(target)
+    compiler = compiler or ("cpu" if gpus.missing() else "gpu")
+    n = math.prod(cfg.mesh.values())
+    hosts = hosts or -(-n // 8)
+    if compiler == "gpu":
+        if n % hosts:
+            raise ConfigError(f"--hosts {hosts}: the mesh's {n} devices are not divisible among them")
+        mesh = make_mesh(cfg.mesh, gpus.topology(target, hosts, n // hosts))
+    else:
+        mesh, hosts = make_mesh(cfg.mesh), 1
     # The planner only lowers: fp16 has bf16's memory footprint, so plan it as bf16 (the model's own dtype fields
     # play no part in training: `precision` sets them).
     if cfg.precision == "fp16":
@@ -312,10 +375,11 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
     trainer = Trainer(cfg, mesh)
     state, batch = trainer.abstract_state(), trainer.abstract_batch()
     t0 = time.perf_counter()
-    with matmul.as_on_gpu():  # the products a GPU runs, not this CPU's (neox_jax/matmul.py)
+    with matmul.as_on_gpu():  # on CPU devices, the products a GPU runs, not this CPU's (neox_jax/matmul.py)
         lowered = trainer.step.lower(state, batch)
-    compiled, partitioned = compile_partitioned(lowered)
+    compiled, partitioned = compile_partitioned(lowered, gpus.DEVICELESS_OPTIONS if compiler == "gpu" else {})
     seconds = time.perf_counter() - t0
+    optimized = compiled.as_text() if compiler == "gpu" else ""
     mem = compiled.memory_analysis()
     sh = trainer.state_shardings
     def like(dtype):
@@ -340,13 +404,16 @@ def plan(cfg: TrainConfig, device: str = "a100-40gb") -> Plan:
         xla_argument=mem.argument_size_in_bytes, xla_output=mem.output_size_in_bytes,
         xla_alias=mem.alias_size_in_bytes, xla_temp=mem.temp_size_in_bytes,
         collectives=collective_bytes(partitioned, dict(mesh.shape)),
-        compile_seconds=seconds, capacity=DEVICES[device], stages=trainer.stages,
+        compile_seconds=seconds, capacity=card.memory, stages=trainer.stages,
         microbatches=trainer.microbatches,
         recomputed_forwards=recomputed, recomputation=how,
         forwards_per_layer=attention_forwards(partitioned, trainer.cfg.seq_length)
         / (cfg.model.num_layers // trainer.stages * max(trainer.microbatches, cfg.grad_accum_steps)),
         minimum=minimum_traffic(trainer.cfg, dict(mesh.shape), held),
         replication=replication(trainer.abstract_params, trainer.param_specs, dict(mesh.shape)),
+        target=target, compiler=compiler, hosts=hosts,
+        kernels=kernel_calls(optimized) if optimized else {},
+        collective_ops=collective_ops(optimized) if optimized else {},
     )
 
 
@@ -430,15 +497,15 @@ def prediction(p: Plan, cfg: TrainConfig, cluster):
                    traffic, cluster)
 
 
-def compile_partitioned(lowered):
-    """(compiled, the HLO text right after SPMD partitioning). The collectives are counted there: later passes are
-    the backend's (the CPU one computes bf16 in fp32, doubling the bytes of bf16 collectives)."""
+def compile_partitioned(lowered, options: dict | None = None):
+    """(compiled with `options`, the HLO text right after SPMD partitioning). The collectives are counted there:
+    later passes are the backend's (the CPU one computes bf16 in fp32, doubling the bytes of bf16 collectives)."""
     import glob
     import os
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        compiled = lowered.compile(compiler_options={"xla_dump_to": folder,
+        compiled = lowered.compile(compiler_options={**(options or {}), "xla_dump_to": folder,
                                                      "xla_dump_hlo_pass_re": "spmd-partitioning"})
         dumps = glob.glob(os.path.join(folder, "*after_spmd-partitioning*.txt"))
         # one device is not partitioned (and has no collectives to count)

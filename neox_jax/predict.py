@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from neox_jax import gpus
 from neox_jax.config import ConfigError, NeoXConfig
 from neox_jax.flops import flops_6n, flops_paper
 
@@ -30,38 +31,50 @@ A100_EFFICIENCY = 0.460
 
 @dataclasses.dataclass(frozen=True)
 class Cluster:
+    """Nodes of `devices_per_node` cards (neox_jax/gpus.py's table: peak, memory, NVLink) and their network."""
+
     name: str
-    peak_tflops: float  # dense bf16/fp16 per device
-    hbm_gb: float
+    card: str
     devices_per_node: int
-    intra_gbps: float  # GB/s per device per direction inside a node (NVLink)
     inter_gbps: float  # GB/s per device across nodes (the node's NICs shared by its devices)
     efficiency: float  # achievable fraction of peak for the step's matmuls
+    intra_gbps: float = 0.0  # GB/s per device per direction inside a node; 0: the card's NVLink
+
+    @property
+    def peak_tflops(self) -> float:  # dense bf16/fp16 per device
+        return gpus.card(self.card).peak_tflops
+
+    @property
+    def link_gbps(self) -> float:  # inside a node
+        return self.intra_gbps or gpus.card(self.card).nvlink_gbps
 
     @classmethod
     def get(cls, name_or_yaml: str) -> "Cluster":
         if name_or_yaml in CLUSTERS:
             return CLUSTERS[name_or_yaml]
+        fields = [f.name for f in dataclasses.fields(cls)]
         path = Path(name_or_yaml)
         if not path.is_file():
             raise ConfigError(f"--cluster {name_or_yaml!r}: choose one of {', '.join(CLUSTERS)} or give a YAML file "
-                              f"with {', '.join(f.name for f in dataclasses.fields(cls))}")
+                              f"with {', '.join(fields[1:])} (intra_gbps and name optional)")
         values = yaml.safe_load(path.read_text()) or {}
-        needed = {f.name for f in dataclasses.fields(cls)} - {"name"}
-        unknown, missing = sorted(set(values) - needed), sorted(needed - set(values))
+        needed = set(fields[1:-1])
+        unknown, missing = sorted(set(values) - set(fields)), sorted(needed - set(values))
         if unknown or missing:
-            raise ConfigError(f"{path}: a cluster needs exactly {', '.join(sorted(needed))} (unknown: {unknown}, "
-                              f"missing: {missing})")
+            raise ConfigError(f"{path}: a cluster needs {', '.join(sorted(needed))}, optionally intra_gbps and name "
+                              f"(unknown: {unknown}, missing: {missing})")
+        if values["card"] not in gpus.CARDS:
+            raise ConfigError(f"{path}: card {values['card']!r}: choose one of {', '.join(gpus.CARDS)}")
         return cls(**{"name": path.stem, **values})
 
 
 CLUSTERS = {
-    # the paper's: 12 nodes of 8 A100-SXM4-40GB, NVLink3 (300 GB/s per direction), 4 x 200 Gb/s HDR per node
-    "a100-40gb-paper": Cluster("a100-40gb-paper", 312.0, 40, 8, 300.0, 4 * 25.0 / 8, A100_EFFICIENCY),
+    # the paper's: 12 nodes of 8 A100-SXM4-40GB, NVLink3, 4 x 200 Gb/s HDR per node
+    "a100-40gb-paper": Cluster("a100-40gb-paper", "a100-40gb", 8, 4 * 25.0 / 8, A100_EFFICIENCY),
     # Megatron-LM's Selene (Narayanan et al. 2021): DGX A100 80GB, 8 x 200 Gb/s HDR per node
-    "a100-80gb-selene": Cluster("a100-80gb-selene", 312.0, 80, 8, 300.0, 25.0, A100_EFFICIENCY),
-    # 8 x H100 SXM per node, NVLink4 (450 GB/s per direction), 8 x 400 Gb/s NDR; efficiency not measured: A100's
-    "h100-80gb-ib": Cluster("h100-80gb-ib", 989.0, 80, 8, 450.0, 50.0, A100_EFFICIENCY),
+    "a100-80gb-selene": Cluster("a100-80gb-selene", "a100-80gb", 8, 25.0, A100_EFFICIENCY),
+    # 8 x H100 SXM per node, NVLink4, 8 x 400 Gb/s NDR; efficiency not measured: A100's
+    "h100-80gb-ib": Cluster("h100-80gb-ib", "h100-80gb", 8, 50.0, A100_EFFICIENCY),
 }
 
 
@@ -74,7 +87,7 @@ def inside_node(cluster: Cluster, mesh: dict[str, int], axis: str) -> bool:
 
 def link_gbps(cluster: Cluster, mesh: dict[str, int], axis: str) -> float:
     """The bandwidth an axis's collectives run at, per device."""
-    return cluster.intra_gbps if inside_node(cluster, mesh, axis) else cluster.inter_gbps
+    return cluster.link_gbps if inside_node(cluster, mesh, axis) else cluster.inter_gbps
 
 
 @dataclasses.dataclass
@@ -90,8 +103,8 @@ class Prediction:
     def report(self, cluster: Cluster) -> str:
         comm = ", ".join(f"{a} {s:.2f} s" for a, s in sorted(self.comm_s.items(), key=lambda kv: -kv[1]))
         return "\n".join([
-            f"predicted on {cluster.name} ({cluster.peak_tflops:.0f} TFLOP/s peak, {cluster.efficiency:.1%} of it "
-            f"for compute, {cluster.intra_gbps:.0f} / {cluster.inter_gbps:.1f} GB/s inside / across nodes)",
+            f"predicted on {cluster.name} ({cluster.devices_per_node} x {cluster.card} per node, {cluster.peak_tflops:.0f} TFLOP/s peak, {cluster.efficiency:.1%} of it "
+            f"for compute, {cluster.link_gbps:.0f} / {cluster.inter_gbps:.1f} GB/s inside / across nodes)",
             f"  compute {self.compute_s:.2f} s + bubble {self.bubble_s:.2f} s + communication ({comm or 'none'}) "
             f"= step {self.step_s:.2f} s, {self.tokens_per_s:,.0f} tokens/s",
             f"  per device: {self.tflops_6n:.1f} TFLOP/s (6N convention), {self.tflops_paper:.1f} TFLOP/s (the "

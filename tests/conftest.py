@@ -36,6 +36,17 @@ def require(module: str, extra: str = "test"):
     return pytest.importorskip(module, reason=f"needs the {extra} extra: pip install -e '.[{extra}]'")
 
 
+def require_gpu_plan():
+    """The gpu-plan extra (XLA's GPU compiler here): skipped without it, a failure where NEOX_JAX_REQUIRE_ORACLES=1."""
+    from neox_jax import gpus
+
+    lacking = gpus.missing()
+    if lacking and os.environ.get("NEOX_JAX_REQUIRE_ORACLES") == "1":
+        pytest.fail(f"{', '.join(lacking)} missing but NEOX_JAX_REQUIRE_ORACLES=1: {gpus.GPU_PLAN}")
+    if lacking:
+        pytest.skip(f"needs the gpu-plan extra ({', '.join(lacking)} missing): {gpus.GPU_PLAN}")
+
+
 def make_hf_model(seed=0, **overrides):
     """A transformers GPTNeoXForCausalLM with every parameter random (biases and LayerNorms too, so that a
     layout bug in any of them shows), fp32, eval mode."""

@@ -1,23 +1,30 @@
 """The layout planner: compiled memory on emulated devices, and the HLO collective accounting."""
 
 import numpy as np
+import pytest
 
 from neox_jax.config import TrainConfig
 from neox_jax.plan import _first_group, collective_bytes, plan
+from tests.conftest import require_gpu_plan
 
 
-def test_planner_on_a_small_model_accounts_for_every_argument_byte():
+@pytest.mark.parametrize("compiler", ["gpu", "cpu"])
+def test_planner_on_a_small_model_accounts_for_every_argument_byte(compiler):
+    if compiler == "gpu":
+        require_gpu_plan()
     cfg = TrainConfig.from_dict({"model": "pythia-14m", "mesh": {"data": 2, "pipe": 2, "tensor": 2},
                                  "seq_length": 128, "micro_batch_size": 2, "grad_accum_steps": 2,
                                  "precision": "bf16"})
-    p = plan(cfg, "a100-40gb")
+    p = plan(cfg, "a100-40gb", compiler=compiler)
+    assert p.compiler == compiler
     batch = 2 * (2 * 2) * 129 * 4  # [accum, micro x data, seq + 1] int32, replicated over pipe and tensor
     # XLA's arguments are exactly our sharded state (+ the step counter) and the batch shard
     assert p.xla_argument == p.params + p.master + p.opt_state + batch // 2 + 8  # + the step and update counters
     assert p.fits and p.xla_total > p.xla_argument
     assert set(p.collectives) >= {"data", "tensor"}
-    report = p.report("a100-40gb")
+    report = p.report()
     assert "fits" in report and "over data" in report and "XLA memory analysis" in report
+    assert ("XLA's GPU compiler for 1 x 8 a100-40gb" if compiler == "gpu" else "emulated devices") in report
 
 
 HLO = """HloModule m
@@ -55,8 +62,6 @@ def test_replica_group_spellings():
 
 
 # ---- traffic against its minimum (neox_jax/traffic.py) ---------------------------------------------------------
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +123,7 @@ def test_the_prediction_takes_the_compiled_traffic_and_recomputation(traffic_pla
 
     piped, flat = traffic_plans[(2, 2, 2), 8], traffic_plans[(4, 1, 2), 8]
     assert (piped.recomputed_forwards, flat.recomputed_forwards) == (1, 1)
-    assert "recompute factor 4" in piped.report("a100-40gb") and "recompute factor 4" in flat.report("a100-40gb")
+    assert "recompute factor 4" in piped.report() and "recompute factor 4" in flat.report()
     cluster = CLUSTERS["a100-40gb-paper"]
     got = prediction(piped, small((2, 2, 2), 8), cluster)
     want = predict(small((2, 2, 2), 8).model, piped.mesh, 128, piped.global_batch, piped.microbatches, 1,
@@ -166,7 +171,7 @@ def test_relayout_keeps_the_run_and_the_summary_splits_traffic_by_link():
     with pytest.raises(ConfigError, match="not a multiple of data=8 x micro_batch_size=2"):
         relayout(base.replace(grad_accum_steps=1, pipe_microbatches=2), {"data": 8, "pipe": 1, "tensor": 1})
 
-    node_of_two = Cluster("toy", 100.0, 80, 2, 100.0, 10.0, 0.5)  # pipe stays inside a node, data crosses
+    node_of_two = Cluster("toy", "a100-80gb", 2, 10.0, 0.5, intra_gbps=100.0)  # pipe stays inside a node, data crosses
     row = summary(plan(cfg), cfg, node_of_two)
     assert row["inside_node"] == row["traffic"]["pipe"] > 0 and row["across_nodes"] == row["traffic"]["data"] > 0
     # layers split over pipe (4 copies of each byte), embeddings and the final LayerNorm on all 8 devices

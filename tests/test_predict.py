@@ -8,8 +8,7 @@ from neox_jax.predict import PUBLISHED, Cluster, executed_flops_per_token, link_
 
 
 def test_a_toy_cluster_step_by_hand():
-    toy = Cluster("toy", peak_tflops=100.0, hbm_gb=16, devices_per_node=4, intra_gbps=100.0, inter_gbps=10.0,
-                  efficiency=0.5)
+    toy = Cluster("toy", "a100-40gb", devices_per_node=4, inter_gbps=10.0, efficiency=0.5, intra_gbps=100.0)
     model = NeoXConfig(vocab_size=1000, hidden_size=128, num_layers=4, num_heads=4, max_position_embeddings=512)
     mesh = {"data": 2, "pipe": 2, "tensor": 2}  # tensor and pipe inside a 4-device node, data across nodes
     assert [link_gbps(toy, mesh, axis) for axis in ("tensor", "pipe", "data")] == [100, 100, 10]
@@ -17,7 +16,7 @@ def test_a_toy_cluster_step_by_hand():
                 traffic={"data": 2e9, "tensor": 5e9, "pipe": 1e9}, cluster=toy)
     matmul_params = model.num_params - 1000 * 128
     per_token = (2 * matmul_params + 4 * 4 * 512 * 128) * 4  # forward, backward (2x) and one recomputed forward
-    compute = 16 * 512 * per_token / 8 / (100e12 * 0.5)
+    compute = 16 * 512 * per_token / 8 / (312e12 * 0.5)  # the A100's dense bf16 peak
     assert executed_flops_per_token(model, 512, 1) == per_token
     assert p.compute_s == pytest.approx(compute) and p.bubble_s == pytest.approx(compute * 1 / 4)
     assert p.comm_s == pytest.approx({"data": 0.2, "tensor": 0.05, "pipe": 0.01})
@@ -49,11 +48,18 @@ def test_published_runs(run):
 
 def test_a_cluster_from_yaml_and_bad_ones(tmp_path):
     f = tmp_path / "mine.yml"
-    f.write_text("peak_tflops: 312\nhbm_gb: 80\ndevices_per_node: 8\nintra_gbps: 300\ninter_gbps: 25\n"
-                 "efficiency: 0.46\n")
-    assert Cluster.get(str(f)) == Cluster("mine", 312, 80, 8, 300, 25, 0.46)
-    f.write_text("peak_tflops: 312\n")
+    f.write_text("card: a100-80gb\ndevices_per_node: 8\ninter_gbps: 25\nefficiency: 0.46\n")
+    mine = Cluster.get(str(f))
+    assert mine == Cluster("mine", "a100-80gb", 8, 25, 0.46)
+    assert (mine.peak_tflops, mine.link_gbps) == (312.0, 300.0)  # the card's, from neox_jax/gpus.py
+    f.write_text("name: pcie\ncard: a100-80gb\ndevices_per_node: 8\ninter_gbps: 25\nefficiency: 0.46\n"
+                 "intra_gbps: 32\n")
+    assert Cluster.get(str(f)).link_gbps == 32 and Cluster.get(str(f)).name == "pcie"
+    f.write_text("card: a100-80gb\n")
     with pytest.raises(ConfigError, match="missing: .*devices_per_node"):
+        Cluster.get(str(f))
+    f.write_text("card: v100\ndevices_per_node: 8\ninter_gbps: 25\nefficiency: 0.46\n")
+    with pytest.raises(ConfigError, match="card 'v100': choose one of a100-40gb"):
         Cluster.get(str(f))
     with pytest.raises(ConfigError, match="--cluster 'nope': choose one of a100-40gb-paper"):
         Cluster.get("nope")
