@@ -15,7 +15,8 @@ def _is_preset(name_or_path: str) -> bool:
 
 
 def _model_config(name_or_path: str):
-    """NeoXConfig from a preset name, a Hugging Face folder/config.json, a neox_jax checkpoint or NeoX YAML."""
+    """NeoXConfig from a preset name, a Hugging Face folder/config.json, a neox_jax checkpoint (params or a training
+    run's), a GPT-NeoX checkpoint or NeoX YAML, without reading weights."""
     from neox_jax import checkpoint
     from neox_jax.config import PRESETS, NeoXConfig
     from neox_jax.convert import neox
@@ -25,6 +26,12 @@ def _model_config(name_or_path: str):
         return NeoXConfig.preset(name_or_path)
     if checkpoint.is_params_checkpoint(p):
         return checkpoint.load_config(p)
+    if checkpoint.is_train_checkpoint(p):
+        ckpt = checkpoint.TrainCheckpointer(p)
+        try:
+            return NeoXConfig.from_dict(ckpt.read_meta(ckpt.latest_step())["config"]["model"])
+        finally:
+            ckpt.close()
     if neox.is_neox_checkpoint(p):
         return neox.NeoXSource(p).config
     if p.suffix in (".yml", ".yaml"):
@@ -152,6 +159,11 @@ def cmd_plan(args):
 
     from neox_jax.sharding import parse_mesh
 
+    if args.generate:
+        return _plan_generate(args)
+    if not args.config:
+        raise SystemExit("error: give a training config to plan, or --generate MODEL")
+
     overrides = {}
     if args.mesh:
         overrides["mesh"] = parse_mesh(args.mesh)
@@ -200,6 +212,32 @@ def cmd_plan(args):
             from neox_jax.plan import prediction
 
             print("\n" + prediction(p, cfg, cluster).report(cluster))
+
+
+def _plan_generate(args):
+    import os
+
+    os.environ["JAX_PLATFORMS"] = "cpu"  # compile-only GPUs: no device is used
+    from neox_jax import gpus
+    from neox_jax.plan_generate import plan_generate
+    from neox_jax.sharding import parse_mesh
+
+    if args.config or args.cluster:
+        raise SystemExit("error: --generate plans a model's inference: give no training config or --cluster")
+    if args.device:
+        raise SystemExit(f"error: --device is now --target (one flag for the card): --target {args.device}")
+    mesh = parse_mesh(args.mesh or "")
+    if mesh["data"] != 1 or mesh["pipe"] != 1:
+        raise SystemExit(f"error: --mesh {args.mesh}: --generate splits a model over tensor only (e.g. tensor=2)")
+    lacking = gpus.missing()
+    if lacking:
+        raise SystemExit(f"error: --generate compiles with XLA's GPU compiler, which needs the gpu-plan extra "
+                         f"({', '.join(lacking)} missing): {gpus.GPU_PLAN}")
+    config = _model_config(args.generate)
+    print(f"compiling {args.generate}'s prefill and decode step for {mesh['tensor']} x {args.target or 'a100-40gb'}"
+          "...", flush=True)
+    print(plan_generate(config, args.generate, args.target or "a100-40gb", mesh["tensor"], args.batch, args.context,
+                        args.dtype).report())
 
 
 def cmd_preprocess(args):
@@ -447,8 +485,15 @@ def main(argv=None):
                    help="MLP keys dense_h_to_4h/dense_4h_to_h, as GPT-NeoX before Sept. 2024 (default linear1/linear2)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("plan", help="compile the train step for a mesh on emulated devices and report memory")
-    p.add_argument("config", help="training YAML (ours or GPT-NeoX's) or a preset name")
+    p = sub.add_parser("plan", help="compile the train step (or, with --generate, a model's inference) for GPUs "
+                                    "and report memory, traffic and kernels")
+    p.add_argument("config", nargs="?", help="training YAML (ours or GPT-NeoX's) or a preset name")
+    p.add_argument("--generate", metavar="MODEL", help="plan inference instead: prefill and the decode step of MODEL "
+                                                       "(a preset name or any checkpoint from_pretrained reads)")
+    p.add_argument("--batch", type=int, default=1, help="--generate: sequences decoded together")
+    p.add_argument("--context", type=int, default=2048, help="--generate: positions in the KV cache")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="--generate: weights and cache")
     p.add_argument("--mesh", help="e.g. data=12,pipe=4,tensor=2 (default: the config's)")
     p.add_argument("--micro-batch", type=int, help="sequences per data-parallel replica per microstep")
     p.add_argument("--seq-length", type=int)

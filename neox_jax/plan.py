@@ -85,6 +85,8 @@ class Plan:
         return self.analytic_total <= self.capacity
 
     def report(self) -> str:
+        from neox_jax.plan_generate import preallocation
+
         rows = [
             ("parameters (working weights)", self.params),
             ("fp32 master weights", self.master),
@@ -131,7 +133,8 @@ class Plan:
         verdict = "fits" if self.fits else "does NOT fit"
         out += ["", f"compile time {self.compile_seconds:.1f}s",
                 f"{self.target}: {self.capacity / 2**30:.1f} GiB per device -> {verdict} "
-                f"({100 * self.xla_total / self.capacity:.0f}% by XLA's {self.compiler.upper()} count)"]
+                f"({100 * self.xla_total / self.capacity:.0f}% by XLA's {self.compiler.upper()} count)"
+                + preallocation(self.xla_total, self.capacity)]
         return "\n".join(out)
 
 
@@ -459,7 +462,10 @@ def summary(p: Plan, cfg: TrainConfig, cluster=None) -> dict:
                tensor=mesh["tensor"], zero_stage=cfg.zero_stage, devices=p.devices, global_batch=p.global_batch,
                microbatches=p.microbatches, params=p.params, master=p.master, opt_state=p.opt_state, grads=p.grads,
                activations=p.activations_estimate, analytic_total=p.analytic_total, xla_total=p.xla_total,
-               capacity=p.capacity, fits_analytically=p.fits_analytically, fits_xla=p.fits,
+               capacity=p.capacity, fits_analytically=p.fits_analytically, fits_xla=p.fits, compiler=p.compiler,
+               # what decides the fit: XLA's GPU count where the GPU compiler ran, else the analytical total
+               memory=p.xla_total if p.compiler == "gpu" else p.analytic_total,
+               fits=p.fits if p.compiler == "gpu" else p.fits_analytically,
                replication=p.replication, traffic=traffic,
                minimum={axis: p.minimum.get(axis, 0) for axis in traffic},
                bubble=bubble_fraction(p.stages, p.microbatches) if p.stages > 1 else 0.0,
