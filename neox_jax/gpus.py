@@ -68,6 +68,11 @@ def card(name: str) -> Card:
     return CARDS[name]
 
 
+def card_of(device_kind: str) -> Card | None:
+    """The card JAX reports as `device_kind` ('NVIDIA H100 80GB HBM3'), if it is in the table."""
+    return next((c for c in CARDS.values() if c.product == device_kind), None)
+
+
 def cudnn_version() -> tuple[int, int, int]:
     """The installed cuDNN's (major, minor, patch), from its wheel."""
     try:

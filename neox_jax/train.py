@@ -184,7 +184,7 @@ class Trainer:
         self.state_shardings = shd.named(mesh, self.state_specs)
         self.batch_sharding = NamedSharding(mesh, P(None, *shd.batch_spec()))  # [accum, batch, length]
 
-        self.platform = mesh.devices.flat[0].platform
+        self.platform = mesh.devices.flat[0].platform if isinstance(mesh, Mesh) else None  # None: JAX's backend
         self.compiler_options = compiler_options(cfg.xla_options, self.platform)
         jit = functools.partial(jax.jit, compiler_options=self.compiler_options)
         self.init = jit(self.under_mesh(self._init), out_shardings=self.state_shardings)

@@ -24,10 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import interleaved, timed  # noqa: E402
-
-HBM_GBPS = {"h100": 3350, "h200": 4800, "a100": 2039}
-
+from compare import interleaved, spread, timed  # noqa: E402
 
 def prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
     import numpy as np
@@ -39,7 +36,7 @@ def worker_jax(args) -> dict:
     import jax
 
     import neox_jax
-    from neox_jax import host_malloc
+    from neox_jax import gpus, host_malloc
 
     model = neox_jax.from_pretrained(args.model_dir, dtype=args.dtype)
     ids = prompts(model.config.vocab_size, args.batch, args.prompt_len)
@@ -52,12 +49,12 @@ def worker_jax(args) -> dict:
     row = {"seconds": seconds, "tokens_per_s": args.batch * args.new_tokens / seconds,
            "device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "host_malloc": host_malloc.state()}
-    bandwidth = next((v for k, v in HBM_GBPS.items() if k in row["device"].lower()), None)
-    if bandwidth and args.batch == 1:
+    card = gpus.card_of(row["device"])
+    if card and args.batch == 1:
         cfg = model.config
         itemsize = jax.numpy.dtype(cfg.dtype).itemsize
         cache = 2 * cfg.num_layers * (args.prompt_len + args.new_tokens / 2) * cfg.hidden_size * itemsize
-        bound = bandwidth * 1e9 / (cfg.num_params * itemsize + cache)
+        bound = card.bandwidth_gbps * 1e9 / (cfg.num_params * itemsize + cache)
         row.update(bandwidth_bound_tokens_per_s=bound, fraction_of_bound=row["tokens_per_s"] / bound)
     return row
 
@@ -121,7 +118,9 @@ def main():
                           "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--calls", str(args.calls),
                           "--weight-copies", args.weight_copies]
                 result = interleaved(__file__, common, sides, args.pairs, "tokens_per_s")
-                del result["runs"]
+                bound = [r["fraction_of_bound"] for r in result.pop("runs")["neox_jax"] if "fraction_of_bound" in r]
+                if bound:  # neox_jax's tokens/s as a fraction of the HBM bound (batch 1 on a GPU of gpus.CARDS)
+                    result["fraction_of_bound"] = spread(bound)
                 print(json.dumps({"preset": preset, "batch": batch, "prompt": args.prompt_len,
                                   "new_tokens": args.new_tokens, "dtype": args.dtype,
                                   "weight_copies": args.weight_copies, **result,

@@ -158,9 +158,11 @@ def main():
                   "--xla-defaults", args.xla_defaults, "--steps", str(args.steps)]
         result = interleaved(__file__, common, sides, args.pairs, "tokens_per_s")
     runs = result.pop("runs")
-    for key in ("forward_s", "gradient_s", "step_s", "backward_over_forward"):
+    for key in ("forward_s", "gradient_s", "step_s", "backward_over_forward", "mfu_6n"):
         for side in sides:
-            result[side][key] = round(statistics.median(r[key] for r in runs[side]), 4)
+            values = [r[key] for r in runs[side] if r.get(key) is not None]
+            if values:
+                result[side][key] = round(statistics.median(values), 4)
     print(json.dumps({"preset": args.preset, "mesh": args.mesh, "seq": args.seq, "micro_batch": args.micro_batch,
                       "precision": args.precision, "remat": args.remat, "xla_defaults": args.xla_defaults, **result,
                       "cpus": os.cpu_count()}))

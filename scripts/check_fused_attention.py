@@ -5,9 +5,10 @@
 For each head size (96 as the 20B's, 128 as pythia-1.4b's and -6.9b's; bf16, 4 heads, seq 256): the train step's
 gradient on this device, compiled (the fused forward and backward calls are looked for in its HLO) and run against
 the same step with `attention: xla` (loss and gradients within bf16's tolerance); the pipeline's stage program (one
-stage on this device) compiled; and the 20B's layout, (data 2, pipe 4, tensor 2) of 16 devices, lowered without
-devices. On a GPU every program must call cuDNN's fused attention; elsewhere (`auto` runs the einsum) none may.
-One JSON line per check; exit status 1 if any fails.
+stage on this device) compiled; and the 20B's layout, (data 2, pipe 4, tensor 2) of 2 hosts x 8 of this card
+(an H100 off a GPU), compiled by XLA's GPU compiler without devices (neox_jax/gpus.py: the gpu-plan extra). On a
+GPU every program must call cuDNN's fused attention; elsewhere (`auto` runs the einsum) none may but the
+deviceless GPU program, which must. One JSON line per check; exit status 1 if any fails.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AbstractMesh, AxisType
 
 from neox_jax.config import NeoXConfig, TrainConfig
-from neox_jax.sharding import MESH_AXES, make_mesh
+from neox_jax.sharding import make_mesh
 from neox_jax.train import Trainer
 
 FUSED = re.compile(r"__cudnn\$fmha\w*")  # JAX's cuDNN attention calls: forward "...Softmax", backward "...Backward"
@@ -74,15 +74,17 @@ def pipeline_stage(head: int) -> dict:
 
 
 def neox20b_layout(head: int) -> dict:
-    """(data 2, pipe 4, tensor 2): 16 devices, lowered (not compiled) on an abstract mesh: the program JAX hands
-    XLA for the 20B's layout, pipeline and tensor-parallel heads included."""
+    """(data 2, pipe 4, tensor 2): 2 hosts x 8 compile-only devices of this card, compiled by XLA's GPU compiler: the
+    20B's layout, pipeline and tensor-parallel heads included, as a cluster of them would run it."""
+    from neox_jax import gpus
+
     shape = {"data": 2, "pipe": 4, "tensor": 2}
-    mesh = AbstractMesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    tr = Trainer(config(head, shape, remat="full", micro_batch=4), mesh)
-    state = tr.abstract_state_with_shardings()
-    platform = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
-    lowered = tr.grads.trace(state.params, tr.abstract_batch()).lower(lowering_platforms=(platform,))
-    return verdict(f"(data 2, pipe 4, tensor 2) lowered, head {head}", lowered.as_text())
+    card = gpus.card_of(jax.devices()[0].device_kind) or gpus.CARDS["h100-80gb"]
+    tr = Trainer(config(head, shape, remat="full", micro_batch=4), make_mesh(shape, gpus.topology(card.name, 2, 8)))
+    compiled = tr.step.lower(tr.abstract_state(), tr.abstract_batch()).compile(gpus.DEVICELESS_OPTIONS)
+    out = verdict(f"(data 2, pipe 4, tensor 2) on 2 x 8 {card.name}, compiled without devices, head {head}",
+                  compiled.as_text())
+    return {**out, "ok": bool(out["fused_calls"]) and any(c.endswith("Backward") for c in out["fused_calls"])}
 
 
 def main():
