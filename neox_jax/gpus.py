@@ -122,6 +122,10 @@ def topology(name: str, hosts: int = 1, per_host: int = 8) -> list:
     lacking = missing()
     if lacking:
         raise ConfigError(f"compiling for {name} needs the gpu-plan extra ({', '.join(lacking)} missing): {GPU_PLAN}")
+    from neox_jax.distributed import cpu_only
+
+    if cpu_only():  # no GPU here: the plugin's runtime version check (libcudart, which compiling does not use) is
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # its own switch; read when JAX starts it
     from jax.experimental import topologies
 
     return list(topologies.get_topology_desc(platform="cuda", target_config=target_config(c),

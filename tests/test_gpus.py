@@ -122,3 +122,25 @@ def test_a_cpu_run_keeps_its_emulated_devices_and_choices_beside_the_cuda_plugin
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("] ")[1].split() == ["8", "cpu", "reuse", "blocks"]
     assert "xla_cuda12" in out.stdout.split("]")[0]
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["{config}", "--mesh", "data=2,tensor=2", "--cluster", "h100-80gb-ib"],
+     ["compiled by XLA's GPU compiler for 1 x 4 h100-80gb", "cuDNN attention forward",
+      "predicted on h100-80gb-ib (8 x h100-80gb per node"]),
+    (["--generate", "pythia-14m", "--target", "rtx3090ti-24gb", "--mesh", "tensor=2", "--context", "128"],
+     ["on 2 x rtx3090ti-24gb (tensor=2), batch 1, context 128", "-> fits", "decode bound by HBM bandwidth"])],
+    ids=["train", "generate"])
+def test_the_cli_compiles_for_gpus_in_a_process_without_jax_platforms(args, expect, tmp_path):
+    """`neox-jax plan` as a user runs it (JAX_PLATFORMS unset, no GPU, no driver): the CUDA plugin must still start
+    for compiling."""
+    config = tmp_path / "small.yml"
+    config.write_text("model: {preset: pythia-14m, num_layers: 2}\nseq_length: 128\nmicro_batch_size: 2\n"
+                      "precision: bf16\n")
+    args = [a.format(config=config) for a in args]
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    out = subprocess.run([sys.executable, "-m", "neox_jax.cli", "plan", *args], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for text in expect:
+        assert text in out.stdout, (text, out.stdout)
