@@ -144,3 +144,21 @@ def test_the_cli_compiles_for_gpus_in_a_process_without_jax_platforms(args, expe
     assert out.returncode == 0, out.stderr[-3000:]
     for text in expect:
         assert text in out.stdout, (text, out.stdout)
+
+
+@pytest.mark.parametrize("head", [64, 80, 96, 128, 256])
+def test_cudnn_takes_every_pythia_head_size_but_256(head):
+    """Heads of 64 (pythia-70m..410m), 80 (pythia-2.8b), 96 (the 20B), 128 (1.4b, 6.9b, 12b) run cuDNN on an H100;
+    pythia-1b's 256 is beyond the kernel and takes the einsum (`attention.attention_backend`)."""
+    from neox_jax.plan import kernel_calls
+    from neox_jax.sharding import make_mesh
+    from neox_jax.train import Trainer
+
+    cfg = TrainConfig.from_dict({"model": {"vocab_size": 512, "hidden_size": 2 * head, "num_layers": 1,
+                                           "num_heads": 2, "max_position_embeddings": 128},
+                                 "mesh": {"data": 1}, "seq_length": 64, "micro_batch_size": 1, "precision": "bf16"})
+    tr = Trainer(cfg, make_mesh(cfg.mesh, gpus.topology("h100-80gb", 1, 1)))
+    hlo = tr.step.lower(tr.abstract_state(), tr.abstract_batch()).compile(gpus.DEVICELESS_OPTIONS).as_text()
+    calls = kernel_calls(hlo)
+    fused = (1, 1) if head <= 128 else (0, 0)
+    assert (calls.get("cuDNN attention forward", 0), calls.get("cuDNN attention backward", 0)) == fused
