@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from neox_jax.config import NeoXConfig
 
-# bf16 dense peak per device, TFLOP/s (fp16 is the same on these parts)
+# bf16 dense peak per device, TFLOP/s (fp16 is the same on these parts), by family: for kinds not in
+# neox_jax/gpus.py's table of cards (PCIe and other variants, newer parts)
 PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "h800": 989.0, "gh200": 989.0, "b200": 2250.0}
 
 
@@ -32,8 +33,13 @@ def flops_neox(cfg: NeoXConfig, seq_length: int, sequences: int, recompute: bool
 
 def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
     """The device's bf16 peak from its kind string ('NVIDIA H100 80GB HBM3' -> 989), or None (e.g. CPU)."""
+    from neox_jax import gpus
+
     if override:
         return override
+    card = gpus.card_of(device_kind)
+    if card:
+        return card.peak_tflops
     kind = device_kind.lower()
     for name, peak in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
         if name in kind:

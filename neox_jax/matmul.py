@@ -26,14 +26,18 @@ _PLATFORM = contextvars.ContextVar("platform", default=None)  # the devices the 
 
 
 @contextlib.contextmanager
-def compiling_for(platform: str | None):
-    """Trace for `platform`'s devices ("cpu", "gpu"; None: the process's default backend): the mesh's, so that a
-    CPU process compiling a GPU cluster's program (the planner) makes the GPU's hardware choices."""
-    token = _PLATFORM.set(platform)
+def _setting(var: contextvars.ContextVar, value):
+    token = var.set(value)
     try:
         yield
     finally:
-        _PLATFORM.reset(token)
+        var.reset(token)
+
+
+def compiling_for(platform: str | None):
+    """Trace for `platform`'s devices ("cpu", "gpu"; None: the process's default backend): the mesh's, so that a
+    CPU process compiling a GPU cluster's program (the planner) makes the GPU's hardware choices."""
+    return _setting(_PLATFORM, platform)
 
 
 def platform() -> str:
@@ -41,15 +45,10 @@ def platform() -> str:
     return _PLATFORM.get() or jax.default_backend()
 
 
-@contextlib.contextmanager
 def as_on_gpu():
-    """Trace the plain products, and the attention a GPU would run, whatever the backend (the planner's GPU programs,
-    compiled on a CPU)."""
-    token = _CPU_PRODUCTS.set(False)
-    try:
-        yield
-    finally:
-        _CPU_PRODUCTS.reset(token)
+    """Trace the plain products, and the attention a GPU would run, whatever the backend (the planner's fallback:
+    GPU programs compiled for CPU devices)."""
+    return _setting(_CPU_PRODUCTS, False)
 
 
 def cpu_program() -> bool:

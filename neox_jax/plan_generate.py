@@ -100,10 +100,6 @@ def preallocation(peak: int, capacity: int) -> str:
 
 def plan_generate(config: NeoXConfig, name: str, target: str, tensor: int = 1, batch: int = 1, context: int = 2048,
                   dtype: str = "bfloat16") -> GeneratePlan:
-    from flax import nnx
-
-    from neox_jax.generation import _decode_step, _prefill
-    from neox_jax.model import abstract_model
     from neox_jax.sharding import make_mesh
 
     card = gpus.card(target)
@@ -117,8 +113,29 @@ def plan_generate(config: NeoXConfig, name: str, target: str, tensor: int = 1, b
         problems.append(f"--mesh tensor={tensor} does not divide num_heads={config.num_heads}")
     if problems:
         raise ConfigError("cannot plan this generation:\n  " + "\n  ".join(problems))
-    config = config.replace(dtype=dtype, param_dtype=dtype)
     mesh = make_mesh({"tensor": tensor}, gpus.topology(target, 1, tensor))
+    programs = compile_generation(config.replace(dtype=dtype, param_dtype=dtype), mesh, batch, context,
+                                  gpus.DEVICELESS_OPTIONS)
+
+    def held(tree) -> int:
+        return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree))
+
+    return GeneratePlan(model=name, params=config.num_params, target=target, tensor=tensor, batch=batch,
+                        context=context, dtype=dtype, weights=held(programs["params"]), cache=held(programs["cache"]),
+                        prefill=_program(*programs["prefill"]), decode=_program(*programs["decode"]),
+                        capacity=card.memory, bandwidth_gbps=card.bandwidth_gbps)
+
+
+def compile_generation(config: NeoXConfig, mesh, batch: int, context: int, options: dict) -> dict:
+    """The generator's prefill and decode step for `mesh`'s devices (weights laid out by the rules table), each
+    compiled with `options`: {"prefill": (compiled, seconds), "decode": ..., "params": and "cache": their abstract
+    arrays with shardings}."""
+    from flax import nnx
+
+    from neox_jax.generation import _decode_step, _prefill
+    from neox_jax.model import abstract_model
+
     graphdef, state = abstract_model(config)
     abstract = nnx.to_pure_dict(state)
     specs = shd.param_specs(abstract, nnx.to_pure_dict(nnx.get_partition_spec(state)), mesh)
@@ -129,33 +146,23 @@ def plan_generate(config: NeoXConfig, name: str, target: str, tensor: int = 1, b
     def arg(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
 
-    prompt = context - NEW_TOKENS
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), matmul.compiling_for("gpu"):
-        prefill, t_prefill = _compile(_prefill, graphdef, params, None, arg((batch, prompt), jnp.int32),
-                                      arg((batch, context), jnp.int32), context)
+    def compiled(fn, *args):
+        t0 = time.perf_counter()
+        out = fn.lower(*args).compile(compiler_options=options)
+        return out, time.perf_counter() - t0
+
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), matmul.compiling_for(mesh.devices.flat[0].platform):
+        prefill = compiled(_prefill, graphdef, params, None, arg((batch, context - NEW_TOKENS), jnp.int32),
+                           arg((batch, context), jnp.int32), context)
         logits, cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                     prefill.out_info, prefill.output_shardings)
+                                     prefill[0].out_info, prefill[0].output_shardings)
         carry = {"i": arg((), jnp.int32), "index": arg((), jnp.int32), "logits": logits, "cache": cache,
                  "mask": arg((batch, context), jnp.int32), "done": arg((batch,), bool),
                  "out": arg((batch, NEW_TOKENS), jnp.int32)}
         knobs = (arg((), jnp.float32), arg((), jnp.int32), arg((), jnp.float32), arg((), jnp.uint32),
                  arg((1,), jnp.int32))
-        decode, t_decode = _compile(_decode_step, graphdef, params, None, carry, knobs, context)
-
-    def held(tree) -> int:
-        return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(tree))
-
-    return GeneratePlan(model=name, params=config.num_params, target=target, tensor=tensor, batch=batch,
-                        context=context, dtype=dtype, weights=held(params), cache=held(cache),
-                        prefill=_program(prefill, t_prefill), decode=_program(decode, t_decode),
-                        capacity=card.memory, bandwidth_gbps=card.bandwidth_gbps)
-
-
-def _compile(fn, *args):
-    t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile(compiler_options=gpus.DEVICELESS_OPTIONS)
-    return compiled, time.perf_counter() - t0
+        decode = compiled(_decode_step, graphdef, params, None, carry, knobs, context)
+    return {"prefill": prefill, "decode": decode, "params": params, "cache": cache}
 
 
 def _program(compiled, seconds: float) -> Program:

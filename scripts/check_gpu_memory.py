@@ -16,7 +16,6 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 
 from neox_jax import gpus
 from neox_jax.config import TrainConfig
@@ -35,28 +34,10 @@ def train_step(cfg: TrainConfig, devices, options: dict) -> int:
 
 
 def decode_step(cfg: TrainConfig, devices, options: dict) -> int:
-    from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from neox_jax import plan_generate
-    from neox_jax.generation import _decode_step, _prefill
-    from neox_jax.model import abstract_model
+    from neox_jax.plan_generate import compile_generation
 
     config = cfg.model.replace(dtype="bfloat16", param_dtype="bfloat16")
-    one = NamedSharding(make_mesh({"data": 1}, devices), P())
-    graphdef, state = abstract_model(config)
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), nnx.to_pure_dict(state))
-    arg = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=one)  # noqa: E731
-    s, new = cfg.seq_length, plan_generate.NEW_TOKENS
-    prefill = _prefill.lower(graphdef, params, None, arg((1, s - new), jnp.int32), arg((1, s), jnp.int32), s).compile(
-        options)
-    logits, cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), prefill.out_info,
-                                 prefill.output_shardings)
-    carry = {"i": arg((), jnp.int32), "index": arg((), jnp.int32), "logits": logits, "cache": cache,
-             "mask": arg((1, s), jnp.int32), "done": arg((1,), bool), "out": arg((1, new), jnp.int32)}
-    knobs = (arg((), jnp.float32), arg((), jnp.int32), arg((), jnp.float32), arg((), jnp.uint32), arg((1,), jnp.int32))
-    return total(_decode_step.lower(graphdef, params, None, carry, knobs, s).compile(options))
+    return total(compile_generation(config, make_mesh({"data": 1}, devices), 1, cfg.seq_length, options)["decode"][0])
 
 
 def main():

@@ -162,3 +162,15 @@ def test_cudnn_takes_every_pythia_head_size_but_256(head):
     calls = kernel_calls(hlo)
     fused = (1, 1) if head <= 128 else (0, 0)
     assert (calls.get("cuDNN attention forward", 0), calls.get("cuDNN attention backward", 0)) == fused
+
+
+def test_bad_plans_are_refused_naming_every_setting_before_compiling():
+    from neox_jax.config import ConfigError
+    from neox_jax.plan_generate import plan_generate
+
+    with pytest.raises(ConfigError, match="--batch=0: must be at least 1\n.*--context 99999 exceeds the model's "
+                                          "max_position_embeddings=2048\n.*--mesh tensor=3 does not divide "
+                                          "num_heads=8"):
+        plan_generate(NeoXConfig.preset("pythia-70m"), "pythia-70m", "a6000-48gb", tensor=3, batch=0, context=99999)
+    with pytest.raises(ConfigError, match="--target 'v100': choose one of a100-40gb, a100-80gb, h100-80gb"):
+        gpus.topology("v100")

@@ -57,10 +57,12 @@ def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
 
 
 def ours(log: Path) -> str:
-    """A process's output without gloo's connection lines (printed by its C++ on every process, and sometimes cut in
-    two by another write) and the launch's context line (stderr)."""
+    """A process's output without the lines C++ prints in every process: gloo's connection lines (sometimes cut in two
+    by another write) and, with the gpu-plan extra on a machine without a GPU, the CUDA plugin's driver search
+    (absl, before any setting is read); and without the launch's context line (stderr)."""
     return "\n".join(line for line in log.read_text().splitlines()
-                     if not line.startswith(("[Gloo]", "neox-jax: ")) and "connected peer ranks" not in line).strip()
+                     if not line.startswith(("[Gloo]", "neox-jax: ", "WARNING: All log messages before absl"))
+                     and "connected peer ranks" not in line and "Could not find cuda drivers" not in line).strip()
 
 
 def logged_losses(cfg: TrainConfig) -> dict[int, float]:
