@@ -194,6 +194,9 @@ def cmd_plan(args):
     compiler = "cpu" if gpus.missing() else "gpu"
     if compiler == "cpu":
         _join(args, cfg.mesh)
+    elif any(getattr(args, k, None) is not None for k in ("coordinator", "num_processes", "process_id")):
+        raise SystemExit("error: --coordinator/--num-processes/--process-id: with the gpu-plan extra one process "
+                         f"compiles for all {hosts} hosts' devices; launch flags serve the CPU fallback only")
     from neox_jax.distributed import is_primary
     from neox_jax.plan import plan
 
