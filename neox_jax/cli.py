@@ -190,7 +190,9 @@ def cmd_plan(args):
     gpus.card(target)
     if cluster and target != cluster.card:
         raise SystemExit(f"error: --target {target} but --cluster {cluster.name} has {cluster.card}: give one of them")
-    hosts = args.hosts or -(-n // (cluster.devices_per_node if cluster else 8))
+    from neox_jax.plan import default_hosts, plan
+
+    hosts = args.hosts or default_hosts(dict(cfg.mesh), cluster.devices_per_node if cluster else 8)
     compiler = "cpu" if gpus.missing() else "gpu"
     if compiler == "cpu":
         _join(args, cfg.mesh)
@@ -198,7 +200,6 @@ def cmd_plan(args):
         raise SystemExit("error: --coordinator/--num-processes/--process-id: with the gpu-plan extra one process "
                          f"compiles for all {hosts} hosts' devices; launch flags serve the CPU fallback only")
     from neox_jax.distributed import is_primary
-    from neox_jax.plan import plan
 
     primary = compiler == "gpu" or is_primary()
     if primary:

@@ -353,9 +353,16 @@ def collective_ops(hlo: str) -> dict[str, tuple[int, int]]:
     return {k: (a, n) for k, (a, n) in out.items() if n}
 
 
+def default_hosts(mesh: dict[str, int], node: int = 8) -> int:
+    """Hosts for a mesh's devices: as few devices per host as fill nodes of `node`, in whole `pipe` x `tensor` groups
+    (which stay inside a host: sharding.make_mesh), so a group larger than a node makes a host of its own size."""
+    n, group = math.prod(mesh.values()), mesh["pipe"] * mesh["tensor"]
+    return n // max(d for d in range(group, max(node, group) + 1, group) if n % d == 0)
+
+
 def plan(cfg: TrainConfig, target: str = "a100-40gb", hosts: int | None = None, compiler: str | None = None) -> Plan:
     """The step of `cfg` compiled for `target` cards (neox_jax/gpus.py): by XLA's GPU compiler for `hosts` hosts
-    (default: 8 devices per host) where the gpu-plan extra is installed (`compiler` "gpu" insists on it), else on
+    (default: `default_hosts`) where the gpu-plan extra is installed (`compiler` "gpu" insists on it), else on
     emulated CPU devices ("cpu")."""
     import time
 
@@ -364,7 +371,7 @@ def plan(cfg: TrainConfig, target: str = "a100-40gb", hosts: int | None = None, 
     card = gpus.card(target)
     compiler = compiler or ("cpu" if gpus.missing() else "gpu")
     n = math.prod(cfg.mesh.values())
-    hosts = hosts or -(-n // 8)
+    hosts = hosts or default_hosts(dict(cfg.mesh))
     if compiler == "gpu":
         if n % hosts:
             raise ConfigError(f"--hosts {hosts}: the mesh's {n} devices are not divisible among them")

@@ -178,3 +178,14 @@ def test_relayout_keeps_the_run_and_the_summary_splits_traffic_by_link():
     assert 4 < row["replication"] < 8
     assert row["params"] * row["devices"] / row["replication"] == pytest.approx(row["model_bytes"], rel=1e-9)
     assert row["step_s"] == pytest.approx(row["compute_s"] + row["bubble_s"] + sum(row["comm_s"].values()))
+
+
+def test_default_hosts_keep_pipe_and_tensor_inside_one():
+    from neox_jax.plan import default_hosts
+
+    def hosts(data, pipe, tensor, node=8):
+        return default_hosts({"data": data, "pipe": pipe, "tensor": tensor}, node)
+
+    assert (hosts(12, 4, 2), hosts(96, 1, 1), hosts(2, 2, 2), hosts(3, 1, 1)) == (12, 12, 1, 1)
+    assert (hosts(6, 4, 4), hosts(6, 2, 8)) == (6, 6)  # 16 devices of pipe x tensor: hosts of 16
+    assert hosts(12, 1, 1, node=4) == 3
