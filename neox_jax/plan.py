@@ -356,7 +356,7 @@ def collective_ops(hlo: str) -> dict[str, tuple[int, int]]:
 def default_hosts(mesh: dict[str, int], node: int = 8) -> int:
     """Hosts for a mesh's devices: as few devices per host as fill nodes of `node`, in whole `pipe` x `tensor` groups
     (which stay inside a host: sharding.make_mesh), so a group larger than a node makes a host of its own size."""
-    n, group = math.prod(mesh.values()), mesh["pipe"] * mesh["tensor"]
+    n, group = math.prod(mesh.values()), mesh.get("pipe", 1) * mesh.get("tensor", 1)
     return n // max(d for d in range(group, max(node, group) + 1, group) if n % d == 0)
 
 
@@ -377,7 +377,7 @@ def plan(cfg: TrainConfig, target: str = "a100-40gb", hosts: int | None = None, 
             raise ConfigError(f"--hosts {hosts}: the mesh's {n} devices are not divisible among them")
         mesh = make_mesh(cfg.mesh, gpus.topology(target, hosts, n // hosts))
     else:
-        mesh, hosts = make_mesh(cfg.mesh), 1
+        mesh, hosts = make_mesh(cfg.mesh, jax.devices()[:n]), 1
     # The planner only lowers: fp16 has bf16's memory footprint, so plan it as bf16 (the model's own dtype fields
     # play no part in training: `precision` sets them).
     if cfg.precision == "fp16":
@@ -418,7 +418,7 @@ def plan(cfg: TrainConfig, target: str = "a100-40gb", hosts: int | None = None, 
         microbatches=trainer.microbatches,
         recomputed_forwards=recomputed, recomputation=how,
         forwards_per_layer=attention_forwards(partitioned, trainer.cfg.seq_length)
-        / (cfg.model.num_layers // trainer.stages * max(trainer.microbatches, cfg.grad_accum_steps)),
+        / (cfg.model.num_layers // trainer.stages * (trainer.microbatches if trainer.stages > 1 else cfg.grad_accum_steps)),
         minimum=minimum_traffic(trainer.cfg, dict(mesh.shape), held),
         replication=replication(trainer.abstract_params, trainer.param_specs, dict(mesh.shape)),
         target=target, compiler=compiler, hosts=hosts,
@@ -521,7 +521,8 @@ def compile_partitioned(lowered, options: dict | None = None):
         compiled = lowered.compile(compiler_options={**(options or {}), "xla_dump_to": folder,
                                                      "xla_dump_hlo_pass_re": "spmd-partitioning"})
         dumps = glob.glob(os.path.join(folder, "*after_spmd-partitioning*.txt"))
-        # one device is not partitioned (and has no collectives to count)
-        text = open(max(dumps, key=os.path.getsize)).read() if dumps else compiled.as_text()
+        # one device is not partitioned (and has no collectives to count): the program before the backend's passes,
+        # whose products are still dots (a GPU's optimized program calls cuBLAS instead)
+        text = open(max(dumps, key=os.path.getsize)).read() if dumps else lowered.as_text(dialect="hlo", debug_info=True)
     return compiled, text
 

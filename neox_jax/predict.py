@@ -40,6 +40,27 @@ class Cluster:
     efficiency: float  # achievable fraction of peak for the step's matmuls
     intra_gbps: float = 0.0  # GB/s per device per direction inside a node; 0: the card's NVLink
 
+    def __post_init__(self):
+        """Every field's range and unit at once (a cluster file's mistakes: a percent for a fraction, a sign)."""
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        problems = [] if self.card in gpus.CARDS else [f"card={self.card!r}: choose one of {', '.join(gpus.CARDS)}"]
+        if not (isinstance(self.devices_per_node, int) and not isinstance(self.devices_per_node, bool)
+                and self.devices_per_node >= 1):
+            problems.append(f"devices_per_node={self.devices_per_node!r}: a whole number of GPUs per node, at least 1")
+        if not (number(self.inter_gbps) and self.inter_gbps > 0):
+            problems.append(f"inter_gbps={self.inter_gbps!r}: GB/s per GPU across nodes, above 0 (e.g. 12.5 for "
+                            "4 x 200 Gb/s HDR shared by 8 GPUs)")
+        if not (number(self.intra_gbps) and self.intra_gbps >= 0):
+            problems.append(f"intra_gbps={self.intra_gbps!r}: GB/s per GPU and direction inside a node, 0 for the "
+                            "card's NVLink")
+        if not (number(self.efficiency) and 0 < self.efficiency <= 1):
+            problems.append(f"efficiency={self.efficiency!r}: the fraction of peak the matmuls reach, in (0, 1] "
+                            f"(0.46, not 46)")
+        if problems:
+            raise ConfigError(f"cluster {self.name!r}:\n  " + "\n  ".join(problems))
+
     @property
     def peak_tflops(self) -> float:  # dense bf16/fp16 per device
         return gpus.card(self.card).peak_tflops
@@ -63,9 +84,10 @@ class Cluster:
         if unknown or missing:
             raise ConfigError(f"{path}: a cluster needs {', '.join(sorted(needed))}, optionally intra_gbps and name "
                               f"(unknown: {unknown}, missing: {missing})")
-        if values["card"] not in gpus.CARDS:
-            raise ConfigError(f"{path}: card {values['card']!r}: choose one of {', '.join(gpus.CARDS)}")
-        return cls(**{"name": path.stem, **values})
+        try:
+            return cls(**{"name": path.stem, **values})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 CLUSTERS = {

@@ -189,3 +189,17 @@ def test_default_hosts_keep_pipe_and_tensor_inside_one():
     assert (hosts(12, 4, 2), hosts(96, 1, 1), hosts(2, 2, 2), hosts(3, 1, 1)) == (12, 12, 1, 1)
     assert (hosts(6, 4, 4), hosts(6, 2, 8)) == (6, 6)  # 16 devices of pipe x tensor: hosts of 16
     assert hosts(12, 1, 1, node=4) == 3
+
+
+@pytest.mark.parametrize("compiler,precision,remat,accum,forwards", [("cpu", "fp32", "none", 1, 1.0),
+                                                                   ("gpu", "fp32", "full", 3, 2.0),
+                                                                   ("gpu", "bf16", "none", 1, 1.0)])
+def test_layer_forwards_on_one_device_with_one_sequence(compiler, precision, remat, accum, forwards):
+    """Micro batch 1 on one device (no partitioning: the dots counted before the backend's passes), the einsum's
+    scores or cuDNN's calls: each layer's forward runs once, twice with per-layer remat, per microstep."""
+    if compiler == "gpu":
+        require_gpu_plan()
+    cfg = TrainConfig.from_dict({"model": {"preset": "pythia-14m", "num_layers": 2, "remat_policy": remat},
+                                 "mesh": {"data": 1}, "seq_length": 64, "micro_batch_size": 1,
+                                 "grad_accum_steps": accum, "precision": precision})
+    assert plan(cfg, "h100-80gb", compiler=compiler).forwards_per_layer == forwards

@@ -58,8 +58,14 @@ def test_a_cluster_from_yaml_and_bad_ones(tmp_path):
     f.write_text("card: a100-80gb\n")
     with pytest.raises(ConfigError, match="missing: .*devices_per_node"):
         Cluster.get(str(f))
-    f.write_text("card: v100\ndevices_per_node: 8\ninter_gbps: 25\nefficiency: 0.46\n")
-    with pytest.raises(ConfigError, match="card 'v100': choose one of a100-40gb"):
+    f.write_text("card: v100\ndevices_per_node: 0\ninter_gbps: -25\nefficiency: 46\nintra_gbps: fast\n")
+    with pytest.raises(ConfigError) as e:  # every mistake at once, each with its unit
         Cluster.get(str(f))
+    assert str(e.value).splitlines() == [
+        f"{f}: cluster 'mine':", "  card='v100': choose one of a100-40gb, a100-80gb, h100-80gb, h200-141gb, "
+        "a6000-48gb, rtx3090ti-24gb", "  devices_per_node=0: a whole number of GPUs per node, at least 1",
+        "  inter_gbps=-25: GB/s per GPU across nodes, above 0 (e.g. 12.5 for 4 x 200 Gb/s HDR shared by 8 GPUs)",
+        "  intra_gbps='fast': GB/s per GPU and direction inside a node, 0 for the card's NVLink",
+        "  efficiency=46: the fraction of peak the matmuls reach, in (0, 1] (0.46, not 46)"]
     with pytest.raises(ConfigError, match="--cluster 'nope': choose one of a100-40gb-paper"):
         Cluster.get("nope")
