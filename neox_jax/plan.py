@@ -67,6 +67,7 @@ class Plan:
     hosts: int = 1
     kernels: dict = dataclasses.field(default_factory=dict)  # kernel -> calls per step (GPU compile)
     collective_ops: dict = dataclasses.field(default_factory=dict)  # kind -> (asynchronous, all) per step
+    gpu_collectives: dict = dataclasses.field(default_factory=dict)  # mesh axes -> bytes, the optimized GPU program
 
     @property
     def xla_total(self) -> int:
@@ -178,6 +179,21 @@ def _shape_bytes(text: str) -> int:
     return sum(_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in _SHAPE.findall(text))
 
 
+def _result(type_text: str, kind: str, started: bool) -> str:
+    """The result's type of a collective: an asynchronous `-start` other than all-reduce's returns (operands,
+    results), of which the results are counted."""
+    if not started or kind == "all-reduce" or not type_text.startswith("("):
+        return type_text
+    depth, parts, start = 0, [], 1
+    for i, c in enumerate(type_text):
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if c == "," and depth == 1:
+            parts.append(type_text[start:i])
+            start = i + 1
+    return (parts + [type_text[start:-1]])[1]
+
+
 def _iota(dims, perm):
     ids = np.arange(math.prod(dims)).reshape(dims)
     return ids.transpose(perm) if perm else ids
@@ -286,7 +302,7 @@ def collective_bytes(hlo: str, mesh_shape: dict[str, int]) -> dict[str, int]:
                 continue
             coords = np.array([np.unravel_index(i, dims) for i in group])
             spanned = [a for i, a in enumerate(axes) if len(set(coords[:, i])) > 1] or ["(none)"]
-            size, g = _shape_bytes(m.group(1)), len(set(group))
+            size, g = _shape_bytes(_result(m.group(1), m.group(2), bool(m.group(3)))), len(set(group))
             kind = m.group(2)
             if kind == "all-reduce":
                 sent = 2 * (g - 1) / g * size
@@ -424,6 +440,7 @@ def plan(cfg: TrainConfig, target: str = "a100-40gb", hosts: int | None = None, 
         target=target, compiler=compiler, hosts=hosts,
         kernels=kernel_calls(optimized) if optimized else {},
         collective_ops=collective_ops(optimized) if optimized else {},
+        gpu_collectives=collective_bytes(optimized, dict(mesh.shape)) if optimized else {},
     )
 
 
