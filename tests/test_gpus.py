@@ -40,6 +40,7 @@ def small(mesh, zero_stage=1, remat="full"):
                                   "zero_stage": zero_stage})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh,zero_stage", [((8, 1, 1), 1), ((8, 1, 1), 3), ((2, 1, 4), 1), ((2, 2, 2), 1),
                                              ((1, 1, 1), 1)],
                          ids=["zero1-8x1x1", "fsdp-8x1x1", "2x1x4", "pipelined-2x2x2", "one-device"])
@@ -122,6 +123,7 @@ def test_a_cpu_run_keeps_its_emulated_devices_and_choices_beside_the_cuda_plugin
     assert "xla_cuda12" in out.stdout.split("]")[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,expect", [
     (["{config}", "--mesh", "data=2,tensor=2", "--cluster", "h100-80gb-ib"],
      ["compiled by XLA's GPU compiler for 1 x 4 h100-80gb", "cuDNN attention forward",
@@ -144,6 +146,7 @@ def test_the_cli_compiles_for_gpus_in_a_process_without_jax_platforms(args, expe
         assert text in out.stdout, (text, out.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", [64, 80, 96, 128, 256])
 def test_cudnn_takes_every_pythia_head_size_but_256(head):
     """Heads of 64 (pythia-70m..410m), 80 (pythia-2.8b), 96 (the 20B), 128 (1.4b, 6.9b, 12b) run cuDNN on an H100;
