@@ -9,8 +9,8 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "CheckpointError": "neox_jax.convert.hf",
-    "ConfigError": "neox_jax.config",
+    "CheckpointError": "neox_jax.errors",
+    "ConfigError": "neox_jax.errors",
     "GPTNeoX": "neox_jax.model",
     "NeoXConfig": "neox_jax.config",
     "TrainConfig": "neox_jax.config",

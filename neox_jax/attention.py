@@ -134,7 +134,7 @@ def attention_backend(setting: str, dtype, head_dim: int, causal: bool) -> str:
             return "cudnn"
         return "blocks" if causal and matmul.cpu_program() else "einsum"
     if setting == "cudnn" and not (gpu and fits):
-        from neox_jax.config import ConfigError
+        from neox_jax.errors import ConfigError
 
         why = (f"this program is compiled for {matmul.platform()} devices" if not gpu else
                f"it takes bf16/fp16 with head_dim <= 128 in multiples of 8 (here {jnp.dtype(dtype).name}, head_dim "

@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from neox_jax.atomic import write_json
-from neox_jax.config import ConfigError, NeoXConfig
+from neox_jax.config import NeoXConfig
+from neox_jax.errors import CheckpointMismatchError, ConfigError
 
 CONFIG_FILE = "neox_config.json"
 
@@ -73,10 +74,6 @@ def load_params_checkpoint(path: str | os.PathLike, abstract_params=None):
 
 
 # ---- training checkpoints -----------------------------------------------------------------------------------
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint that does not fit the run restoring it (other shapes, or a failed integrity probe)."""
 
 
 @contextlib.contextmanager

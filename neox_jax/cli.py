@@ -245,7 +245,8 @@ def _plan_generate(args):
 
 
 def cmd_preprocess(args):
-    from neox_jax.data.preprocess import BadRecordError, preprocess
+    from neox_jax.data.preprocess import preprocess
+    from neox_jax.errors import BadRecordError
 
     try:
         summary = preprocess(args.input, args.tokenizer, args.output_prefix, jsonl_keys=args.jsonl_keys,
@@ -441,7 +442,7 @@ def _print_setting_warnings(args):
     import warnings
 
     from neox_jax import distributed
-    from neox_jax.convert.neox_yaml import UnknownSettingWarning
+    from neox_jax.errors import UnknownSettingWarning
 
     show = warnings.showwarning
 
@@ -595,9 +596,7 @@ def main(argv=None):
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)
-    from neox_jax.config import ConfigError, TrainingError
-    from neox_jax.convert.hf import CheckpointError
-    from neox_jax.distributed import LaunchError
+    from neox_jax.errors import CheckpointError, ConfigError, LaunchError, TrainingError
 
     try:
         _print_setting_warnings(args)

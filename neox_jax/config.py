@@ -13,18 +13,13 @@ from typing import Any, Mapping
 
 import yaml
 
+from neox_jax.errors import ConfigError
+
 ACTIVATIONS = ("gelu", "gelu_fast")
 INIT_METHODS = ("small_init", "wang_init", "normal", "scaled_normal")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 ATTENTION = ("auto", "xla", "cudnn")
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the value and the setting."""
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (it diverged); the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +129,6 @@ class NeoXConfig:
         if key not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[key], **overrides})
-
 
 
 def _check_keys(d: Mapping[str, Any], cls, what: str):

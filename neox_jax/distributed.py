@@ -19,12 +19,10 @@ import os
 import sys
 from typing import Mapping
 
+from neox_jax.errors import LaunchError
+
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "NEOX_COORDINATOR", "NEOX_NUM_PROCESSES", "NEOX_PROCESS_ID"
 ENV_LOCAL_DEVICE_IDS = "NEOX_LOCAL_DEVICE_IDS"
-
-
-class LaunchError(ValueError):
-    """Distributed settings that cannot work; the message names the setting."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import importlib.util
 import os
 from importlib.metadata import PackageNotFoundError, version
 
-from neox_jax.config import ConfigError
+from neox_jax.errors import ConfigError
 
 KiB, MiB = 1 << 10, 1 << 20
 GPU_PLAN = "pip install -e '.[gpu-plan]'"

@@ -21,8 +21,8 @@ import ctypes
 import os
 import platform
 
-from neox_jax.config import ConfigError
 from neox_jax.distributed import cpu_only
+from neox_jax.errors import ConfigError
 
 SETTING = "NEOX_JAX_MALLOC"
 MODES = ("reuse", "system")

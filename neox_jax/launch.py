@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from neox_jax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, LaunchError
+from neox_jax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from neox_jax.errors import LaunchError
 
 
 @dataclasses.dataclass

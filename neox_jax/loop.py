@@ -31,10 +31,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from neox_jax.config import ConfigError, TrainConfig, TrainingError
+from neox_jax.config import TrainConfig
 from neox_jax.data.dataset import GlobalBatches, build_path_datasets, build_split_datasets
 from neox_jax.data.loader import Loader, LocalBatches
 from neox_jax.distributed import is_primary
+from neox_jax.errors import ConfigError, TrainingError
 from neox_jax.flops import flops_6n, flops_neox, peak_tflops
 from neox_jax.metrics import MetricsLogger
 from neox_jax.model import with_params

@@ -23,7 +23,8 @@ from jax.sharding import PartitionSpec as P
 
 from neox_jax import gpus, matmul
 from neox_jax import sharding as shd
-from neox_jax.config import ConfigError, TrainConfig
+from neox_jax.config import TrainConfig
+from neox_jax.errors import ConfigError
 from neox_jax.traffic import minimum_traffic, ratio_line
 from neox_jax.train import Trainer
 

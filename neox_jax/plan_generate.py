@@ -22,7 +22,8 @@ from jax.sharding import PartitionSpec as P
 
 from neox_jax import gpus, matmul
 from neox_jax import sharding as shd
-from neox_jax.config import ConfigError, NeoXConfig
+from neox_jax.config import NeoXConfig
+from neox_jax.errors import ConfigError
 
 GB = 1e9
 

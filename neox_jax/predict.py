@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from neox_jax import gpus
-from neox_jax.config import ConfigError, NeoXConfig
+from neox_jax.config import NeoXConfig
+from neox_jax.errors import ConfigError
 from neox_jax.flops import flops_6n, flops_paper
 
 # From the GPT-NeoX-20B paper's run (43.9 s per step on 96 A100-40GB, (12, 4, 2), 32 microbatches, per-layer

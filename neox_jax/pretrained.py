@@ -12,8 +12,9 @@ from jax.sharding import PartitionSpec as P
 
 from neox_jax import checkpoint
 from neox_jax import sharding as shd
-from neox_jax.config import ConfigError, NeoXConfig
+from neox_jax.config import NeoXConfig
 from neox_jax.convert import hf, neox
+from neox_jax.errors import ConfigError
 from neox_jax.model import GPTNeoX, abstract_model, with_params
 
 

@@ -19,8 +19,9 @@ from jax.sharding import PartitionSpec as P
 
 from neox_jax import checkpoint as ckpt
 from neox_jax.atomic import atomic_path
-from neox_jax.config import ConfigError, TrainConfig, TrainingError
+from neox_jax.config import TrainConfig
 from neox_jax.distributed import is_primary
+from neox_jax.errors import ConfigError, TrainingError
 from neox_jax.model import abstract_model
 from neox_jax.train import Trainer, TrainState
 

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from neox_jax.config import ConfigError
+from neox_jax.errors import ConfigError
 
 MESH_AXES = ("data", "pipe", "tensor")
 

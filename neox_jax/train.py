@@ -31,7 +31,8 @@ from jax.sharding import PartitionSpec as P
 
 from neox_jax import matmul
 from neox_jax import sharding as shd
-from neox_jax.config import ConfigError, TrainConfig
+from neox_jax.config import TrainConfig
+from neox_jax.errors import ConfigError
 from neox_jax.model import GPTNeoX, abstract_model, output_logits
 from neox_jax.optim import LossScale, make_optimizer, schedule
 from neox_jax.pipeline import PIPELINE_REMAT, pipeline_grads

@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from neox_jax.config import ConfigError
+from neox_jax.errors import ConfigError
 
 MiB = 1 << 20
 GPU_DEFAULTS: dict[str, Any] = {

@@ -9,7 +9,8 @@ import time
 import pytest
 import yaml
 
-from neox_jax.config import ConfigError, NeoXConfig, TrainConfig
+from neox_jax.config import NeoXConfig, TrainConfig
+from neox_jax.errors import ConfigError
 from neox_jax.loop import train
 
 from .conftest import TINY_MODEL
@@ -159,7 +160,8 @@ def test_a_corrupt_weights_checkpoint_is_one_line_naming_it(tmp_path):
     import numpy as np
 
     import neox_jax
-    from neox_jax.checkpoint import CheckpointMismatchError, save_params_checkpoint
+    from neox_jax.checkpoint import save_params_checkpoint
+    from neox_jax.errors import CheckpointMismatchError
     from neox_jax.pretrained import abstract_params
 
     config = NeoXConfig(**TINY_MODEL)
@@ -290,7 +292,7 @@ def test_neox_yaml_training_settings_we_do_not_implement_are_refused(tmp_path, c
 
 
 def test_neox_yaml_refuses_every_unsupported_setting_at_once_and_warns_of_unknown_keys(tmp_path):
-    from neox_jax.convert.neox_yaml import UnknownSettingWarning
+    from neox_jax.errors import UnknownSettingWarning
 
     f = tmp_path / "m.yml"
     f.write_text(yaml.safe_dump({**NEOX_BASE, "use_qk_layernorm": True, "norm": "rmsnorm"}))

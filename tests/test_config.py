@@ -6,9 +6,10 @@ import jax
 import pytest
 from flax import nnx
 
-from neox_jax import ConfigError, GPTNeoX, NeoXConfig
+from neox_jax import GPTNeoX, NeoXConfig
 from neox_jax.config import PRESETS
 from neox_jax.convert.neox_yaml import load_neox_yaml
+from neox_jax.errors import ConfigError
 
 from .conftest import require
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from neox_jax import CheckpointError, ConfigError, from_pretrained, save_pretrained
+from neox_jax import from_pretrained, save_pretrained
 from neox_jax.cli import main as cli
 from neox_jax.convert.hf import TensorSource, hf_shapes
+from neox_jax.errors import CheckpointError, ConfigError
 from tests.conftest import hf_logits, make_hf_model
 
 from .conftest import require

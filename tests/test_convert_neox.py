@@ -11,9 +11,10 @@ import pytest
 import yaml
 from flax import nnx
 
-from neox_jax import CheckpointError, ConfigError, from_pretrained
+from neox_jax import from_pretrained
 from neox_jax.cli import main as cli
 from neox_jax.convert import neox
+from neox_jax.errors import CheckpointError, ConfigError
 
 from .conftest import hf_logits, make_hf_model, require
 

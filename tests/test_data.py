@@ -10,8 +10,9 @@ from neox_jax.data.dataset import (BlendedDataset, GlobalBatches, GPTDataset, bu
                                    normalised_weights, samples_per_dataset, split_boundaries)
 from neox_jax.data.helpers import blending_indices
 from neox_jax.data.indexed import IndexedDataset, IndexedDatasetWriter
-from neox_jax.data.preprocess import BadRecordError, preprocess
+from neox_jax.data.preprocess import preprocess
 from neox_jax.data.tokenizer import SPACE_RUNS, NeoXTokenizer, train_tokenizer
+from neox_jax.errors import BadRecordError
 
 FIB = "def fibRec(n):\n    if n < 2:\n        return n\n    else:\n        return fibRec(n-1) + fibRec(n-2)"
 

@@ -166,7 +166,7 @@ def test_cudnn_takes_every_pythia_head_size_but_256(head):
 
 
 def test_bad_plans_are_refused_naming_every_setting_before_compiling():
-    from neox_jax.config import ConfigError
+    from neox_jax.errors import ConfigError
     from neox_jax.plan_generate import plan_generate
 
     with pytest.raises(ConfigError, match="--batch=0: must be at least 1\n.*--context 99999 exceeds the model's "

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from neox_jax import checkpoint as ckpt
-from neox_jax.config import ConfigError, NeoXConfig, TrainConfig, apply_overrides
+from neox_jax.config import NeoXConfig, TrainConfig, apply_overrides
+from neox_jax.errors import ConfigError
 from neox_jax.loop import train
 
 from .conftest import TINY_MODEL as MODEL
@@ -238,7 +239,8 @@ def test_extra_save_iters_and_keeping_every_checkpoint(corpus, tmp_path):
 
 
 def test_non_finite_steps_in_a_row_stop_the_run_at_max_nonfinite_steps():
-    from neox_jax.loop import Recorder, TrainingError
+    from neox_jax.errors import TrainingError
+    from neox_jax.loop import Recorder
     from neox_jax.metrics import MetricsLogger
     from neox_jax.sharding import make_mesh
 
@@ -257,7 +259,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_at_max_nonfinite_steps():
 
 @pytest.mark.slow
 def test_a_diverging_run_stops_before_saving_and_keeps_its_last_good_checkpoint(corpus, tmp_path, monkeypatch):
-    from neox_jax.loop import TrainingError
+    from neox_jax.errors import TrainingError
     from neox_jax.pretrained import abstract_params
     from neox_jax.train import Trainer
 

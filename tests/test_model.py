@@ -227,7 +227,7 @@ def neox_jax_generate(model, prompts):
 
 
 def test_cudnn_attention_is_refused_where_it_cannot_run():
-    from neox_jax.config import ConfigError
+    from neox_jax.errors import ConfigError
 
     model = GPTNeoX(NeoXConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=2, attention="cudnn"),
                     rngs=nnx.Rngs(0))

@@ -156,7 +156,7 @@ def test_activation_estimate_by_hand_with_a_pipeline():
 
 
 def test_relayout_keeps_the_run_and_the_summary_splits_traffic_by_link():
-    from neox_jax.config import ConfigError
+    from neox_jax.errors import ConfigError
     from neox_jax.plan import relayout, summary
     from neox_jax.predict import Cluster
 

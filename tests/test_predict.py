@@ -2,7 +2,8 @@
 
 import pytest
 
-from neox_jax.config import ConfigError, NeoXConfig
+from neox_jax.config import NeoXConfig
+from neox_jax.errors import ConfigError
 from neox_jax.flops import flops_paper
 from neox_jax.predict import PUBLISHED, Cluster, executed_flops_per_token, link_gbps, predict, predict_published
 

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from neox_jax.config import ConfigError, TrainConfig
+from neox_jax.config import TrainConfig
+from neox_jax.errors import ConfigError
 from neox_jax.sharding import add_axis, logical_to_spec, make_mesh, parse_mesh, resolve_mesh_shape
 from neox_jax.train import Trainer, check_layout
 

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from neox_jax.config import ConfigError, NeoXConfig, TrainConfig
+from neox_jax.config import NeoXConfig, TrainConfig
+from neox_jax.errors import ConfigError
 from neox_jax.sharding import make_mesh
 from neox_jax.train import Trainer
 from tests.conftest import max_diff

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from neox_jax.config import ConfigError, TrainConfig, apply_overrides
+from neox_jax.config import TrainConfig, apply_overrides
+from neox_jax.errors import ConfigError
 from neox_jax.xla_options import GPU_DEFAULTS, compiler_options
 from tests.test_train import trainer
 

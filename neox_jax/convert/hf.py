@@ -26,6 +26,7 @@ from flax import nnx
 
 from neox_jax.atomic import write_json
 from neox_jax.config import NeoXConfig
+from neox_jax.errors import CheckpointError
 from neox_jax.progress import bar, progress
 
 # (Hugging Face name, parameter path, transposed)
@@ -63,10 +64,6 @@ def tensor_slots(num_layers: int) -> list[tuple[str, str, int | None, bool]]:
     layers = [(LAYER_PREFIX.format(i) + hf, "layers." + path, i, t) for i in range(num_layers)
               for hf, path, t in LAYER_TABLE]
     return [(embed[0], embed[1], None, embed[2]), *layers, *((hf, path, None, t) for hf, path, t in rest)]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model; the message lists every problem."""
 
 
 def hf_shapes(cfg: NeoXConfig) -> dict[str, tuple[int, ...]]:

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from neox_jax.config import ConfigError, NeoXConfig
+from neox_jax.config import NeoXConfig
+from neox_jax.errors import ConfigError
 
 # Hugging Face `hidden_act` spellings of the two GELUs; every tanh form computes the same formula.
 _HF_ACTIVATIONS = {

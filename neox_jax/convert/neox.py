@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from neox_jax.config import ConfigError, NeoXConfig
-from neox_jax.convert.hf import LAYER_PREFIX, CheckpointError, hf_shapes, load_torch, torch_to_numpy
+from neox_jax.config import NeoXConfig
+from neox_jax.convert.hf import LAYER_PREFIX, hf_shapes, load_torch, torch_to_numpy
+from neox_jax.errors import CheckpointError, ConfigError
 
 COLUMN, ROW, ROW_BIAS, REPLICATED = "column", "row", "row bias", "replicated"
 # Hugging Face name inside a layer -> how tensor parallelism splits it. GPT-NeoX's own key is the same name,

@@ -178,7 +178,7 @@ def check(args: dict[str, Any], where: str, weights_only: bool = False) -> list[
     refused += [f"{key}={args[key]!r}: {reason}" for key, reason in (OFF_MODEL if weights_only else OFF).items()
                 if key in args and _is_on(args[key])]
     if refused:
-        from neox_jax.config import ConfigError
+        from neox_jax.errors import ConfigError
 
         raise ConfigError(f"{where}: " + ("\n  ".join([""] + refused) if len(refused) > 1 else refused[0]))
     warnings = []

@@ -10,8 +10,9 @@ from typing import Any
 
 import yaml
 
-from neox_jax.config import ConfigError, NeoXConfig, TrainConfig
+from neox_jax.config import NeoXConfig, TrainConfig
 from neox_jax.convert.neox_keys import check
+from neox_jax.errors import ConfigError, UnknownSettingWarning
 
 # The 20B tokenizer's vocabulary; GPT-NeoX pads it to a multiple of 128 x tensor-parallel size.
 NEOX_TOKENIZER_VOCAB = 50277
@@ -81,10 +82,6 @@ OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay"}
 # vocabulary sizes of GPT-NeoX's tokenizers when no tokenizer file is at hand (HFTokenizer: the 20B's)
 TOKENIZER_VOCAB = {"HFTokenizer": NEOX_TOKENIZER_VOCAB, "GPT2BPETokenizer": 50257, "HFGPT2Tokenizer": 50257,
                    "CharLevelTokenizer": 512}
-
-
-class UnknownSettingWarning(UserWarning):
-    """A GPT-NeoX key that neox-jax does not know (a typo trains with the default)."""
 
 
 def _read_checked(paths, weights_only: bool) -> tuple[dict, str]:

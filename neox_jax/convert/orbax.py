@@ -25,8 +25,8 @@ import numpy as np
 from neox_jax.atomic import write_json
 from neox_jax.checkpoint import CONFIG_FILE, is_params_checkpoint, load_config
 from neox_jax.config import NeoXConfig
-from neox_jax.convert.hf import (CheckpointError, ParamsSource, _get_path, _to_ours, check_tensors, hf_shapes,
-                                 tensor_slots)
+from neox_jax.convert.hf import ParamsSource, _get_path, _to_ours, check_tensors, hf_shapes, tensor_slots
+from neox_jax.errors import CheckpointError
 
 CHUNK_BYTES = 256 * 2**20  # split a layer's slice further when it is bigger than this
 

@@ -24,13 +24,10 @@ from neox_jax.atomic import temp_path
 from neox_jax.data.dataset import remove_index_maps
 from neox_jax.data.indexed import IndexedDatasetWriter, token_dtype
 from neox_jax.data.tokenizer import NeoXTokenizer
+from neox_jax.errors import BadRecordError
 from neox_jax.progress import progress
 
 CHUNK_RECORDS = 256  # records per task sent to a worker
-
-
-class BadRecordError(ValueError):
-    pass
 
 
 @dataclass
