@@ -596,9 +596,11 @@ def main(argv=None):
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)
+    from neox_jax import host_malloc
     from neox_jax.errors import CheckpointError, ConfigError, LaunchError, TrainingError
 
     try:
+        host_malloc.reuse_freed_memory()  # before JAX starts a CPU backend (neox_jax/host_malloc.py)
         _print_setting_warnings(args)
         return args.func(args) or 0
     except (ConfigError, CheckpointError, LaunchError, FileNotFoundError, FileExistsError, ValueError) as e:

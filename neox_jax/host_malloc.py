@@ -7,8 +7,9 @@ over 64 MiB that one of XLA's threads allocates in its own arena, is a new mappi
 in its forward and 1.5 GB in its gradient; without them its forward took 1.0 s instead of 1.3 s, and the attention
 scores' product alone 4.8 ms instead of 13.5 (docs/benchmarks.md).
 
-`reuse_freed_memory()`, run when `neox_jax.model` is imported, sets glibc's malloc (`mallopt`) before JAX starts a
-CPU backend: every thread allocates from one arena, no buffer is mapped on its own, and freed memory at the heap's top
+`reuse_freed_memory()` sets glibc's malloc (`mallopt`) before JAX starts a CPU backend. It is an explicit call,
+never a side effect of an import: the CLI makes it first thing, as do the benchmarks and the test suite; a library
+user who wants it calls it before computing anything with JAX. Then every thread allocates from one arena, no buffer is mapped on its own, and freed memory at the heap's top
 is kept. The process then holds its peak: its resident memory does not shrink after its largest call. It must come
 before the backend starts (XLA's threads take arenas of their own then), so it does nothing once one has, nor where
 the backend may be an accelerator (a GPU or TPU plugin is installed and JAX_PLATFORMS does not name the CPU first),

@@ -22,11 +22,9 @@ from jax.sharding import PartitionSpec as P
 from neox_jax import matmul
 from neox_jax.attention import attend_qkv, rotary_cos_sin
 from neox_jax.config import NeoXConfig
-from neox_jax.host_malloc import reuse_freed_memory
 from neox_jax.sharding import constrain
 
 F32 = jnp.float32
-reuse_freed_memory()  # before JAX starts its backend, where that is a CPU: see host_malloc
 
 
 def _std(method: str, cfg: NeoXConfig) -> float:

@@ -33,10 +33,12 @@ def prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
 
 
 def worker_jax(args) -> dict:
+    from neox_jax import gpus, host_malloc
+
+    host_malloc.reuse_freed_memory()  # as the CLI does, before JAX starts its backend
     import jax
 
     import neox_jax
-    from neox_jax import gpus, host_malloc
 
     model = neox_jax.from_pretrained(args.model_dir, dtype=args.dtype)
     ids = prompts(model.config.vocab_size, args.batch, args.prompt_len)

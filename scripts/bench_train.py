@@ -30,6 +30,9 @@ from compare import interleaved, timed  # noqa: E402
 
 
 def worker_jax(args) -> dict:
+    from neox_jax import host_malloc
+
+    host_malloc.reuse_freed_memory()  # as the CLI does, before JAX starts its backend
     import jax
 
     from neox_jax.sharding import parse_mesh
@@ -39,7 +42,6 @@ def worker_jax(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from neox_jax import host_malloc
     from neox_jax.config import NeoXConfig, TrainConfig
     from neox_jax.flops import flops_6n, peak_tflops
     from neox_jax.pretrained import from_pretrained

@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from neox_jax import host_malloc  # noqa: E402
+
+host_malloc.reuse_freed_memory()  # as the CLI does: the suite's compiled calls reuse the memory the last one freed
+
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402

@@ -111,7 +111,8 @@ def test_the_decode_step_holds_weights_and_cache_and_its_bound_by_hand():
 def test_a_cpu_run_keeps_its_emulated_devices_and_choices_beside_the_cuda_plugin(tmp_path):
     """With the CUDA plugin installed and JAX_PLATFORMS unset (no driver here), a CPU process still counts as
     CPU-only: the demo's 8 emulated devices, the host allocator setting, the CPU's attention."""
-    code = ("from neox_jax import distributed, host_malloc; distributed.emulate_cpu_devices(8); import neox_jax.model; "
+    code = ("from neox_jax import distributed, host_malloc; distributed.emulate_cpu_devices(8); "
+            "host_malloc.reuse_freed_memory(); "
             "import jax, jax.numpy as jnp; from neox_jax.attention import attention_backend; "
             "print(sorted(distributed._accelerator_plugins()), len(jax.devices()), jax.default_backend(), "
             "host_malloc.state(), attention_backend('auto', jnp.bfloat16, 64, True))")

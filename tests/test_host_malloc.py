@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(
 PROBE = """
 import json, resource, sys
 {before}
-import neox_jax.model
 from neox_jax import host_malloc
+{setup}
+import neox_jax.model
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.broadcast_to(x, (1 << 26,)) + 1.0)
 faults = []
@@ -33,13 +34,13 @@ print(json.dumps({{"applied": host_malloc.reuse_freed_memory(), "faults": faults
 """
 
 
-def probe(malloc: str | None = None, before: str = "") -> dict:
+def probe(malloc: str | None = None, before: str = "", setup: str = "host_malloc.reuse_freed_memory()") -> dict:
     env = {k: v for k, v in os.environ.items() if k != "NEOX_JAX_MALLOC"}
     env["JAX_PLATFORMS"] = "cpu"
     if malloc:
         env["NEOX_JAX_MALLOC"] = malloc
-    out = subprocess.run([sys.executable, "-c", PROBE.format(before=before)], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", PROBE.format(before=before, setup=setup)], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -56,13 +57,14 @@ def test_freed_buffers_are_reused_under_a_cpu_backend():
     assert reused * 20 <= fresh, (reuse["faults"], system["faults"])
 
 
-def test_nothing_is_set_once_the_backend_has_started():
+def test_nothing_is_set_once_the_backend_has_started_nor_by_an_import():
     assert not probe(before="import jax; jax.devices()")["applied"]
+    assert not probe(setup="")["applied"]  # importing the model changes no allocator: the call is explicit
 
 
 def test_a_bad_setting_is_refused_naming_it():
     env = {**os.environ, "NEOX_JAX_MALLOC": "jemalloc"}
-    out = subprocess.run([sys.executable, "-c", "import neox_jax.model"], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode != 0
-    assert "NEOX_JAX_MALLOC='jemalloc'" in out.stderr and "reuse" in out.stderr and "system" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "neox_jax.cli", "info", "pythia-14m"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2
+    assert "error: NEOX_JAX_MALLOC='jemalloc'" in out.stderr and "reuse" in out.stderr and "system" in out.stderr
