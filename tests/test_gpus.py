@@ -152,7 +152,7 @@ def test_the_cli_compiles_for_gpus_in_a_process_without_jax_platforms(args, expe
 def test_cudnn_takes_every_pythia_head_size_but_256(head):
     """Heads of 64 (pythia-70m..410m), 80 (pythia-2.8b), 96 (the 20B), 128 (1.4b, 6.9b, 12b) run cuDNN on an H100;
     pythia-1b's 256 is beyond the kernel and takes the einsum (`attention.attention_backend`)."""
-    from neox_jax.plan import kernel_calls
+    from neox_jax.hlo import kernel_calls
     from neox_jax.sharding import make_mesh
     from neox_jax.train import Trainer
 

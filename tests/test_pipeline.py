@@ -7,7 +7,7 @@ import pytest
 
 from neox_jax.config import NeoXConfig, TrainConfig
 from neox_jax.pipeline import bubble_fraction
-from neox_jax.plan import _COLLECTIVE, _first_group
+from neox_jax.hlo import _COLLECTIVE, _first_group
 from neox_jax.sharding import make_mesh
 from neox_jax.train import Trainer
 from tests.conftest import max_diff

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from neox_jax.config import TrainConfig
-from neox_jax.plan import _first_group, collective_bytes, plan
+from neox_jax.hlo import _first_group, collective_bytes
+from neox_jax.plan import plan
 from tests.conftest import require_gpu_plan
 
 
