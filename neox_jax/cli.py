@@ -105,6 +105,20 @@ def _convert_source(kind: str, args):
     return source, source.config
 
 
+def _tokenizer_problems(path: str) -> list[str]:
+    """Why `path` is not a tokenizer.json the tokenizers library reads (none: it is one)."""
+    p = Path(path)
+    if not p.is_file():
+        return [f"--tokenizer {p}: no such file"]
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(p))
+    except Exception as e:  # the library's own parse error
+        return [f"--tokenizer {p} is not a tokenizer.json the tokenizers library reads ({str(e).splitlines()[0]})"]
+    return []
+
+
 def cmd_convert(args):
     import shutil
 
@@ -121,12 +135,20 @@ def cmd_convert(args):
         ("--tensor-parallel", args.tensor_parallel, kind_out == "neox"),
         ("--pipe-parallel", args.pipe_parallel, kind_out == "neox"), ("--step", args.step, kind_out == "neox"),
         ("--legacy-names", args.legacy_names, kind_out == "neox")) if value and not wanted]
-    if misplaced:
-        raise ValueError(f"{', '.join(misplaced)} does not apply to {args.direction}")
+    problems = [f"{', '.join(misplaced)} does not apply to {args.direction}"] if misplaced else []
+    problems += [f"{flag} {value}: must be at least {least}" for flag, value, least in (
+        ("--tensor-parallel", args.tensor_parallel, 1), ("--pipe-parallel", args.pipe_parallel, 1),
+        ("--step", args.step, 0)) if value is not None and value < least]
     dst = Path(args.dst)
+    if dst.exists() and not dst.is_dir():
+        problems.append(f"destination {dst} is a file: give a folder (new, or one without a model)")
+    if args.tokenizer:
+        problems += _tokenizer_problems(args.tokenizer)
+    if problems:  # every one at once, before reading a single tensor
+        raise ValueError("cannot convert:\n  " + "\n  ".join(problems))
     taken = [dst / n for n in ("params", checkpoint.CONFIG_FILE, "config.json", "model.safetensors",
                                 "model.safetensors.index.json", "latest") if (dst / n).exists()]
-    if taken:  # before reading a single tensor
+    if taken:
         raise FileExistsError(f"{taken[0]} already exists: choose a new destination or remove it")
     tokenizer = args.tokenizer or tokenizer_path(args.src)
     source, config = _convert_source(kind_in, args)
@@ -268,7 +290,12 @@ def cmd_train_tokenizer(args):
                 yield from parse_record(raw, str(path).endswith(".txt"), args.jsonl_keys)
 
     out = train_tokenizer(texts(), args.vocab_size, args.output)
-    print(f"wrote {out} ({args.vocab_size} tokens)")
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_file(str(out)).get_vocab_size()  # BPE stops early when the text has no more pairs
+    print(f"wrote {out} ({size} tokens)" + ("" if size == args.vocab_size else
+          f"; warning: --vocab-size {args.vocab_size} asked for more than this text yields: train on more text, "
+          "or ask for fewer (a model's vocab_size must cover the tokenizer's)"))
 
 
 def cmd_corpus(args):

@@ -247,6 +247,10 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None, show_progress: bool
     """Train to `cfg.train_iters` (or for at most `max_steps` more steps in this call), resuming from the
     latest checkpoint in `cfg.save` when there is one."""
     console = Console(print_fn, show_progress)
+    folders = [(name, Path(value)) for name, value in (("save", cfg.save), ("tensorboard_dir", cfg.tensorboard_dir))
+               if value and Path(value).exists() and not Path(value).is_dir()]
+    if folders:  # before anything is built or compiled
+        raise ConfigError("; ".join(f"{name}={path} is a file: give a folder for it" for name, path in folders))
     if cfg.tokenizer:  # before anything is built: a wrong tokenizer would only show in the sample at the end
         from neox_jax.data.tokenizer import NeoXTokenizer
         from neox_jax.pretrained import check_vocab

@@ -389,3 +389,55 @@ def test_preprocessing_where_every_record_is_bad_fails_and_writes_no_data(tmp_pa
     assert code != 0 and "all 3 records were rejected" in err
     assert not list(tmp_path.glob("out_text_document.*")) and (tmp_path / "out_rejects.tsv").is_file()
 
+
+
+# ---- paths that exist as the wrong kind, and answers that were wrong without an error (issue 29: 3, 7) ----------
+
+
+def test_convert_names_every_bad_destination_and_flag_at_once(tmp_path, capsys):
+    from neox_jax.cli import main as cli
+
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "bad.yml").write_text("a: 1\n")
+    code = cli(["convert", "hf-to-neox", str(tmp_path / "no-model"), str(tmp_path / "afile"), "--tensor-parallel",
+                "0", "--step", "-1", "--tokenizer", str(tmp_path / "bad.yml")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot convert:\n")
+    for says in ("--tensor-parallel 0: must be at least 1", "--step -1: must be at least 0",
+                 f"destination {tmp_path / 'afile'} is a file: give a folder",
+                 f"--tokenizer {tmp_path / 'bad.yml'} is not a tokenizer.json the tokenizers library reads"):
+        assert says in err, (says, err)
+    assert (tmp_path / "afile").read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "bad.yml"]
+
+
+@pytest.mark.parametrize("setting", ["save", "tensorboard_dir"])
+def test_a_run_folder_that_is_a_file_is_refused_before_anything_is_built(tmp_path, corpus, setting):
+    (tmp_path / "afile").write_text("mine")
+    cfg = TrainConfig.from_dict({"model": TINY_MODEL, "seq_length": 16, "micro_batch_size": 2, "mesh": {"data": 1},
+                                 "data_paths": [corpus], setting: str(tmp_path / "afile")})
+    with pytest.raises(ConfigError, match=f"{setting}={tmp_path / 'afile'} is a file: give a folder for it"):
+        train(cfg, show_progress=False)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_train_tokenizer_reports_the_size_it_wrote(tmp_path, capsys):
+    from neox_jax.cli import main as cli
+
+    (tmp_path / "small.txt").write_text("hello world\nthe cat sat on the mat\n")
+    assert cli(["train-tokenizer", "--input", str(tmp_path / "small.txt"), "--vocab-size", "50000", "--output",
+                str(tmp_path / "tok.json")]) == 0
+    out = capsys.readouterr().out
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_file(str(tmp_path / "tok.json")).get_vocab_size()
+    assert size < 50000 and f"({size} tokens); warning: --vocab-size 50000 asked for more than this text" in out
+
+
+def test_preprocess_refuses_a_worker_count_below_one(tmp_path, capsys, big_tokenizer):
+    from neox_jax.cli import main as cli
+
+    (tmp_path / "t.txt").write_text("some text")
+    code = cli(["preprocess", "--input", str(tmp_path / "t.txt"), "--tokenizer", str(big_tokenizer),
+                "--output-prefix", str(tmp_path / "out"), "--workers", "-2"])
+    assert code == 2 and "workers=-2 (--workers): a whole number of processes, at least 1" in capsys.readouterr().err
+    assert not list(tmp_path.glob("out_*"))

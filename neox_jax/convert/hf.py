@@ -87,6 +87,12 @@ def hf_shapes(cfg: NeoXConfig) -> dict[str, tuple[int, ...]]:
 # ---- reading -------------------------------------------------------------------------------------
 
 
+def stored_dtype(source) -> np.dtype:
+    """The dtype a tensor source stores its weights in (its final LayerNorm's): a conversion without `--dtype`
+    keeps it."""
+    return np.dtype(source.get("gpt_neox.final_layer_norm.weight").dtype)
+
+
 class TensorSource:
     """Names, shapes and lazily read numpy tensors of a Hugging Face checkpoint folder or file: safetensors
     (single, or sharded with `model.safetensors.index.json`) or PyTorch `.bin` (single, or sharded with
@@ -314,9 +320,6 @@ class ParamsSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.shapes[name]
 
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.read("final_layer_norm.scale", None).dtype)
-
     def get(self, name: str) -> np.ndarray:
         path, layer, transposed = self._where[name]
         return _to_hf(self.read(path, layer), transposed, self.shapes[name])
@@ -354,7 +357,7 @@ def write_hf(source, cfg: NeoXConfig, path: str | os.PathLike, *, dtype=None,
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = np.dtype(dtype or source.dtype())
+    dtype = np.dtype(dtype or stored_dtype(source))
     shapes = hf_shapes(cfg)
     names = [n for n in source.names() if n in shapes]
     shards: list[list[str]] = [[]]

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from neox_jax.config import NeoXConfig
-from neox_jax.convert.hf import LAYER_PREFIX, hf_shapes, load_torch, torch_to_numpy
+from neox_jax.convert.hf import LAYER_PREFIX, hf_shapes, load_torch, stored_dtype, torch_to_numpy
 from neox_jax.errors import CheckpointError, ConfigError
 
 COLUMN, ROW, ROW_BIAS, REPLICATED = "column", "row", "row bias", "replicated"
@@ -253,9 +253,6 @@ class NeoXSource:
             return shapes[0]
         return tuple(sum(s[axis] for s in shapes) if a == axis else n for a, n in enumerate(shapes[0]))
 
-    def dtype(self) -> np.dtype:
-        return self.get("gpt_neox.final_layer_norm.weight").dtype
-
     def get(self, name: str) -> np.ndarray:
         layer, key, how = self.where[name]
         shards = []
@@ -319,7 +316,7 @@ def write_neox(source, cfg: NeoXConfig, dst, *, tensor_parallel: int = 1, pipe_p
     folder = out / tag
     if folder.exists():
         raise FileExistsError(f"{folder} already exists: choose a new destination or remove it")
-    dtype = np.dtype(dtype or source.dtype())
+    dtype = np.dtype(dtype or stored_dtype(source))
     staging = out / f".{tag}.partial"
     (staging / "configs").mkdir(parents=True, exist_ok=True)
     by_file: dict[int, list] = {}

@@ -76,7 +76,9 @@ class ParamsWriter:
         for keys, leaf in leaves.items():
             self.arrays[".".join(keys)] = ts.open({
                 "driver": "zarr", "kvstore": {"driver": "file", "path": str(self.dir / ".".join(keys))},
-                "metadata": {"shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).str,
+                # zarr has no bfloat16 of its own: tensorstore's name for it (numpy's `.str`, '<V2', made a void pair)
+                "metadata": {"shape": list(leaf.shape), "dtype": ("bfloat16" if np.dtype(leaf.dtype).name == "bfloat16"
+                                                                  else np.dtype(leaf.dtype).str),
                              "chunks": _chunks(leaf.shape, np.dtype(leaf.dtype).itemsize, keys[0] == "layers"),
                              "compressor": None},
             }, create=True, delete_existing=True).result()

@@ -155,6 +155,8 @@ def preprocess(inputs: Sequence[str | os.PathLike], tokenizer: str | os.PathLike
                jsonl_keys: Sequence[str] = ("text",), append_eod: bool = False, workers: int = 1,
                strict: bool = False, show_progress: bool = True, log=None) -> Summary:
     log = log or sys.stderr  # looked up at call time, so a caller's redirection applies
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r} (--workers): a whole number of processes, at least 1")
     inputs = [str(p) for p in inputs]
     for p in inputs:
         if not Path(p).is_file():
