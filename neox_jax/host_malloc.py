@@ -9,11 +9,12 @@ scores' product alone 4.8 ms instead of 13.5 (docs/benchmarks.md).
 
 `reuse_freed_memory()` sets glibc's malloc (`mallopt`) before JAX starts a CPU backend. It is an explicit call,
 never a side effect of an import: the CLI makes it first thing, as do the benchmarks and the test suite; a library
-user who wants it calls it before computing anything with JAX. Then every thread allocates from one arena, no buffer is mapped on its own, and freed memory at the heap's top
-is kept. The process then holds its peak: its resident memory does not shrink after its largest call. It must come
-before the backend starts (XLA's threads take arenas of their own then), so it does nothing once one has, nor where
-the backend may be an accelerator (a GPU or TPU plugin is installed and JAX_PLATFORMS does not name the CPU first),
-nor under another C library. `NEOX_JAX_MALLOC=system` leaves glibc's defaults.
+user who wants it calls it before computing anything with JAX. Then every thread allocates from one arena, no buffer
+is mapped on its own, and freed memory at the heap's top is kept. The process then holds its peak: its resident
+memory does not shrink after its largest call. It must come before the backend starts (XLA's threads take arenas of
+their own then), so it does nothing once one has, nor where the backend may be an accelerator (a GPU or TPU plugin
+with its driver is installed and JAX_PLATFORMS does not name the CPU first), nor under another C library. `NEOX_JAX_MALLOC=system`
+leaves glibc's defaults.
 """
 
 from __future__ import annotations

@@ -230,7 +230,8 @@ def plan(cfg: TrainConfig, target: str = "a100-40gb", hosts: int | None = None, 
         microbatches=trainer.microbatches,
         recomputed_forwards=recomputed, recomputation=how,
         forwards_per_layer=attention_forwards(partitioned, trainer.cfg.seq_length)
-        / (cfg.model.num_layers // trainer.stages * (trainer.microbatches if trainer.stages > 1 else cfg.grad_accum_steps)),
+        / (cfg.model.num_layers // trainer.stages
+           * (trainer.microbatches if trainer.stages > 1 else cfg.grad_accum_steps)),
         minimum=minimum_traffic(trainer.cfg, dict(mesh.shape), held),
         replication=replication(trainer.abstract_params, trainer.param_specs, dict(mesh.shape)),
         target=target, compiler=compiler, hosts=hosts,
@@ -336,6 +337,7 @@ def compile_partitioned(lowered, options: dict | None = None):
         dumps = glob.glob(os.path.join(folder, "*after_spmd-partitioning*.txt"))
         # one device is not partitioned (and has no collectives to count): the program before the backend's passes,
         # whose products are still dots (a GPU's optimized program calls cuBLAS instead)
-        text = open(max(dumps, key=os.path.getsize)).read() if dumps else lowered.as_text(dialect="hlo", debug_info=True)
+        text = (open(max(dumps, key=os.path.getsize)).read() if dumps else
+                lowered.as_text(dialect="hlo", debug_info=True))
     return compiled, text
 

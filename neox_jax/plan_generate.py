@@ -82,10 +82,10 @@ class GeneratePlan:
             f"  {'KV cache at the full context':40s} {self.cache / GB:8.2f} GB", "",
             *rows(f"prefill of {self.context - NEW_TOKENS} tokens", self.prefill), "",
             *rows("decode step (reads the whole cache)", self.decode), "",
-            f"{self.target}: {self.capacity / 2**30:.1f} GiB per device -> {verdict} ({100 * peak / self.capacity:.0f}% "
-            "by XLA's GPU count)" + preallocation(peak, self.capacity),
-            f"decode bound by HBM bandwidth: {self.bandwidth_gbps:.0f} GB/s / {(self.weights + self.cache) / GB:.2f} GB "
-            f"read per step x {self.batch} tokens = {self.tokens_per_s_bound:.1f} tokens/s (an upper bound)"])
+            f"{self.target}: {self.capacity / 2**30:.1f} GiB per device -> {verdict} "
+            f"({100 * peak / self.capacity:.0f}% by XLA's GPU count)" + preallocation(peak, self.capacity),
+            f"decode bound by HBM bandwidth: {self.bandwidth_gbps:.0f} GB/s / {(self.weights + self.cache) / GB:.2f} "
+            f"GB read per step x {self.batch} tokens = {self.tokens_per_s_bound:.1f} tokens/s (an upper bound)"])
 
 
 NEW_TOKENS = 64  # room left after the prompt: the generator's bucket

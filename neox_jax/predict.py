@@ -126,7 +126,8 @@ class Prediction:
     def report(self, cluster: Cluster) -> str:
         comm = ", ".join(f"{a} {s:.2f} s" for a, s in sorted(self.comm_s.items(), key=lambda kv: -kv[1]))
         return "\n".join([
-            f"predicted on {cluster.name} ({cluster.devices_per_node} x {cluster.card} per node, {cluster.peak_tflops:.0f} TFLOP/s peak, {cluster.efficiency:.1%} of it "
+            f"predicted on {cluster.name} ({cluster.devices_per_node} x {cluster.card} per node, "
+            f"{cluster.peak_tflops:.0f} TFLOP/s peak, {cluster.efficiency:.1%} of it "
             f"for compute, {cluster.link_gbps:.0f} / {cluster.inter_gbps:.1f} GB/s inside / across nodes)",
             f"  compute {self.compute_s:.2f} s + bubble {self.bubble_s:.2f} s + communication ({comm or 'none'}) "
             f"= step {self.step_s:.2f} s, {self.tokens_per_s:,.0f} tokens/s",
