@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from neox_jax.generation import _round_up
-from neox_jax.model import GPTNeoX
+from neox_jax.model import GPTNeoX, check_ids
 
 
 def rolling_windows(tokens: Sequence[int], prefix_token: int, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -54,7 +54,7 @@ class Scorer:
         if self.max_length > model.config.max_position_embeddings:
             raise ValueError(f"max_length={self.max_length} exceeds the model's max_position_embeddings="
                              f"{model.config.max_position_embeddings}")
-        self.batch_size, self.bucket = batch_size, bucket
+        self.batch_size, self.bucket, self.vocab_size = batch_size, bucket, model.config.vocab_size
         self._score = jax.jit(self._score_fn)
 
     def _score_fn(self, params, inputs_bt, mask_bt, targets_bt, scored_bt):
@@ -71,6 +71,7 @@ class Scorer:
                 raise ValueError(f"pair {i} has an empty continuation")
             if not ctx:
                 raise ValueError(f"pair {i} has an empty context: start it with the EOD token")
+            check_ids(np.asarray([*ctx, *cont])[None], self.vocab_size, what=f"pair {i}'s ids")
         seqs = [(list(ctx) + list(cont))[-(self.max_length + 1):] for ctx, cont in pairs]
         order = sorted(range(len(pairs)), key=lambda i: -len(seqs[i]))  # similar lengths share a batch
         results: list[tuple[float, bool] | None] = [None] * len(pairs)

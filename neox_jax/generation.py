@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from neox_jax.model import GPTNeoX, cache_length
+from neox_jax.model import GPTNeoX, cache_length, check_ids
 
 F32 = jnp.float32
 
@@ -86,6 +86,18 @@ def read_spans(prompt: int, length: int, bucket: int) -> list[int]:
     while ends[-1] < length:
         ends.append(min(length, 2 * ends[-1]))
     return ends
+
+
+def check_prompts(prompts, vocab_size: int):
+    """Prompts are lists of token ids, each an integer in the vocabulary: a ValueError naming the prompt otherwise
+    (an id out of range would read another embedding row silently, and a string would be taken for its characters)."""
+    if isinstance(prompts, (str, bytes)) or any(isinstance(p, (str, bytes)) for p in prompts):
+        raise ValueError("prompts are text: generate() takes token ids (lists of ints); tokenize them first, or call "
+                         "generate_text(model, tokenizer, text)")
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.size:  # an empty one is pad_prompts' error
+            check_ids(ids.reshape(1, -1) if ids.ndim == 1 else ids, vocab_size, what=f"prompt {i}'s ids")
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -210,6 +222,7 @@ class Generator:
     # ---- host ------------------------------------------------------------------------------------------
     def _start(self, prompts, max_new_tokens, bucket, stop_ids, sampling: Sampling):
         cfg = self.config
+        check_prompts(prompts, cfg.vocab_size)
         longest = max((len(p) for p in prompts), default=0)
         if longest + max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
@@ -282,6 +295,7 @@ def generate(model: GPTNeoX, prompts: Sequence[Sequence[int]], max_new_tokens: i
              temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
              stop_ids: Sequence[int] = (), bucket: int = 64) -> list[list[int]]:
     """New tokens for each prompt (token lists of any lengths), stopping after a stop id or max_new_tokens."""
+    check_prompts(prompts, model.config.vocab_size)  # before the generator builds its weight copies
     return generator_for(model)(prompts, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stop_ids, bucket)
 
 

@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -250,6 +251,38 @@ def output_logits(h_btd, kernel, kernel_axes: str = "dv"):
                      ("batch", "length", "vocab"))
 
 
+def check_ids(ids, vocab_size: int, mask=None, cache_read: int | None = None, what: str = "input_ids"):
+    """Token ids [b, t] of an integer dtype (and an attention mask [b, t], or [b, >= S] with a cache read over S),
+    every value in 0..vocab_size - 1 where the array is concrete (a traced one is checked by type and shape only):
+    a ValueError naming every problem, before anything is computed. An id out of range would read another row of
+    the embedding silently."""
+    ids = ids if hasattr(ids, "dtype") and hasattr(ids, "shape") else np.asarray(ids)
+    problems = []
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        problems.append(f"{what} are {ids.dtype}: give token ids as integers (a tokenizer's encode(...).ids)")
+    if len(ids.shape) != 2:
+        problems.append(f"{what} of shape {tuple(ids.shape)}: expected [batch, tokens]")
+    elif mask is not None:
+        mask = mask if hasattr(mask, "shape") else np.asarray(mask)
+        if cache_read is None and tuple(mask.shape) != tuple(ids.shape):
+            problems.append(f"attention_mask of shape {tuple(mask.shape)}: expected {tuple(ids.shape)} (1 for a real "
+                            "token, 0 for padding)")
+        elif cache_read is not None and (len(mask.shape) != 2 or mask.shape[0] != ids.shape[0]
+                                         or mask.shape[1] < cache_read):
+            problems.append(f"attention_mask of shape {tuple(mask.shape)}: expected ({ids.shape[0]}, at least "
+                            f"{cache_read}), covering the cache positions read")
+    if not problems and not isinstance(ids, jax.core.Tracer) and ids.size:
+        values = np.asarray(ids)
+        bad = (values < 0) | (values >= vocab_size)
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            where = f"position {col}" if values.shape[0] == 1 else f"row {row}, position {col}"
+            problems.append(f"{what} hold {int(bad.sum())} id(s) outside 0..{vocab_size - 1} (the model's vocab_size), "
+                            f"the first {int(values[row, col])} at {where}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def cache_length(cache) -> int:
     """The positions a KV cache (stacked or per layer) holds."""
     return jax.tree.leaves(cache)[0].shape[-2]
@@ -356,9 +389,11 @@ class GPTNeoX(nnx.Module):
         output layer itself. `layer_weights` (from `fused_layers` or `unstack`) replaces the stacked layer weights,
         `output_kernel_vd` (the output kernel transposed, [vocab, embed]) the output layer's.
         """
+        s = None if cache is None else cache_read or cache_length(cache)
+        check_ids(input_ids, self.config.vocab_size, attention_mask, s)
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
-        s = t if cache is None else cache_read or cache_length(cache)
+        s = t if cache is None else s
         query_pos = jnp.arange(t) + (0 if cache is None else cache_index)
         causal_ts = jnp.arange(s)[None, :] <= query_pos[:, None]
         if attention_mask is None:

@@ -2,10 +2,12 @@
 with nothing on disk touched. (The categories of issue 13; more of them to come.)"""
 
 import os
+import re
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 
@@ -441,3 +443,52 @@ def test_preprocess_refuses_a_worker_count_below_one(tmp_path, capsys, big_token
                 "--output-prefix", str(tmp_path / "out"), "--workers", "-2"])
     assert code == 2 and "workers=-2 (--workers): a whole number of processes, at least 1" in capsys.readouterr().err
     assert not list(tmp_path.glob("out_*"))
+
+
+# ---- the Python API's inputs (issue 29: 4) -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    from flax import nnx
+
+    from neox_jax import GPTNeoX
+
+    return GPTNeoX(NeoXConfig(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=64),
+                   rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("prompts, says", [
+    ([[510, 99999, 12]], "prompt 0's ids hold 1 id(s) outside 0..511 (the model's vocab_size), the first 99999 at "
+                         "position 1"),
+    ([[3, 4], [-1, 5]], "prompt 1's ids hold 1 id(s) outside 0..511 (the model's vocab_size), the first -1 at "
+                        "position 0"),
+    ([[1.5, 2.0]], "prompt 0's ids are float64: give token ids as integers"),
+    ("hello", "prompts are text: generate() takes token ids (lists of ints); tokenize them first, or call "
+              "generate_text"),
+])
+def test_generate_checks_its_prompts_before_compiling(small_model, prompts, says):
+    from neox_jax import generate
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        generate(small_model, prompts, 2)
+
+
+@pytest.mark.parametrize("ids, mask, says", [
+    (np.zeros((1, 4), np.float32), None, "input_ids are float32: give token ids as integers"),
+    (np.zeros((4,), np.int32), None, "input_ids of shape (4,): expected [batch, tokens]"),
+    (np.zeros((1, 4), np.int32), np.ones((1, 5)), "attention_mask of shape (1, 5): expected (1, 4)"),
+    (np.full((2, 3), 512, np.int32), None, "input_ids hold 6 id(s) outside 0..511 (the model's vocab_size), the "
+                                           "first 512 at row 0, position 0"),
+])
+def test_the_model_call_checks_ids_and_mask(small_model, ids, mask, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        small_model(ids, attention_mask=mask)
+
+
+def test_the_scorer_checks_its_ids(small_model):
+    from neox_jax.evaluate import Scorer
+
+    with pytest.raises(ValueError, match=re.escape("pair 1's ids hold 1 id(s) outside 0..511 (the model's "
+                                                   "vocab_size), the first 600 at position 2")):
+        Scorer(small_model).loglikelihood([([0, 5], [6]), ([0, 5], [600])])
