@@ -185,6 +185,9 @@ def cmd_plan(args):
         return _plan_generate(args)
     if not args.config:
         raise SystemExit("error: give a training config to plan, or --generate MODEL")
+    given = [f"--{k}" for k in ("batch", "context", "dtype") if getattr(args, k) is not None]
+    if given:
+        raise SystemExit(f"error: {', '.join(given)} plan a generation: add --generate MODEL, or drop them")
 
     overrides = {}
     if args.mesh:
@@ -248,8 +251,12 @@ def _plan_generate(args):
     from neox_jax.plan_generate import plan_generate
     from neox_jax.sharding import parse_mesh
 
-    if args.config or args.cluster:
-        raise SystemExit("error: --generate plans a model's inference: give no training config or --cluster")
+    given = [flag for flag, value in (("a training config", args.config), ("--cluster", args.cluster),
+                                      ("--micro-batch", args.micro_batch), ("--seq-length", args.seq_length),
+                                      ("--devices", args.devices), ("--hosts", args.hosts)) if value]
+    if given:
+        raise SystemExit(f"error: --generate plans a model's inference on one host: {', '.join(given)} apply to "
+                         "training plans; drop them (--context is its sequence length, --batch its rows)")
     if args.device:
         raise SystemExit(f"error: --device is now --target (one flag for the card): --target {args.device}")
     mesh = parse_mesh(args.mesh or "")
@@ -262,8 +269,9 @@ def _plan_generate(args):
     config = _model_config(args.generate)
     print(f"compiling {args.generate}'s prefill and decode step for {mesh['tensor']} x {args.target or 'a100-40gb'}"
           "...", flush=True)
-    print(plan_generate(config, args.generate, args.target or "a100-40gb", mesh["tensor"], args.batch, args.context,
-                        args.dtype).report())
+    batch, context = (1 if args.batch is None else args.batch), (2048 if args.context is None else args.context)
+    print(plan_generate(config, args.generate, args.target or "a100-40gb", mesh["tensor"], batch, context,
+                        args.dtype or "bfloat16").report())
 
 
 def cmd_preprocess(args):
@@ -522,10 +530,10 @@ def main(argv=None):
     p.add_argument("config", nargs="?", help="training YAML (ours or GPT-NeoX's) or a preset name")
     p.add_argument("--generate", metavar="MODEL", help="plan inference instead: prefill and the decode step of MODEL "
                                                        "(a preset name or any checkpoint from_pretrained reads)")
-    p.add_argument("--batch", type=int, default=1, help="--generate: sequences decoded together")
-    p.add_argument("--context", type=int, default=2048, help="--generate: positions in the KV cache")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="--generate: weights and cache")
+    p.add_argument("--batch", type=int, help="--generate: sequences decoded together (default 1)")
+    p.add_argument("--context", type=int, help="--generate: positions in the KV cache (default 2048)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="--generate: weights and cache (default bfloat16)")
     p.add_argument("--mesh", help="e.g. data=12,pipe=4,tensor=2 (default: the config's)")
     p.add_argument("--micro-batch", type=int, help="sequences per data-parallel replica per microstep")
     p.add_argument("--seq-length", type=int)

@@ -128,5 +128,9 @@ def topology(name: str, hosts: int = 1, per_host: int = 8) -> list:
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # its own switch; read when JAX starts it
     from jax.experimental import topologies
 
-    return list(topologies.get_topology_desc(platform="cuda", target_config=target_config(c),
-                                             topology=f"{hosts}x1x{per_host}").devices)
+    try:
+        return list(topologies.get_topology_desc(platform="cuda", target_config=target_config(c),
+                                                 topology=f"{hosts}x1x{per_host}").devices)
+    except NotImplementedError:  # JAX started before the switch above, and its CUDA plugin failed to start
+        raise ConfigError("JAX's CUDA plugin did not start in this process (JAX ran before it could be told there "
+                          "is no GPU here): set JAX_PLATFORMS=cpu before anything uses JAX, then plan") from None

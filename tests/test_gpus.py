@@ -176,3 +176,18 @@ def test_bad_plans_are_refused_naming_every_setting_before_compiling():
         plan_generate(NeoXConfig.preset("pythia-70m"), "pythia-70m", "a6000-48gb", tensor=3, batch=0, context=99999)
     with pytest.raises(ConfigError, match="--target 'v100': choose one of a100-40gb, a100-80gb, h100-80gb"):
         gpus.topology("v100")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--generate", "pythia-14m", "--seq-length", "128"], "--seq-length apply to training plans"),
+    (["configs/tiny-cpu.yml", "--context", "128"], "--context plan a generation: add --generate MODEL"),
+    (["configs/tiny-cpu.yml", "--device", "h100-80gb"], "--device is now --target"),
+    (["configs/tiny-cpu.yml", "--target", "a100-80gb", "--cluster", "a100-40gb-paper"],
+     "--target a100-80gb but --cluster a100-40gb-paper has a100-40gb"),
+])
+def test_plan_refuses_flags_that_do_not_apply(args, says, capsys):
+    from neox_jax.cli import main as cli
+
+    with pytest.raises(SystemExit) as e:
+        cli(["plan", *args])
+    assert says in str(e.value)
