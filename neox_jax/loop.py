@@ -41,6 +41,7 @@ from neox_jax.metrics import MetricsLogger
 from neox_jax.model import with_params
 from neox_jax.profile import StepProfiler
 from neox_jax.progress import bar
+from neox_jax.runlock import lock_save_folder
 from neox_jax.saving import Saver, fp32_weights
 from neox_jax.sharding import make_mesh
 from neox_jax.train import Trainer, TrainState
@@ -257,6 +258,15 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None, show_progress: bool
 
         check_vocab(NeoXTokenizer(cfg.tokenizer), cfg.model, "tokenizer")
     mesh = make_mesh(cfg.mesh)
+    lock = lock_save_folder(cfg.save) if cfg.save else None  # one run per save folder (neox_jax/runlock.py)
+    try:
+        return _train(cfg, mesh, max_steps, console)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, mesh, max_steps: int | None, console: Console) -> RunResult:
     trainer = Trainer(cfg, mesh)
     B, dp = trainer.global_batch_size, mesh.shape["data"]
     train_ds, valid_ds = _datasets(cfg, B)

@@ -296,3 +296,24 @@ def test_profile_steps_write_a_trace_and_the_step_breakdown(corpus, tmp_path):
         config(corpus, tmp_path, profile_steps=[3, 2])
     with pytest.raises(ConfigError, match="profile_steps=.*set one of them"):
         config(corpus, tmp_path, profile_steps=[1, 2], save="")
+
+
+@pytest.mark.slow
+def test_a_second_training_process_on_the_same_save_folder_is_refused(corpus, tmp_path):
+    """Two `neox-jax train` processes, one `save`: the second is refused at once naming the first; the first trains
+    on, stops cleanly and its checkpoints resume (issue 29: a mix of two runs' steps was left before)."""
+    cfg = config(corpus, tmp_path, train_iters=400, save_interval=2)
+    path = _write_config(cfg, tmp_path / "run.yml")
+    first = _start(path, tmp_path)
+    _wait_for_checkpoints(tmp_path / "ckpt", 1, first)
+    t0 = time.time()
+    second = subprocess.run([sys.executable, "-m", "neox_jax.cli", "train", str(path)], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=300)
+    assert second.returncode == 2 and time.time() - t0 < 60
+    assert f"save={tmp_path / 'ckpt'} belongs to a run that is still going: process {first.pid} on" in second.stderr
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out
+    stopped = int(out.split("stopped by SIGTERM after step ")[1].split(":")[0])
+    assert ckpt.TrainCheckpointer(tmp_path / "ckpt").latest_step() == stopped
+    assert train(cfg, max_steps=1, show_progress=False).last_step == stopped + 1  # resumes: the lock was released
