@@ -347,6 +347,13 @@ def _inference_model(args):
     from neox_jax.sharding import make_mesh, parse_mesh
 
     mesh_shape = parse_mesh(args.mesh) if args.mesh else None
+    if mesh_shape and mesh_shape["tensor"] > 1:  # before loading: the weights could not be laid out
+        config = _model_config(args.model)
+        bad = [f"{what}={size}" for what, size in (("num_heads", config.num_heads), ("intermediate_size",
+               config.intermediate_size), ("vocab_size", config.vocab_size)) if size % mesh_shape["tensor"]]
+        if bad:
+            raise ValueError(f"--mesh tensor={mesh_shape['tensor']} does not divide the model's {', '.join(bad)}: "
+                             "choose a tensor size that divides them")
     launch = _join(args, mesh_shape)
     if mesh_shape is None and not launch:
         return from_pretrained(args.model, dtype=args.dtype)
@@ -376,9 +383,10 @@ def cmd_generate(args):
             if is_primary():
                 print(prompt + tok.decode([t for t in new if t not in stop]), flush=True)
             return
+        tokens = generator.stream([ids], args.max_new_tokens, sampling, stop)  # checks come before the prompt shows
         print(prompt, end="", flush=True)
         produced: list[int] = []
-        for token in generator.stream([ids], args.max_new_tokens, sampling, stop):
+        for token in tokens:
             if int(token[0]) in stop:
                 break
             produced.append(int(token[0]))
@@ -445,6 +453,8 @@ def cmd_launch(args):
     if not command:
         raise SystemExit("error: give the command to launch after --, e.g. "
                          "neox-jax launch --local 2 -- neox-jax train configs/tiny-cpu.yml")
+    if args.local is not None and args.local < 1:
+        raise SystemExit(f"error: --local {args.local}: start at least 1 process")
     if args.local:
         if command[0] == "neox-jax":  # this interpreter's neox-jax, whatever PATH says
             command = [sys.executable, "-m", "neox_jax.cli", *command[1:]]
@@ -631,10 +641,11 @@ def main(argv=None):
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)
-    from neox_jax import host_malloc
+    from neox_jax import distributed, host_malloc
     from neox_jax.errors import CheckpointError, ConfigError, LaunchError, TrainingError
 
     try:
+        distributed.without_a_gpu_skip_cuda_checks()  # before JAX starts: no CUDA traceback on a CPU machine
         host_malloc.reuse_freed_memory()  # before JAX starts a CPU backend (neox_jax/host_malloc.py)
         _print_setting_warnings(args)
         return args.func(args) or 0

@@ -140,6 +140,14 @@ def cpu_only() -> bool:
     return not any(_driver_present(name) for name in _accelerator_plugins())
 
 
+def without_a_gpu_skip_cuda_checks():
+    """Where JAX's CUDA plugin is installed but no NVIDIA driver is (the gpu-plan extra on a CPU machine), skip the
+    plugin's CUDA runtime version check, its own switch: it cannot pass without a GPU and JAX logs its failure as a
+    traceback in every process that starts a backend; compiling for GPUs does not need it. Call before JAX starts."""
+    if any("cuda" in name for name in _accelerator_plugins()) and not _driver_present("cuda"):
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+
 def _accelerator_plugins() -> set[str]:
     """JAX's accelerator plugins installed (the `jax_plugins` namespace package or entry points; TPUs' libtpu)."""
     from importlib.metadata import entry_points

@@ -257,8 +257,13 @@ class Generator:
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                stop_ids: Sequence[int] = (), bucket: int = 64) -> Iterator[np.ndarray]:
-        """Yield the next token of every row [b] as it is produced (rows that stopped repeat a stop id)."""
+        """The next token of every row [b] as it is produced (rows that stopped repeat a stop id), as an iterator;
+        bad prompts and settings are refused, and the prompt is prefilled, when this is called, not at the first
+        token."""
         state, knobs, spans = self._start(prompts, max_new_tokens, bucket, stop_ids, sampling)
+        return self._tokens(state, knobs, spans, max_new_tokens)
+
+    def _tokens(self, state, knobs, spans, max_new_tokens: int) -> Iterator[np.ndarray]:
         for _ in range(max_new_tokens):
             state = self.step(state, knobs, spans)
             yield np.asarray(state["out"][:, int(state["i"]) - 1])

@@ -122,10 +122,9 @@ def topology(name: str, hosts: int = 1, per_host: int = 8) -> list:
     lacking = missing()
     if lacking:
         raise ConfigError(f"compiling for {name} needs the gpu-plan extra ({', '.join(lacking)} missing): {GPU_PLAN}")
-    from neox_jax.distributed import cpu_only
+    from neox_jax.distributed import without_a_gpu_skip_cuda_checks
 
-    if cpu_only():  # no GPU here: the plugin's runtime version check (libcudart, which compiling does not use) is
-        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # its own switch; read when JAX starts it
+    without_a_gpu_skip_cuda_checks()  # else, where JAX_PLATFORMS was set late, the plugin would not start
     from jax.experimental import topologies
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -39,8 +40,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
         config = config.replace(param_dtype=param_dtype, **({"dtype": dtype} if dtype else {}))
         params, _ = checkpoint.load_params_checkpoint(p, abstract_params(config, mesh))
         return with_params(config, params)
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist: give a Hugging Face model folder or a neox_jax checkpoint")
+    check_model_path(p)
     source = None
     if neox.is_neox_checkpoint(p):  # GPT-NeoX's own checkpoint: its tensor-parallel shards merged as read
         source = neox.NeoXSource(p)
@@ -87,10 +87,35 @@ def tokenizer_path(model_path: str | os.PathLike) -> Path | None:
     return None
 
 
+def check_model_path(path: str | os.PathLike):
+    """That `path` holds a model `from_pretrained` reads, else a FileNotFoundError saying what it is instead: a
+    Hugging Face Hub name (models are read from local folders), a folder without a model (data, say), a training
+    run with no checkpoint yet."""
+    p = Path(path)
+    if not p.exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith("."):
+            raise FileNotFoundError(f"{path} is not a folder here: neox-jax reads models from local folders and "
+                                    f"downloads nothing; fetch it first (e.g. `huggingface-cli download {path} "
+                                    f"--local-dir {p.name}`) and give that folder")
+        raise FileNotFoundError(f"{p} does not exist: give a Hugging Face model folder, a neox_jax checkpoint, a "
+                                "training run or a GPT-NeoX checkpoint")
+    folder = p if p.is_dir() else p.parent
+    if (folder / "config.json").is_file() or checkpoint.is_params_checkpoint(p) or checkpoint.is_train_checkpoint(p) \
+            or neox.is_neox_checkpoint(p):
+        return
+    if p.is_dir() and any(c.name.isdigit() for c in p.iterdir()) or (p / "tensorboard").is_dir():
+        raise FileNotFoundError(f"{p} is a training run with no complete checkpoint yet: wait for its first save "
+                                "(save_interval), or give another model")
+    raise FileNotFoundError(f"{p} holds no model (no config.json, neox_jax checkpoint, training run or GPT-NeoX "
+                            "checkpoint): give the folder the model's weights are in")
+
+
 def load_tokenizer(model_path: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
     """A NeoXTokenizer: `tokenizer` when given, else the model's own (see `tokenizer_path`)."""
     from neox_jax.data.tokenizer import NeoXTokenizer
 
+    if tokenizer is None:  # the model's own: say first when there is no model
+        check_model_path(model_path)
     found = tokenizer or tokenizer_path(model_path)
     if not found:
         raise FileNotFoundError(f"{model_path} has no tokenizer.json beside its weights and names none: give "

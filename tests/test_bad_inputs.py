@@ -492,3 +492,39 @@ def test_the_scorer_checks_its_ids(small_model):
     with pytest.raises(ValueError, match=re.escape("pair 1's ids hold 1 id(s) outside 0..511 (the model's "
                                                    "vocab_size), the first 600 at position 2")):
         Scorer(small_model).loglikelihood([([0, 5], [6]), ([0, 5], [600])])
+
+
+# ---- front ends (issue 29: 6) ---------------------------------------------------------------------------------------
+
+
+def test_a_model_path_that_holds_no_model_says_what_it_is(tmp_path, capsys):
+    from neox_jax.cli import main as cli
+
+    (tmp_path / "t.txt").write_text("some text")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "run" / "tensorboard").mkdir(parents=True)  # a training run before its first save
+    cases = [("EleutherAI/pythia-70m", "is not a folder here: neox-jax reads models from local folders and downloads "
+                                       "nothing; fetch it first (e.g. `huggingface-cli download EleutherAI/pythia-70m"),
+             (str(tmp_path / "data"), "holds no model (no config.json, neox_jax checkpoint, training run or GPT-NeoX"),
+             (str(tmp_path / "run"), "is a training run with no complete checkpoint yet: wait for its first save")]
+    for model, says in cases:
+        assert cli(["eval", "perplexity", "--model", model, "--data", str(tmp_path / "t.txt")]) == 2
+        assert says in capsys.readouterr().err, model
+
+
+def test_generate_refuses_a_tensor_size_the_model_cannot_split_before_loading(tmp_path, capsys, big_tokenizer):
+    from neox_jax.cli import main as cli
+
+    make = __import__("tests.conftest", fromlist=["make_hf_model"]).make_hf_model
+    make().save_pretrained(tmp_path / "hf")  # 4 heads, intermediate 160
+    code = cli(["generate", "--model", str(tmp_path / "hf"), "--tokenizer", str(big_tokenizer), "--prompt", "x",
+                "--mesh", "tensor=3"])
+    assert code == 2
+    assert "--mesh tensor=3 does not divide the model's num_heads=4, intermediate_size=160" in capsys.readouterr().err
+
+
+def test_launch_refuses_no_processes():
+    from neox_jax.cli import main as cli
+
+    with pytest.raises(SystemExit, match="--local 0: start at least 1 process"):
+        cli(["launch", "--local", "0", "--", "neox-jax", "info", "pythia-14m"])

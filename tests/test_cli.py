@@ -60,3 +60,17 @@ def test_plan_fills_a_free_mesh_axis(shared):
                          env=env, capture_output=True, text=True, check=True).stdout
     # GPT-NeoX's 20B.yml leaves data free (-1): the smallest mesh of its layout, data=1, does not fit 40 GiB
     assert "mesh {'data': 1, 'pipe': 4, 'tensor': 2} on 8 devices" in out and "does NOT fit" in out
+
+
+def test_generate_prints_no_prompt_before_an_error(tmp_path, capsys):
+    from neox_jax.cli import main
+    from neox_jax.data.tokenizer import train_tokenizer
+    from tests.conftest import make_hf_model
+
+    make_hf_model().save_pretrained(tmp_path / "hf")  # vocab 384, 1024 positions
+    tok = train_tokenizer([f"word{i} " * 3 for i in range(200)], 300, tmp_path / "hf" / "tokenizer.json")
+    assert tok.is_file()
+    code = main(["generate", "--model", str(tmp_path / "hf"), "--prompt", "word1 word2", "--max-new-tokens", "5000"])
+    captured = capsys.readouterr()
+    assert code == 2 and "exceeds the model's max_position_embeddings=1024" in captured.err
+    assert captured.out == ""  # the prompt is printed with its continuation, never before an error
