@@ -30,7 +30,10 @@ def test_a_run_on_a_held_save_folder_is_refused_naming_the_holder(tmp_path, corp
         assert [p.name for p in folder.iterdir()] == [LOCK_FILE]  # nothing of the refused run was written
     finally:
         held.release()
-    assert SaveLock(folder).acquire() is None  # released: the next run takes it
+    assert not list(folder.iterdir())  # the holder removed its file as it released
+    lock = SaveLock(folder)
+    assert lock.acquire() is None  # the next run takes it
+    lock.release()
 
 
 def test_a_killed_holder_leaves_no_lock(tmp_path):
