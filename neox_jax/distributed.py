@@ -15,6 +15,7 @@ On CPU the processes exchange data through gloo, so several CPU processes form o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from typing import Mapping
@@ -148,7 +149,8 @@ def without_a_gpu_skip_cuda_checks():
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 
-def _accelerator_plugins() -> set[str]:
+@functools.lru_cache(maxsize=None)  # what is installed and which drivers load do not change within a process
+def _accelerator_plugins() -> frozenset[str]:
     """JAX's accelerator plugins installed (the `jax_plugins` namespace package or entry points; TPUs' libtpu)."""
     from importlib.metadata import entry_points
     from importlib.util import find_spec
@@ -160,9 +162,10 @@ def _accelerator_plugins() -> set[str]:
         import jax_plugins
 
         names |= {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
-    return names | ({"libtpu"} if find_spec("libtpu") else set())
+    return frozenset(names | ({"libtpu"} if find_spec("libtpu") else set()))
 
 
+@functools.lru_cache(maxsize=None)
 def _driver_present(plugin: str) -> bool:
     """Whether `plugin`'s device driver is here: NVIDIA's libcuda for CUDA, the kernel's /dev/kfd for ROCm; any
     other plugin is taken to have one."""

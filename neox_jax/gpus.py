@@ -73,6 +73,14 @@ def card_of(device_kind: str) -> Card | None:
     return next((c for c in CARDS.values() if c.product == device_kind), None)
 
 
+def preallocation(peak: int, capacity: int) -> str:
+    """What a run needs set when its program takes more than the 75% of the card JAX preallocates by default."""
+    if peak <= 0.75 * capacity or peak > capacity:
+        return ""
+    return (f"; above the 75% JAX takes by default: run with XLA_PYTHON_CLIENT_MEM_FRACTION="
+            f"{min(0.99, -(-100 * peak // capacity) / 100 + 0.01):.2f}")
+
+
 def cudnn_version() -> tuple[int, int, int]:
     """The installed cuDNN's (major, minor, patch), from its wheel."""
     try:

@@ -85,8 +85,6 @@ class Plan:
         return self.analytic_total <= self.capacity
 
     def report(self) -> str:
-        from neox_jax.plan_generate import preallocation
-
         rows = [
             ("parameters (working weights)", self.params),
             ("fp32 master weights", self.master),
@@ -134,7 +132,7 @@ class Plan:
         out += ["", f"compile time {self.compile_seconds:.1f}s",
                 f"{self.target}: {self.capacity / 2**30:.1f} GiB per device -> {verdict} "
                 f"({100 * self.xla_total / self.capacity:.0f}% by XLA's {self.compiler.upper()} count)"
-                + preallocation(self.xla_total, self.capacity)]
+                + gpus.preallocation(self.xla_total, self.capacity)]
         return "\n".join(out)
 
 

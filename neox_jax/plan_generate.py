@@ -83,20 +83,12 @@ class GeneratePlan:
             *rows(f"prefill of {self.context - NEW_TOKENS} tokens", self.prefill), "",
             *rows("decode step (reads the whole cache)", self.decode), "",
             f"{self.target}: {self.capacity / 2**30:.1f} GiB per device -> {verdict} "
-            f"({100 * peak / self.capacity:.0f}% by XLA's GPU count)" + preallocation(peak, self.capacity),
+            f"({100 * peak / self.capacity:.0f}% by XLA's GPU count)" + gpus.preallocation(peak, self.capacity),
             f"decode bound by HBM bandwidth: {self.bandwidth_gbps:.0f} GB/s / {(self.weights + self.cache) / GB:.2f} "
             f"GB read per step x {self.batch} tokens = {self.tokens_per_s_bound:.1f} tokens/s (an upper bound)"])
 
 
 NEW_TOKENS = 64  # room left after the prompt: the generator's bucket
-
-
-def preallocation(peak: int, capacity: int) -> str:
-    """What a run needs set when its program takes more than the 75% of the card JAX preallocates by default."""
-    if peak <= 0.75 * capacity or peak > capacity:
-        return ""
-    return (f"; above the 75% JAX takes by default: run with XLA_PYTHON_CLIENT_MEM_FRACTION="
-            f"{min(0.99, -(-100 * peak // capacity) / 100 + 0.01):.2f}")
 
 
 def plan_generate(config: NeoXConfig, name: str, target: str, tensor: int = 1, batch: int = 1, context: int = 2048,
