@@ -314,16 +314,17 @@ def cmd_corpus(args):
 
 
 def cmd_train(args):
-    from neox_jax.config import apply_overrides
+    from neox_jax.config import train_config_from_args
 
-    cfg = apply_overrides(_train_config(args.config, {}), args.overrides)
+    cfg = train_config_from_args(args.config)
     _join(args, cfg.mesh, cfg.init_timeout, cfg.heartbeat_timeout)
     from neox_jax.distributed import is_primary
     from neox_jax.loop import train
 
     result = train(cfg)
+    status = 130 if result.stopped_by == "SIGINT" else 0  # saved either way; SIGTERM is routine preemption
     if not is_primary():
-        return 0
+        return status
     if result.losses:
         first, last = min(result.losses), max(result.losses)
         print(f"training loss {result.losses[first]:.2f} at step {first + 1} -> {result.losses[last]:.2f} at step "
@@ -337,7 +338,7 @@ def cmd_train(args):
         view = (f"tensorboard --logdir {result.tensorboard_dir}" if find_spec("tensorboard")
                 else "pip install tensorboard, then tensorboard --logdir " + result.tensorboard_dir)
         print(f"TensorBoard logs: {result.tensorboard_dir}  (view with: {view})")
-    return 0
+    return status
 
 
 def _inference_model(args):
@@ -479,7 +480,7 @@ def cmd_demo(args):
         with contextlib.redirect_stdout(quiet or sys.stdout), contextlib.redirect_stderr(quiet or sys.stderr):
             print(f"building the embedded corpus in {corpus} (once)")
             build_corpus(corpus)
-    return cmd_train(argparse.Namespace(config=args.config, overrides=args.overrides))
+    return cmd_train(argparse.Namespace(config=[args.config, *args.overrides]))
 
 
 def _print_setting_warnings(args):
@@ -503,9 +504,16 @@ def _print_setting_warnings(args):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """The `neox-jax` command; `argv=None` is this process's own command line, which then also takes SIGINT and
+    SIGTERM (neox_jax/interrupts.py: exit status 130 / 143 at any moment, the training loop saving first)."""
+    from neox_jax import interrupts
+
+    if argv is None:
+        argv = sys.argv[1:]
+        interrupts.install(" ".join(["neox-jax"] + argv[:1]))
+    argv = list(argv)
     if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval's own parser
-        return cmd_lm_eval(argparse.Namespace(lm_eval_args=argv[1:]))
+        return _run(argparse.Namespace(func=cmd_lm_eval, lm_eval_args=argv[1:]))
     parser = argparse.ArgumentParser(prog="neox-jax", description="GPT-NeoX / Pythia in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -584,8 +592,9 @@ def main(argv=None):
     p.set_defaults(func=cmd_corpus)
 
     p = sub.add_parser("train", help="train from a YAML config (ours or GPT-NeoX's); resumes automatically")
-    p.add_argument("config", help="training YAML (see configs/README.md) or a GPT-NeoX .yml")
-    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. train_iters=100 model.num_layers=4")
+    p.add_argument("config", nargs="+", metavar="CONFIG [CONFIG ...] [key=value ...]",
+                   help="training YAML (see configs/README.md) or GPT-NeoX .yml files, merged the GPT-NeoX way, then "
+                        "key=value settings, e.g. train_iters=100 model.num_layers=4")
     _add_launch_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -628,7 +637,8 @@ def main(argv=None):
     p.add_argument("--ssh", default="ssh", help="the ssh program for --hostfile")
     p.add_argument("--log-dir", help="write process I's output to LOG_DIR/process-I.log instead of this terminal")
     p.add_argument("--grace", type=float, default=60.0,
-                   help="seconds the others get to stop after one process fails (default 60)")
+                   help="seconds the others get after one process fails while a checkpoint is being written "
+                        "(default 60; with none being written they are stopped at once)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command every process runs")
     p.set_defaults(func=cmd_launch)
 
@@ -640,7 +650,12 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_demo)
 
-    args = parser.parse_args(argv)
+    return _run(parser.parse_args(argv))
+
+
+def _run(args) -> int:
+    """A command's exit status: 0 done, 1 a run that failed (diverged), 2 a refused input, 128 + N stopped by
+    signal N (130 SIGINT, 143 SIGTERM); `train` stopped by SIGTERM after saving its step: 0."""
     from neox_jax import distributed, host_malloc
     from neox_jax.errors import CheckpointError, ConfigError, LaunchError, TrainingError
 

@@ -7,6 +7,7 @@ YAML in `neox_yaml.py`; the `from_hf` / `to_hf` / `from_neox_yaml` methods here 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -170,7 +171,11 @@ def apply_overrides(cfg: "TrainConfig", pairs: list[str]) -> "TrainConfig":
         key, sep, raw = pair.partition("=")
         if not sep:
             raise ConfigError(f"override {pair!r}: expected key=value, e.g. train_iters=100 or model.num_layers=4")
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {pair!r}: {raw!r} is not a YAML value ({getattr(e, 'problem', e)}): write "
+                              "lists as [a, b] and mappings as {k: v}, and quote text with spaces") from None
         if key.startswith("model."):
             _check_keys({key[6:]: value}, NeoXConfig, "model setting")
             cfg = cfg.replace(model=cfg.model.replace(**{key[6:]: value}))
@@ -178,6 +183,43 @@ def apply_overrides(cfg: "TrainConfig", pairs: list[str]) -> "TrainConfig":
             _check_keys({key: value}, TrainConfig, "training setting")
             cfg = cfg.replace(**{key: value})
     return cfg
+
+
+MESH_AXES = ("data", "pipe", "tensor")
+
+
+def _mesh(value) -> dict[str, int]:
+    """A mesh setting as {data, pipe, tensor} (a missing axis is 1), from a mapping or "data=2,tensor=4"."""
+    form = ("expected the size of each axis, e.g. mesh: {data: 2, pipe: 1, tensor: 4} in YAML, or "
+            "mesh=data=2,tensor=4 on the command line (-1: the rest of the devices)")
+    if isinstance(value, str):
+        pairs = [part.partition("=") for part in value.split(",") if part.strip()]
+        if not pairs or any(not sep for _, sep, _ in pairs):
+            raise ConfigError(f"mesh={value!r}: {form}")
+        value = {k.strip(): yaml.safe_load(v) for k, _, v in pairs}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"mesh={value!r}: {form}")
+    bad = [f"{k}={v!r}" for k, v in value.items() if k not in MESH_AXES or isinstance(v, bool)
+           or not isinstance(v, int) or not (v == -1 or v >= 1)]
+    if bad:
+        raise ConfigError(f"mesh {', '.join(bad)}: the axes are {', '.join(MESH_AXES)}, each a size >= 1 or -1 "
+                          "(the rest of the devices)")
+    return {axis: value.get(axis, 1) for axis in MESH_AXES}
+
+
+def train_config_from_args(items: list[str]) -> "TrainConfig":
+    """A training command's `CONFIG [CONFIG ...] [key=value ...]`: a preset name, or YAML files merged the GPT-NeoX
+    way (ours or GPT-NeoX's; a key set in two files is an error), then the overrides in order."""
+    files = list(itertools.takewhile(lambda a: "=" not in a, items))
+    overrides = items[len(files):]
+    if not files:
+        raise ConfigError("give a training config first (a YAML file or a preset name), then key=value overrides")
+    stray = [a for a in overrides if "=" not in a]
+    if stray:
+        raise ConfigError(f"{stray[0]!r} comes after the key=value overrides: give every config file before them")
+    if len(files) == 1 and preset_key(files[0]) in PRESETS and not Path(files[0]).exists():
+        return apply_overrides(TrainConfig.from_dict({"model": files[0]}), overrides)
+    return apply_overrides(TrainConfig.from_yaml(*files), overrides)
 
 
 def preset_key(name: str) -> str:
@@ -306,8 +348,8 @@ class TrainConfig:
         for name in ("betas", "data_paths", "data_weights", "valid_data_paths", "valid_data_weights",
                      "extra_save_iters", "profile_steps"):
             value = getattr(self, name)
-            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
-        object.__setattr__(self, "mesh", dict(self.mesh))
+            object.__setattr__(self, name, tuple(value) if isinstance(value, (list, tuple)) else (value,))
+        object.__setattr__(self, "mesh", _mesh(self.mesh))
         if not isinstance(self.xla_options, Mapping) or not all(isinstance(k, str) for k in self.xla_options):
             raise ConfigError(f"xla_options={self.xla_options!r}: expected a mapping of XLA option names to values, "
                               "e.g. {xla_gpu_enable_latency_hiding_scheduler: false}")
@@ -400,14 +442,14 @@ class TrainConfig:
         return cls(model=model, **d)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "TrainConfig":
-        """Our YAML format (see configs/README.md), or GPT-NeoX YAML files read directly."""
+    def from_yaml(cls, *paths: str | os.PathLike, **overrides: Any) -> "TrainConfig":
+        """Our YAML format (see configs/README.md), or GPT-NeoX YAML files read directly; several files merge as
+        GPT-NeoX merges them."""
         from neox_jax.convert.neox_yaml import load_neox_yaml, train_config
 
-        p = Path(path)
-        raw = load_neox_yaml(p)
+        raw = load_neox_yaml(*paths)
         if "num_layers" in raw:  # a GPT-NeoX config
-            return train_config(p, **overrides)
+            return train_config(*paths, **overrides)
         return cls.from_dict({**raw, **overrides})
 
     @classmethod

@@ -207,6 +207,10 @@ def initialize(launch: Launch | None, init_timeout: int = 300, heartbeat_timeout
                                local_device_ids=list(launch.local_device_ids) if launch.local_device_ids else None,
                                cluster_detection_method="deactivate", initialization_timeout=init_timeout,
                                heartbeat_timeout_seconds=heartbeat_timeout)
+    from neox_jax import interrupts
+
+    jax.devices()  # the backend starts JAX's preemption notifier, which takes SIGTERM:
+    interrupts.take_back()  # the CLI's handling stays (neox_jax/interrupts.py)
     return launch
 
 

@@ -28,14 +28,19 @@ LM_EVAL_ARGS = ("device", "max_batch_size")
 
 @register_model("neox-jax")
 class NeoXJaxLM(TemplateLM):
-    def __init__(self, path: str, tokenizer: str | None = None, dtype: str | None = None, batch_size: int = 16,
-                 max_length: int | None = None, max_gen_toks: int = 256, **extra):
+    def __init__(self, path: str | None = None, tokenizer: str | None = None, dtype: str | None = None,
+                 batch_size: int = 16, max_length: int | None = None, max_gen_toks: int = 256, **extra):
         super().__init__()
+        problems = []  # all at once, before anything is loaded
         for key in extra:
             if key not in LM_EVAL_ARGS:
                 near = difflib.get_close_matches(key, MODEL_ARGS, n=1)
-                raise ValueError(f"model_args: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else "")
-                                 + f" (the neox-jax model takes {', '.join(MODEL_ARGS)})")
+                problems.append(f"unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        if path is None:
+            problems.append("path=MODEL is missing")
+        if problems:
+            raise ValueError(f"model_args: {'; '.join(problems)}; the neox-jax model takes {', '.join(MODEL_ARGS)}, "
+                             "e.g. --model_args path=models/pythia-70m,dtype=bfloat16")
         self.model = from_pretrained(path, dtype=dtype)
         self.tok = load_tokenizer(path, tokenizer)
         self.batch_size = int(batch_size)

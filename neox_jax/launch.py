@@ -8,9 +8,10 @@ Each process gets NEOX_COORDINATOR, NEOX_NUM_PROCESSES and NEOX_PROCESS_ID (neox
 them). Commands are argument lists, never shell strings; over ssh the remote command is quoted argument by
 argument (shlex.quote), so no input can run as shell syntax.
 
-The launcher forwards SIGTERM and SIGINT to every process (they agree on a step, save it and exit 0). When a
-process dies, the launcher says which one and how, gives the others `grace` seconds to notice (JAX's
-heartbeat stops them), ends those that remain, names the last complete checkpoint and exits non-zero.
+The launcher forwards SIGTERM and SIGINT to every process (they agree on a step, save it and exit 0 after
+SIGTERM, 130 after SIGINT). When a process fails, the launcher says which one and how, stops the others (at
+once when none is writing a checkpoint: they are blocked on the dead peer; after `grace` seconds when one is),
+names the last complete checkpoint and exits non-zero.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from neox_jax import interrupts
 from neox_jax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 from neox_jax.errors import LaunchError
+
+STOP_SECONDS = 5.0  # after a failure, how long the others get to stop on SIGTERM when none is saving
 
 
 @dataclasses.dataclass
@@ -107,59 +111,82 @@ def _describe(code: int) -> str:
     return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
 
 
-def latest_checkpoint(command: Sequence[str]) -> str | None:
-    """The newest complete checkpoint of a `neox-jax train CONFIG [key=value ...]` command, if it has one."""
+def _save_folder(command: Sequence[str]) -> Path | None:
+    """The `save` folder of a `neox-jax train CONFIG [CONFIG ...] [key=value ...]` command, if it has one."""
     args = list(command)
-    if "train" not in args or args.index("train") + 1 >= len(args):
+    if "train" not in args:
         return None
-    i = args.index("train")
     try:
-        from neox_jax.config import TrainConfig, apply_overrides
+        from neox_jax.config import train_config_from_args
 
-        cfg = apply_overrides(TrainConfig.from_yaml(args[i + 1]), [a for a in args[i + 2:] if "=" in a])
+        cfg = train_config_from_args(args[args.index("train") + 1:])
     except Exception:  # noqa: BLE001 - a report, not a check: the command itself said what was wrong
         return None
-    folder = Path(cfg.save) if cfg.save else None
+    return Path(cfg.save) if cfg.save else None
+
+
+def latest_checkpoint(command: Sequence[str]) -> str | None:
+    """The newest complete checkpoint of a training command, if it has one."""
+    folder = _save_folder(command)
     steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder and folder.is_dir() else []
     return f"{folder.absolute()}/{steps[-1]}" if steps else None
 
 
-def supervise(procs: list[Process], command: Sequence[str], grace: float = 60.0, out=sys.stderr) -> int:
-    """Wait for every process; forward SIGTERM/SIGINT; on a failure report it and stop the rest."""
+def saving(command: Sequence[str]) -> bool:
+    """Whether a training command's `save` folder holds a checkpoint being written (Orbax's temporary folder)."""
+    folder = _save_folder(command)
+    return bool(folder and folder.is_dir() and any(".orbax-checkpoint-tmp" in p.name for p in folder.iterdir()))
 
-    def forward(signum, _frame):
+
+def supervise(procs: list[Process], command: Sequence[str], grace: float = 60.0, out=sys.stderr,
+              stop_seconds: float = STOP_SECONDS) -> int:
+    """Wait for every process; forward SIGTERM/SIGINT; on a failure report it and stop the rest: at once (SIGTERM,
+    then SIGKILL after `stop_seconds`) unless a checkpoint is being written, which gets `grace` seconds."""
+    forwarded: list[int] = []
+
+    def forward(signum):
+        forwarded.append(signum)
         for p in procs:
             if p.popen.poll() is None:
                 p.popen.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        failed = None
-        while failed is None and any(p.popen.poll() is None for p in procs):
-            failed = next((p for p in procs if (p.popen.poll() or 0) != 0), None)
+    def failed(p: Process) -> bool:  # a process that stopped as a forwarded signal asked did not fail
+        code = p.popen.poll()
+        return code not in (None, 0) and not any(code in (-s, 128 + s) for s in forwarded)
+
+    with interrupts.deferred(forward, repeat=True):  # every signal goes to the processes; they decide
+        first = None
+        while first is None and any(p.popen.poll() is None for p in procs):
+            first = next((p for p in procs if failed(p)), None)
             time.sleep(0.1)
-        failed = failed or next((p for p in procs if p.popen.returncode != 0), None)
-        if failed is None:
-            return 0
-        code = failed.popen.returncode
-        print(f"neox-jax launch: process {failed.rank} (host {failed.host}, pid {failed.popen.pid}) "
+        first = first or next((p for p in procs if failed(p)), None)
+        if first is None:
+            codes = [p.popen.returncode for p in procs if p.popen.returncode]
+            return (codes[0] if codes[0] > 0 else 128 - codes[0]) if codes else 0
+        code = first.popen.returncode
+        print(f"neox-jax launch: process {first.rank} (host {first.host}, pid {first.popen.pid}) "
               f"{_describe(code)}", file=out, flush=True)
-        deadline = time.time() + grace
+        if saving(command):  # a checkpoint being written gets the grace to finish
+            wait, why = grace, "the failure (a checkpoint was being written)"
+        else:  # the others are blocked on the dead peer, or will be: nothing to wait for
+            wait, why = stop_seconds, "SIGTERM"
+            for p in procs:
+                if p.popen.poll() is None:
+                    p.popen.send_signal(signal.SIGTERM)
+        deadline = time.time() + wait
         while any(p.popen.poll() is None for p in procs) and time.time() < deadline:
             time.sleep(0.1)
         for p in procs:
             if p.popen.poll() is None:
-                print(f"neox-jax launch: process {p.rank} still running after {grace:.0f}s: stopping it", file=out)
+                print(f"neox-jax launch: process {p.rank} still running {wait:.0f}s after {why}: stopping it",
+                      file=out)
                 p.popen.kill()
                 p.popen.wait()
         for p in procs:
-            if p is not failed:
+            if p is not first:
                 print(f"neox-jax launch: process {p.rank} {_describe(p.popen.returncode)}"
                       if p.popen.returncode else f"neox-jax launch: process {p.rank} exited cleanly", file=out)
         ckpt = latest_checkpoint(command)
         print("neox-jax launch: " + (f"last complete checkpoint: {ckpt}; run the same command to resume from it"
                                      if ckpt else "no complete checkpoint to resume from"), file=out, flush=True)
         return code if code > 0 else 128 - code
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

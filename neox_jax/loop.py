@@ -9,7 +9,8 @@
 `train(cfg)` resumes from the latest complete checkpoint in `cfg.save` when there is one (onto whatever mesh
 this run uses) and continues bit for bit: the batch for step n is a pure function of (seed, n) and the state
 holds everything else. SIGTERM or SIGINT on any process finishes the step in flight; every process then saves
-that same step and returns.
+that same step and returns (a second signal ends the process without saving; before the loop, with nothing
+to save, a signal ends it at once: neox_jax/interrupts.py).
 
 Metrics are read one step late, so the host never waits for the step it has just dispatched; before a
 checkpoint they are read up to the step being saved, so a non-finite step is never saved.
@@ -21,6 +22,7 @@ import contextlib
 import dataclasses
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from neox_jax import interrupts
 from neox_jax.config import TrainConfig
 from neox_jax.data.dataset import GlobalBatches, build_path_datasets, build_split_datasets
 from neox_jax.data.loader import Loader, LocalBatches
@@ -83,8 +86,6 @@ class StopVote:
     `vote()` is dispatched after each step (an all-reduce of every process's flag, no wait); its result is
     read with that step's metrics. One process needs no collective."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
     def __init__(self, mesh):
         self.local: int = 0  # the signal this process received
         self.multi = jax.process_count() > 1
@@ -92,21 +93,19 @@ class StopVote:
             self.shape, self.n_local = (mesh.size,), len(mesh.local_devices)
             self.sharding = NamedSharding(mesh, P(mesh.axis_names))  # one flag per device
             self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
-        self._handlers = {}
+        self._deferred = interrupts.deferred(self._on_signal)  # a second signal ends the process (interrupts.py)
 
     def __enter__(self):
-        for sig in self.SIGNALS:
-            try:
-                self._handlers[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread: the caller handles signals
-                pass
+        self._deferred.__enter__()
         return self
 
-    def __exit__(self, *_):
-        for sig, handler in self._handlers.items():
-            signal.signal(sig, handler)
+    def __exit__(self, *exc):
+        return self._deferred.__exit__(*exc)
 
-    def _on_signal(self, signum, _frame):
+    def _on_signal(self, signum):
+        if not self.local and is_primary():
+            print(f"\n{signal.Signals(signum).name}: finishing this step and saving it (send it again to stop at "
+                  "once without saving)", file=sys.stderr, flush=True)
         self.local = signum
 
     def vote(self):
@@ -304,6 +303,7 @@ def _train(cfg: TrainConfig, mesh, max_steps: int | None, console: Console) -> R
 
 
 def _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start, end):
+    console.print(f"compiling the train step (mesh {dict(trainer.mesh_shape)}) ...")
     t0 = time.perf_counter()
     step_fn = trainer.step.lower(trainer.abstract_state_with_shardings(), trainer.abstract_batch()).compile()
     result.compile_seconds = time.perf_counter() - t0
@@ -325,38 +325,40 @@ def _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start
             recorder(step, metrics)
             stop = stop or StopVote.decided(vote)
 
-    with StopVote(trainer.mesh) as votes, Loader(batches, trainer.batch_sharding, cfg.seq_length, start_step=start,
-                                                 vocab_size=cfg.model.vocab_size) as loader, \
-            console.bar(end - start) as progress, contextlib.closing(profiler):
-        for step in range(start, end):
-            profiler.before(step + 1)
-            waited = time.perf_counter()
-            _, batch = next(loader)
-            recorder.data_wait += time.perf_counter() - waited
-            state, metrics = step_fn(state, batch)
-            profiler.after(step + 1, metrics)
-            vote = votes.vote()
+    with StopVote(trainer.mesh) as votes:  # held through the final save: one signal then does not cut it short
+        with Loader(batches, trainer.batch_sharding, cfg.seq_length, start_step=start,
+                    vocab_size=cfg.model.vocab_size) as loader, console.bar(end - start) as progress, \
+                contextlib.closing(profiler):
+            for step in range(start, end):
+                profiler.before(step + 1)
+                waited = time.perf_counter()
+                _, batch = next(loader)
+                recorder.data_wait += time.perf_counter() - waited
+                state, metrics = step_fn(state, batch)
+                profiler.after(step + 1, metrics)
+                vote = votes.vote()
+                read_pending()
+                pending = (step, metrics, vote)
+                done = result.last_step = step + 1
+                saving = (done % cfg.save_interval == 0 or done in cfg.extra_save_iters) and done < end
+                if saving or done % cfg.eval_interval == 0:
+                    read_pending()  # nothing unchecked is saved or evaluated
+                if done % cfg.eval_interval == 0 and evaluator.local is not None:
+                    loss = evaluator(done, state.params)
+                    logger.log(done, {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
+                    console.print(f"step {done}: validation loss {loss:.4f}, "
+                                  f"perplexity {math.exp(min(loss, 50)):.2f}")
+                if stop:
+                    break
+                if saving:
+                    saver.save(done, state)
+                progress.set_postfix_str(recorder.line, refresh=False)
+                progress.update(1)
             read_pending()
-            pending = (step, metrics, vote)
-            done = result.last_step = step + 1
-            saving = (done % cfg.save_interval == 0 or done in cfg.extra_save_iters) and done < end
-            if saving or done % cfg.eval_interval == 0:
-                read_pending()  # nothing unchecked is saved or evaluated
-            if done % cfg.eval_interval == 0 and evaluator.local is not None:
-                loss = evaluator(done, state.params)
-                logger.log(done, {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
-                console.print(f"step {done}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}")
-            if stop:
-                break
-            if saving:
-                saver.save(done, state)
             progress.set_postfix_str(recorder.line, refresh=False)
-            progress.update(1)
-        read_pending()
-        progress.set_postfix_str(recorder.line, refresh=False)
-        progress.update(result.last_step - start - progress.n)
-    result.state, result.stopped_by = state, stop
-    saver.save(result.last_step, state, wait=True)  # the final (or preempted) step
+            progress.update(result.last_step - start - progress.n)
+        result.state, result.stopped_by = state, stop
+        saver.save(result.last_step, state, wait=True)  # the final (or preempted) step
     if cfg.sample_prompt and cfg.tokenizer and not stop:
         print_sample(state, cfg, console)
     if stop:

@@ -25,7 +25,8 @@ def main():
     dataset.GPTDataset.__init__, dataset.GPTDataset.__getitem__ = named_init, counting_getitem
     from neox_jax.cli import main as cli
 
-    code = cli(argv)
+    sys.argv = ["neox-jax", *argv]
+    code = cli()  # as the command itself: signals handled as `neox-jax` handles them (neox_jax/interrupts.py)
     with open(f"{out}.{os.environ.get('NEOX_PROCESS_ID', 0)}.json", "w") as f:
         json.dump(read, f)
     sys.exit(code)

@@ -15,7 +15,7 @@ from neox_jax.config import NeoXConfig, TrainConfig
 from neox_jax.errors import ConfigError
 from neox_jax.loop import train
 
-from .conftest import TINY_MODEL
+from .conftest import TINY_MODEL, require
 
 # After a tensorstore read error (the corrupt-checkpoint case) Orbax's background threads find their event loop
 # closed; Python reports that later, against whichever test runs then.
@@ -99,6 +99,27 @@ def test_the_cli_refuses_a_bad_override_before_compiling_and_writes_nothing(corp
     assert out.returncode == 2 and "error: lr=-3: the learning rate must be positive" in out.stderr
     assert "compiled" not in out.stdout and time.perf_counter() - start < 30
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, says", [
+    ("mesh=data:2", "mesh='data:2': expected the size of each axis, e.g. mesh: {data: 2, pipe: 1, tensor: 4} in YAML"),
+    ("mesh=[2,1,1]", "or mesh=data=2,tensor=4 on the command line"),
+    ("mesh={data: x, rows: 2}", "mesh data='x', rows=2: the axes are data, pipe, tensor, each a size >= 1 or -1"),
+    ("betas=0.9", "betas=(0.9,): two numbers in [0, 1)"),
+    ("lr=[1", "override 'lr=[1': '[1' is not a YAML value"),
+])
+def test_an_override_that_cannot_be_read_says_the_form_it_expects(override, says):
+    from neox_jax.config import apply_overrides
+
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        apply_overrides(TrainConfig.from_dict({"model": TINY_MODEL, "seq_length": 32}), [override])
+
+
+def test_a_mesh_override_in_the_command_line_form():
+    from neox_jax.config import apply_overrides
+
+    cfg = apply_overrides(TrainConfig.from_dict({"model": TINY_MODEL, "seq_length": 32}), ["mesh=data=2,tensor=4"])
+    assert cfg.mesh == {"data": 2, "pipe": 1, "tensor": 4}
 
 
 # ---- vocabulary mismatches -----------------------------------------------------------------------------------
@@ -291,6 +312,12 @@ def test_neox_yaml_dropout_left_at_gpt_neox_default_is_refused(tmp_path):
 ])
 def test_neox_yaml_training_settings_we_do_not_implement_are_refused(tmp_path, changes, says):
     _refused(tmp_path, changes, says, TrainConfig.from_neox_yaml)
+
+
+def test_neox_yaml_numbers_that_are_not_numbers_are_named_at_once(tmp_path):
+    changes = {"seed": "abc", "hidden_size": 64.5, "lr": "6e-4", "optimizer": {"params": {"eps": [1]}}}
+    _refused(tmp_path, changes, "hidden_size=64.5: expected a whole number; optimizer.params.eps=[1]: expected a "
+                                "number; seed='abc': expected a whole number", TrainConfig.from_neox_yaml)
 
 
 def test_neox_yaml_refuses_every_unsupported_setting_at_once_and_warns_of_unknown_keys(tmp_path):
@@ -528,3 +555,34 @@ def test_launch_refuses_no_processes():
 
     with pytest.raises(SystemExit, match="--local 0: start at least 1 process"):
         cli(["launch", "--local", "0", "--", "neox-jax", "info", "pythia-14m"])
+
+
+def test_train_takes_several_config_files_merged_the_gpt_neox_way(shared, tmp_path, capsys):
+    from neox_jax.cli import main as cli
+
+    model = str(shared / "neox-configs" / "pythia" / "pythia-14m.yml")
+    setup = tmp_path / "setup.yml"  # a local_setup.yml of keys pythia-14m.yml leaves unset, one of them bad
+    setup.write_text(yaml.safe_dump({"save": str(tmp_path / "run"), "seed": "abc"}))
+    assert cli(["train", model, str(setup), "train_iters=2"]) == 2  # both files read: the second's seed is named
+    assert "seed='abc': expected a whole number" in capsys.readouterr().err
+    assert cli(["train", model, "train_iters=2", str(setup)]) == 2
+    assert f"{str(setup)!r} comes after the key=value overrides: give every config file before them" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # lm-eval indexes its tasks on each call (5-10 s)
+@pytest.mark.parametrize("args, says", [
+    ("--tasks no_such_task --model_args path=MODEL", "Tasks not found: no_such_task"),
+    ("--tasks lambada_openai --model_args pth=MODEL", "model_args: unknown key 'pth' (did you mean 'path'?)"),
+    ("--tasks lambada_openai --model_args path=MODEL,dtype=fp32", "dtype='fp32': choose one of float32, bfloat16"),
+])
+def test_lm_eval_names_a_bad_task_model_argument_or_dtype(tmp_path, capsys, monkeypatch, args, says):
+    require("lm_eval")
+    from neox_jax.cli import main as cli
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    __import__("tests.conftest", fromlist=["make_hf_model"]).make_hf_model().save_pretrained(tmp_path)
+    assert cli(["lm-eval", "--model", "neox-jax", *args.replace("MODEL", str(tmp_path)).split()]) == 2
+    assert says in capsys.readouterr().err

@@ -117,6 +117,68 @@ def test_preprocess_is_byte_identical_to_gpt_neox(shared, tmp_path, workers):
         assert (tmp_path / f"tiny_text_document.{ext}").read_bytes() == (data / f"tiny_text_document.{ext}").read_bytes()
 
 
+def _long_record(n_words: int, seed: int = 0) -> str:
+    """One line of text with what byte-level BPE treats specially: space runs, tabs, contractions, digits,
+    punctuation, accents written with combining marks, CJK."""
+    words = ["the", "cat", "über", "naïve", "x=1;", "3.14", "  ", "code()", "日本語", "e\u0301", "don't", "'s", "\t",
+             "—", "123456", "   indented", "a\u0308"]
+    rng = np.random.default_rng(seed)
+    return " ".join(words[i] for i in rng.integers(0, len(words), n_words))
+
+
+def test_a_long_text_encoded_in_pieces_has_the_tokens_of_the_whole(shared):
+    from neox_jax.data.tokenizer import pieces
+
+    tok = NeoXTokenizer(shared / "20B_tokenizer.json")
+    text = _long_record(40_000)
+    whole = tok.encode(text)
+    for size in (20, 1000):
+        parts = list(pieces(text, size))
+        assert "".join(parts) == text and len(parts) > len(text) // (size * 2)
+        assert all(p[0] == " " and not p[1].isspace() and not q[-1].isspace() for q, p in zip(parts, parts[1:]))
+        assert np.concatenate([tok.encode(p) for p in parts]).tolist() == whole
+    assert tok.pieceable and tok.encode_array(text).tolist() == whole  # in pieces of 64 Ki characters
+    assert list(pieces("x" * 50, 20)) == ["x" * 50]  # no lone space: kept whole
+
+
+def test_a_tokenizer_that_would_encode_pieces_differently_is_encoded_whole(shared, tmp_path):
+    spec = json.loads((shared / "20B_tokenizer.json").read_text())
+    for change in ({"post_processor": {"type": "TemplateProcessing", "single": [], "pair": [],
+                                       "special_tokens": {}}},
+                   {"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                                      "use_regex": True}},
+                   {"added_tokens": spec["added_tokens"] + [{**spec["added_tokens"][0], "id": 50277,
+                                                             "content": "a b"}]}):
+        (tmp_path / "t.json").write_text(json.dumps({**spec, **change}))
+        assert not NeoXTokenizer(tmp_path / "t.json").pieceable, change
+
+
+@pytest.mark.slow
+def test_preprocessing_one_huge_record_keeps_its_memory_bounded(shared, tmp_path):
+    """A single-line record of 8 MB: its tokens equal encoding it whole; the peak memory above a one-line run
+    stays within 3x the record (encoding it whole took about 200x)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "huge.jsonl").write_text(json.dumps({"text": _long_record(1_200_000)}) + "\n")
+    (tmp_path / "small.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
+    script = ("import resource, sys; from neox_jax.data.preprocess import preprocess; "
+              "preprocess([sys.argv[1]], sys.argv[2], sys.argv[3], show_progress=False); "
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+
+    def peak(name):
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{name}.jsonl"),
+                              str(shared / "20B_tokenizer.json"), str(tmp_path / name)],
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    size = (tmp_path / "huge.jsonl").stat().st_size
+    assert peak("huge") - peak("small") < 3 * size
+    text = json.loads((tmp_path / "huge.jsonl").read_text())["text"]
+    tokens = IndexedDataset(tmp_path / "huge_text_document")[0]
+    assert tokens.tolist() == NeoXTokenizer(shared / "20B_tokenizer.json").encode(text)
+
+
 @pytest.fixture
 def small_tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tok.json"

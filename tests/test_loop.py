@@ -119,16 +119,33 @@ def test_sigkill_during_async_saves_restarts_from_last_complete(corpus, tmp_path
 
 
 @pytest.mark.slow
-def test_sigterm_saves_at_the_current_step_and_exits_cleanly(corpus, tmp_path):
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_signal_saves_at_the_current_step_and_exits(corpus, tmp_path, sig, status):
     cfg = config(corpus, tmp_path, train_iters=400, save_interval=2)
     proc = _start(_write_config(cfg, tmp_path / "run.yml"), tmp_path)
     _wait_for_checkpoints(tmp_path / "ckpt", 1, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    stopped = int(out.split("stopped by SIGTERM after step ")[1].split(":")[0])
+    assert proc.returncode == status, out  # SIGTERM (preemption) that saved: 0
+    assert f"{sig.name}: finishing this step and saving it" in out
+    stopped = int(out.split(f"stopped by {sig.name} after step ")[1].split(":")[0])
     assert ckpt.TrainCheckpointer(tmp_path / "ckpt").latest_step() == stopped
     assert "run the same command to resume" in out
+
+
+@pytest.mark.slow
+def test_a_signal_before_the_first_step_ends_the_run_at_once(corpus, tmp_path):
+    cfg = config(corpus, tmp_path, train_iters=400, save_interval=1)
+    proc = _start(_write_config(cfg, tmp_path / "run.yml"), tmp_path)
+    for line in proc.stdout:
+        if line.startswith("compiling the train step"):
+            break
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)  # inside the compile: nothing to save yet
+    out, _ = proc.communicate(timeout=60)
+    assert time.time() - sent < 3 and proc.returncode == 130, out
+    assert out.splitlines()[-1] == "neox-jax train: stopped by SIGINT" and "Traceback" not in out
+    assert ckpt.TrainCheckpointer(tmp_path / "ckpt").all_steps() == []
 
 
 @pytest.mark.slow

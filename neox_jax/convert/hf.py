@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from neox_jax.atomic import write_json
+from neox_jax.atomic import temp_path, write_json
 from neox_jax.config import NeoXConfig
 from neox_jax.errors import CheckpointError
 from neox_jax.progress import bar, progress
@@ -379,9 +379,9 @@ def write_hf(source, cfg: NeoXConfig, path: str | os.PathLike, *, dtype=None,
             return x
 
         for shard, file in zip(shards, files):
-            write_safetensors(out / f".{file}.tmp", shard, shapes, dtype, get)
+            write_safetensors(temp_path(out / file), shard, shapes, dtype, get)
     for file in files:
-        os.replace(out / f".{file}.tmp", out / file)
+        os.replace(temp_path(out / file), out / file)
     if n > 1:
         index = {"metadata": {"total_size": sum((out / f).stat().st_size for f in files)},
                  "weight_map": {name: file for shard, file in zip(shards, files) for name in shard}}

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neox_jax.atomic import partial
 from neox_jax.config import NeoXConfig
 from neox_jax.convert.hf import LAYER_PREFIX, hf_shapes, load_torch, stored_dtype, torch_to_numpy
 from neox_jax.errors import CheckpointError, ConfigError
@@ -317,7 +318,7 @@ def write_neox(source, cfg: NeoXConfig, dst, *, tensor_parallel: int = 1, pipe_p
     if folder.exists():
         raise FileExistsError(f"{folder} already exists: choose a new destination or remove it")
     dtype = np.dtype(dtype or stored_dtype(source))
-    staging = out / f".{tag}.partial"
+    staging = partial(out / f".{tag}.partial")
     (staging / "configs").mkdir(parents=True, exist_ok=True)
     by_file: dict[int, list] = {}
     for hf, (layer, key, how) in entries(cfg.num_layers, current_names).items():

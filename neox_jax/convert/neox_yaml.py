@@ -93,7 +93,48 @@ def _read_checked(paths, weights_only: bool) -> tuple[dict, str]:
             raise ConfigError(f"{where}: {key} is not set in any of these files")
     for message in check(args, where, weights_only):
         warnings.warn(message, UnknownSettingWarning, stacklevel=3)
+    bad = _not_numbers(args)
+    if bad:  # before any int() or float() below meets them
+        raise ConfigError(f"{where}: " + "; ".join(bad))
     return args, where
+
+
+WHOLE = {  # GPT-NeoX settings that are whole numbers
+    "num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "mlp_multiple_of", "seq_length",
+    "max_position_embeddings", "make_vocab_size_divisible_by", "padded_vocab_size", "num_kv_heads",
+    "model_parallel_size", "pipe_parallel_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gas",
+    "train_batch_size", "lr_decay_iters", "train_iters", "seed", "eval_interval", "eval_iters", "checkpoint_factor",
+    "save_interval", "keep_last_n_checkpoints", "log_interval", "profile_step_start", "profile_step_stop",
+    "fp16.initial_scale_power", "fp16.loss_scale_window", "fp16.hysteresis", "zero_optimization.stage"}
+REAL = {  # and numbers
+    "expansion_factor", "layernorm_epsilon", "rotary_pct", "rotary_emb_base", "init_method_std", "lr", "min_lr",
+    "warmup", "lr_decay_fraction", "weight_decay", "gradient_clipping", "clip_grad", "peak_theoretical_tflops",
+    "optimizer.params.lr", "optimizer.params.eps", "optimizer.params.weight_decay", "fp16.loss_scale",
+    "fp16.min_loss_scale"}
+
+
+def _not_numbers(args: dict) -> list[str]:
+    """Each numeric setting that is not a number, named with its value (a number YAML reads as text, like 6e-4,
+    counts as the number)."""
+    def value(dotted):
+        d = args
+        for part in dotted.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    bad = []
+    for key in sorted(WHOLE | REAL):
+        v = value(key)
+        if v is None:
+            continue
+        try:
+            number = float(v) if not isinstance(v, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        whole = key in WHOLE
+        if number is None or (whole and not number.is_integer()):
+            bad.append(f"{key}={v!r}: expected {'a whole number' if whole else 'a number'}")
+    return bad
 
 
 def _tokenizer_vocab(args: dict, where: str) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neox_jax.atomic import write_json
+from neox_jax.atomic import partial, write_json
 from neox_jax.checkpoint import CONFIG_FILE, is_params_checkpoint, load_config
 from neox_jax.config import NeoXConfig
 from neox_jax.convert.hf import ParamsSource, _get_path, _to_ours, check_tensors, hf_shapes, tensor_slots
@@ -59,7 +59,7 @@ class ParamsWriter:
             raise FileExistsError(f"{self.out / 'params'} already exists: choose a new destination or remove it")
         self.config = config
         leaves = flatten_dict(abstract_params)
-        staging = self.out / ".partial"
+        staging = partial(self.out / ".partial")
         shutil.rmtree(staging, ignore_errors=True)  # an earlier interrupted conversion
         staging.mkdir(parents=True)
         self.dir = staging / "params"

@@ -23,7 +23,7 @@ import numpy as np
 from neox_jax.atomic import temp_path
 from neox_jax.data.dataset import remove_index_maps
 from neox_jax.data.indexed import IndexedDatasetWriter, token_dtype
-from neox_jax.data.tokenizer import NeoXTokenizer
+from neox_jax.data.tokenizer import PIECE_CHARS, NeoXTokenizer
 from neox_jax.errors import BadRecordError
 from neox_jax.progress import progress
 
@@ -130,10 +130,14 @@ def _encode_chunk(chunk: list[tuple[str, int, bytes]]):
         good.append(len(out))
         out.append((file, line, None, None, len(raw)))
         texts.extend(t)
-    ids = tok.encode_batch(texts) if texts else []
     dtype = token_dtype(tok.vocab_size)
+    short = [t for t in texts if len(t) <= PIECE_CHARS]  # batched; a long one alone, piece by piece
+    batched = iter(tok.encode_batch(short) if short else [])
+    ids = [np.asarray(next(batched), dtype) if len(t) <= PIECE_CHARS else tok.encode_array(t, dtype) for t in texts]
+    del texts, short
     for j, i in enumerate(good):
-        arrays = [np.asarray(x + [tok.eod_id] if eod else x, dtype) for x in ids[j * len(keys):(j + 1) * len(keys)]]
+        arrays = [np.append(x, np.asarray(tok.eod_id, dtype)) if eod else x
+                  for x in ids[j * len(keys):(j + 1) * len(keys)]]
         file, line, _, _, n = out[i]
         out[i] = (file, line, arrays, None, n)
     return out
