@@ -289,15 +289,10 @@ def cmd_preprocess(args):
 
 
 def cmd_train_tokenizer(args):
-    from neox_jax.data.preprocess import parse_record, read_records
+    from neox_jax.data.preprocess import record_texts
     from neox_jax.data.tokenizer import train_tokenizer
 
-    def texts():
-        for path in args.input:
-            for _, raw in read_records(path):
-                yield from parse_record(raw, str(path).endswith(".txt"), args.jsonl_keys)
-
-    out = train_tokenizer(texts(), args.vocab_size, args.output)
+    out = train_tokenizer(record_texts(args.input, args.jsonl_keys), args.vocab_size, args.output)
     from tokenizers import Tokenizer
 
     size = Tokenizer.from_file(str(out)).get_vocab_size()  # BPE stops early when the text has no more pairs
@@ -418,15 +413,14 @@ def cmd_generate(args):
 def cmd_eval(args):
     import json
 
-    from neox_jax.data.preprocess import parse_record, read_records
+    from neox_jax.data.preprocess import record_texts
     from neox_jax.distributed import is_primary
     from neox_jax.evaluate import Scorer, check_window, perplexity
     from neox_jax.pretrained import check_vocab, load_tokenizer
 
     check_window(args.max_length, args.batch_size)  # everything about the input before the model loads
     tok = load_tokenizer(args.model, args.tokenizer)
-    texts = [t for _, raw in read_records(args.data)
-             for t in parse_record(raw, str(args.data).endswith(".txt"), ["text"])]
+    texts = list(record_texts([args.data]))
     documents = tok.encode_batch(texts)
     if not sum(map(len, documents)):
         raise ValueError(f"--data {args.data}: no text to score (the file is empty, or its records have no `text`)")

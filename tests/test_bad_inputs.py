@@ -399,6 +399,21 @@ def test_eval_of_an_empty_file_is_an_error_not_perplexity_one(tmp_path, capsys, 
     assert code == 2 and "no text to score" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["eval", "train-tokenizer"])
+def test_a_bad_record_is_named_by_file_and_line_in_every_reader(tmp_path, capsys, big_tokenizer, command):
+    from neox_jax.cli import main as cli
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"text": "fine"}\n\n{"text": 5}\n')
+    args = {"eval": ["eval", "perplexity", "--model", str(tmp_path / "no-model"), "--tokenizer", str(big_tokenizer),
+                     "--data", str(data)],
+            "train-tokenizer": ["train-tokenizer", "--input", str(data), "--vocab-size", "300", "--output",
+                                str(tmp_path / "tok.json")]}[command]
+    assert cli(args) == 2
+    assert f"error: {data}:3: key 'text' is not a string: int: fix or remove that record" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
 @pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--top-p", "inf")])
 def test_generate_refuses_non_finite_sampling_settings(tmp_path, capsys, flag, value, big_tokenizer):
     from neox_jax.cli import main as cli

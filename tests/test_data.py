@@ -207,7 +207,7 @@ def test_bad_records_are_reported_with_line_and_nothing_else_is_lost(tmp_path, s
 def test_strict_stops_and_leaves_no_output(tmp_path, small_tokenizer):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "fine"}\n{"text": 1}\n')
-    with pytest.raises(BadRecordError, match=r"in.jsonl:2: text is not a string"):
+    with pytest.raises(BadRecordError, match=r"in.jsonl:2: key 'text' is not a string: int"):
         preprocess([src], small_tokenizer, str(tmp_path / "out"), strict=True, show_progress=False)
     assert not list(tmp_path.glob("out*"))
 

@@ -98,11 +98,23 @@ def parse_record(raw: bytes, is_text: bool, keys: Sequence[str]) -> list[str]:
         if missing:
             raise BadRecordError(f"missing key {missing[0]!r}")
         texts = [obj[k] for k in keys]
-        if not all(isinstance(t, str) for t in texts):
-            raise BadRecordError("text is not a string")
+        wrong = next((k for k in keys if not isinstance(obj[k], str)), None)
+        if wrong is not None:
+            raise BadRecordError(f"key {wrong!r} is not a string: {type(obj[wrong]).__name__}")
     if any(not t for t in texts):
         raise BadRecordError("empty text")
     return texts
+
+
+def record_texts(paths: Sequence[str | os.PathLike], keys: Sequence[str] = ("text",)) -> Iterator[str]:
+    """Every text of every record, for a reader that needs them all (eval, train-tokenizer): the first bad
+    record stops it, named by file and line."""
+    for path in paths:
+        for line, raw in read_records(path):
+            try:
+                yield from parse_record(raw, str(path).endswith(".txt"), keys)
+            except BadRecordError as e:
+                raise BadRecordError(f"{path}:{line}: {e}: fix or remove that record") from None
 
 
 # ---- workers -------------------------------------------------------------------------------------------
