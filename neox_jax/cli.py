@@ -19,7 +19,8 @@ def _model_config(name_or_path: str):
     run's), a GPT-NeoX checkpoint or NeoX YAML, without reading weights."""
     from neox_jax import checkpoint
     from neox_jax.config import PRESETS, NeoXConfig
-    from neox_jax.convert import neox
+    from neox_jax.convert import neox, neox_yaml
+    from neox_jax.convert.hf_config import config_from_hf
 
     p = Path(name_or_path)
     if _is_preset(name_or_path):
@@ -35,9 +36,9 @@ def _model_config(name_or_path: str):
     if neox.is_neox_checkpoint(p):
         return neox.NeoXSource(p).config
     if p.suffix in (".yml", ".yaml"):
-        return NeoXConfig.from_neox_yaml(p)
+        return neox_yaml.model_config(p)
     if p.exists():
-        return NeoXConfig.from_hf(p)
+        return config_from_hf(p)
     raise SystemExit(f"error: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
 
 
@@ -91,13 +92,13 @@ def cmd_info(args):
 
 def _convert_source(kind: str, args):
     """(tensor source under Hugging Face names, NeoXConfig) for `convert`'s SRC."""
-    from neox_jax.config import NeoXConfig
     from neox_jax.convert import hf, neox
+    from neox_jax.convert.hf_config import config_from_hf
     from neox_jax.convert.orbax import orbax_source
 
     if kind == "hf":
         src = Path(args.src)
-        return hf.TensorSource(src, args.trust_pickle), NeoXConfig.from_hf(src if src.is_dir() else src.parent)
+        return hf.TensorSource(src, args.trust_pickle), config_from_hf(src if src.is_dir() else src.parent)
     if kind == "neox":
         source = neox.NeoXSource(args.src, args.config or (), trust_pickle=args.trust_pickle)
         return source, source.config
@@ -169,10 +170,11 @@ def cmd_convert(args):
 
 def _train_config(name_or_path: str, overrides: dict):
     from neox_jax.config import TrainConfig
+    from neox_jax.convert.neox_yaml import read_train_config
 
     if _is_preset(name_or_path):
         return TrainConfig.from_dict({"model": name_or_path, **overrides})
-    return TrainConfig.from_yaml(name_or_path, **overrides)
+    return read_train_config(name_or_path, **overrides)
 
 
 def cmd_plan(args):
@@ -309,7 +311,7 @@ def cmd_corpus(args):
 
 
 def cmd_train(args):
-    from neox_jax.config import train_config_from_args
+    from neox_jax.convert.neox_yaml import train_config_from_args
 
     cfg = train_config_from_args(args.config)
     _join(args, cfg.mesh, cfg.init_timeout, cfg.heartbeat_timeout)

@@ -1,13 +1,12 @@
 """NeoXConfig (the model) and TrainConfig (how to train it): frozen dataclasses with named presets.
 
-The foreign formats are read in neox_jax/convert/: Hugging Face `config.json` in `hf_config.py`, GPT-NeoX's
-YAML in `neox_yaml.py`; the `from_hf` / `to_hf` / `from_neox_yaml` methods here call them.
+The foreign formats are read in neox_jax/convert/ (Hugging Face `config.json` in `hf_config.py`, GPT-NeoX's
+YAML in `neox_yaml.py`), which build these; nothing here imports a converter.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -102,27 +101,6 @@ class NeoXConfig:
         _check_keys(d, cls, "model setting")
         return cls(**d)
 
-    # ---- foreign formats (neox_jax/convert/) ---------------------------------------------------
-    @classmethod
-    def from_hf(cls, path_or_dict, **overrides: Any) -> "NeoXConfig":
-        """From a Hugging Face `config.json` (a folder, the file, or its dict)."""
-        from neox_jax.convert.hf_config import config_from_hf
-
-        return config_from_hf(path_or_dict, **overrides)
-
-    def to_hf(self) -> dict:
-        """A `config.json` dict that transformers v4 and v5 both read."""
-        from neox_jax.convert.hf_config import config_to_hf
-
-        return config_to_hf(self)
-
-    @classmethod
-    def from_neox_yaml(cls, *paths: str | os.PathLike, **kwargs: Any) -> "NeoXConfig":
-        """From GPT-NeoX YAML files, merged as GPT-NeoX merges them (vocabulary padded as GPT-NeoX pads it)."""
-        from neox_jax.convert.neox_yaml import model_config
-
-        return model_config(*paths, **kwargs)
-
     # ---- presets -------------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "NeoXConfig":
@@ -207,19 +185,62 @@ def _mesh(value) -> dict[str, int]:
     return {axis: value.get(axis, 1) for axis in MESH_AXES}
 
 
-def train_config_from_args(items: list[str]) -> "TrainConfig":
-    """A training command's `CONFIG [CONFIG ...] [key=value ...]`: a preset name, or YAML files merged the GPT-NeoX
-    way (ours or GPT-NeoX's; a key set in two files is an error), then the overrides in order."""
-    files = list(itertools.takewhile(lambda a: "=" not in a, items))
-    overrides = items[len(files):]
-    if not files:
-        raise ConfigError("give a training config first (a YAML file or a preset name), then key=value overrides")
-    stray = [a for a in overrides if "=" not in a]
-    if stray:
-        raise ConfigError(f"{stray[0]!r} comes after the key=value overrides: give every config file before them")
-    if len(files) == 1 and preset_key(files[0]) in PRESETS and not Path(files[0]).exists():
-        return apply_overrides(TrainConfig.from_dict({"model": files[0]}), overrides)
-    return apply_overrides(TrainConfig.from_yaml(*files), overrides)
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key repeated inside one mapping (plain YAML keeps the last)."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        norm = key.replace("-", "_") if isinstance(key, str) else key
+        if norm in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} set twice (first at line {seen[norm] + 1})", key_node.start_mark)
+        seen[norm] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+# GPT-NeoX files write Python's True/False; YAML 1.1 already reads those as booleans.
+
+
+def load_yaml(*paths: str | os.PathLike) -> dict:
+    """Merge YAML files (ours or GPT-NeoX's) into one dict with `-` in keys replaced by `_`.
+
+    As in GPT-NeoX, a key set in two files is an error; unlike GPT-NeoX the check also catches the
+    hyphen/underscore spellings of one key, and a key set twice inside one file.
+    """
+    if not paths:
+        raise ConfigError("no GPT-NeoX YAML file given")
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for path in paths:
+        p = Path(path)
+        if not p.is_file() and p.with_suffix(".yml").is_file():
+            p = p.with_suffix(".yml")  # GPT-NeoX appends .yml to bare names
+        if not p.is_file():
+            raise FileNotFoundError(f"GPT-NeoX config {path} does not exist")
+        try:
+            data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            hint = ("; is a comma missing at the end of the setting before it?"
+                    if "expected ',' or" in str(e.problem) else "")
+            raise ConfigError(f"{p}:{line}: malformed YAML: {e.problem or e.context}"
+                              + (f" ({e.context})" if e.context and e.problem else "") + hint) from None
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of settings at the top level, got {type(data).__name__}")
+        for key, value in data.items():
+            norm = str(key).replace("-", "_")
+            if norm in merged:
+                raise ConfigError(f"{p}: key {key!r} is already set in {origin[norm]}; "
+                                  "GPT-NeoX forbids setting a key in two files")
+            merged[norm], origin[norm] = value, str(p)
+    return merged
 
 
 def preset_key(name: str) -> str:
@@ -443,17 +464,10 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, *paths: str | os.PathLike, **overrides: Any) -> "TrainConfig":
-        """Our YAML format (see configs/README.md), or GPT-NeoX YAML files read directly; several files merge as
-        GPT-NeoX merges them."""
-        from neox_jax.convert.neox_yaml import load_neox_yaml, train_config
-
-        raw = load_neox_yaml(*paths)
-        if "num_layers" in raw:  # a GPT-NeoX config
-            return train_config(*paths, **overrides)
+        """Our YAML format (see configs/README.md); several files merge as GPT-NeoX merges them. GPT-NeoX's own
+        files are read by neox_jax.convert.neox_yaml (`read_train_config` takes either)."""
+        raw = load_yaml(*paths)
+        if "num_layers" in raw:
+            raise ConfigError(f"{', '.join(map(str, paths))}: a GPT-NeoX config; read it with "
+                              "neox_jax.convert.neox_yaml.read_train_config (`neox-jax train` reads both)")
         return cls.from_dict({**raw, **overrides})
-
-    @classmethod
-    def from_neox_yaml(cls, *paths: str | os.PathLike, **overrides: Any) -> "TrainConfig":
-        from neox_jax.convert.neox_yaml import train_config
-
-        return train_config(*paths, **overrides)

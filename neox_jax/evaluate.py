@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from neox_jax.generation import _round_up
+from neox_jax.generation import round_up
 from neox_jax.model import GPTNeoX, check_ids
 
 
@@ -77,8 +77,8 @@ class Scorer:
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            width = _round_up(max(len(seqs[i]) - 1 for i in rows), self.bucket)
-            b = _round_up(len(rows), self.batch_size) if len(order) > self.batch_size else len(rows)
+            width = round_up(max(len(seqs[i]) - 1 for i in rows), self.bucket)
+            b = round_up(len(rows), self.batch_size) if len(order) > self.batch_size else len(rows)
             inputs, mask, targets, scored = (np.zeros((b, width), np.int32) for _ in range(4))
             for r, i in enumerate(rows):
                 seq, n_cont = seqs[i], len(pairs[i][1])

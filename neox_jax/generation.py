@@ -75,7 +75,8 @@ def sample(logits_bv, key, temperature, top_k, top_p):
     return jax.lax.cond(temperature > 0, draw, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits_bv)
 
 
-def _round_up(n: int, bucket: int) -> int:
+def round_up(n: int, bucket: int) -> int:
+    """`n` rounded up to a multiple of `bucket` (at least one bucket): the shapes programs are compiled for."""
     return max(bucket, math.ceil(n / bucket) * bucket)
 
 
@@ -107,7 +108,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int) -> t
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise ValueError(f"prompt {lengths.index(0)} is empty: give at least one token")
-    width = _round_up(max(lengths), bucket)
+    width = round_up(max(lengths), bucket)
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for row, p in enumerate(prompts):
@@ -235,14 +236,14 @@ class Generator:
         b, p = ids.shape
         if self.copies is not None and b > 1 and self.copies["output_kernel_vd"] is None:
             self.copies["output_kernel_vd"] = self.params["embed_out"]["kernel"][...].T.copy()
-        length = _round_up(p + max_new_tokens, bucket)
+        length = round_up(p + max_new_tokens, bucket)
         mask = np.zeros((b, length), np.int32)
         mask[:, :p] = prompt_mask
         spans = tuple(read_spans(p, length, bucket))
         logits, cache = _prefill(self.graphdef, self.params, self.copies, jnp.asarray(ids), jnp.asarray(mask),
                                  spans[0])
         state = {"i": jnp.int32(0), "index": jnp.int32(p), "logits": logits, "cache": cache, "mask": jnp.asarray(mask),
-                 "done": jnp.zeros((b,), bool), "out": jnp.zeros((b, _round_up(max_new_tokens, bucket)), jnp.int32)}
+                 "done": jnp.zeros((b,), bool), "out": jnp.zeros((b, round_up(max_new_tokens, bucket)), jnp.int32)}
         knobs = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p),
                  jnp.uint32(sampling.seed), jnp.asarray(stop))
         return state, knobs, spans

@@ -117,7 +117,7 @@ def _save_folder(command: Sequence[str]) -> Path | None:
     if "train" not in args:
         return None
     try:
-        from neox_jax.config import train_config_from_args
+        from neox_jax.convert.neox_yaml import train_config_from_args
 
         cfg = train_config_from_args(args[args.index("train") + 1:])
     except Exception:  # noqa: BLE001 - a report, not a check: the command itself said what was wrong

@@ -1,14 +1,14 @@
 """The model's matrix products in a dtype below fp32, as XLA's CPU backend runs them fast.
 
-XLA's CPU backend runs a product whose result is bf16 as an fp32 product of operands it converts to fp32 first;
-the same product with an fp32 result it hands to its bf16 kernel (AMX on this project's Sapphire Rapids machine):
-2048 x 512 x 2048 took 16.3 ms the first way and 2.6 ms the second (263 vs 1672 GFLOP/s; torch's bf16 972). So on
-a CPU, below fp32, `einsum` asks for the fp32 result and rounds it to the operands' dtype, in the forward and in
-both products of the backward (a custom VJP: autodiff would multiply the fp32 cotangent by a bf16 operand, a mixed
-product that XLA again runs in fp32). The numbers are the plain einsum's up to summation order: either way the
-products are exact in fp32, summed in fp32 and rounded once. Elsewhere (GPUs multiply bf16 natively) and in fp32 it
-is the plain einsum, and so under `as_on_gpu()`, which the planner traces in: it compiles a GPU cluster's program on
-this CPU, and the fp32 results would double the bytes of the tensor-parallel all-reduces it counts.
+XLA's CPU backend runs a product whose result is bf16 as an fp32 product of operands it converts to fp32 first; the
+same product with an fp32 result it hands to its bf16 kernel (AMX where the CPU has it), six times faster on 2048 x
+512 x 2048 (docs/benchmarks.md). So on a CPU, below fp32, `einsum` asks for the fp32 result and rounds it to the
+operands' dtype, in the forward and in both products of the backward (a custom VJP: autodiff would multiply the fp32
+cotangent by a bf16 operand, a mixed product that XLA again runs in fp32). The numbers are the plain einsum's up to
+summation order: either way the products are exact in fp32, summed in fp32 and rounded once. Elsewhere (GPUs
+multiply bf16 natively) and in fp32 it is the plain einsum, and so under `as_on_gpu()`, which the planner traces in:
+it compiles a GPU cluster's program on this CPU, and the fp32 results would double the bytes of the tensor-parallel
+all-reduces it counts.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from neox_jax import checkpoint
 from neox_jax import sharding as shd
 from neox_jax.config import NeoXConfig
 from neox_jax.convert import hf, neox
+from neox_jax.convert.hf_config import config_from_hf
 from neox_jax.errors import ConfigError
 from neox_jax.model import GPTNeoX, abstract_model, with_params
 
@@ -46,7 +47,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
         source = neox.NeoXSource(p)
         config = source.config
     else:
-        config = NeoXConfig.from_hf(p if p.is_dir() else p.parent)
+        config = config_from_hf(p if p.is_dir() else p.parent)
     shardings = None
     if mesh is not None:
         shardings = jax.tree.map(lambda x: x.sharding, abstract_params(config.replace(param_dtype=param_dtype), mesh))

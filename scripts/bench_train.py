@@ -42,14 +42,15 @@ def worker_jax(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from neox_jax.config import NeoXConfig, TrainConfig
+    from neox_jax.config import TrainConfig
+    from neox_jax.convert.hf_config import config_from_hf
     from neox_jax.flops import flops_6n, peak_tflops
     from neox_jax.pretrained import from_pretrained
     from neox_jax.sharding import make_mesh
     from neox_jax.train import Trainer
     from neox_jax.xla_options import defaults
 
-    model = NeoXConfig.from_hf(args.model_dir).replace(remat_policy=args.remat)
+    model = config_from_hf(args.model_dir).replace(remat_policy=args.remat)
     cfg = TrainConfig(model=model, mesh=mesh_shape, seq_length=args.seq, micro_batch_size=args.micro_batch,
                       precision=args.precision,
                       xla_options={} if args.xla_defaults == "on" else dict.fromkeys(defaults(jax.default_backend())))
@@ -62,6 +63,7 @@ def worker_jax(args) -> dict:
                                 master=None if state.master is None else put(state.master))
     tokens = np.random.RandomState(0).randint(0, model.vocab_size, tr.batch_shape())
     batch = tr.put_batch(tokens)
+    loss_at_start = float(tr.eval_loss(state.params, batch))
     for fn in (tr.eval_loss, tr.grads):
         jax.block_until_ready(fn(state.params, batch))  # compile
     state, m = tr.step(state, batch)
@@ -79,7 +81,8 @@ def worker_jax(args) -> dict:
     kind = jax.devices()[0].device_kind
     tflops = flops_6n(model, args.seq, n) / step_s / mesh.size / 1e12
     peak = peak_tflops(kind)
-    return {"forward_s": forward, "gradient_s": gradient, "step_s": step_s, "tokens_per_s": n / step_s,
+    return {"loss_at_start": loss_at_start, "forward_s": forward, "gradient_s": gradient, "step_s": step_s,
+            "tokens_per_s": n / step_s,
             "backward_over_forward": (gradient - forward) / forward, "tflops_per_device_6n": tflops,
             "mfu_6n": tflops / peak if peak else None, "device": kind, "jax": jax.__version__,
             "host_malloc": host_malloc.state()}
@@ -101,9 +104,10 @@ def worker_torch(args) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def loss():
-        with autocast:  # labels are the inputs shifted by one inside the model, as ours
-            return model(ids[:, :-1], labels=ids[:, :-1]).loss
+    def loss():  # next-token loss over the same seq targets as ours
+        with autocast:
+            logits = model(ids[:, :-1]).logits
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
 
     def forward():
         with torch.no_grad():
@@ -121,9 +125,12 @@ def worker_torch(args) -> dict:
         opt.zero_grad(set_to_none=True)
         sync()
 
+    with torch.no_grad():
+        loss_at_start = float(loss())
     step()  # the optimizer's state is created here
     f, g, s = timed(forward, args.steps), timed(gradient, args.steps), timed(step, args.steps)
-    return {"forward_s": f, "gradient_s": g, "step_s": s, "tokens_per_s": args.micro_batch * args.seq / s,
+    return {"loss_at_start": loss_at_start, "forward_s": f, "gradient_s": g, "step_s": s,
+            "tokens_per_s": args.micro_batch * args.seq / s,
             "backward_over_forward": (g - f) / f, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
@@ -160,7 +167,7 @@ def main():
                   "--xla-defaults", args.xla_defaults, "--steps", str(args.steps)]
         result = interleaved(__file__, common, sides, args.pairs, "tokens_per_s")
     runs = result.pop("runs")
-    for key in ("forward_s", "gradient_s", "step_s", "backward_over_forward", "mfu_6n"):
+    for key in ("loss_at_start", "forward_s", "gradient_s", "step_s", "backward_over_forward", "mfu_6n"):
         for side in sides:
             values = [r[key] for r in runs[side] if r.get(key) is not None]
             if values:

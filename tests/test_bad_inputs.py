@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from neox_jax.config import NeoXConfig, TrainConfig
+from neox_jax.convert import neox_yaml
 from neox_jax.errors import ConfigError
 from neox_jax.loop import train
 
@@ -281,7 +282,7 @@ NEOX_BASE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "pos_
     ({"norm": "rmsnorm"}, "norm='rmsnorm' is not supported"),
 ])
 def test_neox_yaml_settings_we_do_not_implement_are_refused(tmp_path, changes, says):
-    _refused(tmp_path, changes, says, NeoXConfig.from_neox_yaml)
+    _refused(tmp_path, changes, says, neox_yaml.model_config)
 
 
 def _refused(tmp_path, changes, says, read):
@@ -295,7 +296,7 @@ def test_neox_yaml_dropout_left_at_gpt_neox_default_is_refused(tmp_path):
     f = tmp_path / "m.yml"
     f.write_text(yaml.safe_dump({k: v for k, v in NEOX_BASE.items() if k != "hidden_dropout"}))
     with pytest.raises(ConfigError, match=r"hidden_dropout=0.1 \(GPT-NeoX's default\) is not supported"):
-        NeoXConfig.from_neox_yaml(f)
+        neox_yaml.model_config(f)
 
 
 @pytest.mark.parametrize("changes, says", [
@@ -311,13 +312,13 @@ def test_neox_yaml_dropout_left_at_gpt_neox_default_is_refused(tmp_path):
     ({"optimizer": {"type": "Adam", "params": {"lr": 1e-4, "momentum": 0.9}}}, "optimizer params ['momentum']"),
 ])
 def test_neox_yaml_training_settings_we_do_not_implement_are_refused(tmp_path, changes, says):
-    _refused(tmp_path, changes, says, TrainConfig.from_neox_yaml)
+    _refused(tmp_path, changes, says, neox_yaml.train_config)
 
 
 def test_neox_yaml_numbers_that_are_not_numbers_are_named_at_once(tmp_path):
     changes = {"seed": "abc", "hidden_size": 64.5, "lr": "6e-4", "optimizer": {"params": {"eps": [1]}}}
     _refused(tmp_path, changes, "hidden_size=64.5: expected a whole number; optimizer.params.eps=[1]: expected a "
-                                "number; seed='abc': expected a whole number", TrainConfig.from_neox_yaml)
+                                "number; seed='abc': expected a whole number", neox_yaml.train_config)
 
 
 def test_neox_yaml_refuses_every_unsupported_setting_at_once_and_warns_of_unknown_keys(tmp_path):
@@ -326,22 +327,22 @@ def test_neox_yaml_refuses_every_unsupported_setting_at_once_and_warns_of_unknow
     f = tmp_path / "m.yml"
     f.write_text(yaml.safe_dump({**NEOX_BASE, "use_qk_layernorm": True, "norm": "rmsnorm"}))
     with pytest.raises(ConfigError) as e:
-        NeoXConfig.from_neox_yaml(f)
+        neox_yaml.model_config(f)
     assert "norm='rmsnorm'" in str(e.value) and "use_qk_layernorm=True" in str(e.value)
     f.write_text(yaml.safe_dump({**NEOX_BASE, "rotary_pcnt": 0.5, "layernorm_fusion": True}))
     with pytest.warns(UnknownSettingWarning, match="unknown GPT-NeoX setting 'rotary_pcnt' ignored; did you mean "
                                                    "'rotary_pct'"):
-        cfg = NeoXConfig.from_neox_yaml(f)  # a fused kernel's switch is ignored on purpose, without a word
+        cfg = neox_yaml.model_config(f)  # a fused kernel's switch is ignored on purpose, without a word
     assert cfg.rotary_pct == 1.0
 
 
 def test_every_key_of_the_real_gpt_neox_configs_is_known(shared):
     from neox_jax.convert.neox_keys import KNOWN
-    from neox_jax.convert.neox_yaml import load_neox_yaml
+    from neox_jax.config import load_yaml
 
     for f in sorted((shared / "neox-configs").rglob("*.yml")):
         try:
-            keys = set(load_neox_yaml(f))
+            keys = set(load_yaml(f))
         except ConfigError:  # pythia-12b.yml as released has a missing comma
             continue
         assert keys <= KNOWN, (f.name, keys - KNOWN)
@@ -356,7 +357,7 @@ def test_neox_yaml_keys_that_change_the_run_are_honoured(tmp_path):
                                  "train_data_paths": ["t"], "valid_data_paths": ["v"], "valid_data_weights": [1.0],
                                  "save": "ckpt", "load": "ckpt", "zero_optimization": {"stage": 3},
                                  "profile": True, "profile_step_stop": 15}))
-    cfg = TrainConfig.from_neox_yaml(f)
+    cfg = neox_yaml.train_config(f)
     assert cfg.profile_steps == (10, 15)  # GPT-NeoX's nsys window, its default start
     assert cfg.model.intermediate_size == 194  # int(3.02 x 64) = 193, rounded up to a multiple of 2 as GPT-NeoX does
     assert cfg.mesh["data"] == 8 and cfg.lr_decay_iters == 80 and cfg.grad_clip == 0.5
@@ -368,10 +369,10 @@ def test_neox_yaml_another_optimizer_is_refused(tmp_path):
     f = tmp_path / "m.yml"
     f.write_text(yaml.safe_dump({**NEOX_BASE, "optimizer": {"type": "Lion", "params": {"lr": 1e-4}}}))
     with pytest.raises(ConfigError, match="optimizer type 'Lion' is not supported"):
-        TrainConfig.from_yaml(f)
+        neox_yaml.read_train_config(f)
     f.write_text(yaml.safe_dump({**NEOX_BASE, "attention_config": [[["flash"], 2]],
                                  "optimizer": {"type": "Adam", "params": {"lr": 1e-4}}}))
-    assert TrainConfig.from_yaml(f).lr == 1e-4  # flash attention and Adam are what we run
+    assert neox_yaml.read_train_config(f).lr == 1e-4  # flash attention and Adam are what we run
 
 
 # ---- edge inputs of eval, generate and preprocess ---------------------------------------------------------------

@@ -7,8 +7,9 @@ import pytest
 from flax import nnx
 
 from neox_jax import GPTNeoX, NeoXConfig
-from neox_jax.config import PRESETS
-from neox_jax.convert.neox_yaml import load_neox_yaml
+from neox_jax.config import PRESETS, load_yaml
+from neox_jax.convert.hf_config import config_from_hf, config_to_hf
+from neox_jax.convert.neox_yaml import model_config
 from neox_jax.errors import ConfigError
 
 from .conftest import require
@@ -19,7 +20,7 @@ def hf_param_count(cfg: NeoXConfig) -> int:
     torch = require("torch")
     transformers = require("transformers")
     with torch.device("meta"):
-        model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**cfg.to_hf()))
+        model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**config_to_hf(cfg)))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -57,21 +58,21 @@ def test_known_sizes():
 
 
 def test_from_hf_reads_old_and_v5_rotary_forms():
-    base = NeoXConfig.preset("pythia-70m").to_hf()
+    base = config_to_hf(NeoXConfig.preset("pythia-70m"))
     old = {k: v for k, v in base.items() if k != "rope_parameters"}
     old.update(rotary_pct=0.5, rotary_emb_base=25000)
     v5 = {k: v for k, v in base.items() if k not in ("rotary_pct", "rotary_emb_base")}
     v5["rope_parameters"] = {"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5}
     for form in (old, v5):
-        cfg = NeoXConfig.from_hf(form)
+        cfg = config_from_hf(form)
         assert (cfg.rotary_pct, cfg.rotary_base, cfg.rotary_ndims) == (0.5, 25000.0, 32)
 
 
 def test_to_hf_roundtrips_through_transformers(tmp_path):
     transformers = require("transformers")
     cfg = NeoXConfig.preset("pythia-160m", rotary_base=5000.0, use_parallel_residual=False, activation="gelu_fast")
-    transformers.GPTNeoXConfig(**cfg.to_hf()).save_pretrained(tmp_path)
-    back = NeoXConfig.from_hf(tmp_path)
+    transformers.GPTNeoXConfig(**config_to_hf(cfg)).save_pretrained(tmp_path)
+    back = config_from_hf(tmp_path)
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "rotary_pct",
                   "rotary_base", "use_parallel_residual", "activation", "layer_norm_eps"):
         assert getattr(back, field) == getattr(cfg, field), field
@@ -85,18 +86,18 @@ def test_to_hf_roundtrips_through_transformers(tmp_path):
 ])
 def test_from_hf_rejects_what_it_cannot_run(bad, match):
     with pytest.raises(ConfigError, match=match):
-        NeoXConfig.from_hf({**NeoXConfig.preset("pythia-70m").to_hf(), **bad})
+        config_from_hf({**config_to_hf(NeoXConfig.preset("pythia-70m")), **bad})
 
 
 def test_from_hf_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no Hugging Face config"):
-        NeoXConfig.from_hf(tmp_path)
+        config_from_hf(tmp_path)
     (tmp_path / "config.json").write_text('{"hidden_size": 64,\n "oops" }')
     with pytest.raises(ConfigError, match="invalid JSON at line 2"):
-        NeoXConfig.from_hf(tmp_path)
+        config_from_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64}))
     with pytest.raises(ConfigError, match="missing required key 'vocab_size'"):
-        NeoXConfig.from_hf(tmp_path)
+        config_from_hf(tmp_path)
 
 
 def test_config_validation_names_the_setting():
@@ -129,7 +130,7 @@ NEOX_FILES = {
 
 @pytest.mark.parametrize("file", NEOX_FILES)
 def test_real_neox_yaml_loads_with_the_right_shapes(shared, file):
-    cfg = NeoXConfig.from_neox_yaml(shared / "neox-configs" / file)
+    cfg = model_config(shared / "neox-configs" / file)
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.vocab_size) == NEOX_FILES[file]
     assert (cfg.rotary_pct, cfg.use_parallel_residual, cfg.activation) == (0.25, True, "gelu_fast")
     # the 6.9B file sets no init methods, so GPT-NeoX's defaults apply
@@ -142,20 +143,20 @@ def test_real_neox_yaml_loads_with_the_right_shapes(shared, file):
 def test_pythia_12b_yaml_missing_comma_is_reported_with_file_and_line(shared):
     path = shared / "neox-configs" / "pythia" / "pythia-12b.yml"
     with pytest.raises(ConfigError, match=r"pythia-12b\.yml: line 21, column \d+: malformed YAML.*comma missing"):
-        NeoXConfig.from_neox_yaml(path)
+        model_config(path)
 
 
 def test_local_setup_merges_with_a_model_file(shared, tmp_path):
     setup = shared / "neox-configs" / "local_setup.yml"
-    assert load_neox_yaml(setup)["checkpoint_validation_with_forward_pass"] is False
+    assert load_yaml(setup)["checkpoint_validation_with_forward_pass"] is False
     model = tmp_path / "model.yml"
     model.write_text('{"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "pos-emb": "rotary",\n'
                      ' "rotary-pct": 0.5, "no-weight-tying": true, "gpt_j_residual": false,\n'
                      ' "hidden-dropout": 0, "attention-dropout": 0}\n')
-    cfg = NeoXConfig.from_neox_yaml(model, setup)
+    cfg = model_config(model, setup)
     assert (cfg.num_layers, cfg.rotary_ndims, cfg.use_parallel_residual, cfg.activation) == (2, 8, False, "gelu")
     with pytest.raises(ConfigError, match="num_layers is not set"):
-        NeoXConfig.from_neox_yaml(setup)
+        model_config(setup)
 
 
 def test_yaml_key_set_twice_is_an_error(tmp_path):
@@ -163,10 +164,10 @@ def test_yaml_key_set_twice_is_an_error(tmp_path):
     a.write_text('{"num-layers": 2, "hidden-size": 64}\n')
     b.write_text('{"num_layers": 4}\n')
     with pytest.raises(ConfigError, match=r"b\.yml: key 'num_layers' is already set in .*a\.yml"):
-        load_neox_yaml(a, b)
+        load_yaml(a, b)
     a.write_text('{"num-layers": 2,\n "num_layers": 3}\n')
     with pytest.raises(ConfigError, match=r"a\.yml: line 2.*'num_layers' set twice \(first at line 1\)"):
-        load_neox_yaml(a)
+        load_yaml(a)
 
 
 def test_yaml_unsupported_architecture_named(tmp_path):
@@ -174,4 +175,4 @@ def test_yaml_unsupported_architecture_named(tmp_path):
     f.write_text('{"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "pos_emb": "rotary",'
                  ' "no_weight_tying": true, "norm": "rmsnorm"}')
     with pytest.raises(ConfigError, match="norm='rmsnorm' is not supported"):
-        NeoXConfig.from_neox_yaml(f)
+        model_config(f)

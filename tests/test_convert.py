@@ -13,7 +13,7 @@ from neox_jax.convert.hf import TensorSource, hf_shapes
 from neox_jax.errors import CheckpointError, ConfigError
 from tests.conftest import hf_logits, make_hf_model
 
-from .conftest import require
+from .conftest import LOGITS_ATOL, require
 
 torch = require("torch")
 transformers = require("transformers")
@@ -40,7 +40,7 @@ def test_hf_roundtrip_is_bit_exact_and_transformers_loads_it(tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert isinstance(back, transformers.GPTNeoXForCausalLM)
     np.testing.assert_array_equal(hf_logits(back, IDS), hf_logits(hf, IDS))
-    assert np.abs(np.asarray(forward(model, IDS)) - hf_logits(hf, IDS)).max() <= 1e-4
+    assert np.abs(np.asarray(forward(model, IDS)) - hf_logits(hf, IDS)).max() <= LOGITS_ATOL
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -58,7 +58,7 @@ def test_sharded_safetensors_both_ways(tmp_path):
     hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     model = from_pretrained(tmp_path / "hf")
-    np.testing.assert_allclose(np.asarray(forward(model, IDS)), hf_logits(hf, IDS), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(forward(model, IDS)), hf_logits(hf, IDS), atol=LOGITS_ATOL)
 
     from neox_jax.convert.hf import save_params
 
@@ -87,7 +87,7 @@ def test_pytorch_bin_with_old_buffers_and_lm_head_name(tmp_path):
     torch.save(state, folder / "pytorch_model.bin")
     (folder / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
     model = from_pretrained(folder)
-    np.testing.assert_allclose(np.asarray(forward(model, IDS)), hf_logits(hf, IDS), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(forward(model, IDS)), hf_logits(hf, IDS), atol=LOGITS_ATOL)
 
     # transformers v5 writes the output layer as lm_head.weight in safetensors too: both names load
     from safetensors.torch import save_file
@@ -114,7 +114,7 @@ def test_sharded_pytorch_bin(tmp_path):
         weight_map.update({k: file for k in part})
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     hf.config.save_pretrained(folder)
-    np.testing.assert_allclose(np.asarray(forward(from_pretrained(folder), IDS)), hf_logits(hf, IDS), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(forward(from_pretrained(folder), IDS)), hf_logits(hf, IDS), atol=LOGITS_ATOL)
 
 
 def test_bin_with_code_in_pickle_is_refused(tmp_path):
@@ -188,7 +188,7 @@ def test_cli_convert_hf_orbax_hf_is_bit_exact(tmp_path, capsys):
     assert_same_tensors(tmp_path / "hf", tmp_path / "back")
     # the Orbax checkpoint loads directly too
     np.testing.assert_allclose(np.asarray(forward(from_pretrained(tmp_path / "orbax"), IDS)),
-                               hf_logits(hf, IDS), atol=1e-4)
+                               hf_logits(hf, IDS), atol=LOGITS_ATOL)
     # a second conversion into the same place refuses instead of overwriting
     assert cli(["convert", "hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "orbax")]) == 2
     assert "already exists" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import yaml
 
 from neox_jax import checkpoint as ckpt
 from neox_jax.config import NeoXConfig, TrainConfig, apply_overrides
+from neox_jax.convert.neox_yaml import model_config, read_train_config
 from neox_jax.errors import ConfigError
 from neox_jax.loop import train
 
@@ -229,11 +230,11 @@ def test_unknown_config_key_names_the_nearest(corpus, tmp_path):
 
 
 def test_train_cli_accepts_neox_yaml_settings(shared):
-    cfg = TrainConfig.from_yaml(shared / "neox-configs" / "pythia" / "pythia-70m.yml")
+    cfg = read_train_config(shared / "neox-configs" / "pythia" / "pythia-70m.yml")
     assert cfg.legacy_schedule and cfg.decay_style == "cosine" and cfg.warmup_iters == 1430
     assert cfg.precision == "fp16" and cfg.initial_scale_power == 12 and cfg.hysteresis == 2
     assert (cfg.micro_batch_size, cfg.grad_accum_steps, cfg.lr, cfg.weight_decay) == (32, 1, 1e-3, 0.1)
-    assert cfg.model == NeoXConfig.from_neox_yaml(shared / "neox-configs" / "pythia" / "pythia-70m.yml")
+    assert cfg.model == model_config(shared / "neox-configs" / "pythia" / "pythia-70m.yml")
     assert cfg.working_model().param_dtype == "float16" and cfg.model.param_dtype == "float32"
     # Pythia's data and checkpoints as GPT-NeoX reads them: whole datasets, every checkpoint kept, log-spaced ones
     assert cfg.data_paths == cfg.valid_data_paths == ("/fsx/pile/pile_20B_tokenizer_text_document",)

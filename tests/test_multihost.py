@@ -21,7 +21,6 @@ from neox_jax.loop import train
 
 from .conftest import TINY_MODEL, max_diff, read_scalars
 
-pytestmark = pytest.mark.slow
 WORKER = str(Path(__file__).with_name("mp_worker.py"))
 # The children choose their own device count: the suite's 8 forced CPU devices must not reach them.
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -79,6 +78,7 @@ def saved_weights(cfg: TrainConfig, step: int):
         c.close()
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_hand_over_to_one(corpus, tmp_path):
     """(2,2,2) over 2 processes x 4 devices (data crosses them, ZeRO-1) equals 1 process x 8 devices."""
     one = config(corpus, tmp_path / "one")
@@ -109,6 +109,7 @@ def test_two_processes_train_like_one_and_hand_over_to_one(corpus, tmp_path):
         assert abs(resumed.losses[step] - continued.losses[step]) <= 1e-6, step
 
 
+@pytest.mark.slow
 def test_one_process_hands_over_to_two_with_data_across_processes(corpus, tmp_path):
     """(4,1,2): data split 2 per process, ZeRO-1 moments split across processes; 1 -> 2 processes."""
     layout = dict(mesh={"data": 4, "pipe": 1, "tensor": 2}, micro_batch_size=1)
@@ -146,6 +147,7 @@ def _wait_for_checkpoint(folder: Path, proc: subprocess.Popen, timeout: float = 
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_all_on_the_same_step(corpus, tmp_path):
     cfg = config(corpus, tmp_path, train_iters=400, eval_interval=1000)
     proc = launch_train(cfg, tmp_path)
@@ -157,6 +159,7 @@ def test_sigterm_to_one_process_stops_all_on_the_same_step(corpus, tmp_path):
     assert ckpt.TrainCheckpointer(cfg.save).latest_step() == stopped < 400
 
 
+@pytest.mark.slow
 def test_a_killed_peer_stops_the_launch_and_training_resumes(corpus, tmp_path):
     cfg = config(corpus, tmp_path, train_iters=400, eval_interval=1000)
     proc = launch_train(cfg, tmp_path)
@@ -176,6 +179,7 @@ def test_a_killed_peer_stops_the_launch_and_training_resumes(corpus, tmp_path):
         assert abs(resumed.losses[step] - reference.losses[step]) <= 1e-6
 
 
+@pytest.mark.slow
 def test_generate_and_perplexity_across_two_processes_equal_one(tmp_path):
     from neox_jax.checkpoint import save_params_checkpoint
     from neox_jax.config import NeoXConfig

@@ -41,8 +41,8 @@ def test_bench_train_and_bench_decode_compare_with_transformers():
                    "--pairs", "1", "--precision", "bf16", "--compare", "transformers", "--xla-defaults", "off")
     assert train["xla_defaults"] == "off" and train["neox_jax"]["median"] > 0 and train["transformers"]["median"] > 0
     assert train["setup"]["host_malloc"] == ("reuse" if platform.libc_ver()[0] == "glibc" else "system")
-    assert train["neox_jax/transformers"]["median"] == pytest.approx(
-        train["neox_jax"]["median"] / train["transformers"]["median"], rel=1e-3)
+    # both sides time the same work: the folder's weights on the same tokens give the same loss (bf16 rounding)
+    assert train["neox_jax"]["loss_at_start"] == pytest.approx(train["transformers"]["loss_at_start"], abs=0.05)
     assert train["neox_jax"]["step_s"] > 0 and train["transformers"]["backward_over_forward"] > 0
     (decode,) = run("bench_decode.py", "--presets", "pythia-14m", "--batches", "2", "--prompt-len", "4",
                     "--new-tokens", "4", "--pairs", "1", "--calls", "1", "--dtype", "bfloat16", "--compare",

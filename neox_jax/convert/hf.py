@@ -26,6 +26,7 @@ from flax import nnx
 
 from neox_jax.atomic import temp_path, write_json
 from neox_jax.config import NeoXConfig
+from neox_jax.convert.hf_config import config_from_hf, config_to_hf
 from neox_jax.errors import CheckpointError
 from neox_jax.progress import bar, progress
 
@@ -231,18 +232,22 @@ def _natural(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def _to_ours(x: np.ndarray, transposed: bool, shape, dtype) -> np.ndarray:
+def to_ours(x: np.ndarray, transposed: bool, shape, dtype) -> np.ndarray:
+    """A Hugging Face tensor in our layout: transposed back from torch's [out, in] where the table says, cast,
+    reshaped to our kernel's shape."""
     x = x.T if transposed else x
     return np.asarray(x, dtype=dtype).reshape(shape)
 
 
-def _to_hf(x: np.ndarray, transposed: bool, hf_shape) -> np.ndarray:
+def to_hf(x: np.ndarray, transposed: bool, hf_shape) -> np.ndarray:
+    """Our tensor in the Hugging Face layout (the inverse of `to_ours`)."""
     if transposed:  # our [in, ...] kernel flattened to [in, out], then torch's [out, in]
         return np.ascontiguousarray(x.reshape(hf_shape[::-1]).T)
     return np.ascontiguousarray(x.reshape(hf_shape))
 
 
-def _get_path(tree, path: str):
+def get_path(tree, path: str):
+    """The entry of a nested dict at a dotted path ("layers.attn.qkv.kernel")."""
     for key in path.split("."):
         tree = tree[key]
     return tree
@@ -256,13 +261,13 @@ def read_params(source: TensorSource, cfg: NeoXConfig, abstract_params,
     jobs = [(path, hf, t, None) for hf, path, t in TOP_TABLE]
     jobs += [("layers." + path, hf, t, cfg.num_layers) for hf, path, t in LAYER_TABLE]
     for path, hf, transposed, layers in progress(jobs, "reading", enabled=show_progress):
-        target = _get_path(abstract_params, path)
+        target = get_path(abstract_params, path)
         if layers is None:
-            host = _to_ours(source.get(hf), transposed, target.shape, target.dtype)
+            host = to_ours(source.get(hf), transposed, target.shape, target.dtype)
         else:
             host = np.empty(target.shape, target.dtype)
             for i in range(layers):
-                host[i] = _to_ours(source.get(LAYER_PREFIX.format(i) + hf), transposed, target.shape[1:],
+                host[i] = to_ours(source.get(LAYER_PREFIX.format(i) + hf), transposed, target.shape[1:],
                                    target.dtype)
         yield path, place(path, host)
         del host
@@ -280,7 +285,7 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None, param_dtype
 
     path = Path(path)
     if config is None:
-        config = NeoXConfig.from_hf(path if path.is_dir() else path.parent)
+        config = config_from_hf(path if path.is_dir() else path.parent)
     overrides = {"param_dtype": param_dtype}
     if dtype is not None:
         overrides["dtype"] = dtype
@@ -288,11 +293,11 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None, param_dtype
     source = source or TensorSource(path)
     params = nnx.to_pure_dict(abstract_model(config)[1])
     def place(path, x):  # onto its shard of the mesh, or the default device
-        return jax.device_put(x, _get_path(shardings, path) if shardings else None)
+        return jax.device_put(x, get_path(shardings, path) if shardings else None)
 
     for p, array in read_params(source, config, params, place, show_progress=show_progress):
         keys = p.split(".")
-        _get_path(params, ".".join(keys[:-1]))[keys[-1]] = array
+        get_path(params, ".".join(keys[:-1]))[keys[-1]] = array
     return with_params(config, params)
 
 
@@ -308,7 +313,7 @@ class ParamsSource:
     @classmethod
     def from_tree(cls, params, config: NeoXConfig) -> "ParamsSource":
         def read(path, layer):
-            x = _get_path(params, path)
+            x = get_path(params, path)
             return np.asarray(x if layer is None else x[layer])
 
         return cls(read, config)
@@ -322,7 +327,7 @@ class ParamsSource:
 
     def get(self, name: str) -> np.ndarray:
         path, layer, transposed = self._where[name]
-        return _to_hf(self.read(path, layer), transposed, self.shapes[name])
+        return to_hf(self.read(path, layer), transposed, self.shapes[name])
 
 
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
@@ -386,7 +391,7 @@ def write_hf(source, cfg: NeoXConfig, path: str | os.PathLike, *, dtype=None,
         index = {"metadata": {"total_size": sum((out / f).stat().st_size for f in files)},
                  "weight_map": {name: file for shard, file in zip(shards, files) for name in shard}}
         write_json(out / "model.safetensors.index.json", index)
-    hf_config = cfg.to_hf()
+    hf_config = config_to_hf(cfg)
     hf_config["torch_dtype"] = hf_config["dtype"] = str(dtype)  # v4 and v5 spellings
     write_json(out / "config.json", hf_config)
     return out

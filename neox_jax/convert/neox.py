@@ -142,14 +142,15 @@ class NeoXSource:
     `configs/`); the padded vocabulary is the checkpoint's."""
 
     def __init__(self, path, config_files=(), trust_pickle: bool = False):
-        from neox_jax.convert.neox_yaml import load_neox_yaml, model_config
+        from neox_jax.config import load_yaml
+        from neox_jax.convert.neox_yaml import model_config
 
         self.path = step_dir(Path(path))
         self.trust_pickle = trust_pickle
         files = tuple(config_files) or tuple(sorted((self.path / "configs").glob("*.y*ml")))
         if not files:
             raise ConfigError(f"{self.path} has no configs/ folder: give the run's GPT-NeoX YAML with --config")
-        args = load_neox_yaml(*files)
+        args = load_yaml(*files)
         where = ", ".join(str(f) for f in files)
         pipeline = sorted(self.path.glob("layer_*-model_*-model_states.pt"))
         self.sequential = not pipeline

@@ -2,78 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from neox_jax.config import NeoXConfig, TrainConfig
+from neox_jax.config import PRESETS, NeoXConfig, TrainConfig, apply_overrides, load_yaml, preset_key
 from neox_jax.convert.neox_keys import check
 from neox_jax.errors import ConfigError, UnknownSettingWarning
 
 # The 20B tokenizer's vocabulary; GPT-NeoX pads it to a multiple of 128 x tensor-parallel size.
 NEOX_TOKENIZER_VOCAB = 50277
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key repeated inside one mapping (plain YAML keeps the last)."""
-
-
-def _construct_unique_mapping(loader, node, deep=False):
-    seen = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        norm = key.replace("-", "_") if isinstance(key, str) else key
-        if norm in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} set twice (first at line {seen[norm] + 1})", key_node.start_mark)
-        seen[norm] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-# GPT-NeoX files write Python's True/False; YAML 1.1 already reads those as booleans.
-
-
-def load_neox_yaml(*paths: str | os.PathLike) -> dict:
-    """Merge GPT-NeoX YAML files into one dict with `-` in keys replaced by `_`.
-
-    As in GPT-NeoX, a key set in two files is an error; unlike GPT-NeoX the check also catches the
-    hyphen/underscore spellings of one key, and a key set twice inside one file.
-    """
-    if not paths:
-        raise ConfigError("no GPT-NeoX YAML file given")
-    merged: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    for path in paths:
-        p = Path(path)
-        if not p.is_file() and p.with_suffix(".yml").is_file():
-            p = p.with_suffix(".yml")  # GPT-NeoX appends .yml to bare names
-        if not p.is_file():
-            raise FileNotFoundError(f"GPT-NeoX config {path} does not exist")
-        try:
-            data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            hint = ("; is a comma missing at the end of the setting before it?"
-                    if "expected ',' or" in str(e.problem) else "")
-            raise ConfigError(f"{p}:{line}: malformed YAML: {e.problem or e.context}"
-                              + (f" ({e.context})" if e.context and e.problem else "") + hint) from None
-        if data is None:
-            continue
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of settings at the top level, got {type(data).__name__}")
-        for key, value in data.items():
-            norm = str(key).replace("-", "_")
-            if norm in merged:
-                raise ConfigError(f"{p}: key {key!r} is already set in {origin[norm]}; "
-                                  "GPT-NeoX forbids setting a key in two files")
-            merged[norm], origin[norm] = value, str(p)
-    return merged
 
 
 DENSE_ATTENTION = {"global", "flash"}  # "flash" is GPT-NeoX's kernel for the same dense causal attention
@@ -86,7 +27,7 @@ TOKENIZER_VOCAB = {"HFTokenizer": NEOX_TOKENIZER_VOCAB, "GPT2BPETokenizer": 5025
 
 def _read_checked(paths, weights_only: bool) -> tuple[dict, str]:
     """The merged settings, after refusing every one neox-jax does not implement; unknown keys are warned of."""
-    args = load_neox_yaml(*paths)
+    args = load_yaml(*paths)
     where = ", ".join(str(p) for p in paths)
     for key in ("num_layers", "hidden_size", "num_attention_heads"):
         if args.get(key) is None:
@@ -224,7 +165,7 @@ def model_config(*paths: str | os.PathLike, tokenizer_vocab_size: int = 0,
 
 def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
     """TrainConfig from GPT-NeoX YAML files: layout, batch, precision, optimizer, schedule, data, logging."""
-    args = load_neox_yaml(*paths)
+    args = load_yaml(*paths)
     model = model_config(*paths)
     where = ", ".join(str(p) for p in paths)
     optimizer = args.get("optimizer") or {}
@@ -311,3 +252,25 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
     )
     d.update(overrides)
     return TrainConfig(**d)
+
+
+def read_train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
+    """Training YAML files, ours (configs/README.md) or GPT-NeoX's, merged as GPT-NeoX merges them."""
+    if "num_layers" in load_yaml(*paths):  # a GPT-NeoX config
+        return train_config(*paths, **overrides)
+    return TrainConfig.from_yaml(*paths, **overrides)
+
+
+def train_config_from_args(items: list[str]) -> "TrainConfig":
+    """A training command's `CONFIG [CONFIG ...] [key=value ...]`: a preset name, or YAML files merged the GPT-NeoX
+    way (ours or GPT-NeoX's; a key set in two files is an error), then the overrides in order."""
+    files = list(itertools.takewhile(lambda a: "=" not in a, items))
+    overrides = items[len(files):]
+    if not files:
+        raise ConfigError("give a training config first (a YAML file or a preset name), then key=value overrides")
+    stray = [a for a in overrides if "=" not in a]
+    if stray:
+        raise ConfigError(f"{stray[0]!r} comes after the key=value overrides: give every config file before them")
+    if len(files) == 1 and preset_key(files[0]) in PRESETS and not Path(files[0]).exists():
+        return apply_overrides(TrainConfig.from_dict({"model": files[0]}), overrides)
+    return apply_overrides(read_train_config(*files), overrides)

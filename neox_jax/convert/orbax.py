@@ -25,7 +25,7 @@ import numpy as np
 from neox_jax.atomic import partial, write_json
 from neox_jax.checkpoint import CONFIG_FILE, is_params_checkpoint, load_config
 from neox_jax.config import NeoXConfig
-from neox_jax.convert.hf import ParamsSource, _get_path, _to_ours, check_tensors, hf_shapes, tensor_slots
+from neox_jax.convert.hf import ParamsSource, get_path, to_ours, check_tensors, hf_shapes, tensor_slots
 from neox_jax.errors import CheckpointError
 
 CHUNK_BYTES = 256 * 2**20  # split a layer's slice further when it is bigger than this
@@ -182,9 +182,9 @@ def write_params(source, config: NeoXConfig, dst: str | os.PathLike, dtype: str 
     nbytes = sum(math.prod(s) for s in hf_shapes(config).values()) * np.dtype(dtype).itemsize
     with progress_bar("converting", nbytes, show_progress, unit="B") as bar:
         for name, path, layer, transposed in tensor_slots(config.num_layers):
-            target = _get_path(abstract, path)
+            target = get_path(abstract, path)
             shape = target.shape if layer is None else target.shape[1:]
-            value = _to_ours(source.get(name), transposed, shape, target.dtype)
+            value = to_ours(source.get(name), transposed, shape, target.dtype)
             writer.write(path, value, layer)
             bar.update(value.nbytes)
             del value
