@@ -110,6 +110,9 @@ class NeoXConfig:
         return cls(**{**PRESETS[key], **overrides})
 
 
+HOW_IT_RUNS = ("dtype", "param_dtype", "remat_policy", "attention")  # NeoXConfig fields that leave its function
+
+
 def _check_keys(d: Mapping[str, Any], cls, what: str):
     """An unknown key is an error that names the nearest valid one."""
     import difflib
@@ -329,6 +332,7 @@ class TrainConfig:
     eval_interval: int = 1000
     eval_iters: int = 10
     save: str = ""  # checkpoint folder ("" = no checkpoints)
+    init_from: str = ""  # fine-tune: the weights a new run starts from (a model folder or checkpoint; "" = random)
     save_interval: int = 1000
     extra_save_iters: tuple[int, ...] = ()  # steps saved besides every save_interval-th (Pythia's 0, 1, 2, 4, ...)
     keep_last: int = 3  # checkpoints kept (0 = all, as GPT-NeoX keeps them)

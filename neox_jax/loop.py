@@ -222,6 +222,17 @@ def print_sample(state: TrainState, cfg: TrainConfig, console: Console, max_new_
     console.print(f"\nsample (temperature 0.8, top-p 0.95, {len(new)} tokens):\n{cfg.sample_prompt}{text}\n")
 
 
+def start_from(trainer: Trainer, path: str) -> TrainState:
+    """Step 0 of a fine-tuning run: the weights at `path`, read onto the run's mesh (each process its own shards
+    where the source allows; one tensor at a time otherwise), and a fresh optimizer."""
+    from flax import nnx
+
+    from neox_jax.pretrained import from_pretrained
+
+    model = from_pretrained(path, dtype="float32", param_dtype="float32", mesh=trainer.mesh)
+    return trainer.start_from(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
 def _datasets(cfg: TrainConfig, global_batch: int):
     if not cfg.data_paths:
         raise ConfigError("data_paths is empty: give the .bin/.idx prefixes to train on "
@@ -251,6 +262,10 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None, show_progress: bool
                if value and Path(value).exists() and not Path(value).is_dir()]
     if folders:  # before anything is built or compiled
         raise ConfigError("; ".join(f"{name}={path} is a file: give a folder for it" for name, path in folders))
+    if cfg.init_from:  # the weights to fine-tune hold this run's model (read before anything is built)
+        from neox_jax.pretrained import check_same_model, model_config
+
+        check_same_model(cfg.model, model_config(cfg.init_from), f"init_from={cfg.init_from}")
     if cfg.tokenizer:  # before anything is built: a wrong tokenizer would only show in the sample at the end
         from neox_jax.data.tokenizer import NeoXTokenizer
         from neox_jax.pretrained import check_vocab
@@ -292,7 +307,10 @@ def _train(cfg: TrainConfig, mesh, max_steps: int | None, console: Console) -> R
         # the first batch's token ids are checked before compiling (the loader checks every batch after it)
         LocalBatches(batches, trainer.batch_sharding, cfg.seq_length, cfg.model.vocab_size).host_batch(start)
         logger = MetricsLogger(tb_dir, cfg.wandb_project, cfg.to_dict(), enabled=console.on)
-        if result.state is None:
+        if result.state is None and cfg.init_from:
+            result.state = start_from(trainer, cfg.init_from)
+            console.print(f"starting from the weights of {cfg.init_from} (step 0, a fresh optimizer)")
+        elif result.state is None:
             result.state = trainer.init(jax.random.key(cfg.seed))
         _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start, end)
     finally:

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from neox_jax import checkpoint
 from neox_jax import sharding as shd
-from neox_jax.config import NeoXConfig
+from neox_jax.config import HOW_IT_RUNS, NeoXConfig
 from neox_jax.convert import hf, neox
 from neox_jax.convert.hf_config import config_from_hf
 from neox_jax.errors import ConfigError
@@ -53,6 +53,34 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
         shardings = jax.tree.map(lambda x: x.sharding, abstract_params(config.replace(param_dtype=param_dtype), mesh))
     return hf.load_model(p, dtype=dtype, param_dtype=param_dtype, config=config, shardings=shardings, source=source,
                          show_progress=show_progress)
+
+
+def model_config(path: str | os.PathLike) -> NeoXConfig:
+    """The NeoXConfig of a model `from_pretrained` reads, without reading its weights."""
+    p = Path(path)
+    if checkpoint.is_params_checkpoint(p):
+        return checkpoint.load_config(p)
+    if checkpoint.is_train_checkpoint(p):
+        ckpt = checkpoint.TrainCheckpointer(p)
+        try:
+            return NeoXConfig.from_dict(ckpt.read_meta(ckpt.latest_step())["config"]["model"])
+        finally:
+            ckpt.close()
+    check_model_path(p)
+    if neox.is_neox_checkpoint(p):
+        return neox.NeoXSource(p).config
+    return config_from_hf(p if p.is_dir() else p.parent)
+
+
+def check_same_model(config: NeoXConfig, weights: NeoXConfig, where: str):
+    """That `config` computes the function of the weights `weights` describes (how it runs may differ), else a
+    ConfigError naming every field that differs."""
+    ours, theirs = config.to_dict(), weights.to_dict()
+    differ = [f"model.{k}={ours[k]!r} but {theirs[k]!r} there" for k in ours if k not in HOW_IT_RUNS
+              and ours[k] != theirs.get(k)]
+    if differ:
+        raise ConfigError(f"{where} holds another model than this run's: " + "; ".join(differ)
+                          + ": give the model settings of those weights")
 
 
 def abstract_params(config: NeoXConfig, mesh: Mesh | None = None) -> dict:

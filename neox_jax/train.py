@@ -189,6 +189,7 @@ class Trainer:
         self.compiler_options = compiler_options(cfg.xla_options, self.platform)
         jit = functools.partial(jax.jit, compiler_options=self.compiler_options)
         self.init = jit(self.under_mesh(self._init), out_shardings=self.state_shardings)
+        self.start_from = jit(self.under_mesh(self._start_from), out_shardings=self.state_shardings)
         replicated = NamedSharding(mesh, P())
         self.grads = jit(self.under_mesh(self._grads), in_shardings=(self.state_shardings.params, self.batch_sharding),
                          out_shardings=(replicated, shd.named(mesh, self.zero_specs)))
@@ -235,6 +236,15 @@ class Trainer:
         master = jax.tree.map(lambda x: x.astype(F32), params)
         zero = jnp.zeros((), jnp.int32)
         return TrainState(step=zero, updates=zero, params=params,
+                          master=master if self.has_master else None, opt_state=self.tx.init(master),
+                          loss_scale=LossScale.initial(self.cfg) if self.fp16 else None)
+
+    def _start_from(self, weights) -> TrainState:
+        """A fresh state (step 0, new optimizer) on given fp32 weights: fine-tuning's start."""
+        master = jax.tree.map(lambda x: x.astype(F32), weights)
+        dtype = jnp.dtype(self.model_cfg.param_dtype)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, updates=zero, params=jax.tree.map(lambda x: x.astype(dtype), master),
                           master=master if self.has_master else None, opt_state=self.tx.init(master),
                           loss_scale=LossScale.initial(self.cfg) if self.fp16 else None)
 

@@ -302,7 +302,7 @@ def test_neox_yaml_dropout_left_at_gpt_neox_default_is_refused(tmp_path):
 @pytest.mark.parametrize("changes, says", [
     ({"sequence_parallel": True}, "sequence_parallel=True: Megatron sequence parallelism is not implemented"),
     ({"eod_mask_loss": True}, "eod_mask_loss=True: the loss is the plain mean"),
-    ({"finetune": True}, "finetune=True: a run resumes its whole state from `save`"),
+    ({"finetune": True}, "finetune: true needs `load`, the checkpoint whose weights the run starts from"),
     ({"train_epochs": 2}, "train_epochs=2: neox-jax trains with train_iters"),
     ({"load": "elsewhere", "save": "here"}, "load='elsewhere' differs from save='here'"),
     ({"train_batch_size": 100, "train_micro_batch_size_per_gpu": 8}, "train_batch_size=100 is not a multiple of"),
@@ -363,6 +363,32 @@ def test_neox_yaml_keys_that_change_the_run_are_honoured(tmp_path):
     assert cfg.mesh["data"] == 8 and cfg.lr_decay_iters == 80 and cfg.grad_clip == 0.5
     assert cfg.extra_save_iters == (0, 1, 2, 4) and cfg.keep_last == 0 and cfg.peak_tflops == 312
     assert cfg.data_paths == ("t",) and cfg.valid_data_paths == ("v",) and cfg.zero_stage == 3
+
+
+def test_neox_yaml_finetune_starts_from_load(tmp_path):
+    f = tmp_path / "m.yml"
+    f.write_text(yaml.safe_dump({**NEOX_BASE, "finetune": True, "load": "pythia-70m-step143000", "save": "ft"}))
+    cfg = neox_yaml.train_config(f)
+    assert cfg.init_from == "pythia-70m-step143000" and cfg.save == "ft"
+
+
+def test_fine_tuning_from_missing_or_other_weights_is_refused_first(tmp_path, corpus):
+    import json
+
+    from neox_jax.convert.hf_config import config_to_hf
+
+    (tmp_path / "other").mkdir()  # its config is all that is read before the refusal
+    (tmp_path / "other" / "config.json").write_text(json.dumps(config_to_hf(
+        NeoXConfig(**{**TINY_MODEL, "num_layers": 3, "rotary_pct": 1.0}))))
+    base = TrainConfig.from_dict({"model": TINY_MODEL, "mesh": {"data": 2, "pipe": 1, "tensor": 1}, "seq_length": 32,
+                                  "data_paths": [corpus], "save": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match=re.escape(f"init_from={tmp_path / 'other'} holds another model than this "
+                                                    "run's: model.num_layers=2 but 3 there; model.rotary_pct=0.5 but "
+                                                    "1.0 there: give the model settings of those weights")):
+        train(base.replace(init_from=str(tmp_path / "other")), show_progress=False)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nowhere'} does not exist"):
+        train(base.replace(init_from=str(tmp_path / "nowhere")), show_progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_neox_yaml_another_optimizer_is_refused(tmp_path):

@@ -65,6 +65,42 @@ def test_identical_runs_and_exact_resume(corpus, tmp_path):
 
 
 @pytest.mark.slow
+def test_fine_tuning_starts_from_the_weights_and_resumes_exactly(corpus, tmp_path):
+    from flax import nnx
+
+    from neox_jax.data.dataset import GlobalBatches
+    from neox_jax.data.loader import LocalBatches
+    from neox_jax.loop import _datasets
+    from neox_jax.model import GPTNeoX
+    from neox_jax.pretrained import save_pretrained
+    from neox_jax.sharding import make_mesh
+    from neox_jax.train import Trainer
+
+    source = GPTNeoX(NeoXConfig(**MODEL), rngs=nnx.Rngs(7))  # weights no run here would draw (seed 3)
+    save_pretrained(source, tmp_path / "pretrained")
+    cfg = config(corpus, tmp_path / "a", init_from=str(tmp_path / "pretrained"), train_iters=4, save_interval=2,
+                 extra_save_iters=[0], eval_interval=100)
+    full = train(cfg, show_progress=False)
+
+    trainer = Trainer(cfg, make_mesh(cfg.mesh))
+    start = ckpt.TrainCheckpointer(cfg.save).restore(0, trainer.abstract_state_with_shardings())
+    assert int(start.step) == 0 and int(start.updates) == 0  # a fresh optimizer at step 0
+    assert_trees_equal(jax.tree.map(np.asarray, start.params), nnx.to_pure_dict(nnx.state(source, nnx.Param)))
+    assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(start.opt_state))  # moments and counts all 0
+    # the first step's loss is the pretrained weights' evaluation loss on that batch
+    batches = GlobalBatches(_datasets(cfg, trainer.global_batch_size)[0], cfg.grad_accum_steps, cfg.micro_batch_size,
+                            cfg.mesh["data"])
+    batch = LocalBatches(batches, trainer.batch_sharding, cfg.seq_length).device_batch(0)
+    assert full.losses[0] == pytest.approx(float(trainer.eval_loss(start.params, batch)), abs=1e-6)
+
+    resumed_cfg = cfg.replace(save=str(tmp_path / "b" / "ckpt"))
+    assert train(resumed_cfg, max_steps=2, show_progress=False).last_step == 2
+    resumed = train(resumed_cfg, show_progress=False)  # from its own checkpoint, not from init_from again
+    assert {s: resumed.losses[s] for s in (2, 3)} == {s: full.losses[s] for s in (2, 3)}
+    assert_trees_equal(params_of(resumed), params_of(full))
+
+
+@pytest.mark.slow
 def test_resume_onto_another_mesh(corpus, tmp_path):
     big = dict(mesh={"data": 2, "pipe": 2, "tensor": 2}, micro_batch_size=4, eps=1e-6)
     full = train(config(corpus, tmp_path / "a", **big), show_progress=False)

@@ -31,7 +31,7 @@ READ = {
     "weight_decay", "gradient_clipping", "clip_grad", "train_iters", "seed",
     # data, evaluation, checkpoints, logging
     "data_path", "train_data_paths", "valid_data_paths", "train_data_weights", "valid_data_weights", "split",
-    "eval_interval", "eval_iters", "save", "load", "checkpoint_factor", "save_interval", "keep_last_n_checkpoints",
+    "eval_interval", "eval_iters", "save", "load", "finetune", "checkpoint_factor", "save_interval", "keep_last_n_checkpoints",
     "extra_save_iters", "log_interval", "tensorboard_dir", "peak_theoretical_tflops", "profile", "profile_step_start",
     "profile_step_stop",
 }
@@ -84,7 +84,7 @@ OFF_TRAINING = {
     **_each("the loss is the plain mean next-token cross-entropy", "eod_mask_loss", "z_loss"),
     **_each("neox-jax's optimizer is AdamW with GPT-NeoX's schedule", "use_bnb_optimizer", "scheduler",
            "use_checkpoint_lr_scheduler"),
-    **_each("a run resumes its whole state from `save` (to start from other weights, convert them)", "finetune",
+    **_each("a run resumes its whole state from `save`, or starts from `load`'s weights with `finetune: true`",
            "no_load_optim", "no_load_rng"),
     **_each("not implemented: stop with train_iters, or SIGTERM (the step is saved)", "exit_interval"),
     **_each("not implemented: copy the checkpoints from `save` yourself", "s3_path"),

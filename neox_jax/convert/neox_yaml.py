@@ -198,10 +198,12 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
         raise ConfigError(f"{where}: set either data_path or train/valid/test_data_paths, as GPT-NeoX requires")
     if bool(train_paths) != bool(valid_paths):
         raise ConfigError(f"{where}: train_data_paths and valid_data_paths go together (GPT-NeoX requires both)")
-    save, load = str(args.get("save") or ""), str(args.get("load") or "")
-    if load and Path(load).resolve() != Path(save or ".").resolve():
+    save, load, finetune = str(args.get("save") or ""), str(args.get("load") or ""), bool(args.get("finetune"))
+    if finetune and not load:
+        raise ConfigError(f"{where}: finetune: true needs `load`, the checkpoint whose weights the run starts from")
+    if load and not finetune and Path(load).resolve() != Path(save or ".").resolve():
         raise ConfigError(f"{where}: load={load!r} differs from save={save!r}: a neox-jax run resumes from its `save` "
-                          "folder; set load to save (or drop it), and convert other weights to start from them")
+                          "folder; set load to save (or drop it), or add `finetune: true` to start from load's weights")
     decay_iters = args.get("lr_decay_iters") or (int(float(args["lr_decay_fraction"]) * iters)
                                                   if args.get("lr_decay_fraction") else 0)
     vocab_file = args.get("vocab_file")
@@ -240,6 +242,7 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
         eval_interval=int(args.get("eval_interval", 1000)),
         eval_iters=int(args.get("eval_iters", 100)),
         save=save,
+        init_from=load if finetune else "",  # GPT-NeoX's finetune: load's weights, a fresh optimizer, iteration 0
         save_interval=int(args.get("checkpoint_factor", args.get("save_interval", 1000)) or 1000),
         extra_save_iters=tuple(int(i) for i in args.get("extra_save_iters") or ()),
         keep_last=int(args.get("keep_last_n_checkpoints") or 0),  # GPT-NeoX keeps every checkpoint by default
