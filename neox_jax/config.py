@@ -326,6 +326,9 @@ class TrainConfig:
     split: str = "969,30,1"  # of each of data_paths into train/valid/test documents (without valid_data_paths)
     valid_data_paths: tuple[str, ...] = ()  # set: GPT-NeoX's train/valid_data_paths, whole datasets, no split
     valid_data_weights: tuple[float, ...] = ()
+    label_data_paths: tuple[str, ...] = ()  # GPT-NeoX's label files, one per data path: target ids, -100 = not trained
+    valid_label_data_paths: tuple[str, ...] = ()  # one per valid_data_paths entry
+    loss_mean: str = "tokens"  # tokens: every trained token of a step weighs the same; micro_batch: GPT-NeoX's
     tokenizer: str = ""  # tokenizer.json, for samples printed during training
     data_cache_dir: str = ""  # where the index maps are cached ("" = beside the data, as GPT-NeoX does)
     # evaluation, checkpoints, logging
@@ -356,6 +359,9 @@ class TrainConfig:
             raise ConfigError(f"grad_accum_dtype={self.grad_accum_dtype!r}: choose float32 or bfloat16")
         if self.zero_stage not in (0, 1, 3):
             raise ConfigError(f"zero_stage={self.zero_stage}: choose 0, 1 or 3 (FSDP)")
+        if self.loss_mean not in ("tokens", "micro_batch"):
+            raise ConfigError(f"loss_mean={self.loss_mean!r}: choose tokens (every trained token of a step weighs the "
+                              "same) or micro_batch (GPT-NeoX's: a token mean per data replica's microbatch)")
         if self.decay_style not in DECAY_STYLES:
             raise ConfigError(f"decay_style={self.decay_style!r}: choose one of {', '.join(DECAY_STYLES)}")
         for name in ("seq_length", "micro_batch_size", "grad_accum_steps", "train_iters", "eval_interval",
@@ -366,12 +372,16 @@ class TrainConfig:
         if self.seq_length > self.model.max_position_embeddings:
             raise ConfigError(f"seq_length={self.seq_length} exceeds the model's max_position_embeddings="
                               f"{self.model.max_position_embeddings}")
-        for paths, weights in (("data_paths", "data_weights"), ("valid_data_paths", "valid_data_weights")):
+        for paths, weights in (("data_paths", "data_weights"), ("valid_data_paths", "valid_data_weights"),
+                               ("data_paths", "label_data_paths"), ("valid_data_paths", "valid_label_data_paths")):
             if getattr(self, weights) and len(getattr(self, weights)) != len(getattr(self, paths)):
                 raise ConfigError(f"{weights} has {len(getattr(self, weights))} entries for "
                                   f"{len(getattr(self, paths))} {paths}")
+        if self.valid_data_paths and bool(self.label_data_paths) != bool(self.valid_label_data_paths):
+            raise ConfigError("label_data_paths and valid_label_data_paths go together when valid_data_paths is set: "
+                              "give the validation data its label files too (or neither)")
         for name in ("betas", "data_paths", "data_weights", "valid_data_paths", "valid_data_weights",
-                     "extra_save_iters", "profile_steps"):
+                     "label_data_paths", "valid_label_data_paths", "extra_save_iters", "profile_steps"):
             value = getattr(self, name)
             object.__setattr__(self, name, tuple(value) if isinstance(value, (list, tuple)) else (value,))
         object.__setattr__(self, "mesh", _mesh(self.mesh))

@@ -241,10 +241,11 @@ def _datasets(cfg: TrainConfig, global_batch: int):
     samples, cache = [cfg.train_iters * global_batch, valid_samples, 0], cfg.data_cache_dir or None
     if cfg.valid_data_paths:  # GPT-NeoX's train/valid_data_paths: whole datasets
         train, valid = build_path_datasets(cfg.data_paths, cfg.data_weights, cfg.valid_data_paths,
-                                           cfg.valid_data_weights, samples, cfg.seq_length, cfg.seed, cache)
+                                           cfg.valid_data_weights, samples, cfg.seq_length, cfg.seed, cache,
+                                           cfg.label_data_paths, cfg.valid_label_data_paths)
         return train, valid
     train, valid, _ = build_split_datasets(list(cfg.data_paths), list(cfg.data_weights) or None, cfg.split,
-                                           samples, cfg.seq_length, cfg.seed, cache)
+                                           samples, cfg.seq_length, cfg.seed, cache, cfg.label_data_paths)
     if train is None:
         raise ConfigError(f"split={cfg.split!r} leaves no training documents")
     return train, valid

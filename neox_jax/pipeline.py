@@ -18,8 +18,9 @@ Recomputation is done once and chosen by `remat_policy`:
 
 so each layer's forward runs twice in either case (recompute factor 4; the planner prints it).
 
-The gradient is computed here, not by autodiff of the loop: the function returns the loss and the gradients of
-`seed` x the mean loss, summed over microbatches in `accum_dtype`. The embedding runs on the first stage and
+The gradient is computed here, not by autodiff of the loop: the function returns the loss, the sum of the
+microbatches' (each a weighted sum of token losses: train.py's `targets`), and the gradients of `seed` x it,
+summed over microbatches in `accum_dtype`. The embedding runs on the first stage and
 the output layer and loss on the last, outside the pipelined stack as in GPT-NeoX; both are computed on every
 stage in the same program, so the activations never leave their stage; their gradients, non-zero on one stage,
 are summed over `pipe` once at the end. The pipeline applies causal attention without a padding mask, as
@@ -52,12 +53,13 @@ def slots(stages: int) -> int:
     return 2 * stages - 1
 
 
-def pipeline_grads(graphdef, params, tokens_mbt, labels_mbt, loss_fn, *, seed, accum_dtype):
-    """(mean loss, gradients of `seed` x mean loss in `accum_dtype`) of microbatches [M, mb, t] through as many
-    stages as the mesh's `pipe` axis has devices.
+def pipeline_grads(graphdef, params, tokens_mbt, targets_mbt, loss_fn, *, seed, accum_dtype):
+    """(loss, gradients of `seed` x loss in `accum_dtype`) of microbatches [M, mb, t] through as many stages as the
+    mesh's `pipe` axis has devices; the loss is the sum of the microbatches'.
 
-    `graphdef` and `params` (a nested dict) make the GPTNeoX; `loss_fn(model, last layer's output, labels)` is one
-    microbatch's loss. `train.check_layout` has checked the layout (layers divisible by stages, remat policy)."""
+    `graphdef` and `params` (a nested dict) make the GPTNeoX; `loss_fn(model, last layer's output, targets)` is one
+    microbatch's loss, `targets_mbt` a pytree of [M, ...] arrays (labels, weights). `train.check_layout` has checked
+    the layout (layers divisible by stages, remat policy)."""
     stages = dict(jax.sharding.get_abstract_mesh().shape)["pipe"]
     model = nnx.merge(graphdef, params)
     cfg = model.config
@@ -66,7 +68,7 @@ def pipeline_grads(graphdef, params, tokens_mbt, labels_mbt, loss_fn, *, seed, a
     # the stacked layers enter split over `pipe` (each stage its block), the rest whole
     in_specs = {k: jax.tree.map(lambda _: P("pipe") if k == "layers" else P(), v) for k, v in params.items()}
 
-    def stage_program(params, tokens_mbt, labels_mbt, seed):
+    def stage_program(params, tokens_mbt, targets_mbt, seed):
         s = jax.lax.axis_index("pipe")
         last, m, (_, mb, t), keep = stages - 1, tokens_mbt.shape[0], tokens_mbt.shape, slots(stages)
         layers = params["layers"]  # this stage's [L / P, ...]
@@ -111,10 +113,10 @@ def pipeline_grads(graphdef, params, tokens_mbt, labels_mbt, loss_fn, *, seed, a
                                                            f % keep, 0)
             if forward and backward:  # the last stage scores the microbatch it just ran and starts its backward
                 scored = (s == last) & (f >= 0) & (f < m)
-                labels = labels_mbt[jnp.clip(f, 0, m - 1)]
+                targets = jax.tree.map(lambda x: x[jnp.clip(f, 0, m - 1)], targets_mbt)
                 head = {k: v for k, v in outer.items() if k != "embed_in"}
-                loss, pull = jax.vjp(lambda h, y: loss_fn(whole({**outer, **h}), y, labels), head, y)
-                d_head, g_last = pull(shd.vary_like(jnp.where(scored, seed / m, 0.0).astype(loss.dtype), loss))
+                loss, pull = jax.vjp(lambda h, y: loss_fn(whole({**outer, **h}), y, targets), head, y)
+                d_head, g_last = pull(shd.vary_like(jnp.where(scored, seed, 0.0).astype(loss.dtype), loss))
                 sums = {**sums, **add({k: sums[k] for k in head}, d_head)}
                 loss_sum = loss_sum + jnp.where(scored, loss, 0.0)
                 g_in = jnp.where(s == last, g_last, g_in)
@@ -144,11 +146,11 @@ def pipeline_grads(graphdef, params, tokens_mbt, labels_mbt, loss_fn, *, seed, a
         _, _, _, sums, loss_sum = carry
         # each stage's sums of the weights outside the stack leave side by side: summed over `pipe` below
         sums = {k: v if k == "layers" else jax.tree.map(lambda g: g[None], v) for k, v in sums.items()}
-        return jax.lax.psum(loss_sum, "pipe") / m, sums
+        return jax.lax.psum(loss_sum, "pipe"), sums
 
     out_specs = {k: jax.tree.map(lambda _: P("pipe"), v) for k, v in params.items()}
     loss, sums = jax.shard_map(stage_program, in_specs=(in_specs, P(), P(), P()), out_specs=(P(), out_specs),
-                               axis_names={"pipe"})(params, tokens_mbt, labels_mbt, seed)
+                               axis_names={"pipe"})(params, tokens_mbt, targets_mbt, seed)
     # (a psum inside the shard_map would be the same all-reduce, but XLA's CPU compiler fails on a bf16 one there)
     return loss, {k: v if k == "layers" else jax.tree.map(lambda g: g.sum(0), v) for k, v in sums.items()}
 

@@ -9,10 +9,12 @@ The state is plain pytrees (nested dicts of arrays), so Orbax saves it and any m
     opt_state   AdamW moments, ZeRO-1 layout (split over `data` as well)
     loss_scale  DeepSpeed-style dynamic loss scale (fp16 only, else None)
 
-One step: for each microbatch (a scan, or the pipeline's), loss and gradients w.r.t. the working weights, summed
-on each data replica in `grad_accum_dtype`; one reduce-scatter per tensor over `data` brings the sums into the
-ZeRO layout (once per step, as DeepSpeed); AdamW updates the master shards; the new working weights are cast and
-all-gathered back to their layout. A step whose loss or gradient is not finite changes nothing but the counters.
+The loss is a weighted sum of token losses, each token's weight its share of the step's loss (`Trainer.targets`: 0
+where a label file masks it), so it adds exactly across microbatches and replicas however unevenly rows are masked.
+One step: for each microbatch (a scan, or the pipeline's), loss and gradients w.r.t. the working weights, summed on
+each data replica in `grad_accum_dtype`; one reduce-scatter per tensor over `data` brings the sums into the ZeRO
+layout (once per step, as DeepSpeed); AdamW updates the master shards; the new working weights are cast and all-
+gathered back to their layout. A step whose loss or gradient is not finite changes nothing but the counters.
 """
 
 from __future__ import annotations
@@ -102,32 +104,37 @@ def cross_entropy(logits_btv, labels_bt):
 LOSS_CHUNK = 512  # sequence positions whose fp32 logits exist at once in the training loss
 
 
-def lm_loss(model: GPTNeoX, x_btd, labels_bt, chunk: int = LOSS_CHUNK):
-    """Mean next-token cross-entropy from the last layer's output `x_btd`. Equal to
-    `cross_entropy(model.logits(x), labels)` in value and gradient; the output layer and the loss are
-    `output_cross_entropy`'s."""
+def lm_loss(model: GPTNeoX, x_btd, targets, chunk: int = LOSS_CHUNK):
+    """Next-token cross-entropy from the last layer's output `x_btd`: with `targets` the labels [b, t], their
+    mean (equal to `cross_entropy(model.logits(x), labels)` in value and gradient); with (labels, weights), the
+    weighted sum, the weights being data (a token's share of the step's loss: 0 where it is not trained on). The
+    output layer and the loss are `output_cross_entropy`'s."""
+    labels_bt, weights_bt = targets if isinstance(targets, tuple) else (
+        targets, jnp.full(targets.shape, 1 / targets.size, F32))
     h_btd = model.final_layer_norm(x_btd)
-    return output_cross_entropy(h_btd, model.output_kernel(h_btd.dtype), labels_bt, chunk)
+    return output_cross_entropy(h_btd, model.output_kernel(h_btd.dtype), labels_bt, weights_bt, chunk)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def output_cross_entropy(h_btd, kernel_dv, labels_bt, chunk: int = LOSS_CHUNK):
-    """Mean cross-entropy of the logits `h @ kernel`, run over the sequence `chunk` positions at a time (the
-    largest divisor of its length up to `chunk`), so the whole [b, t, vocab] fp32 logits never exist. The
-    gradients are computed with the loss, chunk by chunk (softmax minus the one-hot label): the logits are computed
-    once, where autodiff of a rematerialised loss computed them again in the backward."""
-    return _output_cross_entropy(h_btd, kernel_dv, labels_bt, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def output_cross_entropy(h_btd, kernel_dv, labels_bt, weights_bt, chunk: int = LOSS_CHUNK):
+    """The sum over positions of `weights` x the cross-entropy of the logits `h @ kernel`, run over the sequence
+    `chunk` positions at a time (the largest divisor of its length up to `chunk`), so the whole [b, t, vocab] fp32
+    logits never exist. The gradients are computed with the loss, chunk by chunk (softmax minus the one-hot label,
+    times the weight): the logits are computed once, where autodiff of a rematerialised loss computed them again
+    in the backward. The weights are data: no gradient flows to them."""
+    return _output_cross_entropy(h_btd, kernel_dv, labels_bt, weights_bt, chunk)[0]
 
 
-def _output_cross_entropy(h_btd, kernel_dv, labels_bt, chunk):
+def _output_cross_entropy(h_btd, kernel_dv, labels_bt, weights_bt, chunk):
     b, t, d = h_btd.shape
     c = max(n for n in range(1, min(chunk, t) + 1) if t % n == 0)
     hs = h_btd.reshape(b, t // c, c, d).swapaxes(0, 1)
     labels = labels_bt.reshape(b, t // c, c).swapaxes(0, 1)
+    weights = weights_bt.astype(F32).reshape(b, t // c, c).swapaxes(0, 1)
 
-    def piece(carry, h_and_labels):
+    def piece(carry, h_labels_weights):
         total, dkernel_dv = carry
-        h_bcd, labels_bc = h_and_labels
+        h_bcd, labels_bc, w_bc = h_labels_weights
         logits_bcv = output_logits(h_bcd, kernel_dv)
         max_bc = jnp.max(logits_bcv, axis=-1)
         exp_bcv = jnp.exp(logits_bcv - max_bc[..., None])
@@ -135,19 +142,19 @@ def _output_cross_entropy(h_btd, kernel_dv, labels_bt, chunk):
         lse_bc = max_bc + jnp.log(sum_bc)
         target_bc = jnp.take_along_axis(logits_bcv, labels_bc[..., None], axis=-1)[..., 0]
         onehot_bcv = jnp.arange(logits_bcv.shape[-1]) == labels_bc[..., None]
-        dlogits_bcv = ((exp_bcv / sum_bc[..., None] - onehot_bcv) / (b * t)).astype(h_bcd.dtype)
+        dlogits_bcv = ((exp_bcv / sum_bc[..., None] - onehot_bcv) * w_bc[..., None]).astype(h_bcd.dtype)
         dh_bcd = matmul.einsum("bcv,dv->bcd", dlogits_bcv, kernel_dv)
         dkernel_dv = dkernel_dv + jnp.einsum("bcd,bcv->dv", h_bcd, dlogits_bcv, preferred_element_type=F32)
-        return (total + (lse_bc - target_bc).sum(), dkernel_dv), dh_bcd
+        return (total + (w_bc * (lse_bc - target_bc)).sum(), dkernel_dv), dh_bcd
 
     zeros = shd.varying(shd.constrain(jnp.zeros(kernel_dv.shape, F32), ("embed", "vocab")))
-    (total, dkernel_dv), dhs = jax.lax.scan(piece, (shd.varying(jnp.zeros((), F32)), zeros), (hs, labels))
-    return total / (b * t), (dhs.swapaxes(0, 1).reshape(b, t, d), dkernel_dv.astype(kernel_dv.dtype))
+    (total, dkernel_dv), dhs = jax.lax.scan(piece, (shd.varying(jnp.zeros((), F32)), zeros), (hs, labels, weights))
+    return total, (dhs.swapaxes(0, 1).reshape(b, t, d), dkernel_dv.astype(kernel_dv.dtype))
 
 
 def _output_cross_entropy_bwd(chunk, grads, g):
     dh_btd, dkernel_dv = grads
-    return (g * dh_btd).astype(dh_btd.dtype), (g * dkernel_dv).astype(dkernel_dv.dtype), None
+    return (g * dh_btd).astype(dh_btd.dtype), (g * dkernel_dv).astype(dkernel_dv.dtype), None, None
 
 
 output_cross_entropy.defvjp(_output_cross_entropy, _output_cross_entropy_bwd)
@@ -226,8 +233,11 @@ class Trainer:
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract_state(),
                             self.state_shardings)
 
-    def abstract_batch(self) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(self.batch_shape(), jnp.int32, sharding=self.batch_sharding)
+    def abstract_batch(self) -> dict:
+        """The step's batch: `tokens` [accum, rows, seq + 1], and `labels` of the same shape when the run reads
+        label files (GPT-NeoX's: the target ids, -100 where a token is not trained on)."""
+        leaf = jax.ShapeDtypeStruct(self.batch_shape(), jnp.int32, sharding=self.batch_sharding)
+        return {"tokens": leaf, "labels": leaf} if self.cfg.label_data_paths else {"tokens": leaf}
 
     # ---- the computations ---------------------------------------------------------------------------
     def _init(self, key) -> TrainState:
@@ -248,22 +258,45 @@ class Trainer:
                           master=master if self.has_master else None, opt_state=self.tx.init(master),
                           loss_scale=LossScale.initial(self.cfg) if self.fp16 else None)
 
-    def loss(self, params, tokens_bt):
+    def targets(self, batch, mean: str | None = None):
+        """(inputs, labels, weights) [accum, rows, seq] of a step's batch. A token's weight is its share of the
+        step's loss, 0 where it is not trained on (a label below 0), so the loss is a plain sum wherever it is cut:
+        with `loss_mean: tokens` every trained token of the step weighs the same; with `micro_batch` (GPT-NeoX's)
+        each data replica's microbatch is a token mean and the step averages them."""
+        tokens = batch["tokens"]
+        raw = batch.get("labels", tokens)[..., 1:]
+        keep = raw >= 0
+        weights = keep.astype(F32)
+        if (mean or self.cfg.loss_mean) == "micro_batch":
+            a, rows, t = weights.shape
+            data = self.mesh_shape["data"]
+            blocks = weights.reshape(a, data, rows // data, t)
+            counts = blocks.sum((2, 3), keepdims=True)
+            weights = (blocks / (jnp.maximum(counts, 1) * a * data)).reshape(a, rows, t)
+        else:
+            weights = weights / jnp.maximum(weights.sum(), 1)
+        return tokens[..., :-1], jnp.where(keep, raw, 0), weights
+
+    def loss(self, params, inputs_bt, labels_bt, weights_bt):
+        """The weighted sum of one microbatch's token losses."""
         model = nnx.merge(self.graphdef, params)
-        return lm_loss(model, model(tokens_bt[:, :-1], hidden_only=True), tokens_bt[:, 1:])
+        return lm_loss(model, model(inputs_bt, hidden_only=True), (labels_bt, weights_bt))
 
-    def pipelined_grads(self, params, batch_mbt, seed, accum_dtype):
-        """(mean loss, gradients of `seed` x it summed in `accum_dtype`) of the whole step's batch [accum, rows,
-        seq + 1] through the pipeline. Each microstep's rows are cut into `split` microbatches (split innermost, so
-        every piece keeps its data sharding)."""
-        a, rows, t1 = batch_mbt.shape
+    def pipelined_grads(self, params, inputs_mbt, labels_mbt, weights_mbt, seed, accum_dtype):
+        """(loss, gradients of `seed` x it summed in `accum_dtype`) of the whole step's batch [accum, rows, seq]
+        through the pipeline. Each microstep's rows are cut into `split` microbatches (split innermost, so every
+        piece keeps its data sharding)."""
+        a, rows, t = inputs_mbt.shape
         split = self.microbatches // a
-        tokens = batch_mbt.reshape(a, rows // split, split, t1).swapaxes(1, 2).reshape(a * split, rows // split, t1)
-        return pipeline_grads(self.graphdef, params, tokens[..., :-1], tokens[..., 1:], lm_loss, seed=seed,
-                              accum_dtype=accum_dtype)
 
-    def _grads(self, params, batch_mbt, loss_scale=1.0):
-        """Mean loss and fp32 gradients over the step's microbatches, in the ZeRO layout.
+        def cut(x):
+            return x.reshape(a, rows // split, split, t).swapaxes(1, 2).reshape(a * split, rows // split, t)
+
+        return pipeline_grads(self.graphdef, params, cut(inputs_mbt), (cut(labels_mbt), cut(weights_mbt)), lm_loss,
+                              seed=seed, accum_dtype=accum_dtype)
+
+    def _grads(self, params, batch, loss_scale=1.0):
+        """The step's loss (a weighted sum: `targets`) and its fp32 gradients, in the ZeRO layout.
 
         The loss is multiplied by `loss_scale` for differentiation and the gradients divided by it after. Each data
         replica sums its microbatches' gradients locally in `grad_accum_dtype`, then one reduce-scatter per tensor
@@ -272,36 +305,32 @@ class Trainer:
         reduces per microstep.
         """
         if self.cfg.zero_stage == 3:
-            return self._grads_per_microstep(params, batch_mbt, loss_scale)
-        data, n = self.mesh_shape["data"], batch_mbt.shape[0]
+            return self._grads_per_microstep(params, batch, loss_scale)
+        data = self.mesh_shape["data"]
+        inputs_mbt, labels_mbt, weights_mbt = self.targets(batch)
         accum = jnp.dtype(self.cfg.grad_accum_dtype)
         # the dimension ZeRO splits over `data` when it splits a dimension of its own, else -1: an all-reduce
         dims = jax.tree.map(lambda spec: next((i for i, e in enumerate(spec) if e == "data"), -1), self.zero_specs,
                             is_leaf=lambda x: isinstance(x, P))
 
-        def replica(params, batch_mbt, loss_scale):  # one data replica's rows; `pipe` and `tensor` stay automatic
-            # so that the gradient's transpose reduces nothing over `data`
+        def replica(params, inputs_mbt, labels_mbt, weights_mbt, loss_scale):  # one data replica's rows; `pipe`
+            # and `tensor` stay automatic, so that the gradient's transpose reduces nothing over `data`
             params = jax.tree.map(lambda p: jax.lax.pcast(p, "data", to="varying"), params)
-
-            def grad_of(loss_fn, weights, tokens):
-                def scaled(w):
-                    loss = loss_fn(w, tokens)
-                    return loss * loss_scale, loss
-
-                g, loss = jax.grad(scaled, has_aux=True)(weights)
-                return jax.tree.map(lambda x: x.astype(accum), g), loss
-
             if self.stages > 1:
-                loss, total = self.pipelined_grads(params, batch_mbt, loss_scale, accum)  # of the mean loss
+                loss, total = self.pipelined_grads(params, inputs_mbt, labels_mbt, weights_mbt, loss_scale, accum)
             else:
-                def micro(acc, tokens_bt):
-                    g, loss = grad_of(self.loss, params, tokens_bt)
-                    return jax.tree.map(jnp.add, acc, g), loss
+                def micro(acc, piece):
+                    def scaled(w):
+                        loss = self.loss(w, *piece)
+                        return loss * loss_scale, loss
+
+                    g, loss = jax.grad(scaled, has_aux=True)(params)
+                    return jax.tree.map(lambda a, x: a + x.astype(accum), acc, g), loss
 
                 zeros = jax.tree.map(lambda p: shd.varying(jnp.zeros(p.shape, accum)), params)
-                total, losses = jax.lax.scan(micro, zeros, batch_mbt)
-                loss = losses.mean()
-            return jax.lax.pmean(loss, "data"), total
+                total, losses = jax.lax.scan(micro, zeros, (inputs_mbt, labels_mbt, weights_mbt))
+                loss = losses.sum()
+            return jax.lax.psum(loss, "data"), total
 
         loss_scale = jnp.asarray(loss_scale, F32)
         # Each replica's sums leave side by side along the dimension they are reduced over (`data` outermost), so a
@@ -315,13 +344,13 @@ class Trainer:
             entries[k] = "data" if e is None else ("data", *(e if isinstance(e, tuple) else (e,)))
             return P(*entries)
 
-        loss, totals = jax.shard_map(replica, mesh=self.mesh, in_specs=(P(), P(None, "data"), P()),
+        rows = P(None, "data")
+        loss, totals = jax.shard_map(replica, mesh=self.mesh, in_specs=(P(), rows, rows, rows, P()),
                                      out_specs=(P(), jax.tree.map(lambda k: P(*[None] * k, "data"), along)),
-                                     axis_names={"data"})(params, batch_mbt, loss_scale)
-        summed = 1 if self.stages > 1 else n  # microbatches summed (the pipeline's loss is their mean already)
+                                     axis_names={"data"})(params, inputs_mbt, labels_mbt, weights_mbt, loss_scale)
 
-        def mean(g, scale):
-            return g.astype(F32) / (summed * data * scale)
+        def mean(g, scale):  # the weights made the sums the step's loss: only the loss scale is left to divide
+            return g.astype(F32) / scale
 
         def reduce(g, dim, scale):  # one reduce-scatter (all-reduce without ZeRO) per tensor, on its local shard
             g = jax.lax.psum(g, "data") if dim < 0 else jax.lax.psum_scatter(g, "data", scatter_dimension=dim,
@@ -338,34 +367,31 @@ class Trainer:
                                                         P()), out_specs=reduced_specs)(totals, loss_scale)
         return loss, jax.lax.with_sharding_constraint(grads, shd.named(self.mesh, self.zero_specs))
 
-    def _grads_per_microstep(self, params, batch_mbt, loss_scale=1.0):
+    def _grads_per_microstep(self, params, batch, loss_scale=1.0):
         """FSDP: each microstep's gradients are reduce-scattered into the ZeRO layout and accumulated in fp32."""
         zero = shd.named(self.mesh, self.zero_specs)
 
-        def grad_of(loss_fn, tokens):
+        def micro(acc, piece):
             def scaled(p):
-                loss = loss_fn(p, tokens)
+                loss = self.loss(p, *piece)
                 return loss * loss_scale, loss
 
             g, loss = jax.grad(scaled, has_aux=True)(params)
-            return jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x.astype(F32), g), zero), loss
-
-        def micro(acc, tokens_bt):
-            g, loss = grad_of(self.loss, tokens_bt)
+            g = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x.astype(F32), g), zero)
             return jax.tree.map(jnp.add, acc, g), loss
 
         acc = jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(jnp.zeros(x.shape, F32), s),
                            self.abstract_params, zero)
-        acc, losses = jax.lax.scan(micro, acc, batch_mbt)
-        n = batch_mbt.shape[0]
-        return losses.mean(), jax.tree.map(lambda g: g / (n * loss_scale), acc)
+        acc, losses = jax.lax.scan(micro, acc, self.targets(batch))
+        return losses.sum(), jax.tree.map(lambda g: g / loss_scale, acc)
 
-    def _eval_loss(self, params, batch_mbt):
-        return jax.lax.map(lambda tokens: self.loss(params, tokens), batch_mbt).mean()
+    def _eval_loss(self, params, batch):
+        """The batch's mean loss over its trained tokens (each weighs the same, whatever `loss_mean`)."""
+        return jax.lax.map(lambda piece: self.loss(params, *piece), self.targets(batch, "tokens")).sum()
 
-    def _step(self, state: TrainState, batch_mbt):
+    def _step(self, state: TrainState, batch):
         scale = state.loss_scale.scale if self.fp16 else 1.0
-        loss, grads = self._grads(state.params, batch_mbt, scale)
+        loss, grads = self._grads(state.params, batch, scale)
         master = state.master if self.has_master else state.params
         lr = self.lr(state.updates)
         updates, opt_state = self.tx.update(grads, state.opt_state, master)
@@ -390,15 +416,20 @@ class Trainer:
         return new, metrics
 
     # ---- data ---------------------------------------------------------------------------------------
-    def put_batch(self, tokens: np.ndarray) -> jax.Array:
-        """A whole host batch [accum, batch, length] onto the mesh; each process puts only the rows its devices
-        hold (training itself never builds the whole batch: neox_jax/data/loader.py reads just those rows)."""
+    def put_batch(self, tokens: np.ndarray, labels: np.ndarray | None = None) -> dict:
+        """A whole host batch [accum, batch, length] (and its labels) onto the mesh; each process puts only the rows
+        its devices hold (training itself never builds the whole batch: neox_jax/data/loader.py reads just those
+        rows)."""
         from neox_jax.data.loader import local_rows
 
-        tokens = np.asarray(tokens, np.int32)
-        if tokens.shape != self.batch_shape():
-            raise ConfigError(f"batch of shape {tokens.shape}, expected {self.batch_shape()} "
-                              "(grad_accum_steps, micro_batch_size x data, seq_length + 1)")
-        lo, hi = local_rows(self.batch_sharding, tokens.shape)
-        return jax.make_array_from_process_local_data(self.batch_sharding, tokens[:, lo:hi], tokens.shape)
+        batch = {"tokens": tokens} if labels is None else {"tokens": tokens, "labels": labels}
+        out = {}
+        for name, rows in batch.items():
+            rows = np.asarray(rows, np.int32)
+            if rows.shape != self.batch_shape():
+                raise ConfigError(f"{name} of shape {rows.shape}, expected {self.batch_shape()} "
+                                  "(grad_accum_steps, micro_batch_size x data, seq_length + 1)")
+            lo, hi = local_rows(self.batch_sharding, rows.shape)
+            out[name] = jax.make_array_from_process_local_data(self.batch_sharding, rows[:, lo:hi], rows.shape)
+        return out
 

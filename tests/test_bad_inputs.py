@@ -308,6 +308,7 @@ def test_neox_yaml_dropout_left_at_gpt_neox_default_is_refused(tmp_path):
     ({"train_batch_size": 100, "train_micro_batch_size_per_gpu": 8}, "train_batch_size=100 is not a multiple of"),
     ({"data_path": "a", "train_data_paths": ["b"], "valid_data_paths": ["b"]}, "set either data_path or train/"),
     ({"train_data_paths": ["b"]}, "train_data_paths and valid_data_paths go together"),
+    ({"train_impl": "dpo"}, "train_impl='dpo' is not supported"),
     ({"fp16": {"enabled": True, "loss_scale": 128}}, "fp16 loss_scale=128: a static loss scale is not supported"),
     ({"optimizer": {"type": "Adam", "params": {"lr": 1e-4, "momentum": 0.9}}}, "optimizer params ['momentum']"),
 ])
@@ -365,11 +366,15 @@ def test_neox_yaml_keys_that_change_the_run_are_honoured(tmp_path):
     assert cfg.data_paths == ("t",) and cfg.valid_data_paths == ("v",) and cfg.zero_stage == 3
 
 
-def test_neox_yaml_finetune_starts_from_load(tmp_path):
+def test_neox_yaml_sft_keys_are_honoured(tmp_path):
     f = tmp_path / "m.yml"
-    f.write_text(yaml.safe_dump({**NEOX_BASE, "finetune": True, "load": "pythia-70m-step143000", "save": "ft"}))
+    f.write_text(yaml.safe_dump({**NEOX_BASE, "finetune": True, "load": "pythia-70m-step143000", "save": "ft",
+                                 "train_data_paths": ["sft"], "train_label_data_paths": ["sft_label"],
+                                 "valid_data_paths": ["v"], "valid_label_data_paths": ["v_label"]}))
     cfg = neox_yaml.train_config(f)
     assert cfg.init_from == "pythia-70m-step143000" and cfg.save == "ft"
+    assert cfg.label_data_paths == ("sft_label",) and cfg.valid_label_data_paths == ("v_label",)
+    assert cfg.loss_mean == "micro_batch"  # GPT-NeoX's normalisation, to reproduce its runs
 
 
 def test_fine_tuning_from_missing_or_other_weights_is_refused_first(tmp_path, corpus):
@@ -628,3 +633,16 @@ def test_lm_eval_names_a_bad_task_model_argument_or_dtype(tmp_path, capsys, monk
     __import__("tests.conftest", fromlist=["make_hf_model"]).make_hf_model().save_pretrained(tmp_path)
     assert cli(["lm-eval", "--model", "neox-jax", *args.replace("MODEL", str(tmp_path)).split()]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_a_label_file_of_another_dataset_is_refused_naming_both(shared, tmp_path):
+    out = shared / "neox-post-training" / "out"
+    cfg = TrainConfig.from_dict({"model": {**TINY_MODEL, "vocab_size": 50304}, "seq_length": 16,
+                                 "mesh": {"data": 8, "pipe": 1, "tensor": 1}, "micro_batch_size": 1,
+                                 "data_paths": [str(out / "sft_messages_document")],
+                                 "label_data_paths": [str(out / "pairs_chosen_label_document")],
+                                 "data_cache_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="label file .*pairs_chosen_label_document does not match .*sft_messages"):
+        train(cfg, show_progress=False)
+    with pytest.raises(ConfigError, match="label_data_paths has 2 entries for 1 data_paths"):
+        cfg.replace(label_data_paths=(str(out / "a"), str(out / "b")))

@@ -176,3 +176,15 @@ def test_yaml_unsupported_architecture_named(tmp_path):
                  ' "no_weight_tying": true, "norm": "rmsnorm"}')
     with pytest.raises(ConfigError, match="norm='rmsnorm' is not supported"):
         model_config(f)
+
+
+def test_every_shipped_config_reads():
+    from pathlib import Path
+
+    from neox_jax.convert.neox_yaml import read_train_config
+
+    files = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yml"))
+    assert len(files) >= 6
+    for f in files:
+        cfg = read_train_config(f)
+        assert cfg.train_iters >= 1, f

@@ -376,12 +376,12 @@ def test_batches_from_cached_maps_equal_the_built_ones(corpus, tmp_path):
     make = lambda: GlobalBatches(GPTDataset(ds, np.arange(57), 200, 8, 1, cache_dir=tmp_path), 2, 3, 2)  # noqa
     walked = make()  # builds the index maps and writes them to the cache
     assert not isinstance(walked.dataset.shuffle_idx, np.memmap)
-    history = [walked.batch(n) for n in range(6)]
+    history = [walked.batch(n)["tokens"] for n in range(6)]
     fresh = make()  # a resumed run: reads the cached maps
     assert isinstance(fresh.dataset.shuffle_idx, np.memmap)
-    np.testing.assert_array_equal(fresh.batch(5), history[5])
+    np.testing.assert_array_equal(fresh.batch(5)["tokens"], history[5])
     assert history[5].shape == (2, 6, 9)
     # a process feeding rows 3..6 of each microstep gets exactly those rows
-    np.testing.assert_array_equal(fresh.batch(4, 3, 6), history[4][:, 3:6])
+    np.testing.assert_array_equal(fresh.batch(4, 3, 6)["tokens"], history[4][:, 3:6])
     # rows are dealt microstep-major, then rank, then micro batch: row j of microstep k is sample 12n + 6k + j
     np.testing.assert_array_equal(history[2][1, 4], walked.dataset[2 * 12 + 6 + 4])

@@ -22,9 +22,10 @@ def test_loader_assembles_the_global_batch_in_step_order(tmp_path):
     assert local_rows(sharding, (2, 8, 17)) == (0, 8)  # one process holds every row here
     with Loader(batches, sharding, seq_length=16, start_step=3, prefetch=2) as loader:
         for expected_step, (step, batch) in zip(range(3, 7), loader):
-            assert step == expected_step
+            assert step == expected_step and list(batch) == ["tokens"]  # no label files: tokens alone
+            batch = batch["tokens"]
             assert batch.sharding == sharding and batch.shape == (2, 8, 17)
-            np.testing.assert_array_equal(np.asarray(batch), batches.batch(step))
+            np.testing.assert_array_equal(np.asarray(batch), batches.batch(step)["tokens"])
             # each data rank's devices hold its contiguous micro batch
             shard = next(s for s in batch.addressable_shards if s.device == mesh.devices[1, 0, 0])
-            np.testing.assert_array_equal(np.asarray(shard.data), batches.batch(step)[:, 2:4])
+            np.testing.assert_array_equal(np.asarray(shard.data), batches.batch(step)["tokens"][:, 2:4])

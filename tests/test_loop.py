@@ -371,3 +371,31 @@ def test_a_second_training_process_on_the_same_save_folder_is_refused(corpus, tm
     stopped = int(out.split("stopped by SIGTERM after step ")[1].split(":")[0])
     assert ckpt.TrainCheckpointer(tmp_path / "ckpt").latest_step() == stopped
     assert train(cfg, max_steps=1, show_progress=False).last_step == stopped + 1  # resumes: the lock was released
+
+
+@pytest.mark.slow
+def test_sft_on_the_label_files_gpt_neox_wrote(shared, tmp_path):
+    """GPT-NeoX's own SFT files (chat `messages`, -100 over the prompts) train here as they are: the labels come
+    in step with the tokens, equal to them where trained, and only those tokens count."""
+    from neox_jax.data.dataset import GlobalBatches
+    from neox_jax.loop import _datasets
+
+    out = shared / "neox-post-training" / "out"
+    files = sorted(out.iterdir())
+    cfg = TrainConfig.from_dict(dict(
+        model=dict(vocab_size=50304, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                   max_position_embeddings=64, rotary_pct=0.25),
+        mesh={"data": 4, "pipe": 1, "tensor": 2}, seq_length=24, micro_batch_size=1, train_iters=3, lr=1e-3,
+        data_paths=[str(out / "sft_messages_document")], label_data_paths=[str(out / "sft_messages_label_document")],
+        valid_data_paths=[str(out / "sft_messages_document")],
+        valid_label_data_paths=[str(out / "sft_messages_label_document")], eval_interval=3, eval_iters=1,
+        data_cache_dir=str(tmp_path / "maps"), log_interval=1))
+    train_ds, _ = _datasets(cfg, 4)
+    batch = GlobalBatches(train_ds, 1, 1, 4).batch(0)
+    trained = batch["labels"] >= 0
+    assert 0 < trained.sum() < trained.size  # prompts masked, answers trained
+    np.testing.assert_array_equal(batch["labels"][trained], batch["tokens"][trained])
+    result = train(cfg, show_progress=False)
+    assert result.last_step == 3 and all(np.isfinite(v) for v in result.losses.values())
+    assert np.isfinite(result.eval_losses[3])
+    assert sorted(out.iterdir()) == files  # the index maps went to data_cache_dir, nothing beside the data

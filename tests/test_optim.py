@@ -93,9 +93,9 @@ class OverflowAt(Trainer):
 
     POISON = jnp.inf
 
-    def _grads(self, params, batch_mbt, loss_scale=1.0):
-        loss, grads = super()._grads(params, batch_mbt, loss_scale)
-        poison = jnp.where(batch_mbt[0, 0, 0] == 63, self.POISON, 0.0)
+    def _grads(self, params, batch, loss_scale=1.0):
+        loss, grads = super()._grads(params, batch, loss_scale)
+        poison = jnp.where(batch["tokens"][0, 0, 0] == 63, self.POISON, 0.0)
         return loss, jax.tree.map(lambda g: g + poison, grads)
 
 

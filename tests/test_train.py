@@ -8,7 +8,7 @@ from neox_jax.config import NeoXConfig, TrainConfig
 from neox_jax.errors import ConfigError
 from neox_jax.sharding import make_mesh
 from neox_jax.train import Trainer
-from tests.conftest import max_diff
+from tests.conftest import max_diff, require
 
 MODEL = NeoXConfig(vocab_size=256, hidden_size=64, num_layers=4, num_heads=8, intermediate_size=128,
                    rotary_pct=0.25, max_position_embeddings=64)
@@ -24,12 +24,25 @@ def trainer(mesh_shape, **changes):
     return Trainer(cfg, mesh)
 
 
+def sft_labels(tokens: np.ndarray) -> np.ndarray:
+    """GPT-NeoX's SFT labels for `tokens`: -100 over a prompt of a different length in each row (the whole of one
+    row), so the rows carry different numbers of trained tokens."""
+    labels = tokens.copy()
+    a, rows, t = tokens.shape
+    for k in range(a):
+        for r in range(rows):
+            labels[k, r, :t if (k, r) == (0, 3) else (5 * r + 3 * k) % (t - 4)] = -100
+    return labels
+
+
 @pytest.fixture(scope="module")
 def reference():
+    """One device's loss and gradients on a batch whose rows are masked unevenly (SFT labels): every layout below
+    equals them only if the weighted sums and their reductions are exact."""
     tr = trainer({"data": 1})
     state = tr.init(jax.random.key(0))
     tokens = np.random.RandomState(0).randint(0, 256, tr.batch_shape())
-    loss, grads = tr.grads(state.params, tr.put_batch(tokens))
+    loss, grads = tr.grads(state.params, tr.put_batch(tokens, sft_labels(tokens)))
     return tokens, state, float(loss), jax.tree.map(np.asarray, grads)
 
 
@@ -48,7 +61,7 @@ def test_sharded_loss_and_grads_equal_single_device(reference, mesh_shape, zero_
     tr = trainer(mesh_shape, zero_stage=zero_stage)
     state = tr.init(jax.random.key(0))
     assert max_diff(state.params, ref_state.params) == 0.0  # the same init on every layout
-    loss, grads = tr.grads(state.params, tr.put_batch(tokens))
+    loss, grads = tr.grads(state.params, tr.put_batch(tokens, sft_labels(tokens)))
     assert abs(float(loss) - ref_loss) <= 1e-5
     assert max_diff(grads, ref_grads) <= 1e-5
 
@@ -115,7 +128,7 @@ def test_bf16_and_fp32_gradient_sums_against_the_fp32_reference(reference):
     errors = {}
     for dtype in ("float32", "bfloat16"):
         tr = trainer({"data": 4, "tensor": 2}, grad_accum_dtype=dtype)
-        _, grads = tr.grads(tr.init(jax.random.key(0)).params, tr.put_batch(tokens))
+        _, grads = tr.grads(tr.init(jax.random.key(0)).params, tr.put_batch(tokens, sft_labels(tokens)))
         errors[dtype] = jax.tree.leaves(relative_errors(grads, ref_grads))
     assert max(errors["float32"]) <= 1e-5
     assert max(errors["bfloat16"]) <= 2 * 2**-8 and max(errors["bfloat16"]) > 100 * max(errors["float32"])
@@ -176,3 +189,54 @@ def test_the_loss_gradient_computes_the_logits_once():
         return count
 
     assert vocab_matmuls(jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr) == 2  # logits, kernel gradient
+
+
+def _as_ours(hf, folder):
+    """A transformers model's gradients in our params layout: written as the weights of a copy and read back
+    through the Hugging Face conversion (every mapping is linear: transposes, reshapes, splits)."""
+    import copy
+
+    import torch
+    from flax import nnx
+
+    from neox_jax.pretrained import from_pretrained
+
+    clone = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p, q in zip(hf.parameters(), clone.parameters()):
+            q.copy_(p.grad)
+    clone.save_pretrained(folder)
+    return nnx.to_pure_dict(nnx.state(from_pretrained(folder), nnx.Param))
+
+
+@pytest.mark.parametrize("loss_mean", ["tokens", "micro_batch"])
+def test_masked_loss_and_gradients_equal_transformers_with_labels_minus_100(tmp_path, loss_mean):
+    """SFT against transformers' `labels=-100`: its loss is the mean over the trained tokens of the rows it is
+    given, so `tokens` is one call on all rows, and GPT-NeoX's `micro_batch` the mean of one call per data
+    replica's rows."""
+    torch = require("torch")
+    from flax import nnx
+
+    from neox_jax.convert.hf_config import config_from_hf
+    from neox_jax.pretrained import from_pretrained
+
+    from .conftest import make_hf_model
+
+    hf = make_hf_model(max_position_embeddings=64)
+    hf.save_pretrained(tmp_path / "model")
+    cfg = TrainConfig(model=config_from_hf(tmp_path / "model"), mesh={"data": 2, "pipe": 1, "tensor": 2},
+                      seq_length=32, micro_batch_size=2, loss_mean=loss_mean)
+    tr = Trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:4]))
+    state = tr.start_from(nnx.to_pure_dict(nnx.state(from_pretrained(tmp_path / "model"), nnx.Param)))
+    tokens = np.random.RandomState(1).randint(0, 384, tr.batch_shape())
+    labels = sft_labels(tokens)
+    loss, grads = tr.grads(state.params, tr.put_batch(tokens, labels))
+
+    ids, targets = torch.from_numpy(tokens[0]).long(), torch.from_numpy(labels[0]).long()
+    halves = [slice(0, 4)] if loss_mean == "tokens" else [slice(0, 2), slice(2, 4)]
+    ref = sum(hf(ids[rows], labels=targets[rows]).loss for rows in halves) / len(halves)
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref), abs=1e-5)
+    ref_grads = _as_ours(hf, tmp_path / "grads")
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+    assert max_diff(grads, ref_grads) <= 1e-5 * scale

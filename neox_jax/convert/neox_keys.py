@@ -31,9 +31,9 @@ READ = {
     "weight_decay", "gradient_clipping", "clip_grad", "train_iters", "seed",
     # data, evaluation, checkpoints, logging
     "data_path", "train_data_paths", "valid_data_paths", "train_data_weights", "valid_data_weights", "split",
-    "eval_interval", "eval_iters", "save", "load", "finetune", "checkpoint_factor", "save_interval", "keep_last_n_checkpoints",
-    "extra_save_iters", "log_interval", "tensorboard_dir", "peak_theoretical_tflops", "profile", "profile_step_start",
-    "profile_step_stop",
+    "train_label_data_paths", "valid_label_data_paths", "eval_interval", "eval_iters", "save", "load", "finetune",
+    "checkpoint_factor", "save_interval", "keep_last_n_checkpoints", "extra_save_iters", "log_interval",
+    "tensorboard_dir", "peak_theoretical_tflops", "profile", "profile_step_start", "profile_step_stop",
 }
 
 # key -> (GPT-NeoX's default, the one value neox-jax implements)
@@ -75,8 +75,7 @@ OFF_MODEL = {
 OFF_TRAINING = {
     **_each("Megatron sequence parallelism is not implemented (docs/sharding.md says why)", "sequence_parallel"),
     **_each("neox-jax trains with train_iters", "train_epochs"),
-    **_each("only GPT-NeoX's plain language-model data is read", "train_label_data_paths", "valid_label_data_paths",
-           "test_label_data_paths", "train_reward_data_paths", "valid_reward_data_paths", "test_reward_data_paths",
+    **_each("only GPT-NeoX's language-model data (with label files) is read", "train_reward_data_paths", "valid_reward_data_paths", "test_reward_data_paths",
            "pos_train_data_paths", "neg_train_data_paths", "pos_train_label_data_paths", "neg_train_label_data_paths",
            "pos_valid_data_paths", "neg_valid_data_paths", "pos_valid_label_data_paths", "neg_valid_label_data_paths",
            "pos_test_data_paths", "neg_test_data_paths", "pos_test_label_data_paths", "neg_test_label_data_paths",
@@ -142,7 +141,8 @@ IGNORED = {
                "text_gen_type", "temperature", "top_p", "top_k", "return_logits", "maximum_tokens", "prompt_end",
                "sample_input_file", "sample_output_file", "num_samples", "recompute", "eval_results_prefix",
                "eval_tasks"),
-    **_each("neox-jax runs no test evaluation at the end of training", "test_data_paths", "test_data_weights"),
+    **_each("neox-jax runs no test evaluation at the end of training", "test_data_paths", "test_data_weights",
+           "test_label_data_paths"),
     **_each("the data are tokenized already (`tokenizer` names a tokenizer.json for samples)", "merge_file"),
     **_each("neox-jax always saves and restores the whole state, which exact resume needs", "no_save_optim",
                "no_save_rng", "override_lr_scheduler"),

@@ -237,6 +237,9 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
         data_weights=tuple(args.get("train_data_weights") or ()),
         valid_data_paths=tuple(valid_paths),
         valid_data_weights=tuple(args.get("valid_data_weights") or ()),
+        label_data_paths=tuple(args.get("train_label_data_paths") or ()),
+        valid_label_data_paths=tuple(args.get("valid_label_data_paths") or ()),
+        loss_mean="micro_batch",  # GPT-NeoX's: a token mean per micro batch and rank, averaged
         split=str(args.get("split", "969,30,1")),
         tokenizer=str(vocab_file) if vocab_file and Path(vocab_file).is_file() else "",
         eval_interval=int(args.get("eval_interval", 1000)),

@@ -106,11 +106,18 @@ def _save_atomic(path: Path, array: np.ndarray):
 
 
 class GPTDataset:
-    """Samples of `seq_length + 1` tokens from `documents` of an indexed dataset, in GPT-NeoX's order."""
+    """Samples of `seq_length + 1` tokens from `documents` of an indexed dataset, in GPT-NeoX's order; with
+    `labels` (a GPT-NeoX label file: the target ids of the same documents, -100 where not trained on) each sample
+    is the pair [tokens, labels], cut at the same places."""
 
     def __init__(self, indexed: IndexedDataset, documents: np.ndarray, num_samples: int, seq_length: int,
-                 seed: int, name: str = "train", cache_dir: str | os.PathLike | None = None):
-        self.indexed, self.seq_length, self.name = indexed, seq_length, name
+                 seed: int, name: str = "train", cache_dir: str | os.PathLike | None = None,
+                 labels: IndexedDataset | None = None):
+        self.indexed, self.seq_length, self.name, self.labels = indexed, seq_length, name, labels
+        if labels is not None and not np.array_equal(labels.sizes, indexed.sizes):
+            raise ValueError(f"label file {labels.prefix} does not match {indexed.prefix}: {len(labels.sizes)} "
+                             f"documents against {len(indexed.sizes)}, or other lengths; a label file belongs to the "
+                             "data file it was written with (label_data_paths in the order of data_paths)")
         documents = np.asarray(documents)
         if documents.size == 0:
             raise ValueError(f"{indexed.prefix}: the {name} split has no documents; change `split`")
@@ -147,10 +154,15 @@ class GPTDataset:
         return f"{self.indexed.prefix} ({self.name} sample {i % len(self)})"
 
     def __getitem__(self, i: int) -> np.ndarray:
-        """int64 [seq_length + 1]; an index past the end wraps around, as in GPT-NeoX."""
+        """int64 [seq_length + 1], or [2, seq_length + 1] (tokens, labels) with a label file; an index past the end
+        wraps around, as in GPT-NeoX."""
         i = int(self.shuffle_idx[i % len(self)])
+        tokens = self._read(self.indexed, i, 0)  # GPT-NeoX pads short samples with 0, their labels with -100
+        return tokens if self.labels is None else np.stack([tokens, self._read(self.labels, i, -100)])
+
+    def _read(self, indexed: IndexedDataset, i: int, pad: int) -> np.ndarray:
         (doc_f, off_f), (doc_l, off_l) = self.sample_idx[i], self.sample_idx[i + 1]
-        get = self.indexed.get
+        get = indexed.get
         if doc_f == doc_l:
             sample = get(int(self.doc_idx[doc_f]), offset=int(off_f), length=int(off_l - off_f + 1))
         else:
@@ -158,7 +170,7 @@ class GPTDataset:
             parts += [get(int(self.doc_idx[j])) for j in range(doc_f + 1, doc_l)]
             parts.append(get(int(self.doc_idx[doc_l]), length=int(off_l + 1)))
             sample = np.concatenate(parts)
-        out = np.zeros(self.seq_length + 1, np.int64)  # GPT-NeoX pads short samples with 0
+        out = np.full(self.seq_length + 1, pad, np.int64)
         n = min(len(sample), self.seq_length + 1)
         out[:n] = sample[:n]
         return out
@@ -202,46 +214,54 @@ def samples_per_dataset(weights: Sequence[float], num_samples: int) -> list[int]
 
 def build_split_datasets(prefixes: Sequence[str], weights: Sequence[float] | None, split: str,
                          num_samples: Sequence[int], seq_length: int, seed: int,
-                         cache_dir: str | os.PathLike | None = None) -> list[GPTDataset | BlendedDataset | None]:
+                         cache_dir: str | os.PathLike | None = None,
+                         label_prefixes: Sequence[str] = ()) -> list[GPTDataset | BlendedDataset | None]:
     """train / valid / test datasets from one or more data prefixes, each cut by `split` into
     contiguous document ranges, blended by `weights` when there are several. A split with no samples
-    requested (or no documents) is None."""
+    requested (or no documents) is None. `label_prefixes`, one per prefix, are read in step with them."""
     weights = list(weights) if weights else [1.0] * len(prefixes)
     if len(weights) != len(prefixes):
         raise ValueError(f"{len(prefixes)} data paths but {len(weights)} data weights")
     indexed = [IndexedDataset(p) for p in prefixes]
+    labels = [IndexedDataset(p) for p in label_prefixes] or [None] * len(indexed)
     out = []
     for s, (name, wanted) in enumerate(zip(("train", "valid", "test"), num_samples)):
         if wanted <= 0:
             out.append(None)
             continue
         parts = []
-        for ds, n in zip(indexed, samples_per_dataset(weights, wanted) if len(indexed) > 1 else [wanted]):
+        for ds, lab, n in zip(indexed, labels, samples_per_dataset(weights, wanted) if len(indexed) > 1 else [wanted]):
             lo, hi = split_boundaries(split, len(ds))[s:s + 2]
             if hi <= lo:
                 parts = None
                 break
-            parts.append(GPTDataset(ds, np.arange(lo, hi, dtype=np.int32), n, seq_length, seed, name, cache_dir))
+            parts.append(GPTDataset(ds, np.arange(lo, hi, dtype=np.int32), n, seq_length, seed, name, cache_dir,
+                                    lab))
         out.append(None if parts is None else parts[0] if len(parts) == 1 else BlendedDataset(parts, weights))
     return out
 
 
 def build_path_datasets(train: Sequence[str], train_weights: Sequence[float] | None, valid: Sequence[str],
                         valid_weights: Sequence[float] | None, num_samples: Sequence[int], seq_length: int, seed: int,
-                        cache_dir: str | os.PathLike | None = None) -> list[BlendedDataset | None]:
-    """train / valid datasets as GPT-NeoX builds them from `train_data_paths` / `valid_data_paths`: every document
-    of each path, the i-th path's maps named `train_i` / `valid_i` and asked for its share plus 0.5% slack, always
-    blended (one path too, where the blend is the identity). A split with no samples requested is None."""
+                        cache_dir: str | os.PathLike | None = None, train_labels: Sequence[str] = (),
+                        valid_labels: Sequence[str] = ()) -> list[BlendedDataset | None]:
+    """train / valid datasets as GPT-NeoX builds them from `train_data_paths` / `valid_data_paths` (and their label
+    files): every document of each path, the i-th path's maps named `train_i` / `valid_i` and asked for its share
+    plus 0.5% slack, always blended (one path too, where the blend is the identity). A split with no samples
+    requested is None."""
     out = []
-    for name, prefixes, weights, wanted in (("train", train, train_weights, num_samples[0]),
-                                            ("valid", valid, valid_weights, num_samples[1])):
+    for name, prefixes, weights, label_prefixes, wanted in (
+            ("train", train, train_weights, train_labels, num_samples[0]),
+            ("valid", valid, valid_weights, valid_labels, num_samples[1])):
         if wanted <= 0 or not prefixes:
             out.append(None)
             continue
         weights = list(weights) if weights else [1.0] * len(prefixes)
-        parts = [GPTDataset(ds, np.arange(len(ds), dtype=np.int32), n, seq_length, seed, f"{name}_{i}", cache_dir)
-                 for i, (ds, n) in enumerate(zip((IndexedDataset(p) for p in prefixes),
-                                                 samples_per_dataset(weights, wanted)))]
+        labels = [IndexedDataset(p) for p in label_prefixes] or [None] * len(prefixes)
+        parts = [GPTDataset(ds, np.arange(len(ds), dtype=np.int32), n, seq_length, seed, f"{name}_{i}", cache_dir,
+                            lab)
+                 for i, (ds, lab, n) in enumerate(zip((IndexedDataset(p) for p in prefixes), labels,
+                                                      samples_per_dataset(weights, wanted)))]
         out.append(BlendedDataset(parts, weights))
     return out
 
@@ -269,8 +289,10 @@ class GlobalBatches:
     def source(self, step: int, microstep: int, row: int) -> str:
         return self.dataset.source(self.index(step, microstep, row))
 
-    def batch(self, step: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
-        """[accum, hi - lo, seq + 1] int32: microstep k holds rows lo..hi of that microstep."""
+    def batch(self, step: int, lo: int = 0, hi: int | None = None) -> dict[str, np.ndarray]:
+        """{"tokens": [accum, hi - lo, seq + 1] int32} (and "labels" alike with label files): microstep k holds
+        rows lo..hi of that microstep."""
         hi = self.per_microstep if hi is None else hi
-        return np.stack([np.stack([self.dataset[self.index(step, k, j)] for j in range(lo, hi)])
+        rows = np.stack([np.stack([self.dataset[self.index(step, k, j)] for j in range(lo, hi)])
                          for k in range(self.accum)]).astype(np.int32)
+        return {"tokens": rows} if rows.ndim == 3 else {"tokens": rows[:, :, 0], "labels": rows[:, :, 1]}

@@ -34,21 +34,26 @@ class LocalBatches:
         self.global_shape = (batches.accum, batches.per_microstep, seq_length + 1)
         self.lo, self.hi = local_rows(sharding, self.global_shape)
 
-    def host_batch(self, step: int) -> np.ndarray:
-        """This process's rows of step `step`; with `vocab_size`, every token id is checked to fall inside the
-        embedding (ids past it would train to NaN)."""
-        rows = self.batches.batch(step, self.lo, self.hi)
-        outside = np.argwhere((rows < 0) | (rows >= self.vocab_size)) if self.vocab_size else ()
-        if len(outside):
-            k, j, p = outside[0]
-            raise ValueError(
-                f"token id {rows[k, j, p]} in {self.batches.source(step, k, self.lo + j)} (step {step + 1}'s batch) is "
-                f"outside the model's vocab_size={self.vocab_size}: the data was tokenized with a larger vocabulary than the "
-                "model's; preprocess it with the model's tokenizer, or train a model with a larger vocab_size")
-        return rows
+    def host_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of step `step` ({"tokens"}, and "labels" with label files); with `vocab_size`, every
+        token id and label is checked to fall inside the embedding (ids past it would train to NaN; a label below 0
+        marks a token not trained on)."""
+        batch = self.batches.batch(step, self.lo, self.hi)
+        for name, rows in batch.items():
+            below = rows < 0 if name == "tokens" else False  # a negative label is not trained on, as in GPT-NeoX
+            outside = np.argwhere(below | (rows >= self.vocab_size)) if self.vocab_size else ()
+            if len(outside):
+                k, j, p = outside[0]
+                raise ValueError(
+                    f"{'label' if name == 'labels' else 'token'} id {rows[k, j, p]} in "
+                    f"{self.batches.source(step, k, self.lo + j)} (step {step + 1}'s batch) is outside the model's "
+                    f"vocab_size={self.vocab_size}: the data was tokenized with a larger vocabulary than the model's; "
+                    "preprocess it with the model's tokenizer, or train a model with a larger vocab_size")
+        return batch
 
-    def device_batch(self, step: int) -> jax.Array:
-        return jax.make_array_from_process_local_data(self.sharding, self.host_batch(step), self.global_shape)
+    def device_batch(self, step: int) -> dict[str, jax.Array]:
+        return {name: jax.make_array_from_process_local_data(self.sharding, rows, self.global_shape)
+                for name, rows in self.host_batch(step).items()}
 
 
 class Loader(LocalBatches):
