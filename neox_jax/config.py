@@ -329,6 +329,14 @@ class TrainConfig:
     label_data_paths: tuple[str, ...] = ()  # GPT-NeoX's label files, one per data path: target ids, -100 = not trained
     valid_label_data_paths: tuple[str, ...] = ()  # one per valid_data_paths entry
     loss_mean: str = "tokens"  # tokens: every trained token of a step weighs the same; micro_batch: GPT-NeoX's
+    # the objective: normal (next-token loss) | dpo (pairs: data_paths chosen, rejected_data_paths rejected)
+    train_impl: str = "normal"
+    rejected_data_paths: tuple[str, ...] = ()  # DPO: the rejected sequences, document i paired with data_paths' i
+    rejected_label_data_paths: tuple[str, ...] = ()
+    valid_rejected_data_paths: tuple[str, ...] = ()
+    valid_rejected_label_data_paths: tuple[str, ...] = ()
+    dpo_beta: float = 0.1  # DPO's temperature (GPT-NeoX's default)
+    dpo_reference_free: bool = False  # DPO without a reference model (its log-probabilities taken as 0)
     tokenizer: str = ""  # tokenizer.json, for samples printed during training
     data_cache_dir: str = ""  # where the index maps are cached ("" = beside the data, as GPT-NeoX does)
     # evaluation, checkpoints, logging
@@ -359,6 +367,7 @@ class TrainConfig:
             raise ConfigError(f"grad_accum_dtype={self.grad_accum_dtype!r}: choose float32 or bfloat16")
         if self.zero_stage not in (0, 1, 3):
             raise ConfigError(f"zero_stage={self.zero_stage}: choose 0, 1 or 3 (FSDP)")
+        self._check_objective()
         if self.loss_mean not in ("tokens", "micro_batch"):
             raise ConfigError(f"loss_mean={self.loss_mean!r}: choose tokens (every trained token of a step weighs the "
                               "same) or micro_batch (GPT-NeoX's: a token mean per data replica's microbatch)")
@@ -381,7 +390,9 @@ class TrainConfig:
             raise ConfigError("label_data_paths and valid_label_data_paths go together when valid_data_paths is set: "
                               "give the validation data its label files too (or neither)")
         for name in ("betas", "data_paths", "data_weights", "valid_data_paths", "valid_data_weights",
-                     "label_data_paths", "valid_label_data_paths", "extra_save_iters", "profile_steps"):
+                     "label_data_paths", "valid_label_data_paths", "rejected_data_paths", "rejected_label_data_paths",
+                     "valid_rejected_data_paths", "valid_rejected_label_data_paths", "extra_save_iters",
+                     "profile_steps"):
             value = getattr(self, name)
             object.__setattr__(self, name, tuple(value) if isinstance(value, (list, tuple)) else (value,))
         object.__setattr__(self, "mesh", _mesh(self.mesh))
@@ -395,6 +406,28 @@ class TrainConfig:
             if value not in ("float32", self.working_dtype):
                 raise ConfigError(f"model.{name}={value!r} conflicts with precision={self.precision!r}: training sets "
                                   f"both dtypes from `precision`; remove model.{name} or change precision")
+
+    def _check_objective(self):
+        """The objective's settings: every problem at once."""
+        problems = []
+        if self.train_impl not in ("normal", "dpo"):
+            problems.append(f"train_impl={self.train_impl!r}: choose normal or dpo (GPT-NeoX's kto and rm are not "
+                            "implemented yet; reinforce needs a generation server, which a training run does not have)")
+        pairs = (("data_paths", "rejected_data_paths"), ("label_data_paths", "rejected_label_data_paths"),
+                 ("valid_data_paths", "valid_rejected_data_paths"),
+                 ("valid_label_data_paths", "valid_rejected_label_data_paths"))
+        if self.train_impl == "dpo":
+            if not isinstance(self.dpo_beta, (int, float)) or isinstance(self.dpo_beta, bool) or self.dpo_beta <= 0:
+                problems.append(f"dpo_beta={self.dpo_beta!r}: DPO's beta must be a positive number (GPT-NeoX's "
+                                "default 0.1)")
+            problems += [f"{rejected} has {len(getattr(self, rejected))} entries for {len(getattr(self, chosen))} "
+                         f"{chosen}: DPO pairs document i of each chosen file with document i of its rejected one"
+                         for chosen, rejected in pairs if len(getattr(self, rejected)) != len(getattr(self, chosen))]
+        else:
+            problems += [f"{rejected} is set but train_impl={self.train_impl!r}: rejected sequences are for "
+                         "train_impl: dpo" for _, rejected in pairs if getattr(self, rejected)]
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     def _check_domains(self):
         """Numbers outside the range where they mean something, each named with the setting to change."""

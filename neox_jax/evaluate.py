@@ -18,6 +18,7 @@ from flax import nnx
 
 from neox_jax.generation import round_up
 from neox_jax.model import GPTNeoX, check_ids
+from neox_jax.objectives import token_logprobs
 
 
 def rolling_windows(tokens: Sequence[int], prefix_token: int, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -58,11 +59,10 @@ class Scorer:
         self._score = jax.jit(self._score_fn)
 
     def _score_fn(self, params, inputs_bt, mask_bt, targets_bt, scored_bt):
-        logits = nnx.merge(self.graphdef, params)(inputs_bt, attention_mask=mask_bt)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        token_logp = jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
-        greedy = (jnp.argmax(logits, axis=-1) == targets_bt) | ~scored_bt
-        return jnp.sum(jnp.where(scored_bt, token_logp, 0.0), axis=-1), jnp.all(greedy, axis=-1)
+        model = nnx.merge(self.graphdef, params)  # the log-probabilities training uses (never the whole logits)
+        token_logp, greedy = token_logprobs(model, model(inputs_bt, attention_mask=mask_bt, hidden_only=True),
+                                            targets_bt)
+        return jnp.sum(jnp.where(scored_bt, token_logp, 0.0), axis=-1), jnp.all(greedy | ~scored_bt, axis=-1)
 
     def loglikelihood(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding would produce it) per pair."""

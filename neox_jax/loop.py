@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from neox_jax import interrupts
 from neox_jax.config import TrainConfig
-from neox_jax.data.dataset import GlobalBatches, build_path_datasets, build_split_datasets
+from neox_jax.data.dataset import GlobalBatches, build_pair_datasets, build_path_datasets, build_split_datasets
 from neox_jax.data.loader import Loader, LocalBatches
 from neox_jax.distributed import is_primary
 from neox_jax.errors import ConfigError, TrainingError
@@ -198,11 +198,11 @@ class Evaluator:
                       if batches else None)
         self.losses: dict[int, float] = {}
 
-    def __call__(self, step: int, params) -> float | None:
+    def __call__(self, step: int, state: TrainState) -> float | None:
         if self.local is None:
             return None
         first = step // self.cfg.eval_interval * self.cfg.eval_iters
-        losses = [self.trainer.eval_loss(params, self.local.device_batch(first + i))
+        losses = [self.trainer.eval_loss(state.params, self.local.device_batch(first + i), state.reference)
                   for i in range(self.cfg.eval_iters)]
         self.losses[step] = loss = float(np.mean([float(x) for x in losses]))
         return loss
@@ -239,6 +239,19 @@ def _datasets(cfg: TrainConfig, global_batch: int):
                           "(e.g. data/stdlib/stdlib_text_document after `neox-jax corpus`)")
     valid_samples = (cfg.train_iters // cfg.eval_interval + 1) * cfg.eval_iters * global_batch
     samples, cache = [cfg.train_iters * global_batch, valid_samples, 0], cfg.data_cache_dir or None
+    if cfg.train_impl == "dpo":  # pairs, one document each (GPT-NeoX's pairwise data)
+        whole = bool(cfg.valid_data_paths)
+        train = build_pair_datasets(cfg.data_paths, cfg.rejected_data_paths, cfg.label_data_paths,
+                                    cfg.rejected_label_data_paths, cfg.data_weights, None if whole else cfg.split,
+                                    samples[0], cfg.seq_length, cfg.seed, "train")
+        valid = build_pair_datasets(
+            *((cfg.valid_data_paths, cfg.valid_rejected_data_paths, cfg.valid_label_data_paths,
+               cfg.valid_rejected_label_data_paths, cfg.valid_data_weights) if whole else
+              (cfg.data_paths, cfg.rejected_data_paths, cfg.label_data_paths, cfg.rejected_label_data_paths,
+               cfg.data_weights)), None if whole else cfg.split, samples[1], cfg.seq_length, cfg.seed, "valid")
+        if train is None:
+            raise ConfigError(f"split={cfg.split!r} leaves no training pairs")
+        return train, valid
     if cfg.valid_data_paths:  # GPT-NeoX's train/valid_data_paths: whole datasets
         train, valid = build_path_datasets(cfg.data_paths, cfg.data_weights, cfg.valid_data_paths,
                                            cfg.valid_data_weights, samples, cfg.seq_length, cfg.seed, cache,
@@ -363,10 +376,11 @@ def _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start
                 if saving or done % cfg.eval_interval == 0:
                     read_pending()  # nothing unchecked is saved or evaluated
                 if done % cfg.eval_interval == 0 and evaluator.local is not None:
-                    loss = evaluator(done, state.params)
-                    logger.log(done, {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
-                    console.print(f"step {done}: validation loss {loss:.4f}, "
-                                  f"perplexity {math.exp(min(loss, 50)):.2f}")
+                    loss = evaluator(done, state)
+                    perplexity = {} if cfg.train_impl == "dpo" else {"eval_ppl": math.exp(min(loss, 50))}
+                    logger.log(done, {"eval_loss": loss, **perplexity})
+                    console.print(f"step {done}: validation loss {loss:.4f}" + "".join(
+                        f", perplexity {v:.2f}" for v in perplexity.values()))
                 if stop:
                     break
                 if saving:

@@ -67,6 +67,7 @@ class Plan:
     kernels: dict = dataclasses.field(default_factory=dict)  # kernel -> calls per step (GPU compile)
     collective_ops: dict = dataclasses.field(default_factory=dict)  # kind -> (asynchronous, all) per step
     gpu_collectives: dict = dataclasses.field(default_factory=dict)  # mesh axes -> bytes, the optimized GPU program
+    reference: int = 0  # DPO's frozen reference weights, bytes per device (the working weights' layout)
 
     @property
     def xla_total(self) -> int:
@@ -74,7 +75,7 @@ class Plan:
 
     @property
     def analytic_total(self) -> int:
-        return self.params + self.master + self.opt_state + self.grads + self.activations_estimate
+        return self.params + self.reference + self.master + self.opt_state + self.grads + self.activations_estimate
 
     @property
     def fits(self) -> bool:
@@ -87,6 +88,7 @@ class Plan:
     def report(self) -> str:
         rows = [
             ("parameters (working weights)", self.params),
+            *((("DPO reference weights (frozen copy)", self.reference),) if self.reference else ()),
             ("fp32 master weights", self.master),
             ("optimizer state (Adam moments)", self.opt_state),
             ("gradients (microbatch sums + fp32 shard)", self.grads),
@@ -151,6 +153,7 @@ def activation_bytes(cfg: TrainConfig, mesh: dict, microbatches: int = 1) -> int
     s, h, a, t, stages = cfg.seq_length, m.hidden_size, m.num_heads, mesh["tensor"], mesh["pipe"]
     width = np.dtype(cfg.working_dtype).itemsize / 2  # the formula counts 16-bit activations
     b = cfg.micro_batch_size * cfg.grad_accum_steps // microbatches if stages > 1 else cfg.micro_batch_size
+    b *= 2 if cfg.train_impl == "dpo" else 1  # a DPO micro batch counts pairs: two sequences each
     layers = m.num_layers // stages
     per_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) * width
     layer_input = 2 * s * b * h * width
@@ -218,6 +221,7 @@ def plan(cfg: TrainConfig, target: str = "a100-40gb", hosts: int | None = None, 
         mesh=dict(mesh.shape), devices=mesh.size, global_batch=trainer.global_batch_size,
         params=sharded_bytes(state.params, sh.params),
         master=sharded_bytes(state.master, sh.master) if state.master is not None else 0,
+        reference=sharded_bytes(state.reference, sh.reference) if state.reference is not None else 0,
         opt_state=sharded_bytes(state.opt_state, sh.opt_state),
         grads=grads,
         activations_estimate=activation_bytes(trainer.cfg, dict(mesh.shape), trainer.microbatches),

@@ -8,6 +8,7 @@ The state is plain pytrees (nested dicts of arrays), so Orbax saves it and any m
     master      fp32 copy of the weights when the working dtype is lower (None in fp32), ZeRO-1 layout
     opt_state   AdamW moments, ZeRO-1 layout (split over `data` as well)
     loss_scale  DeepSpeed-style dynamic loss scale (fp16 only, else None)
+    reference   DPO's reference model: the weights the run started from, never updated (else None)
 
 The loss is a weighted sum of token losses, each token's weight its share of the step's loss (`Trainer.targets`: 0
 where a label file masks it), so it adds exactly across microbatches and replicas however unevenly rows are masked.
@@ -36,6 +37,7 @@ from neox_jax import sharding as shd
 from neox_jax.config import TrainConfig
 from neox_jax.errors import ConfigError
 from neox_jax.model import GPTNeoX, abstract_model, output_logits
+from neox_jax.objectives import dpo, token_logprobs
 from neox_jax.optim import LossScale, make_optimizer, schedule
 from neox_jax.pipeline import PIPELINE_REMAT, pipeline_grads
 from neox_jax.xla_options import compiler_options
@@ -52,6 +54,7 @@ class TrainState:
     master: Any
     opt_state: Any
     loss_scale: LossScale | None = None
+    reference: Any = None  # DPO: the starting weights, frozen (working dtype, the params' layout)
 
 
 def check_layout(cfg: TrainConfig, mesh_shape: dict[str, int]):
@@ -186,9 +189,11 @@ class Trainer:
         opt_specs = optax.tree_map_params(self.tx, lambda _, spec: spec, abstract_opt, self.zero_specs,
                                           transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
         scalar_specs = jax.tree.map(lambda _: P(), LossScale.initial(cfg)) if self.fp16 else None
+        self.keeps_reference = cfg.train_impl == "dpo" and not cfg.dpo_reference_free
         self.state_specs = TrainState(step=P(), updates=P(), params=self.param_specs,
                                       master=self.zero_specs if self.has_master else None, opt_state=opt_specs,
-                                      loss_scale=scalar_specs)
+                                      loss_scale=scalar_specs,
+                                      reference=self.param_specs if self.keeps_reference else None)
         self.state_shardings = shd.named(mesh, self.state_specs)
         self.batch_sharding = NamedSharding(mesh, P(None, *shd.batch_spec()))  # [accum, batch, length]
 
@@ -198,10 +203,9 @@ class Trainer:
         self.init = jit(self.under_mesh(self._init), out_shardings=self.state_shardings)
         self.start_from = jit(self.under_mesh(self._start_from), out_shardings=self.state_shardings)
         replicated = NamedSharding(mesh, P())
-        self.grads = jit(self.under_mesh(self._grads), in_shardings=(self.state_shardings.params, self.batch_sharding),
-                         out_shardings=(replicated, shd.named(mesh, self.zero_specs)))
-        self.eval_loss = jit(self.under_mesh(self._eval_loss),
-                             in_shardings=(self.state_shardings.params, self.batch_sharding), out_shardings=replicated)
+        # (params, batch[, loss scale, reference]): the inputs come laid out (put_batch, the state)
+        self.grads = jit(self.under_mesh(self._grads), out_shardings=(replicated, shd.named(mesh, self.zero_specs)))
+        self.eval_loss = jit(self.under_mesh(self._eval_loss), out_shardings=replicated)
         self.step = jit(self.under_mesh(self._step), in_shardings=(self.state_shardings, self.batch_sharding),
                         out_shardings=(self.state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
@@ -221,9 +225,11 @@ class Trainer:
         return self.cfg.global_batch_size(self.mesh_shape["data"])
 
     def batch_shape(self) -> tuple[int, int, int]:
-        """Token batch [grad_accum_steps, micro_batch x data, seq_length + 1] (inputs and shifted labels)."""
+        """Token batch [grad_accum_steps, micro_batch x data, seq_length + 1] (inputs and shifted labels); DPO's
+        micro batch counts pairs, two rows each (chosen, rejected)."""
         cfg = self.cfg
-        return cfg.grad_accum_steps, cfg.micro_batch_size * self.mesh_shape["data"], cfg.seq_length + 1
+        rows = cfg.micro_batch_size * self.mesh_shape["data"] * (2 if cfg.train_impl == "dpo" else 1)
+        return cfg.grad_accum_steps, rows, cfg.seq_length + 1
 
     def abstract_state(self) -> TrainState:
         return jax.eval_shape(self._init, jax.random.key(0))
@@ -237,26 +243,24 @@ class Trainer:
         """The step's batch: `tokens` [accum, rows, seq + 1], and `labels` of the same shape when the run reads
         label files (GPT-NeoX's: the target ids, -100 where a token is not trained on)."""
         leaf = jax.ShapeDtypeStruct(self.batch_shape(), jnp.int32, sharding=self.batch_sharding)
-        return {"tokens": leaf, "labels": leaf} if self.cfg.label_data_paths else {"tokens": leaf}
+        labelled = self.cfg.label_data_paths or self.cfg.train_impl == "dpo"  # pairs always carry labels
+        return {"tokens": leaf, "labels": leaf} if labelled else {"tokens": leaf}
 
     # ---- the computations ---------------------------------------------------------------------------
     def _init(self, key) -> TrainState:
         model = GPTNeoX(self.model_cfg, rngs=nnx.Rngs(key))
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        master = jax.tree.map(lambda x: x.astype(F32), params)
+        return self._start_from(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+    def _start_from(self, weights) -> TrainState:
+        """A fresh state (step 0, new optimizer) on given weights: fine-tuning's start (DPO's reference too)."""
+        master = jax.tree.map(lambda x: x.astype(F32), weights)
+        dtype = jnp.dtype(self.model_cfg.param_dtype)
+        params = jax.tree.map(lambda x: x.astype(dtype), master)
         zero = jnp.zeros((), jnp.int32)
         return TrainState(step=zero, updates=zero, params=params,
                           master=master if self.has_master else None, opt_state=self.tx.init(master),
-                          loss_scale=LossScale.initial(self.cfg) if self.fp16 else None)
-
-    def _start_from(self, weights) -> TrainState:
-        """A fresh state (step 0, new optimizer) on given fp32 weights: fine-tuning's start."""
-        master = jax.tree.map(lambda x: x.astype(F32), weights)
-        dtype = jnp.dtype(self.model_cfg.param_dtype)
-        zero = jnp.zeros((), jnp.int32)
-        return TrainState(step=zero, updates=zero, params=jax.tree.map(lambda x: x.astype(dtype), master),
-                          master=master if self.has_master else None, opt_state=self.tx.init(master),
-                          loss_scale=LossScale.initial(self.cfg) if self.fp16 else None)
+                          loss_scale=LossScale.initial(self.cfg) if self.fp16 else None,
+                          reference=params if self.keeps_reference else None)
 
     def targets(self, batch, mean: str | None = None):
         """(inputs, labels, weights) [accum, rows, seq] of a step's batch. A token's weight is its share of the
@@ -277,6 +281,28 @@ class Trainer:
             weights = weights / jnp.maximum(weights.sum(), 1)
         return tokens[..., :-1], jnp.where(keep, raw, 0), weights
 
+    def sequence_logprobs(self, params, inputs_mbt, labels_mbt, keep_mbt):
+        """Each row's log-probability of its trained tokens [accum, rows], one microstep at a time, no gradient."""
+        def one(piece):
+            inputs, labels, keep = piece
+            model = nnx.merge(self.graphdef, jax.lax.stop_gradient(params))
+            logp, _ = token_logprobs(model, model(inputs, hidden_only=True), labels)
+            return jnp.sum(jnp.where(keep, logp, 0.0), axis=-1)
+
+        return jax.lax.map(one, (inputs_mbt, labels_mbt, keep_mbt))
+
+    def preference(self, params, reference, inputs_mbt, labels_mbt, weights_mbt):
+        """DPO's token weights from the current and the reference log-probabilities (objectives.py), and its loss
+        and metrics. Rows alternate chosen, rejected: a pair never straddles two data replicas."""
+        keep = weights_mbt > 0
+        policy = self.sequence_logprobs(params, inputs_mbt, labels_mbt, keep)
+        ref = (jnp.zeros_like(policy) if reference is None
+               else self.sequence_logprobs(reference, inputs_mbt, labels_mbt, keep))
+        loss, c, metrics = dpo(policy[:, 0::2], policy[:, 1::2], ref[:, 0::2], ref[:, 1::2], self.cfg.dpo_beta)
+        a, pairs = c.shape
+        signed = jnp.stack([c, -c], axis=-1).reshape(a, 2 * pairs)  # chosen +c, rejected -c
+        return keep * signed[..., None], {"loss": loss, **metrics}
+
     def loss(self, params, inputs_bt, labels_bt, weights_bt):
         """The weighted sum of one microbatch's token losses."""
         model = nnx.merge(self.graphdef, params)
@@ -295,8 +321,14 @@ class Trainer:
         return pipeline_grads(self.graphdef, params, cut(inputs_mbt), (cut(labels_mbt), cut(weights_mbt)), lm_loss,
                               seed=seed, accum_dtype=accum_dtype)
 
-    def _grads(self, params, batch, loss_scale=1.0):
-        """The step's loss (a weighted sum: `targets`) and its fp32 gradients, in the ZeRO layout.
+    def _grads(self, params, batch, loss_scale=1.0, reference=None):
+        """The step's loss and its fp32 gradients, in the ZeRO layout (`_grads_and_report`)."""
+        loss, grads, _ = self._grads_and_report(params, batch, loss_scale, reference)
+        return loss, grads
+
+    def _grads_and_report(self, params, batch, loss_scale=1.0, reference=None):
+        """The step's loss, its fp32 gradients in the ZeRO layout, and the objective's metrics. The gradients are
+        those of the weighted sum of token losses (`targets`; DPO's weights: `preference`).
 
         The loss is multiplied by `loss_scale` for differentiation and the gradients divided by it after. Each data
         replica sums its microbatches' gradients locally in `grad_accum_dtype`, then one reduce-scatter per tensor
@@ -304,10 +336,14 @@ class Trainer:
         whatever the number of microsteps, as DeepSpeed's. FSDP, whose weights are gathered per microstep anyway,
         reduces per microstep.
         """
-        if self.cfg.zero_stage == 3:
-            return self._grads_per_microstep(params, batch, loss_scale)
-        data = self.mesh_shape["data"]
         inputs_mbt, labels_mbt, weights_mbt = self.targets(batch)
+        report = {}
+        if self.cfg.train_impl == "dpo":
+            weights_mbt, report = self.preference(params, reference, inputs_mbt, labels_mbt, weights_mbt)
+        if self.cfg.zero_stage == 3:
+            loss, grads = self._grads_per_microstep(params, (inputs_mbt, labels_mbt, weights_mbt), loss_scale)
+            return report.pop("loss", loss), grads, report
+        data = self.mesh_shape["data"]
         accum = jnp.dtype(self.cfg.grad_accum_dtype)
         # the dimension ZeRO splits over `data` when it splits a dimension of its own, else -1: an all-reduce
         dims = jax.tree.map(lambda spec: next((i for i, e in enumerate(spec) if e == "data"), -1), self.zero_specs,
@@ -357,17 +393,18 @@ class Trainer:
                                                                              tiled=True)
             return mean(g, scale)
 
+        loss = report.pop("loss", loss)
         if data == 1:  # nothing to reduce (XLA's CPU all-reduce over one device copies every gradient: 3% of a step)
             grads = jax.tree.map(lambda g: mean(g, loss_scale), totals)
-            return loss, jax.lax.with_sharding_constraint(grads, shd.named(self.mesh, self.zero_specs))
+            return loss, jax.lax.with_sharding_constraint(grads, shd.named(self.mesh, self.zero_specs)), report
         reduced_specs = jax.tree.map(lambda z, p, dim: z if dim >= 0 else p, self.zero_specs, self.param_specs, dims,
                                      is_leaf=is_spec)
         grads = jax.shard_map(lambda t, scale: jax.tree.map(lambda g, dim: reduce(g, dim, scale), t, dims),
                               mesh=self.mesh, in_specs=(jax.tree.map(beside, self.param_specs, along, is_leaf=is_spec),
                                                         P()), out_specs=reduced_specs)(totals, loss_scale)
-        return loss, jax.lax.with_sharding_constraint(grads, shd.named(self.mesh, self.zero_specs))
+        return loss, jax.lax.with_sharding_constraint(grads, shd.named(self.mesh, self.zero_specs)), report
 
-    def _grads_per_microstep(self, params, batch, loss_scale=1.0):
+    def _grads_per_microstep(self, params, targets, loss_scale=1.0):
         """FSDP: each microstep's gradients are reduce-scattered into the ZeRO layout and accumulated in fp32."""
         zero = shd.named(self.mesh, self.zero_specs)
 
@@ -382,22 +419,26 @@ class Trainer:
 
         acc = jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(jnp.zeros(x.shape, F32), s),
                            self.abstract_params, zero)
-        acc, losses = jax.lax.scan(micro, acc, self.targets(batch))
+        acc, losses = jax.lax.scan(micro, acc, targets)
         return losses.sum(), jax.tree.map(lambda g: g / loss_scale, acc)
 
-    def _eval_loss(self, params, batch):
-        """The batch's mean loss over its trained tokens (each weighs the same, whatever `loss_mean`)."""
-        return jax.lax.map(lambda piece: self.loss(params, *piece), self.targets(batch, "tokens")).sum()
+    def _eval_loss(self, params, batch, reference=None):
+        """The batch's loss: the mean over its trained tokens (each weighs the same, whatever `loss_mean`), or
+        DPO's over its pairs."""
+        targets = self.targets(batch, "tokens")
+        if self.cfg.train_impl == "dpo":
+            return self.preference(params, reference, *targets)[1]["loss"]
+        return jax.lax.map(lambda piece: self.loss(params, *piece), targets).sum()
 
     def _step(self, state: TrainState, batch):
         scale = state.loss_scale.scale if self.fp16 else 1.0
-        loss, grads = self._grads(state.params, batch, scale)
+        loss, grads, report = self._grads_and_report(state.params, batch, scale, state.reference)
         master = state.master if self.has_master else state.params
         lr = self.lr(state.updates)
         updates, opt_state = self.tx.update(grads, state.opt_state, master)
         new_master = optax.apply_updates(master, updates)
         grad_norm = optax.tree.norm(grads)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, **report}
         # A step with a non-finite loss or gradient is skipped: weights and optimizer stay as they were. (The
         # global norm is non-finite when any gradient is.) The run decides from the metrics when to stop.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -412,7 +453,8 @@ class Trainer:
         dtype = jnp.dtype(self.model_cfg.param_dtype)
         params = jax.tree.map(lambda x: x.astype(dtype), new_master)
         new = TrainState(step=state.step + 1, updates=state.updates + applied, params=params,
-                         master=new_master if self.has_master else None, opt_state=opt_state, loss_scale=loss_scale)
+                         master=new_master if self.has_master else None, opt_state=opt_state, loss_scale=loss_scale,
+                         reference=state.reference)
         return new, metrics
 
     # ---- data ---------------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ def pipeline_stage(head: int) -> dict:
     mesh = {"data": 1, "pipe": 1, "tensor": 1}
     tr = Trainer(config(head, mesh, remat="full"), make_mesh(mesh, jax.devices()[:1]))
     state = tr.abstract_state_with_shardings()
-    run = jax.jit(tr.under_mesh(lambda params, batch: tr.pipelined_grads(params, batch, 1.0, jnp.float32)))
+    run = jax.jit(tr.under_mesh(lambda params, batch: tr.pipelined_grads(params, *tr.targets(batch), 1.0,
+                                                                         jnp.float32)))
     return verdict(f"pipeline stage program, head {head}", run.lower(state.params, tr.abstract_batch()).compile()
                    .as_text())
 

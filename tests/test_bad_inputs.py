@@ -308,7 +308,7 @@ def test_neox_yaml_dropout_left_at_gpt_neox_default_is_refused(tmp_path):
     ({"train_batch_size": 100, "train_micro_batch_size_per_gpu": 8}, "train_batch_size=100 is not a multiple of"),
     ({"data_path": "a", "train_data_paths": ["b"], "valid_data_paths": ["b"]}, "set either data_path or train/"),
     ({"train_data_paths": ["b"]}, "train_data_paths and valid_data_paths go together"),
-    ({"train_impl": "dpo"}, "train_impl='dpo' is not supported"),
+    ({"train_impl": "kto"}, "train_impl='kto' is not supported"),
     ({"fp16": {"enabled": True, "loss_scale": 128}}, "fp16 loss_scale=128: a static loss scale is not supported"),
     ({"optimizer": {"type": "Adam", "params": {"lr": 1e-4, "momentum": 0.9}}}, "optimizer params ['momentum']"),
 ])
@@ -375,6 +375,47 @@ def test_neox_yaml_sft_keys_are_honoured(tmp_path):
     assert cfg.init_from == "pythia-70m-step143000" and cfg.save == "ft"
     assert cfg.label_data_paths == ("sft_label",) and cfg.valid_label_data_paths == ("v_label",)
     assert cfg.loss_mean == "micro_batch"  # GPT-NeoX's normalisation, to reproduce its runs
+
+
+def test_neox_yaml_dpo_keys_are_honoured(tmp_path):
+    f = tmp_path / "m.yml"
+    f.write_text(yaml.safe_dump({**NEOX_BASE, "train_impl": "dpo", "dataset_impl": "pairwise", "pack_impl": "unpacked",
+                                 "dpo_beta": 0.2, "pos_train_data_paths": ["c"], "neg_train_data_paths": ["r"],
+                                 "pos_train_label_data_paths": ["cl"], "neg_train_label_data_paths": ["rl"],
+                                 "pos_valid_data_paths": ["vc"], "neg_valid_data_paths": ["vr"],
+                                 "pos_valid_label_data_paths": ["vcl"], "neg_valid_label_data_paths": ["vrl"]}))
+    cfg = neox_yaml.train_config(f)
+    assert (cfg.train_impl, cfg.dpo_beta, cfg.data_paths, cfg.rejected_data_paths) == ("dpo", 0.2, ("c",), ("r",))
+    assert (cfg.label_data_paths, cfg.rejected_label_data_paths) == (("cl",), ("rl",))
+    assert (cfg.valid_data_paths, cfg.valid_rejected_data_paths, cfg.valid_rejected_label_data_paths) == (
+        ("vc",), ("vr",), ("vrl",))
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"dpo_beta": 0}, "dpo_beta=0: DPO's beta must be a positive number"),
+    ({"rejected_data_paths": []}, "rejected_data_paths has 0 entries for 1 data_paths: DPO pairs document i"),
+    ({"train_impl": "kto"}, "train_impl='kto': choose normal or dpo"),
+    ({"train_impl": "normal"}, "rejected_data_paths is set but train_impl='normal'"),
+])
+def test_dpo_settings_are_checked_at_once(changes, says):
+    base = {"model": TINY_MODEL, "seq_length": 16, "train_impl": "dpo", "data_paths": ["c"],
+            "rejected_data_paths": ["r"]}
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        TrainConfig.from_dict({**base, **changes})
+
+
+def test_dpo_chosen_and_rejected_files_of_different_lengths_are_refused(tmp_path):
+    from neox_jax.data.indexed import IndexedDatasetWriter
+
+    for name, documents in (("chosen", 3), ("rejected", 2)):
+        with IndexedDatasetWriter(tmp_path / name, np.int32) as w:
+            for i in range(documents):
+                w.add_document(np.arange(5 + i))
+    cfg = TrainConfig.from_dict({"model": TINY_MODEL, "seq_length": 16, "mesh": {"data": 8, "pipe": 1, "tensor": 1},
+                                 "micro_batch_size": 1, "train_impl": "dpo", "data_paths": [str(tmp_path / "chosen")],
+                                 "rejected_data_paths": [str(tmp_path / "rejected")]})
+    with pytest.raises(ValueError, match=f"{tmp_path / 'rejected'} has 2 documents but {tmp_path / 'chosen'} has 3"):
+        train(cfg, show_progress=False)
 
 
 def test_fine_tuning_from_missing_or_other_weights_is_refused_first(tmp_path, corpus):

@@ -34,6 +34,10 @@ READ = {
     "train_label_data_paths", "valid_label_data_paths", "eval_interval", "eval_iters", "save", "load", "finetune",
     "checkpoint_factor", "save_interval", "keep_last_n_checkpoints", "extra_save_iters", "log_interval",
     "tensorboard_dir", "peak_theoretical_tflops", "profile", "profile_step_start", "profile_step_stop",
+    # DPO (train_impl: dpo, dataset_impl: pairwise)
+    "dpo_beta", "dpo_reference_free", "pos_train_data_paths", "neg_train_data_paths", "pos_train_label_data_paths",
+    "neg_train_label_data_paths", "pos_valid_data_paths", "neg_valid_data_paths", "pos_valid_label_data_paths",
+    "neg_valid_label_data_paths",
 }
 
 # key -> (GPT-NeoX's default, the one value neox-jax implements)
@@ -52,9 +56,9 @@ ONLY = {
     "attention_dropout": (0.1, 0),
     "output_layer_parallelism": ("column", "column"),
     "data_impl": ("infer", ("infer", "mmap")),
-    "pack_impl": ("packed", "packed"),
-    "dataset_impl": ("gpt2", "gpt2"),
-    "train_impl": ("normal", "normal"),
+    "pack_impl": ("packed", "packed"),  # DPO's pairwise data: "unpacked" (check() below)
+    "dataset_impl": ("gpt2", "gpt2"),  # DPO: "pairwise"
+    "train_impl": ("normal", ("normal", "dpo")),
     "checkpoint_scale": ("linear", "linear"),
 }
 TRAINING_ONLY = {"hidden_dropout", "attention_dropout"}  # a weights-only read accepts any value of these
@@ -75,11 +79,11 @@ OFF_MODEL = {
 OFF_TRAINING = {
     **_each("Megatron sequence parallelism is not implemented (docs/sharding.md says why)", "sequence_parallel"),
     **_each("neox-jax trains with train_iters", "train_epochs"),
-    **_each("only GPT-NeoX's language-model data (with label files) is read", "train_reward_data_paths", "valid_reward_data_paths", "test_reward_data_paths",
-           "pos_train_data_paths", "neg_train_data_paths", "pos_train_label_data_paths", "neg_train_label_data_paths",
-           "pos_valid_data_paths", "neg_valid_data_paths", "pos_valid_label_data_paths", "neg_valid_label_data_paths",
-           "pos_test_data_paths", "neg_test_data_paths", "pos_test_label_data_paths", "neg_test_label_data_paths",
-           "weight_by_num_documents"),
+    **_each("KTO's and reward models' data are not read yet (train_impl: kto and rm are not implemented)",
+           "train_reward_data_paths", "valid_reward_data_paths", "test_reward_data_paths"),
+    **_each("weights from document counts are not implemented: give data weights", "weight_by_num_documents"),
+    **_each("the reference log-probabilities are computed on the fly from the reference weights kept in the train "
+            "state, not read from precomputed files", "precompute_model_name"),
     **_each("the loss is the plain mean next-token cross-entropy", "eod_mask_loss", "z_loss"),
     **_each("neox-jax's optimizer is AdamW with GPT-NeoX's schedule", "use_bnb_optimizer", "scheduler",
            "use_checkpoint_lr_scheduler"),
@@ -109,10 +113,13 @@ IGNORED = {
                "te_fp8_amax_compute_algo", "te_fp8_margin", "dim_att", "head_size", "ffn_dim", "weight_server_port",
                "online_dataserver_ips", "online_dataserver_ports", "mup_init_scale", "mup_attn_temp",
                "mup_output_temp", "mup_embedding_mult", "mup_rp_embedding_mult", "mup_width_scale", "coord_check",
-               "save_base_shapes", "base_shapes_file", "dpo_fp32", "dpo_reference_free", "dpo_beta", "kto_fp32",
+               "save_base_shapes", "base_shapes_file", "kto_fp32",
                "kto_desirable_weight", "kto_undesirable_weight", "kto_beta", "fp32_reinforce", "kl_impl",
                "kl_div_beta", "reinforce_leave_one_out", "allow_chopped", "weighted_sampler_alpha",
-               "precompute_model_name", "s3_chunk_size", "curriculum_seqlen"),
+               "s3_chunk_size", "curriculum_seqlen"),
+    **_each("neox-jax's log-probabilities are always computed in fp32", "dpo_fp32"),
+    **_each("no test evaluation is run (pairs for testing)", "pos_test_data_paths", "neg_test_data_paths",
+            "pos_test_label_data_paths", "neg_test_label_data_paths"),
     **_each("where memory is kept and how layers are placed: XLA and the rules table decide (the function is the "
                "same); remat is per layer", "checkpoint_num_layers", "partition_activations",
                "contiguous_checkpointing", "checkpoint_in_cpu", "synchronize_each_layer", "profile_backward",
@@ -167,7 +174,9 @@ def _is_on(value: Any) -> bool:
 def check(args: dict[str, Any], where: str, weights_only: bool = False) -> list[str]:
     """Refuse (all at once) the settings neox-jax does not implement; return a warning for each unknown key."""
     refused = []
-    for key, (default, needed) in ONLY.items():
+    only = ONLY if args.get("train_impl") != "dpo" else {
+        **ONLY, "pack_impl": ("packed", "unpacked"), "dataset_impl": ("gpt2", "pairwise")}  # one pair per sample
+    for key, (default, needed) in only.items():
         if weights_only and key in TRAINING_ONLY:
             continue
         value = args.get(key, default)

@@ -50,7 +50,7 @@ WHOLE = {  # GPT-NeoX settings that are whole numbers
 REAL = {  # and numbers
     "expansion_factor", "layernorm_epsilon", "rotary_pct", "rotary_emb_base", "init_method_std", "lr", "min_lr",
     "warmup", "lr_decay_fraction", "weight_decay", "gradient_clipping", "clip_grad", "peak_theoretical_tflops",
-    "optimizer.params.lr", "optimizer.params.eps", "optimizer.params.weight_decay", "fp16.loss_scale",
+    "optimizer.params.lr", "optimizer.params.eps", "optimizer.params.weight_decay", "fp16.loss_scale", "dpo_beta",
     "fp16.min_loss_scale"}
 
 
@@ -193,6 +193,10 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
         if rest or not data:
             raise ConfigError(f"{where}: train_batch_size={args['train_batch_size']} is not a multiple of "
                               f"train_micro_batch_size_per_gpu x gradient_accumulation_steps = {micro * accum}")
+    dpo = args.get("train_impl") == "dpo"
+    if dpo:  # GPT-NeoX's pairwise data: pos_* the chosen sequences, neg_* the rejected
+        args = {**args, **{f"{k}_data_paths": args.get(f"pos_{k}_data_paths") for k in ("train", "valid")},
+                **{f"{k}_label_data_paths": args.get(f"pos_{k}_label_data_paths") for k in ("train", "valid")}}
     train_paths, valid_paths = args.get("train_data_paths") or [], args.get("valid_data_paths") or []
     if args.get("data_path") and (train_paths or valid_paths):
         raise ConfigError(f"{where}: set either data_path or train/valid/test_data_paths, as GPT-NeoX requires")
@@ -240,6 +244,13 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
         label_data_paths=tuple(args.get("train_label_data_paths") or ()),
         valid_label_data_paths=tuple(args.get("valid_label_data_paths") or ()),
         loss_mean="micro_batch",  # GPT-NeoX's: a token mean per micro batch and rank, averaged
+        train_impl=str(args.get("train_impl", "normal")),
+        rejected_data_paths=tuple(args.get("neg_train_data_paths") or ()),
+        rejected_label_data_paths=tuple(args.get("neg_train_label_data_paths") or ()),
+        valid_rejected_data_paths=tuple(args.get("neg_valid_data_paths") or ()),
+        valid_rejected_label_data_paths=tuple(args.get("neg_valid_label_data_paths") or ()),
+        dpo_beta=float(args.get("dpo_beta", 0.1)),
+        dpo_reference_free=bool(args.get("dpo_reference_free", False)),
         split=str(args.get("split", "969,30,1")),
         tokenizer=str(vocab_file) if vocab_file and Path(vocab_file).is_file() else "",
         eval_interval=int(args.get("eval_interval", 1000)),

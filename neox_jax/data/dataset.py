@@ -176,6 +176,73 @@ class GPTDataset:
         return out
 
 
+class PairDataset:
+    """DPO's pairs: sample i is document d of the chosen file and document d of the rejected one, each alone (GPT-NeoX's
+    `pack_impl: unpacked`, which pairwise data uses), as [chosen, rejected] x [tokens, labels] x [seq_length + 1],
+    tokens padded with 0 and labels with -100 (without label files, every token is a label). The order is GPT-NeoX's:
+    the documents repeated to `num_samples` and shuffled once with the seed; a document whose labels mask its first
+    `seq_length` tokens on either side is skipped, as GPT-NeoX skips it. (GPT-NeoX's reader also appends the next
+    document's first token to each sample, its sample index spanning two documents; here a sample is its document.)"""
+
+    pairs = True
+
+    def __init__(self, chosen: IndexedDataset, rejected: IndexedDataset, chosen_labels: IndexedDataset | None,
+                 rejected_labels: IndexedDataset | None, documents: np.ndarray, num_samples: int, seq_length: int,
+                 seed: int, name: str = "train"):
+        if len(chosen.sizes) != len(rejected.sizes):
+            raise ValueError(f"{rejected.prefix} has {len(rejected.sizes)} documents but {chosen.prefix} has "
+                             f"{len(chosen.sizes)}: DPO pairs document i of the chosen file with document i of the "
+                             "rejected one (rejected_data_paths in the order of data_paths)")
+        for data, labels in ((chosen, chosen_labels), (rejected, rejected_labels)):
+            if labels is not None and not np.array_equal(labels.sizes, data.sizes):
+                raise ValueError(f"label file {labels.prefix} does not match {data.prefix}: a label file belongs to "
+                                 "the data file it was written with")
+        self.files = [(chosen, chosen_labels), (rejected, rejected_labels)]
+        self.seq_length, self.name = seq_length, name
+        self.documents = np.asarray([d for d in np.asarray(documents) if all(
+            labels is None or np.any(labels.get(int(d))[:seq_length] >= 0) for _, labels in self.files)])
+        if self.documents.size == 0:
+            raise ValueError(f"{chosen.prefix}: the {name} pairs have no trained token within seq_length="
+                             f"{seq_length} on one side or the other")
+        self.order = np.array([i % len(self.documents) for i in range(num_samples)])
+        np.random.RandomState(seed=seed).shuffle(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def source(self, i: int) -> str:
+        return f"{self.files[0][0].prefix} ({self.name} pair {int(self.documents[self.order[i % len(self)]])})"
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        d = int(self.documents[self.order[i % len(self)]])
+        out = np.empty((2, 2, self.seq_length + 1), np.int64)
+        for side, (data, labels) in enumerate(self.files):
+            tokens = data.get(d)[:self.seq_length + 1]
+            out[side, 0] = 0
+            out[side, 0, :len(tokens)] = tokens
+            out[side, 1] = -100
+            out[side, 1, :len(tokens)] = tokens if labels is None else labels.get(d)[:self.seq_length + 1]
+        return out
+
+
+def build_pair_datasets(chosen: Sequence[str], rejected: Sequence[str], chosen_labels: Sequence[str],
+                        rejected_labels: Sequence[str], weights: Sequence[float] | None, split: str | None,
+                        num_samples: int, seq_length: int, seed: int, name: str):
+    """DPO pairs from the files of one split (`split` cuts each file's documents as for plain data; None reads
+    them whole), blended by `weights` when there are several files."""
+    index = (lambda ps: [IndexedDataset(p) for p in ps] or [None] * len(chosen))  # noqa: E731
+    weights = list(weights) if weights else [1.0] * len(chosen)
+    s = {"train": 0, "valid": 1}[name]
+    parts = []
+    for c, r, cl, rl, n in zip(index(chosen), index(rejected), index(chosen_labels), index(rejected_labels),
+                               samples_per_dataset(weights, num_samples) if len(chosen) > 1 else [num_samples]):
+        lo, hi = split_boundaries(split, len(c.sizes))[s:s + 2] if split else (0, len(c.sizes))
+        if hi <= lo:
+            return None
+        parts.append(PairDataset(c, r, cl, rl, np.arange(lo, hi), n, seq_length, seed, name))
+    return parts[0] if len(parts) == 1 else BlendedDataset(parts, weights)
+
+
 def normalised_weights(weights: Sequence[float]) -> np.ndarray:
     """The blend weights as GPT-NeoX computes them, bit for bit: divided by their Python sum
     (`get_normalized_weights_and_num_samples`), then again by their numpy sum (`BlendableDataset`)."""
@@ -189,6 +256,7 @@ class BlendedDataset:
         if len(datasets) != len(weights):
             raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
         self.datasets = list(datasets)
+        self.pairs = getattr(datasets[0], "pairs", False)
         if len(datasets) >= 255:
             raise ValueError(f"{len(datasets)} datasets: GPT-NeoX blends at most 254")
         self.size = sum(len(d) for d in datasets)
@@ -277,6 +345,8 @@ class GlobalBatches:
         self.dataset = dataset
         self.accum, self.micro, self.dp = grad_accum_steps, micro_batch_size, data_parallel
         self.per_microstep = micro_batch_size * data_parallel
+        self.pairs = getattr(dataset, "pairs", False)  # DPO: each sample a pair, two rows (chosen, rejected)
+        self.rows_per_microstep = self.per_microstep * (2 if self.pairs else 1)
 
     @property
     def global_batch_size(self) -> int:
@@ -287,12 +357,15 @@ class GlobalBatches:
         return step * self.global_batch_size + microstep * self.per_microstep + row
 
     def source(self, step: int, microstep: int, row: int) -> str:
-        return self.dataset.source(self.index(step, microstep, row))
+        return self.dataset.source(self.index(step, microstep, row // (2 if self.pairs else 1)))
 
     def batch(self, step: int, lo: int = 0, hi: int | None = None) -> dict[str, np.ndarray]:
         """{"tokens": [accum, hi - lo, seq + 1] int32} (and "labels" alike with label files): microstep k holds
-        rows lo..hi of that microstep."""
-        hi = self.per_microstep if hi is None else hi
-        rows = np.stack([np.stack([self.dataset[self.index(step, k, j)] for j in range(lo, hi)])
+        rows lo..hi of that microstep. Pairs give two rows each, chosen then rejected."""
+        f = 2 if self.pairs else 1
+        hi = self.rows_per_microstep if hi is None else hi
+        rows = np.stack([np.stack([self.dataset[self.index(step, k, j)] for j in range(lo // f, hi // f)])
                          for k in range(self.accum)]).astype(np.int32)
+        if self.pairs:  # [accum, pairs, side, field, t] -> [accum, rows, field, t]
+            rows = rows.reshape(rows.shape[0], -1, *rows.shape[3:])
         return {"tokens": rows} if rows.ndim == 3 else {"tokens": rows[:, :, 0], "labels": rows[:, :, 1]}

@@ -31,7 +31,7 @@ class LocalBatches:
 
     def __init__(self, batches: GlobalBatches, sharding: NamedSharding, seq_length: int, vocab_size: int = 0):
         self.batches, self.sharding, self.vocab_size = batches, sharding, vocab_size
-        self.global_shape = (batches.accum, batches.per_microstep, seq_length + 1)
+        self.global_shape = (batches.accum, batches.rows_per_microstep, seq_length + 1)
         self.lo, self.hi = local_rows(sharding, self.global_shape)
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,56 @@
+"""What a step minimises, beyond plain next-token prediction: per-token log-probabilities and DPO.
+
+Every objective reaches the train step as token weights (train.py's `Trainer.targets`): the step's gradient is
+the gradient of the weighted sum of token cross-entropies, which the chunked `train.output_cross_entropy`
+computes with the loss. A preference objective's gradient is such a sum too, with weights computed from the
+current log-probabilities: for DPO, L = mean over pairs of -log sigmoid(beta x margin), margin = (chosen - rejected
+log-probability) minus the reference's, so dL/d(chosen log p) = -c and dL/d(rejected log p) = +c with
+c = beta x sigmoid(-beta x margin) / pairs; a sequence's log p is minus the sum of its trained tokens'
+cross-entropies, so the chosen tokens weigh +c and the rejected -c. The log-probabilities are computed first, in
+a forward pass without gradients (the policy's and the reference's), then the weighted step runs as any other.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from neox_jax.model import GPTNeoX, output_logits
+
+F32 = jnp.float32
+
+
+def token_logprobs(model: GPTNeoX, x_btd, labels_bt, chunk: int = 512):
+    """(log p(label) [b, t] in fp32, whether the label is the argmax [b, t]) from the last layer's output `x_btd`,
+    run over the sequence `chunk` positions at a time (the largest divisor of its length up to `chunk`), so the
+    whole [b, t, vocab] logits never exist. No gradient is meant to flow through it."""
+    h_btd = model.final_layer_norm(x_btd)
+    kernel_dv = model.output_kernel(h_btd.dtype)
+    b, t, d = h_btd.shape
+    c = max(n for n in range(1, min(chunk, t) + 1) if t % n == 0)
+    hs = h_btd.reshape(b, t // c, c, d).swapaxes(0, 1)
+    labels = labels_bt.reshape(b, t // c, c).swapaxes(0, 1)
+
+    def piece(_, h_and_labels):
+        h_bcd, labels_bc = h_and_labels
+        logits_bcv = output_logits(h_bcd, kernel_dv).astype(F32)
+        target_bc = jnp.take_along_axis(logits_bcv, labels_bc[..., None], axis=-1)[..., 0]
+        logp_bc = target_bc - jax.nn.logsumexp(logits_bcv, axis=-1)
+        return None, (logp_bc, jnp.argmax(logits_bcv, axis=-1) == labels_bc)
+
+    _, (logp, greedy) = jax.lax.scan(piece, None, (hs, labels))
+    return logp.swapaxes(0, 1).reshape(b, t), greedy.swapaxes(0, 1).reshape(b, t)
+
+
+def dpo(chosen, rejected, ref_chosen, ref_rejected, beta: float):
+    """DPO (Rafailov et al. 2023, as GPT-NeoX computes it) from sequence log-probabilities [pairs]: (the mean loss,
+    the chosen sequences' gradient weight c [pairs] — the rejected ones' is -c —, metrics)."""
+    margin = (chosen - rejected) - (ref_chosen - ref_rejected)
+    loss = jnp.mean(-jax.nn.log_sigmoid(beta * margin))
+    c = beta * jax.nn.sigmoid(-beta * margin) / margin.size
+    chosen_rewards, rejected_rewards = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    metrics = {"chosen_rewards": chosen_rewards.mean(), "rejected_rewards": rejected_rewards.mean(),
+               "reward_acc": (chosen_rewards > rejected_rewards).astype(F32).mean(),
+               "margins": (chosen_rewards - rejected_rewards).mean(),
+               "chosen_logp": chosen.mean(), "rejected_logp": rejected.mean()}
+    return loss, c, metrics
