@@ -151,7 +151,7 @@ def _pairs(folder, name, prompts, rng):
 
 
 @pytest.mark.slow
-def test_a_dpo_run_learns_a_rule_it_is_tested_on_with_held_out_pairs(tmp_path):
+def test_a_dpo_run_learns_a_rule_on_held_out_pairs_and_resumes_exactly(tmp_path):
     from neox_jax.data.dataset import GlobalBatches
     from neox_jax.data.loader import LocalBatches
     from neox_jax.loop import _datasets, train
@@ -171,6 +171,11 @@ def test_a_dpo_run_learns_a_rule_it_is_tested_on_with_held_out_pairs(tmp_path):
     result = train(cfg, show_progress=False)
     assert result.losses[0] == pytest.approx(math.log(2), abs=1e-6)  # the run starts at its own reference
     assert result.eval_losses[40] < 0.5 * math.log(2)  # held-out pairs: prompts it never saw
+    stopped = cfg.replace(save=str(tmp_path / "stopped"))  # stopped at 20 and resumed: the same run, bit for bit
+    train(stopped, max_steps=20, show_progress=False)
+    resumed = train(stopped, show_progress=False)
+    assert {s: resumed.losses[s] for s in range(20, 40)} == {s: result.losses[s] for s in range(20, 40)}
+    assert max_diff(resumed.state.params, result.state.params) == 0.0
 
     tr = Trainer(cfg, make_mesh(cfg.mesh))
     valid = LocalBatches(GlobalBatches(_datasets(cfg, tr.global_batch_size)[1], 1, 2, 8), tr.batch_sharding,
