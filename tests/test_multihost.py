@@ -263,3 +263,26 @@ def test_single_process_launches_initialize_nothing():
         distributed.detect(environ={"NEOX_COORDINATOR": "h:1", "NEOX_NUM_PROCESSES": "2"})
     with pytest.raises(distributed.LaunchError, match="process id 2 is outside 0..1"):
         distributed.detect("h:1", 2, 2, environ={})
+
+
+@pytest.mark.slow
+def test_dpo_over_two_processes_equals_one(tmp_path):
+    """DPO's pairs split over 2 processes x 4 devices (data crosses them) train as 1 process x 8 devices."""
+    from .test_objectives import _pairs
+
+    files = _pairs(tmp_path, "train", 64, np.random.RandomState(0))
+    base = dict(model={**TINY_MODEL, "vocab_size": 384}, mesh={"data": 4, "pipe": 1, "tensor": 2}, seq_length=16,
+                micro_batch_size=2,
+                train_iters=3, lr=1e-3, train_impl="dpo", data_paths=[files["chosen"]],
+                rejected_data_paths=[files["rejected"]], label_data_paths=[files["chosen_label"]],
+                rejected_label_data_paths=[files["rejected_label"]], split="100,0,0", eval_interval=100,
+                log_interval=1, save_interval=3, heartbeat_timeout=10)
+    one = TrainConfig.from_dict({**base, "save": str(tmp_path / "one")})
+    reference = train(one, show_progress=False)
+    cfg = TrainConfig.from_dict({**base, "save": str(tmp_path / "ckpt")})
+    finish(launch_train(cfg, tmp_path))
+    losses = logged_losses(cfg)
+    assert sorted(losses) == [0, 1, 2] and abs(losses[0] - np.log(2)) <= 1e-6
+    for step, loss in losses.items():
+        assert abs(loss - reference.losses[step]) <= 1e-6, step
+    assert max_diff(saved_weights(cfg, 3), reference.state.params) <= 1e-6
