@@ -162,5 +162,5 @@ def test_lm_eval_generate_until_batches_and_stops_like_lm_evals_hf(pair, tmp_pat
     assert got == want
     assert any(s[0] not in g and len(g) < len(f) for g, s, f in zip(got, stops, free))  # a stop really cut
 
-    with pytest.raises(ValueError, match="unknown key 'max_lenght'; did you mean 'max_length'"):
+    with pytest.raises(ValueError, match=r"unknown key 'max_lenght' \(did you mean 'max_length'\?\)"):
         NeoXJaxLM(path=str(folder), max_lenght=32)
