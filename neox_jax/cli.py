@@ -17,29 +17,19 @@ def _is_preset(name_or_path: str) -> bool:
 def _model_config(name_or_path: str):
     """NeoXConfig from a preset name, a Hugging Face folder/config.json, a neox_jax checkpoint (params or a training
     run's), a GPT-NeoX checkpoint or NeoX YAML, without reading weights."""
-    from neox_jax import checkpoint
     from neox_jax.config import PRESETS, NeoXConfig
-    from neox_jax.convert import neox, neox_yaml
-    from neox_jax.convert.hf_config import config_from_hf
+    from neox_jax.convert import neox_yaml
 
     p = Path(name_or_path)
     if _is_preset(name_or_path):
         return NeoXConfig.preset(name_or_path)
-    if checkpoint.is_params_checkpoint(p):
-        return checkpoint.load_config(p)
-    if checkpoint.is_train_checkpoint(p):
-        ckpt = checkpoint.TrainCheckpointer(p)
-        try:
-            return NeoXConfig.from_dict(ckpt.read_meta(ckpt.latest_step())["config"]["model"])
-        finally:
-            ckpt.close()
-    if neox.is_neox_checkpoint(p):
-        return neox.NeoXSource(p).config
-    if p.suffix in (".yml", ".yaml"):
+    if p.suffix in (".yml", ".yaml") and p.is_file():
         return neox_yaml.model_config(p)
-    if p.exists():
-        return config_from_hf(p)
-    raise SystemExit(f"error: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+    if not p.exists():
+        raise SystemExit(f"error: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+    from neox_jax.pretrained import model_config
+
+    return model_config(p)
 
 
 def _join(args, mesh: dict | None = None, init_timeout: int = 300, heartbeat_timeout: int = 100):

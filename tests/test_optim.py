@@ -93,10 +93,10 @@ class OverflowAt(Trainer):
 
     POISON = jnp.inf
 
-    def _grads(self, params, batch, loss_scale=1.0):
-        loss, grads = super()._grads(params, batch, loss_scale)
+    def _grads_and_report(self, params, batch, loss_scale=1.0, reference=None):
+        loss, grads, report = super()._grads_and_report(params, batch, loss_scale, reference)
         poison = jnp.where(batch["tokens"][0, 0, 0] == 63, self.POISON, 0.0)
-        return loss, jax.tree.map(lambda g: g + poison, grads)
+        return loss, jax.tree.map(lambda g: g + poison, grads), report
 
 
 def test_fp16_steps_with_overflow_are_skipped_and_counted():
