@@ -329,6 +329,7 @@ class TrainConfig:
     label_data_paths: tuple[str, ...] = ()  # GPT-NeoX's label files, one per data path: target ids, -100 = not trained
     valid_label_data_paths: tuple[str, ...] = ()  # one per valid_data_paths entry
     loss_mean: str = "tokens"  # tokens: every trained token of a step weighs the same; micro_batch: GPT-NeoX's
+    eod_mask_loss: bool = False  # GPT-NeoX's: no loss where the input token ends a document (model.eos_token_id)
     # the objective: normal (next-token loss) | dpo (pairs: data_paths chosen, rejected_data_paths rejected)
     train_impl: str = "normal"
     rejected_data_paths: tuple[str, ...] = ()  # DPO: the rejected sequences, document i paired with data_paths' i

@@ -270,6 +270,8 @@ class Trainer:
         tokens = batch["tokens"]
         raw = batch.get("labels", tokens)[..., 1:]
         keep = raw >= 0
+        if self.cfg.eod_mask_loss:  # GPT-NeoX's: the token after a document's end is not trained on
+            keep &= tokens[..., :-1] != self.cfg.model.eos_token_id
         weights = keep.astype(F32)
         if (mean or self.cfg.loss_mean) == "micro_batch":
             a, rows, t = weights.shape

@@ -301,7 +301,7 @@ def test_neox_yaml_dropout_left_at_gpt_neox_default_is_refused(tmp_path):
 
 @pytest.mark.parametrize("changes, says", [
     ({"sequence_parallel": True}, "sequence_parallel=True: Megatron sequence parallelism is not implemented"),
-    ({"eod_mask_loss": True}, "eod_mask_loss=True: the loss is the plain mean"),
+    ({"z_loss": 0.1}, "z_loss=0.1: the loss is the next-token cross-entropy without an auxiliary term"),
     ({"finetune": True}, "finetune: true needs `load`, the checkpoint whose weights the run starts from"),
     ({"train_epochs": 2}, "train_epochs=2: neox-jax trains with train_iters"),
     ({"load": "elsewhere", "save": "here"}, "load='elsewhere' differs from save='here'"),
@@ -320,6 +320,17 @@ def test_neox_yaml_numbers_that_are_not_numbers_are_named_at_once(tmp_path):
     changes = {"seed": "abc", "hidden_size": 64.5, "lr": "6e-4", "optimizer": {"params": {"eps": [1]}}}
     _refused(tmp_path, changes, "hidden_size=64.5: expected a whole number; optimizer.params.eps=[1]: expected a "
                                 "number; seed='abc': expected a whole number", neox_yaml.train_config)
+
+
+def test_a_llama_config_is_named_as_one(tmp_path):
+    """GPT-NeoX's own DPO/KTO examples are Llama-3 models: the refusal says so before listing the settings."""
+    f = tmp_path / "m.yml"
+    f.write_text(yaml.safe_dump({**NEOX_BASE, "norm": "rmsnorm", "mlp_type": "llama", "activation": "silu",
+                                 "train_impl": "dpo", "dataset_impl": "pairwise", "pack_impl": "unpacked"}))
+    with pytest.raises(ConfigError, match=re.escape("a Llama model (norm: rmsnorm, mlp_type: llama, activation: "
+                                                    "silu), not a GPT-NeoX one")) as e:
+        neox_yaml.train_config(f)
+    assert "norm='rmsnorm' is not supported" in str(e.value)
 
 
 def test_neox_yaml_refuses_every_unsupported_setting_at_once_and_warns_of_unknown_keys(tmp_path):

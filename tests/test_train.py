@@ -240,3 +240,17 @@ def test_masked_loss_and_gradients_equal_transformers_with_labels_minus_100(tmp_
     ref_grads = _as_ours(hf, tmp_path / "grads")
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
     assert max_diff(grads, ref_grads) <= 1e-5 * scale
+
+
+def test_eod_mask_loss_is_masking_the_token_after_each_document_end():
+    """GPT-NeoX's `eod_mask_loss`: no loss where the input token is the end-of-document id (model.eos_token_id, 0)."""
+    tokens = np.random.RandomState(5).randint(1, 256, (2, 8, 33))
+    tokens[:, ::3, 7] = tokens[:, 1::4, 20] = 0  # documents end inside the samples
+    labels = tokens.copy()
+    labels[..., 1:][tokens[..., :-1] == 0] = -100
+    masked, plain = trainer({"data": 2, "tensor": 2}, eod_mask_loss=True), trainer({"data": 2, "tensor": 2})
+    params = plain.init(jax.random.key(0)).params
+    loss, grads = masked.grads(params, masked.put_batch(tokens))
+    want_loss, want = plain.grads(params, plain.put_batch(tokens, labels))
+    assert float(loss) == float(want_loss) and max_diff(grads, want) == 0.0
+    assert float(loss) != float(plain.grads(params, plain.put_batch(tokens))[0])

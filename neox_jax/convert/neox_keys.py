@@ -33,7 +33,7 @@ READ = {
     "data_path", "train_data_paths", "valid_data_paths", "train_data_weights", "valid_data_weights", "split",
     "train_label_data_paths", "valid_label_data_paths", "eval_interval", "eval_iters", "save", "load", "finetune",
     "checkpoint_factor", "save_interval", "keep_last_n_checkpoints", "extra_save_iters", "log_interval",
-    "tensorboard_dir", "peak_theoretical_tflops", "profile", "profile_step_start", "profile_step_stop",
+    "eod_mask_loss", "tensorboard_dir", "peak_theoretical_tflops", "profile", "profile_step_start", "profile_step_stop",
     # DPO (train_impl: dpo, dataset_impl: pairwise)
     "dpo_beta", "dpo_reference_free", "pos_train_data_paths", "neg_train_data_paths", "pos_train_label_data_paths",
     "neg_train_label_data_paths", "pos_valid_data_paths", "neg_valid_data_paths", "pos_valid_label_data_paths",
@@ -61,6 +61,7 @@ ONLY = {
     "train_impl": ("normal", ("normal", "dpo")),
     "checkpoint_scale": ("linear", "linear"),
 }
+LLAMA = {"norm": ("rmsnorm",), "mlp_type": ("llama",), "activation": ("silu", "swiglu")}  # two of them: a Llama
 TRAINING_ONLY = {"hidden_dropout", "attention_dropout"}  # a weights-only read accepts any value of these
 
 
@@ -84,7 +85,7 @@ OFF_TRAINING = {
     **_each("weights from document counts are not implemented: give data weights", "weight_by_num_documents"),
     **_each("the reference log-probabilities are computed on the fly from the reference weights kept in the train "
             "state, not read from precomputed files", "precompute_model_name"),
-    **_each("the loss is the plain mean next-token cross-entropy", "eod_mask_loss", "z_loss"),
+    **_each("the loss is the next-token cross-entropy without an auxiliary term", "z_loss"),
     **_each("neox-jax's optimizer is AdamW with GPT-NeoX's schedule", "use_bnb_optimizer", "scheduler",
            "use_checkpoint_lr_scheduler"),
     **_each("a run resumes its whole state from `save`, or starts from `load`'s weights with `finetune: true`",
@@ -186,6 +187,10 @@ def check(args: dict[str, Any], where: str, weights_only: bool = False) -> list[
                            + f" is not supported: neox-jax implements {key}: {implemented} only")
     refused += [f"{key}={args[key]!r}: {reason}" for key, reason in (OFF_MODEL if weights_only else OFF).items()
                 if key in args and _is_on(args[key])]
+    llama = [f"{k}: {args[k]}" for k, values in LLAMA.items() if args.get(k) in values]
+    if len(llama) >= 2:  # GPT-NeoX's own post-training examples are Llama models: say so first
+        refused.insert(0, f"a Llama model ({', '.join(llama)}), not a GPT-NeoX one: neox-jax trains the GPT-NeoX "
+                          "architecture (Pythia, GPT-NeoX-20B) only")
     if refused:
         from neox_jax.errors import ConfigError
 

@@ -244,6 +244,7 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
         label_data_paths=tuple(args.get("train_label_data_paths") or ()),
         valid_label_data_paths=tuple(args.get("valid_label_data_paths") or ()),
         loss_mean="micro_batch",  # GPT-NeoX's: a token mean per micro batch and rank, averaged
+        eod_mask_loss=bool(args.get("eod_mask_loss", False)),
         train_impl=str(args.get("train_impl", "normal")),
         rejected_data_paths=tuple(args.get("neg_train_data_paths") or ()),
         rejected_label_data_paths=tuple(args.get("neg_train_label_data_paths") or ()),
