@@ -18,9 +18,10 @@ import jax.numpy as jnp
 from neox_jax.model import GPTNeoX, output_logits
 
 F32 = jnp.float32
+LOSS_CHUNK = 512  # sequence positions whose fp32 logits exist at once in a loss or its log-probabilities
 
 
-def token_logprobs(model: GPTNeoX, x_btd, labels_bt, chunk: int = 512):
+def token_logprobs(model: GPTNeoX, x_btd, labels_bt, chunk: int = LOSS_CHUNK):
     """(log p(label) [b, t] in fp32, whether the label is the argmax [b, t]) from the last layer's output `x_btd`,
     run over the sequence `chunk` positions at a time (the largest divisor of its length up to `chunk`), so the
     whole [b, t, vocab] logits never exist. No gradient is meant to flow through it."""

@@ -144,10 +144,10 @@ def activation_bytes(cfg: TrainConfig, mesh: dict, microbatches: int = 1) -> int
     backward. With a pipeline of P stages over M microbatches each device runs L/P layers on microbatches of
     b = micro_batch x accumulation / M sequences and keeps 2P - 1 of them at once (neox_jax/pipeline.py): each
     layer's input (remat full) plus one layer's working set, or the stage's input (none) plus the whole stage's
-    working set in its backward. Plus one chunk of the loss's fp32 logits and their gradient (train.LOSS_CHUNK
+    working set in its backward. Plus one chunk of the loss's fp32 logits and their gradient (objectives.LOSS_CHUNK
     positions) and the loss's fp32 sum of the output kernel's gradient."""
     from neox_jax.pipeline import slots
-    from neox_jax.train import LOSS_CHUNK
+    from neox_jax.objectives import LOSS_CHUNK
 
     m = cfg.model
     s, h, a, t, stages = cfg.seq_length, m.hidden_size, m.num_heads, mesh["tensor"], mesh["pipe"]

@@ -37,7 +37,7 @@ from neox_jax import sharding as shd
 from neox_jax.config import TrainConfig
 from neox_jax.errors import ConfigError
 from neox_jax.model import GPTNeoX, abstract_model, output_logits
-from neox_jax.objectives import dpo, token_logprobs
+from neox_jax.objectives import LOSS_CHUNK, dpo, token_logprobs
 from neox_jax.optim import LossScale, make_optimizer, schedule
 from neox_jax.pipeline import PIPELINE_REMAT, pipeline_grads
 from neox_jax.xla_options import compiler_options
@@ -102,9 +102,6 @@ def cross_entropy(logits_btv, labels_bt):
     logits_btv = logits_btv.astype(F32)
     target_bt = jnp.take_along_axis(logits_btv, labels_bt[..., None], axis=-1)[..., 0]
     return (jax.nn.logsumexp(logits_btv, axis=-1) - target_bt).mean()
-
-
-LOSS_CHUNK = 512  # sequence positions whose fp32 logits exist at once in the training loss
 
 
 def lm_loss(model: GPTNeoX, x_btd, targets, chunk: int = LOSS_CHUNK):
