@@ -240,15 +240,14 @@ def _datasets(cfg: TrainConfig, global_batch: int):
     valid_samples = (cfg.train_iters // cfg.eval_interval + 1) * cfg.eval_iters * global_batch
     samples, cache = [cfg.train_iters * global_batch, valid_samples, 0], cfg.data_cache_dir or None
     if cfg.train_impl == "dpo":  # pairs, one document each (GPT-NeoX's pairwise data)
-        whole = bool(cfg.valid_data_paths)
-        train = build_pair_datasets(cfg.data_paths, cfg.rejected_data_paths, cfg.label_data_paths,
-                                    cfg.rejected_label_data_paths, cfg.data_weights, None if whole else cfg.split,
-                                    samples[0], cfg.seq_length, cfg.seed, "train")
-        valid = build_pair_datasets(
-            *((cfg.valid_data_paths, cfg.valid_rejected_data_paths, cfg.valid_label_data_paths,
-               cfg.valid_rejected_label_data_paths, cfg.valid_data_weights) if whole else
-              (cfg.data_paths, cfg.rejected_data_paths, cfg.label_data_paths, cfg.rejected_label_data_paths,
-               cfg.data_weights)), None if whole else cfg.split, samples[1], cfg.seq_length, cfg.seed, "valid")
+        pairs = (cfg.data_paths, cfg.rejected_data_paths, cfg.label_data_paths, cfg.rejected_label_data_paths,
+                 cfg.data_weights)
+        valid_pairs = (cfg.valid_data_paths, cfg.valid_rejected_data_paths, cfg.valid_label_data_paths,
+                       cfg.valid_rejected_label_data_paths, cfg.valid_data_weights)
+        split = None if cfg.valid_data_paths else cfg.split  # whole files for each, or a split of the pairs
+        train = build_pair_datasets(*pairs, split, samples[0], cfg.seq_length, cfg.seed, "train")
+        valid = build_pair_datasets(*(valid_pairs if cfg.valid_data_paths else pairs), split, samples[1],
+                                    cfg.seq_length, cfg.seed, "valid")
         if train is None:
             raise ConfigError(f"split={cfg.split!r} leaves no training pairs")
         return train, valid
