@@ -270,6 +270,27 @@ def cmd_preprocess(args):
     from neox_jax.data.preprocess import preprocess
     from neox_jax.errors import BadRecordError
 
+    chat_flags = [f for f, on in (("--chat-template", args.chat_template), ("--only-last", args.only_last),
+                                  ("--for-rm", args.for_rm)) if on]
+    if chat_flags and not args.chat:
+        raise SystemExit(f"error: {', '.join(chat_flags)} shape chat data: add --chat")
+    if args.chat:
+        from neox_jax.data.chat import preprocess_chat
+
+        refused = [f for f, on in (("--append-eod", args.append_eod), ("--strict", args.strict)) if on]
+        if refused or args.workers != 1:
+            raise SystemExit(f"error: {', '.join(refused + (['--workers'] if args.workers != 1 else []))} do not "
+                             "apply to --chat (a chat ends with the end-of-text token; any bad record stops it)")
+        try:
+            counts = preprocess_chat(args.input, args.tokenizer, args.output_prefix, args.jsonl_keys,
+                                     args.chat_template, args.only_last, args.for_rm)
+        except BadRecordError as e:
+            print(f"error: {e}; nothing was written", file=sys.stderr)
+            return 1
+        for key, c in counts.items():
+            print(f"{args.output_prefix}_{key}_document, {args.output_prefix}_{key}_label_document: "
+                  f"{c['documents']} chats, {c['trained_tokens']} tokens trained on")
+        return 0
     try:
         summary = preprocess(args.input, args.tokenizer, args.output_prefix, jsonl_keys=args.jsonl_keys,
                              append_eod=args.append_eod, workers=args.workers, strict=args.strict)
@@ -561,6 +582,12 @@ def main(argv=None):
     p.add_argument("--append-eod", action="store_true", help="end each document with <|endoftext|>")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of reporting it")
+    p.add_argument("--chat", action="store_true",
+                   help="the keys hold chats: also write PREFIX_{key}_label_document (-100 where the model does not "
+                        "speak), as GPT-NeoX's preprocess_data_with_chat_template.py (docs/data.md)")
+    p.add_argument("--chat-template", help="a Jinja chat template file (default: the tokenizer folder's own)")
+    p.add_argument("--only-last", action="store_true", help="--chat: train on the model's last turn only (DPO pairs)")
+    p.add_argument("--for-rm", action="store_true", help="--chat: label only the closing token (reward models)")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("train-tokenizer", help="train a NeoX-style byte-level BPE tokenizer on local text")

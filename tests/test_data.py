@@ -385,3 +385,43 @@ def test_batches_from_cached_maps_equal_the_built_ones(corpus, tmp_path):
     np.testing.assert_array_equal(fresh.batch(4, 3, 6)["tokens"], history[4][:, 3:6])
     # rows are dealt microstep-major, then rank, then micro batch: row j of microstep k is sample 12n + 6k + j
     np.testing.assert_array_equal(history[2][1, 4], walked.dataset[2 * 12 + 6 + 4])
+
+
+@pytest.mark.parametrize("source, prefix, keys, flags", [
+    ("sft.jsonl", "sft", ["messages"], []),
+    ("pairs.jsonl", "pairs", ["chosen", "rejected"], ["--only-last"]),
+    ("pairs.jsonl", "rm", ["chosen", "rejected"], ["--for-rm"]),
+])
+def test_chat_preprocessing_writes_the_bytes_gpt_neox_wrote(shared, tmp_path, capsys, source, prefix, keys, flags):
+    """The three commands of ../shared/data/neox-post-training/README.md, and their outputs byte for byte."""
+    import shutil
+
+    from neox_jax.cli import main as cli
+
+    data = shared / "neox-post-training"
+    shutil.copy(shared / "20B_tokenizer.json", tmp_path / "tokenizer.json")
+    shutil.copy(data / "tokenizer_config.json", tmp_path)  # its chat template
+    assert cli(["preprocess", "--input", str(data / source), "--tokenizer", str(tmp_path / "tokenizer.json"),
+                "--output-prefix", str(tmp_path / prefix), "--jsonl-keys", *keys, "--chat", *flags]) == 0
+    for key in keys:
+        for kind in ("document", "label_document"):
+            for ext in ("bin", "idx"):
+                name = f"{prefix}_{key}_{kind}.{ext}"
+                assert (tmp_path / name).read_bytes() == (data / "out" / name).read_bytes(), name
+    assert "chats" in capsys.readouterr().out
+
+
+def test_chat_preprocessing_without_a_template_or_with_a_bad_chat_says_so(shared, tmp_path, capsys):
+    from neox_jax.cli import main as cli
+
+    (tmp_path / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "hi"}\n')
+    args = ["preprocess", "--input", str(tmp_path / "chats.jsonl"), "--output-prefix", str(tmp_path / "out"), "--chat",
+            "--jsonl-keys", "messages"]
+    assert cli([*args, "--tokenizer", str(shared / "20B_tokenizer.json")]) == 2
+    assert "has no chat template (tokenizer_config.json's chat_template): give one with --chat-template FILE" in \
+        capsys.readouterr().err
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert cli([*args, "--tokenizer", str(shared / "20B_tokenizer.json"), "--chat-template",
+                str(tmp_path / "t.jinja")]) == 1
+    assert f"{tmp_path / 'chats.jsonl'}:2: key 'messages' is not a chat" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chats.jsonl", "t.jinja"]

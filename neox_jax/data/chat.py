@@ -1,0 +1,111 @@
+"""Chat data for SFT, DPO and reward models: GPT-NeoX's `preprocess_data_with_chat_template.py`, its bytes.
+
+A record's key holds a chat (a list of `{"role", "content"}` messages). It is rendered with a Jinja chat template
+as transformers' `apply_chat_template` renders it (a sandboxed environment, `trim_blocks` and `lstrip_blocks`, the
+tokenizer's special tokens as variables) and tokenised turn by turn: turn i's tokens are the rendering of the first
+i + 1 messages (with the generation prompt when the next message is the model's) less what came before. Labels are
+the tokens where the model speaks and -100 elsewhere (`only_last`: its last turn only); the end-of-text token closes
+the chat. `for_rm`: the whole chat is masked but for a final end-of-text token, the position a reward model scores.
+The template is the tokenizer folder's own (`tokenizer_config.json`'s `chat_template`) or a file given for it
+(Pythia's tokenizer has none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from neox_jax.data.tokenizer import EOD_TOKEN, NeoXTokenizer
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def load_template(tokenizer: str | os.PathLike, template: str | os.PathLike | None = None) -> tuple[str, dict]:
+    """(the chat template's text, the special tokens it may name) for a tokenizer.json or its folder."""
+    folder = Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    special = {k: (v["content"] if isinstance(v, dict) else v) for k, v in config.items() if k in SPECIAL_TOKENS}
+    if template is not None:
+        return Path(template).read_text(), special
+    if not config.get("chat_template"):
+        raise ValueError(f"{folder} has no chat template (tokenizer_config.json's chat_template): give one with "
+                         "--chat-template FILE (Pythia's tokenizer has none)")
+    return config["chat_template"], special
+
+
+class ChatEncoder:
+    def __init__(self, tokenizer: NeoXTokenizer, template: str, special: dict, generation_role: str = "assistant"):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ValueError(f"the chat template refused a chat: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        self.template, self.special, self.tok = env.from_string(template), special, tokenizer
+        self.generation_role = generation_role
+        self.eos = tokenizer.tokenizer.token_to_id(special.get("eos_token", EOD_TOKEN))
+
+    def render(self, chat: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        text = self.template.render(messages=chat, add_generation_prompt=add_generation_prompt, **self.special)
+        return self.tok.encode(text)
+
+    def encode(self, chat: list[dict], only_last: bool = False, for_rm: bool = False) -> tuple[list[int], list[int]]:
+        """(tokens, labels) of one chat, as GPT-NeoX's `build_chat` makes them."""
+        if for_rm:
+            tokens = self.render(chat)
+            return tokens + [self.eos, self.eos], [-100] * len(tokens) + [-100, self.eos]
+        tokens: list[int] = []
+        labels: list[int] = []
+        for i, turn in enumerate(chat):
+            next_is_model = i + 1 < len(chat) and chat[i + 1]["role"] == self.generation_role
+            new = self.render(chat[:i + 1], add_generation_prompt=next_is_model)[len(tokens):]
+            tokens += new
+            trained = turn["role"] == self.generation_role and not (only_last and i != len(chat) - 1)
+            labels += new if trained else [-100] * len(new)
+        labels.append(self.eos if labels[-1] != -100 else -100)
+        return tokens + [self.eos], labels
+
+
+def preprocess_chat(inputs, tokenizer: str | os.PathLike, output_prefix: str, keys=("messages",),
+                    template: str | os.PathLike | None = None, only_last: bool = False, for_rm: bool = False) -> dict:
+    """Write `{prefix}_{key}_document` and `{prefix}_{key}_label_document` (.bin/.idx, int32, GPT-NeoX's bytes) for
+    each key of the JSONL records; a bad record stops it naming file and line, and nothing is written. -> the
+    documents and trained tokens per key."""
+    import numpy as np
+
+    from neox_jax.data.indexed import IndexedDatasetWriter
+    from neox_jax.data.preprocess import read_records
+    from neox_jax.errors import BadRecordError
+
+    text, special = load_template(tokenizer, template)
+    encoder = ChatEncoder(NeoXTokenizer(tokenizer), text, special)
+    chats = {key: [] for key in keys}
+    for path in inputs:
+        for line, raw in read_records(path):
+            try:
+                record = json.loads(raw)
+                for key in keys:
+                    chats[key].append(encoder.encode(_chat(record, key), only_last, for_rm))
+            except (ValueError, KeyError, TypeError) as e:
+                raise BadRecordError(f"{path}:{line}: {e}") from None
+    counts = {}
+    for key, encoded in chats.items():
+        with IndexedDatasetWriter(f"{output_prefix}_{key}_document", np.int32) as tokens, \
+                IndexedDatasetWriter(f"{output_prefix}_{key}_label_document", np.int32) as labels:
+            for t, lab in encoded:
+                tokens.add_document(np.asarray(t, np.int32))
+                labels.add_document(np.asarray(lab, np.int32))
+        counts[key] = {"documents": len(encoded), "trained_tokens": sum(sum(x >= 0 for x in lab) for _, lab in encoded)}
+    return counts
+
+
+def _chat(record, key: str) -> list[dict]:
+    if not isinstance(record, dict) or key not in record:
+        raise ValueError(f"no key {key!r} (--jsonl-keys names the keys holding chats)")
+    chat = record[key]
+    if not isinstance(chat, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in chat):
+        raise ValueError(f"key {key!r} is not a chat: expected a list of {{'role': ..., 'content': ...}} messages")
+    return chat
