@@ -8,20 +8,14 @@ import time
 from pathlib import Path
 
 
-def _is_preset(name_or_path: str) -> bool:
-    from neox_jax.config import PRESETS, preset_key
-
-    return preset_key(name_or_path) in PRESETS and not Path(name_or_path).exists()
-
-
 def _model_config(name_or_path: str):
     """NeoXConfig from a preset name, a Hugging Face folder/config.json, a neox_jax checkpoint (params or a training
     run's), a GPT-NeoX checkpoint or NeoX YAML, without reading weights."""
-    from neox_jax.config import PRESETS, NeoXConfig
+    from neox_jax.config import PRESETS, NeoXConfig, is_preset
     from neox_jax.convert import neox_yaml
 
     p = Path(name_or_path)
-    if _is_preset(name_or_path):
+    if is_preset(name_or_path):
         return NeoXConfig.preset(name_or_path)
     if p.suffix in (".yml", ".yaml") and p.is_file():
         return neox_yaml.model_config(p)
@@ -159,10 +153,10 @@ def cmd_convert(args):
 
 
 def _train_config(name_or_path: str, overrides: dict):
-    from neox_jax.config import TrainConfig
+    from neox_jax.config import TrainConfig, is_preset
     from neox_jax.convert.neox_yaml import read_train_config
 
-    if _is_preset(name_or_path):
+    if is_preset(name_or_path):
         return TrainConfig.from_dict({"model": name_or_path, **overrides})
     return read_train_config(name_or_path, **overrides)
 

@@ -113,6 +113,11 @@ class NeoXConfig:
 HOW_IT_RUNS = ("dtype", "param_dtype", "remat_policy", "attention")  # NeoXConfig fields that leave its function
 
 
+def model_differences(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(setting, ours, theirs) for each model setting (NeoXConfig dicts) that changes the function and differs."""
+    return [(k, v, theirs[k]) for k, v in ours.items() if k not in HOW_IT_RUNS and k in theirs and v != theirs[k]]
+
+
 def _check_keys(d: Mapping[str, Any], cls, what: str):
     """An unknown key is an error that names the nearest valid one."""
     import difflib
@@ -244,6 +249,11 @@ def load_yaml(*paths: str | os.PathLike) -> dict:
                                   "GPT-NeoX forbids setting a key in two files")
             merged[norm], origin[norm] = value, str(p)
     return merged
+
+
+def is_preset(name: str) -> bool:
+    """Whether `name` names a preset rather than a file or folder of that name."""
+    return preset_key(name) in PRESETS and not Path(name).exists()
 
 
 def preset_key(name: str) -> str:

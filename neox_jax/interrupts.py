@@ -33,10 +33,6 @@ _handled = 0  # signals the current handler has taken
 _command = "neox-jax"  # how the line names the command
 
 
-def status(signum: int) -> int:
-    return 128 + signum
-
-
 def install(command: str = "neox-jax"):
     """Take SIGINT and SIGTERM for the rest of the process (main thread only; once)."""
     global _installed, _command
@@ -86,7 +82,7 @@ def end(signum: int, detail: str = ""):
         sys.stdout.flush()
         print(f"\n{_command}: stopped by {signal.Signals(signum).name}" + (f"; {detail}" if detail else ""),
               file=sys.stderr, flush=True)
-        os._exit(status(signum))
+        os._exit(128 + signum)
 
 
 @contextlib.contextmanager

@@ -21,16 +21,26 @@ F32 = jnp.float32
 LOSS_CHUNK = 512  # sequence positions whose fp32 logits exist at once in a loss or its log-probabilities
 
 
+def position_chunks(chunk: int, *arrays_bt):
+    """[b, t, ...] arrays cut along the sequence into pieces of the largest divisor of t up to `chunk`, the pieces
+    leading: [t / c, b, c, ...] (a `lax.scan` runs over them; `joined` undoes it)."""
+    b, t = arrays_bt[0].shape[:2]
+    c = max(n for n in range(1, min(chunk, t) + 1) if t % n == 0)
+    return tuple(x.reshape(b, t // c, c, *x.shape[2:]).swapaxes(0, 1) for x in arrays_bt)
+
+
+def joined(x_nbc):
+    """[t / c, b, c, ...] -> [b, t, ...]."""
+    n, b, c = x_nbc.shape[:3]
+    return x_nbc.swapaxes(0, 1).reshape(b, n * c, *x_nbc.shape[3:])
+
+
 def token_logprobs(model: GPTNeoX, x_btd, labels_bt, chunk: int = LOSS_CHUNK):
     """(log p(label) [b, t] in fp32, whether the label is the argmax [b, t]) from the last layer's output `x_btd`,
     run over the sequence `chunk` positions at a time (the largest divisor of its length up to `chunk`), so the
     whole [b, t, vocab] logits never exist. No gradient is meant to flow through it."""
     h_btd = model.final_layer_norm(x_btd)
     kernel_dv = model.output_kernel(h_btd.dtype)
-    b, t, d = h_btd.shape
-    c = max(n for n in range(1, min(chunk, t) + 1) if t % n == 0)
-    hs = h_btd.reshape(b, t // c, c, d).swapaxes(0, 1)
-    labels = labels_bt.reshape(b, t // c, c).swapaxes(0, 1)
 
     def piece(_, h_and_labels):
         h_bcd, labels_bc = h_and_labels
@@ -39,8 +49,8 @@ def token_logprobs(model: GPTNeoX, x_btd, labels_bt, chunk: int = LOSS_CHUNK):
         logp_bc = target_bc - jax.nn.logsumexp(logits_bcv, axis=-1)
         return None, (logp_bc, jnp.argmax(logits_bcv, axis=-1) == labels_bc)
 
-    _, (logp, greedy) = jax.lax.scan(piece, None, (hs, labels))
-    return logp.swapaxes(0, 1).reshape(b, t), greedy.swapaxes(0, 1).reshape(b, t)
+    _, (logp, greedy) = jax.lax.scan(piece, None, position_chunks(chunk, h_btd, labels_bt))
+    return joined(logp), joined(greedy)
 
 
 def dpo(chosen, rejected, ref_chosen, ref_rejected, beta: float):

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from neox_jax import checkpoint
 from neox_jax import sharding as shd
-from neox_jax.config import HOW_IT_RUNS, NeoXConfig
+from neox_jax.config import NeoXConfig, model_differences
 from neox_jax.convert import hf, neox
 from neox_jax.convert.hf_config import config_from_hf
 from neox_jax.errors import ConfigError
@@ -75,9 +75,8 @@ def model_config(path: str | os.PathLike) -> NeoXConfig:
 def check_same_model(config: NeoXConfig, weights: NeoXConfig, where: str):
     """That `config` computes the function of the weights `weights` describes (how it runs may differ), else a
     ConfigError naming every field that differs."""
-    ours, theirs = config.to_dict(), weights.to_dict()
-    differ = [f"model.{k}={ours[k]!r} but {theirs[k]!r} there" for k in ours if k not in HOW_IT_RUNS
-              and ours[k] != theirs.get(k)]
+    differ = [f"model.{k}={v!r} but {w!r} there" for k, v, w in model_differences(config.to_dict(),
+                                                                                   weights.to_dict())]
     if differ:
         raise ConfigError(f"{where} holds another model than this run's: " + "; ".join(differ)
                           + ": give the model settings of those weights")

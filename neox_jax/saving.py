@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from neox_jax import checkpoint as ckpt
 from neox_jax.atomic import atomic_path
-from neox_jax.config import HOW_IT_RUNS, TrainConfig
+from neox_jax.config import TrainConfig, model_differences
 from neox_jax.distributed import is_primary
 from neox_jax.errors import ConfigError, TrainingError
 from neox_jax.model import abstract_model
@@ -99,8 +99,7 @@ class Saver:
     def check_settings(self, meta: dict, where: str):
         stored, now = meta["config"], self.cfg.to_dict()
         changed = [(k, stored[k], now[k]) for k in self.KEPT if k in stored and _plain(stored[k]) != _plain(now[k])]
-        changed += [(f"model.{k}", v, now["model"][k]) for k, v in stored["model"].items()
-                    if k not in HOW_IT_RUNS and k in now["model"] and v != now["model"][k]]
+        changed += [(f"model.{k}", v, w) for k, v, w in model_differences(stored["model"], now["model"])]
         batch = meta["samples_consumed"] // max(meta["step"], 1)
         if meta["step"] and batch != self.trainer.global_batch_size:
             changed.append(("global batch (micro_batch_size x grad_accum_steps x mesh data)", batch,

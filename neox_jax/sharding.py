@@ -23,9 +23,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from neox_jax.config import MESH_AXES
 from neox_jax.errors import ConfigError
-
-MESH_AXES = ("data", "pipe", "tensor")
 
 # logical name -> mesh axis (None: replicated)
 LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (

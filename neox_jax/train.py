@@ -37,7 +37,7 @@ from neox_jax import sharding as shd
 from neox_jax.config import TrainConfig
 from neox_jax.errors import ConfigError
 from neox_jax.model import GPTNeoX, abstract_model, output_logits
-from neox_jax.objectives import LOSS_CHUNK, dpo, token_logprobs
+from neox_jax.objectives import LOSS_CHUNK, dpo, joined, position_chunks, token_logprobs
 from neox_jax.optim import LossScale, make_optimizer, schedule
 from neox_jax.pipeline import PIPELINE_REMAT, pipeline_grads
 from neox_jax.xla_options import compiler_options
@@ -126,12 +126,6 @@ def output_cross_entropy(h_btd, kernel_dv, labels_bt, weights_bt, chunk: int = L
 
 
 def _output_cross_entropy(h_btd, kernel_dv, labels_bt, weights_bt, chunk):
-    b, t, d = h_btd.shape
-    c = max(n for n in range(1, min(chunk, t) + 1) if t % n == 0)
-    hs = h_btd.reshape(b, t // c, c, d).swapaxes(0, 1)
-    labels = labels_bt.reshape(b, t // c, c).swapaxes(0, 1)
-    weights = weights_bt.astype(F32).reshape(b, t // c, c).swapaxes(0, 1)
-
     def piece(carry, h_labels_weights):
         total, dkernel_dv = carry
         h_bcd, labels_bc, w_bc = h_labels_weights
@@ -148,8 +142,9 @@ def _output_cross_entropy(h_btd, kernel_dv, labels_bt, weights_bt, chunk):
         return (total + (w_bc * (lse_bc - target_bc)).sum(), dkernel_dv), dh_bcd
 
     zeros = shd.varying(shd.constrain(jnp.zeros(kernel_dv.shape, F32), ("embed", "vocab")))
-    (total, dkernel_dv), dhs = jax.lax.scan(piece, (shd.varying(jnp.zeros((), F32)), zeros), (hs, labels, weights))
-    return total, (dhs.swapaxes(0, 1).reshape(b, t, d), dkernel_dv.astype(kernel_dv.dtype))
+    (total, dkernel_dv), dhs = jax.lax.scan(piece, (shd.varying(jnp.zeros((), F32)), zeros),
+                                            position_chunks(chunk, h_btd, labels_bt, weights_bt.astype(F32)))
+    return total, (joined(dhs), dkernel_dv.astype(kernel_dv.dtype))
 
 
 def _output_cross_entropy_bwd(chunk, grads, g):

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from neox_jax.config import PRESETS, NeoXConfig, TrainConfig, apply_overrides, load_yaml, preset_key
+from neox_jax.config import NeoXConfig, TrainConfig, apply_overrides, is_preset, load_yaml
 from neox_jax.convert.neox_keys import check
 from neox_jax.errors import ConfigError, UnknownSettingWarning
 
@@ -289,6 +289,6 @@ def train_config_from_args(items: list[str]) -> "TrainConfig":
     stray = [a for a in overrides if "=" not in a]
     if stray:
         raise ConfigError(f"{stray[0]!r} comes after the key=value overrides: give every config file before them")
-    if len(files) == 1 and preset_key(files[0]) in PRESETS and not Path(files[0]).exists():
+    if len(files) == 1 and is_preset(files[0]):
         return apply_overrides(TrainConfig.from_dict({"model": files[0]}), overrides)
     return apply_overrides(read_train_config(*files), overrides)
