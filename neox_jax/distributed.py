@@ -182,12 +182,22 @@ def _driver_present(plugin: str) -> bool:
     return True
 
 
+CPU_THREADS_PER_DEVICE = 8
+
+
 def emulate_cpu_devices(n: int):
     """Give the CPU backend `n` devices when JAX runs on the CPU (a mesh rehearsed on a laptop); on a machine
-    with accelerators nothing changes. Must precede the first use of a backend."""
+    with accelerators nothing changes. Must precede the first use of a backend.
+
+    It also gives XLA's CPU runtime `CPU_THREADS_PER_DEVICE` threads per device (PJRT_NPROC, unless set): each
+    collective in flight holds a thread while it waits for its peers, and a device may start several at once
+    (XLA orders collectives by scheduling, not completion), so a pool of one thread per device can be held entirely
+    by waiting collectives and deadlock a pipelined step (docs/sharding.md, "Emulated devices")."""
     import jax
 
     if cpu_only():
+        if n > 1:
+            os.environ.setdefault("PJRT_NPROC", str(min(CPU_THREADS_PER_DEVICE * n, 256)))
         jax.config.update("jax_num_cpu_devices", n)
 
 

@@ -26,7 +26,9 @@ def main():
 
     import jax
 
-    jax.config.update("jax_num_cpu_devices", 8)
+    from neox_jax import distributed
+
+    distributed.emulate_cpu_devices(8)
     import numpy as np
 
     from neox_jax.config import NeoXConfig, TrainConfig

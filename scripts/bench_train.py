@@ -30,7 +30,7 @@ from compare import interleaved, timed  # noqa: E402
 
 
 def worker_jax(args) -> dict:
-    from neox_jax import host_malloc
+    from neox_jax import distributed, host_malloc
 
     host_malloc.reuse_freed_memory()  # as the CLI does, before JAX starts its backend
     import jax
@@ -38,7 +38,7 @@ def worker_jax(args) -> dict:
     from neox_jax.sharding import parse_mesh
 
     mesh_shape = parse_mesh(args.mesh)
-    jax.config.update("jax_num_cpu_devices", math.prod(mesh_shape.values()))
+    distributed.emulate_cpu_devices(math.prod(mesh_shape.values()))
     import numpy as np
     from flax import nnx
 

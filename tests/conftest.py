@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# threads for collectives waiting on their peers, as distributed.emulate_cpu_devices gives the CLI's devices
+os.environ.setdefault("PJRT_NPROC", "64")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from neox_jax import host_malloc  # noqa: E402

@@ -110,17 +110,19 @@ def test_the_decode_step_holds_weights_and_cache_and_its_bound_by_hand():
 
 def test_a_cpu_run_keeps_its_emulated_devices_and_choices_beside_the_cuda_plugin(tmp_path):
     """With the CUDA plugin installed and JAX_PLATFORMS unset (no driver here), a CPU process still counts as
-    CPU-only: the demo's 8 emulated devices, the host allocator setting, the CPU's attention."""
-    code = ("from neox_jax import distributed, host_malloc; distributed.emulate_cpu_devices(8); "
+    CPU-only: the demo's 8 emulated devices with 8 runtime threads each, the host allocator setting, the CPU's
+    attention."""
+    code = ("import os; from neox_jax import distributed, host_malloc; distributed.emulate_cpu_devices(8); "
             "host_malloc.reuse_freed_memory(); "
             "import jax, jax.numpy as jnp; from neox_jax.attention import attention_backend; "
             "print(sorted(distributed._accelerator_plugins()), len(jax.devices()), jax.default_backend(), "
-            "host_malloc.state(), attention_backend('auto', jnp.bfloat16, 64, True))")
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+            "host_malloc.state(), attention_backend('auto', jnp.bfloat16, 64, True), "
+            "sum(open(f'/proc/self/task/{t}/comm').read() == 'tf_XLAEigen\\n' for t in os.listdir('/proc/self/task')))")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS", "PJRT_NPROC")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("] ")[1].split() == ["8", "cpu", "reuse", "blocks"]
+    assert out.stdout.split("] ")[1].split() == ["8", "cpu", "reuse", "blocks", "64"]
     assert "xla_cuda12" in out.stdout.split("]")[0]
 
 
