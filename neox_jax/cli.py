@@ -265,9 +265,12 @@ def cmd_preprocess(args):
     from neox_jax.errors import BadRecordError
 
     chat_flags = [f for f, on in (("--chat-template", args.chat_template), ("--only-last", args.only_last),
-                                  ("--for-rm", args.for_rm)) if on]
+                                  ("--for-rm", args.for_rm), ("--reward-key", args.reward_key),
+                                  ("--binary-reward", args.binary_reward)) if on]
     if chat_flags and not args.chat:
         raise SystemExit(f"error: {', '.join(chat_flags)} shape chat data: add --chat")
+    if args.binary_reward and not args.reward_key:
+        raise SystemExit("error: --binary-reward reads the reward under --reward-key: add --reward-key KEY")
     if args.chat:
         from neox_jax.data.chat import preprocess_chat
 
@@ -277,12 +280,14 @@ def cmd_preprocess(args):
                              "apply to --chat (a chat ends with the end-of-text token; any bad record stops it)")
         try:
             counts = preprocess_chat(args.input, args.tokenizer, args.output_prefix, args.jsonl_keys,
-                                     args.chat_template, args.only_last, args.for_rm)
+                                     args.chat_template, args.only_last, args.for_rm, args.reward_key,
+                                     args.binary_reward)
         except BadRecordError as e:
             print(f"error: {e}; nothing was written", file=sys.stderr)
             return 1
         for key, c in counts.items():
-            print(f"{args.output_prefix}_{key}_document, {args.output_prefix}_{key}_label_document: "
+            rewards = f", {args.output_prefix}_{key}_reward_document" if args.reward_key else ""
+            print(f"{args.output_prefix}_{key}_document, {args.output_prefix}_{key}_label_document{rewards}: "
                   f"{c['documents']} chats, {c['trained_tokens']} tokens trained on")
         return 0
     try:
@@ -582,6 +587,9 @@ def main(argv=None):
     p.add_argument("--chat-template", help="a Jinja chat template file (default: the tokenizer folder's own)")
     p.add_argument("--only-last", action="store_true", help="--chat: train on the model's last turn only (DPO pairs)")
     p.add_argument("--for-rm", action="store_true", help="--chat: label only the closing token (reward models)")
+    p.add_argument("--reward-key", help="--chat: also write PREFIX_{key}_reward_document, each record's reward under "
+                                        "this key, one integer per chat (KTO's reward_data_paths)")
+    p.add_argument("--binary-reward", action="store_true", help="--reward-key: 1 where the reward is true, else -1")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("train-tokenizer", help="train a NeoX-style byte-level BPE tokenizer on local text")

@@ -340,7 +340,11 @@ class TrainConfig:
     valid_label_data_paths: tuple[str, ...] = ()  # one per valid_data_paths entry
     loss_mean: str = "tokens"  # tokens: every trained token of a step weighs the same; micro_batch: GPT-NeoX's
     eod_mask_loss: bool = False  # GPT-NeoX's: no loss where the input token ends a document (model.eos_token_id)
-    # the objective: normal (next-token loss) | dpo (pairs: data_paths chosen, rejected_data_paths rejected)
+    # packed: documents concatenated and cut into samples; unpacked: a sample is one document, padded (GPT-NeoX's
+    # pack_impl); "" is the objective's: packed for normal, unpacked for dpo and kto (GPT-NeoX's only choice there)
+    pack_impl: str = ""
+    # the objective: normal (next-token loss) | dpo (pairs: data_paths chosen, rejected_data_paths rejected) |
+    # kto (sequences with a reward each: reward_data_paths)
     train_impl: str = "normal"
     rejected_data_paths: tuple[str, ...] = ()  # DPO: the rejected sequences, document i paired with data_paths' i
     rejected_label_data_paths: tuple[str, ...] = ()
@@ -348,6 +352,11 @@ class TrainConfig:
     valid_rejected_label_data_paths: tuple[str, ...] = ()
     dpo_beta: float = 0.1  # DPO's temperature (GPT-NeoX's default)
     dpo_reference_free: bool = False  # DPO without a reference model (its log-probabilities taken as 0)
+    reward_data_paths: tuple[str, ...] = ()  # KTO: one integer per document (> 0 desirable, < 0 undesirable)
+    valid_reward_data_paths: tuple[str, ...] = ()
+    kto_beta: float = 0.1  # KTO's temperature (GPT-NeoX's default)
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
     tokenizer: str = ""  # tokenizer.json, for samples printed during training
     data_cache_dir: str = ""  # where the index maps are cached ("" = beside the data, as GPT-NeoX does)
     # evaluation, checkpoints, logging
@@ -393,7 +402,8 @@ class TrainConfig:
             raise ConfigError(f"seq_length={self.seq_length} exceeds the model's max_position_embeddings="
                               f"{self.model.max_position_embeddings}")
         for paths, weights in (("data_paths", "data_weights"), ("valid_data_paths", "valid_data_weights"),
-                               ("data_paths", "label_data_paths"), ("valid_data_paths", "valid_label_data_paths")):
+                               ("data_paths", "label_data_paths"), ("valid_data_paths", "valid_label_data_paths"),
+                               ("data_paths", "reward_data_paths"), ("valid_data_paths", "valid_reward_data_paths")):
             if getattr(self, weights) and len(getattr(self, weights)) != len(getattr(self, paths)):
                 raise ConfigError(f"{weights} has {len(getattr(self, weights))} entries for "
                                   f"{len(getattr(self, paths))} {paths}")
@@ -402,7 +412,8 @@ class TrainConfig:
                               "give the validation data its label files too (or neither)")
         for name in ("betas", "data_paths", "data_weights", "valid_data_paths", "valid_data_weights",
                      "label_data_paths", "valid_label_data_paths", "rejected_data_paths", "rejected_label_data_paths",
-                     "valid_rejected_data_paths", "valid_rejected_label_data_paths", "extra_save_iters",
+                     "valid_rejected_data_paths", "valid_rejected_label_data_paths", "reward_data_paths",
+                     "valid_reward_data_paths", "extra_save_iters",
                      "profile_steps"):
             value = getattr(self, name)
             object.__setattr__(self, name, tuple(value) if isinstance(value, (list, tuple)) else (value,))
@@ -418,17 +429,49 @@ class TrainConfig:
                 raise ConfigError(f"model.{name}={value!r} conflicts with precision={self.precision!r}: training sets "
                                   f"both dtypes from `precision`; remove model.{name} or change precision")
 
+    @property
+    def packed(self) -> bool:
+        """Whether samples are cut from the concatenated documents (`pack_impl`, or the objective's choice)."""
+        return self.pack_impl == "packed" or (self.pack_impl == "" and self.train_impl == "normal")
+
     def _check_objective(self):
         """The objective's settings: every problem at once."""
         problems = []
-        if self.train_impl not in ("normal", "dpo"):
-            problems.append(f"train_impl={self.train_impl!r}: choose normal or dpo (GPT-NeoX's kto and rm are not "
+        if self.train_impl not in ("normal", "dpo", "kto"):
+            problems.append(f"train_impl={self.train_impl!r}: choose normal, dpo or kto (GPT-NeoX's rm is not "
                             "implemented yet; reinforce needs a generation server, which a training run does not have)")
+        unpacked_only = self.train_impl in ("dpo", "kto")
+        if self.pack_impl not in ("", "packed", "unpacked"):
+            problems.append(f"pack_impl={self.pack_impl!r}: choose packed or unpacked (GPT-NeoX's pack_until_overflow "
+                            "is not implemented)")
+        elif unpacked_only and self.pack_impl == "packed":
+            problems.append(f"pack_impl=packed with train_impl={self.train_impl}: a {self.train_impl.upper()} sample "
+                            "is one document (GPT-NeoX requires pack_impl: unpacked here): use unpacked")
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+        if self.train_impl == "kto":
+            if not number(self.kto_beta) or self.kto_beta <= 0:
+                problems.append(f"kto_beta={self.kto_beta!r}: KTO's beta must be a positive number (GPT-NeoX's "
+                                "default 0.1)")
+            problems += [f"{name}={getattr(self, name)!r}: must be a number >= 0" for name in
+                         ("kto_desirable_weight", "kto_undesirable_weight")
+                         if not number(getattr(self, name)) or getattr(self, name) < 0]
+            if self.micro_batch_size % 2:
+                problems.append(f"micro_batch_size={self.micro_batch_size}: KTO takes each half of a micro batch's "
+                                "KL estimate from the other half (GPT-NeoX's): use an even micro_batch_size")
+            if not self.reward_data_paths:
+                problems.append("train_impl=kto needs reward_data_paths (GPT-NeoX's train_reward_data_paths), one "
+                                "per data path")
+            if self.valid_data_paths and not self.valid_reward_data_paths:
+                problems.append("valid_data_paths is set without valid_reward_data_paths: KTO's validation sequences "
+                                "need their rewards too")
+        else:
+            problems += [f"{name} is set but train_impl={self.train_impl!r}: rewards are for train_impl: kto"
+                         for name in ("reward_data_paths", "valid_reward_data_paths") if getattr(self, name)]
         pairs = (("data_paths", "rejected_data_paths"), ("label_data_paths", "rejected_label_data_paths"),
                  ("valid_data_paths", "valid_rejected_data_paths"),
                  ("valid_label_data_paths", "valid_rejected_label_data_paths"))
         if self.train_impl == "dpo":
-            if not isinstance(self.dpo_beta, (int, float)) or isinstance(self.dpo_beta, bool) or self.dpo_beta <= 0:
+            if not number(self.dpo_beta) or self.dpo_beta <= 0:
                 problems.append(f"dpo_beta={self.dpo_beta!r}: DPO's beta must be a positive number (GPT-NeoX's "
                                 "default 0.1)")
             problems += [f"{rejected} has {len(getattr(self, rejected))} entries for {len(getattr(self, chosen))} "

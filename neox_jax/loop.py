@@ -254,10 +254,12 @@ def _datasets(cfg: TrainConfig, global_batch: int):
     if cfg.valid_data_paths:  # GPT-NeoX's train/valid_data_paths: whole datasets
         train, valid = build_path_datasets(cfg.data_paths, cfg.data_weights, cfg.valid_data_paths,
                                            cfg.valid_data_weights, samples, cfg.seq_length, cfg.seed, cache,
-                                           cfg.label_data_paths, cfg.valid_label_data_paths)
+                                           cfg.label_data_paths, cfg.valid_label_data_paths, cfg.reward_data_paths,
+                                           cfg.valid_reward_data_paths, cfg.packed)
         return train, valid
     train, valid, _ = build_split_datasets(list(cfg.data_paths), list(cfg.data_weights) or None, cfg.split,
-                                           samples, cfg.seq_length, cfg.seed, cache, cfg.label_data_paths)
+                                           samples, cfg.seq_length, cfg.seed, cache, cfg.label_data_paths,
+                                           cfg.reward_data_paths, cfg.packed)
     if train is None:
         raise ConfigError(f"split={cfg.split!r} leaves no training documents")
     return train, valid
@@ -376,7 +378,7 @@ def _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start
                     read_pending()  # nothing unchecked is saved or evaluated
                 if done % cfg.eval_interval == 0 and evaluator.local is not None:
                     loss = evaluator(done, state)
-                    perplexity = {} if cfg.train_impl == "dpo" else {"eval_ppl": math.exp(min(loss, 50))}
+                    perplexity = {} if cfg.train_impl != "normal" else {"eval_ppl": math.exp(min(loss, 50))}
                     logger.log(done, {"eval_loss": loss, **perplexity})
                     console.print(f"step {done}: validation loss {loss:.4f}" + "".join(
                         f", perplexity {v:.2f}" for v in perplexity.values()))

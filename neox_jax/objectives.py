@@ -1,4 +1,4 @@
-"""What a step minimises, beyond plain next-token prediction: per-token log-probabilities and DPO.
+"""What a step minimises, beyond plain next-token prediction: per-token log-probabilities, DPO and KTO.
 
 Every objective reaches the train step as token weights (train.py's `Trainer.targets`): the step's gradient is
 the gradient of the weighted sum of token cross-entropies, which the chunked `train.output_cross_entropy`
@@ -8,6 +8,8 @@ log-probability) minus the reference's, so dL/d(chosen log p) = -c and dL/d(reje
 c = beta x sigmoid(-beta x margin) / pairs; a sequence's log p is minus the sum of its trained tokens'
 cross-entropies, so the chosen tokens weigh +c and the rejected -c. The log-probabilities are computed first, in
 a forward pass without gradients (the policy's and the reference's), then the weighted step runs as any other.
+KTO's loss depends on each sequence's log-ratio to the reference alone (its KL estimate is held constant), so its
+gradient is such a sum as well.
 """
 
 from __future__ import annotations
@@ -65,3 +67,32 @@ def dpo(chosen, rejected, ref_chosen, ref_rejected, beta: float):
                "margins": (chosen_rewards - rejected_rewards).mean(),
                "chosen_logp": chosen.mean(), "rejected_logp": rejected.mean()}
     return loss, c, metrics
+
+
+def kto(policy, reference, rewards_bt, keep_bt, data: int, beta: float, desirable: float, undesirable: float):
+    """KTO (Ethayarajh et al. 2024) as GPT-NeoX computes it, from sequence log-probabilities [accum, rows] and the
+    rewards of the tokens [accum, rows, seq]: (the step's loss, each row's gradient weight c [accum, rows] — its
+    trained tokens weigh c —, metrics).
+
+    A micro batch is each data replica's rows of one microstep, and is cut into halves. Row i of a half has the
+    log-ratio r_i = policy_i - reference_i and the reward R_i, the mean of its tokens' rewards (padding's 0 counted,
+    as GPT-NeoX's `reward.mean(-1)`); the half's weight S is the mean over its rows of `desirable` (reward sum
+    > 0.001) or `undesirable` (< -0.001); its KL estimate is the mean of max(r_i, 0), taken from the other half and
+    held constant. The micro batch's loss is the mean over i of 0.5 x S x (1 - sigmoid(beta x R_i x (r_i - KL)))
+    summed over the two halves; the step's loss is the mean over micro batches, as DeepSpeed averages them."""
+    a, rows = policy.shape
+    split = lambda x: x.reshape(a, data, 2, rows // data // 2, *x.shape[2:])  # noqa: E731  [a, data, half, i, ...]
+    ratio = split(policy - reference)
+    mean_reward = split(rewards_bt.mean(-1))
+    total = split(rewards_bt.sum(-1))
+    scale = ((total > 0.001) * desirable + (total < -0.001) * undesirable).mean(-1, keepdims=True)
+    kl = jax.lax.stop_gradient(jnp.maximum(ratio, 0).mean(-1, keepdims=True))
+    z = beta * mean_reward * (ratio - kl[:, :, ::-1])  # each half against the other half's KL
+    micro = 0.5 * scale * (1 - jax.nn.sigmoid(z))
+    loss = micro.sum(2).mean(-1).mean()
+    # d loss / d r_i; a row's log-probability is minus the sum of its tokens' cross-entropies
+    c = 0.5 * scale * jax.nn.sigmoid(z) * jax.nn.sigmoid(-z) * beta * mean_reward / (a * data * (rows // data // 2))
+    metrics = {"kl": jnp.sum(policy - reference) / jnp.maximum(keep_bt.sum(), 1),  # per trained token
+               "reward_acc": (mean_reward * ratio > 0).astype(F32).mean(),  # the log-ratio has the reward's sign
+               "policy_logp": policy.mean(), "ref_logp": reference.mean()}
+    return loss, c.reshape(a, rows), metrics

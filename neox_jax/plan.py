@@ -67,7 +67,7 @@ class Plan:
     kernels: dict = dataclasses.field(default_factory=dict)  # kernel -> calls per step (GPU compile)
     collective_ops: dict = dataclasses.field(default_factory=dict)  # kind -> (asynchronous, all) per step
     gpu_collectives: dict = dataclasses.field(default_factory=dict)  # mesh axes -> bytes, the optimized GPU program
-    reference: int = 0  # DPO's frozen reference weights, bytes per device (the working weights' layout)
+    reference: int = 0  # DPO's or KTO's frozen reference weights, bytes per device (the working weights' layout)
 
     @property
     def xla_total(self) -> int:
@@ -88,7 +88,7 @@ class Plan:
     def report(self) -> str:
         rows = [
             ("parameters (working weights)", self.params),
-            *((("DPO reference weights (frozen copy)", self.reference),) if self.reference else ()),
+            *((("reference weights (DPO, KTO: a frozen copy)", self.reference),) if self.reference else ()),
             ("fp32 master weights", self.master),
             ("optimizer state (Adam moments)", self.opt_state),
             ("gradients (microbatch sums + fp32 shard)", self.grads),

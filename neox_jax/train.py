@@ -8,7 +8,7 @@ The state is plain pytrees (nested dicts of arrays), so Orbax saves it and any m
     master      fp32 copy of the weights when the working dtype is lower (None in fp32), ZeRO-1 layout
     opt_state   AdamW moments, ZeRO-1 layout (split over `data` as well)
     loss_scale  DeepSpeed-style dynamic loss scale (fp16 only, else None)
-    reference   DPO's reference model: the weights the run started from, never updated (else None)
+    reference   DPO's and KTO's reference model: the weights the run started from, never updated (else None)
 
 The loss is a weighted sum of token losses, each token's weight its share of the step's loss (`Trainer.targets`: 0
 where a label file masks it), so it adds exactly across microbatches and replicas however unevenly rows are masked.
@@ -37,7 +37,7 @@ from neox_jax import sharding as shd
 from neox_jax.config import TrainConfig
 from neox_jax.errors import ConfigError
 from neox_jax.model import GPTNeoX, abstract_model, output_logits
-from neox_jax.objectives import LOSS_CHUNK, dpo, joined, position_chunks, token_logprobs
+from neox_jax.objectives import LOSS_CHUNK, dpo, joined, kto, position_chunks, token_logprobs
 from neox_jax.optim import LossScale, make_optimizer, schedule
 from neox_jax.pipeline import PIPELINE_REMAT, pipeline_grads
 from neox_jax.xla_options import compiler_options
@@ -54,7 +54,7 @@ class TrainState:
     master: Any
     opt_state: Any
     loss_scale: LossScale | None = None
-    reference: Any = None  # DPO: the starting weights, frozen (working dtype, the params' layout)
+    reference: Any = None  # DPO, KTO: the starting weights, frozen (working dtype, the params' layout)
 
 
 def check_layout(cfg: TrainConfig, mesh_shape: dict[str, int]):
@@ -181,7 +181,7 @@ class Trainer:
         opt_specs = optax.tree_map_params(self.tx, lambda _, spec: spec, abstract_opt, self.zero_specs,
                                           transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
         scalar_specs = jax.tree.map(lambda _: P(), LossScale.initial(cfg)) if self.fp16 else None
-        self.keeps_reference = cfg.train_impl == "dpo" and not cfg.dpo_reference_free
+        self.keeps_reference = cfg.train_impl == "kto" or (cfg.train_impl == "dpo" and not cfg.dpo_reference_free)
         self.state_specs = TrainState(step=P(), updates=P(), params=self.param_specs,
                                       master=self.zero_specs if self.has_master else None, opt_state=opt_specs,
                                       loss_scale=scalar_specs,
@@ -233,10 +233,12 @@ class Trainer:
 
     def abstract_batch(self) -> dict:
         """The step's batch: `tokens` [accum, rows, seq + 1], and `labels` of the same shape when the run reads
-        label files (GPT-NeoX's: the target ids, -100 where a token is not trained on)."""
+        label files (GPT-NeoX's: the target ids, -100 where a token is not trained on), `rewards` for KTO."""
         leaf = jax.ShapeDtypeStruct(self.batch_shape(), jnp.int32, sharding=self.batch_sharding)
-        labelled = self.cfg.label_data_paths or self.cfg.train_impl == "dpo"  # pairs always carry labels
-        return {"tokens": leaf, "labels": leaf} if labelled else {"tokens": leaf}
+        impl = self.cfg.train_impl
+        fields = ("tokens",) + (("labels",) if self.cfg.label_data_paths or impl != "normal" else ()) + (
+            ("rewards",) if impl == "kto" else ())  # pairs and rewarded sequences always carry labels
+        return dict.fromkeys(fields, leaf)
 
     # ---- the computations ---------------------------------------------------------------------------
     def _init(self, key) -> TrainState:
@@ -285,17 +287,25 @@ class Trainer:
 
         return jax.lax.map(one, (inputs_mbt, labels_mbt, keep_mbt))
 
-    def preference(self, params, reference, inputs_mbt, labels_mbt, weights_mbt):
-        """DPO's token weights from the current and the reference log-probabilities (objectives.py), and its loss
-        and metrics. Rows alternate chosen, rejected: a pair never straddles two data replicas."""
-        keep = weights_mbt > 0
+    def preference(self, params, reference, inputs_mbt, labels_mbt, weights_mbt, rewards_mbt=None):
+        """DPO's or KTO's token weights from the current and the reference log-probabilities (objectives.py), and
+        its loss and metrics. DPO's rows alternate chosen, rejected: a pair never straddles two data replicas."""
+        cfg, keep = self.cfg, weights_mbt > 0
         policy = self.sequence_logprobs(params, inputs_mbt, labels_mbt, keep)
         ref = (jnp.zeros_like(policy) if reference is None
                else self.sequence_logprobs(reference, inputs_mbt, labels_mbt, keep))
-        loss, c, metrics = dpo(policy[:, 0::2], policy[:, 1::2], ref[:, 0::2], ref[:, 1::2], self.cfg.dpo_beta)
+        if cfg.train_impl == "kto":
+            loss, c, metrics = kto(policy, ref, rewards_mbt.astype(F32), keep, self.mesh_shape["data"], cfg.kto_beta,
+                                   cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+            return keep * c[..., None], {"loss": loss, **metrics}
+        loss, c, metrics = dpo(policy[:, 0::2], policy[:, 1::2], ref[:, 0::2], ref[:, 1::2], cfg.dpo_beta)
         a, pairs = c.shape
         signed = jnp.stack([c, -c], axis=-1).reshape(a, 2 * pairs)  # chosen +c, rejected -c
         return keep * signed[..., None], {"loss": loss, **metrics}
+
+    def _rewards(self, batch):
+        """KTO's rewards of the input positions (GPT-NeoX drops the last), else None."""
+        return batch["rewards"][..., :-1] if "rewards" in batch else None
 
     def loss(self, params, inputs_bt, labels_bt, weights_bt):
         """The weighted sum of one microbatch's token losses."""
@@ -322,7 +332,7 @@ class Trainer:
 
     def _grads_and_report(self, params, batch, loss_scale=1.0, reference=None):
         """The step's loss, its fp32 gradients in the ZeRO layout, and the objective's metrics. The gradients are
-        those of the weighted sum of token losses (`targets`; DPO's weights: `preference`).
+        those of the weighted sum of token losses (`targets`; DPO's and KTO's weights: `preference`).
 
         The loss is multiplied by `loss_scale` for differentiation and the gradients divided by it after. Each data
         replica sums its microbatches' gradients locally in `grad_accum_dtype`, then one reduce-scatter per tensor
@@ -332,8 +342,9 @@ class Trainer:
         """
         inputs_mbt, labels_mbt, weights_mbt = self.targets(batch)
         report = {}
-        if self.cfg.train_impl == "dpo":
-            weights_mbt, report = self.preference(params, reference, inputs_mbt, labels_mbt, weights_mbt)
+        if self.cfg.train_impl != "normal":
+            weights_mbt, report = self.preference(params, reference, inputs_mbt, labels_mbt, weights_mbt,
+                                                  self._rewards(batch))
         if self.cfg.zero_stage == 3:
             loss, grads = self._grads_per_microstep(params, (inputs_mbt, labels_mbt, weights_mbt), loss_scale)
             return report.pop("loss", loss), grads, report
@@ -418,10 +429,10 @@ class Trainer:
 
     def _eval_loss(self, params, batch, reference=None):
         """The batch's loss: the mean over its trained tokens (each weighs the same, whatever `loss_mean`), or
-        DPO's over its pairs."""
+        DPO's over its pairs, or KTO's."""
         targets = self.targets(batch, "tokens")
-        if self.cfg.train_impl == "dpo":
-            return self.preference(params, reference, *targets)[1]["loss"]
+        if self.cfg.train_impl != "normal":
+            return self.preference(params, reference, *targets, self._rewards(batch))[1]["loss"]
         return jax.lax.map(lambda piece: self.loss(params, *piece), targets).sum()
 
     def _step(self, state: TrainState, batch):
@@ -452,13 +463,15 @@ class Trainer:
         return new, metrics
 
     # ---- data ---------------------------------------------------------------------------------------
-    def put_batch(self, tokens: np.ndarray, labels: np.ndarray | None = None) -> dict:
-        """A whole host batch [accum, batch, length] (and its labels) onto the mesh; each process puts only the rows
-        its devices hold (training itself never builds the whole batch: neox_jax/data/loader.py reads just those
-        rows)."""
+    def put_batch(self, tokens: np.ndarray, labels: np.ndarray | None = None, rewards: np.ndarray | None = None
+                  ) -> dict:
+        """A whole host batch [accum, batch, length] (and its labels, KTO's rewards) onto the mesh; each process
+        puts only the rows its devices hold (training itself never builds the whole batch: neox_jax/data/loader.py
+        reads just those rows)."""
         from neox_jax.data.loader import local_rows
 
-        batch = {"tokens": tokens} if labels is None else {"tokens": tokens, "labels": labels}
+        batch = {name: rows for name, rows in (("tokens", tokens), ("labels", labels), ("rewards", rewards))
+                 if rows is not None}
         out = {}
         for name, rows in batch.items():
             rows = np.asarray(rows, np.int32)

@@ -308,7 +308,9 @@ def test_neox_yaml_dropout_left_at_gpt_neox_default_is_refused(tmp_path):
     ({"train_batch_size": 100, "train_micro_batch_size_per_gpu": 8}, "train_batch_size=100 is not a multiple of"),
     ({"data_path": "a", "train_data_paths": ["b"], "valid_data_paths": ["b"]}, "set either data_path or train/"),
     ({"train_data_paths": ["b"]}, "train_data_paths and valid_data_paths go together"),
-    ({"train_impl": "kto"}, "train_impl='kto' is not supported"),
+    ({"train_impl": "rm"}, "train_impl='rm' is not supported"),
+    ({"train_impl": "kto"}, "pack_impl='packed' (GPT-NeoX's default) is not supported: neox-jax implements "
+                            "pack_impl: 'unpacked' only"),
     ({"fp16": {"enabled": True, "loss_scale": 128}}, "fp16 loss_scale=128: a static loss scale is not supported"),
     ({"optimizer": {"type": "Adam", "params": {"lr": 1e-4, "momentum": 0.9}}}, "optimizer params ['momentum']"),
 ])
@@ -402,11 +404,27 @@ def test_neox_yaml_dpo_keys_are_honoured(tmp_path):
         ("vc",), ("vr",), ("vrl",))
 
 
+def test_neox_yaml_kto_keys_are_honoured(tmp_path):
+    f = tmp_path / "m.yml"
+    f.write_text(yaml.safe_dump({**NEOX_BASE, "train_impl": "kto", "pack_impl": "unpacked", "kto_beta": 0.3,
+                                 "kto_desirable_weight": 1.5, "kto_undesirable_weight": 0.5, "kto_fp32": True,
+                                 "train_micro_batch_size_per_gpu": 2,
+                                 "train_data_paths": ["t"], "train_label_data_paths": ["tl"],
+                                 "train_reward_data_paths": ["tr"], "valid_data_paths": ["v"],
+                                 "valid_label_data_paths": ["vl"], "valid_reward_data_paths": ["vr"]}))
+    cfg = neox_yaml.train_config(f)
+    assert (cfg.train_impl, cfg.pack_impl, cfg.packed) == ("kto", "unpacked", False)
+    assert (cfg.kto_beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight) == (0.3, 1.5, 0.5)
+    assert (cfg.reward_data_paths, cfg.valid_reward_data_paths) == (("tr",), ("vr",))
+
+
 @pytest.mark.parametrize("changes, says", [
     ({"dpo_beta": 0}, "dpo_beta=0: DPO's beta must be a positive number"),
     ({"rejected_data_paths": []}, "rejected_data_paths has 0 entries for 1 data_paths: DPO pairs document i"),
-    ({"train_impl": "kto"}, "train_impl='kto': choose normal or dpo"),
+    ({"train_impl": "rm"}, "train_impl='rm': choose normal, dpo or kto"),
     ({"train_impl": "normal"}, "rejected_data_paths is set but train_impl='normal'"),
+    ({"pack_impl": "packed"}, "pack_impl=packed with train_impl=dpo: a DPO sample is one document"),
+    ({"pack_impl": "pack_until_overflow"}, "pack_impl='pack_until_overflow': choose packed or unpacked"),
 ])
 def test_dpo_settings_are_checked_at_once(changes, says):
     base = {"model": TINY_MODEL, "seq_length": 16, "train_impl": "dpo", "data_paths": ["c"],

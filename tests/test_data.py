@@ -387,6 +387,70 @@ def test_batches_from_cached_maps_equal_the_built_ones(corpus, tmp_path):
     np.testing.assert_array_equal(history[2][1, 4], walked.dataset[2 * 12 + 6 + 4])
 
 
+def test_unpacked_samples_are_whole_documents_in_gpt_neox_order(tmp_path):
+    """pack_impl: unpacked: GPT-NeoX's `_build_index_mappings` (transcribed: documents whose labels train nothing
+    within seq_length skipped, the rest cycled to num_samples, `shuffle_idx` a seeded shuffle of arange) and a sample
+    the document alone, padded with 0 / -100 (GPT-NeoX's reader also appends the next document's first token)."""
+    rng = np.random.RandomState(1)
+    files = {k: IndexedDatasetWriter(tmp_path / k, np.int32) for k in ("text", "label")}
+    docs = [rng.randint(1, 500, rng.randint(2, 14)) for _ in range(23)]
+    for d, tokens in enumerate(docs):
+        files["text"].add_document(tokens)
+        files["label"].add_document(np.full(len(tokens), -100) if d % 5 == 3 else np.where(
+            np.arange(len(tokens)) < 2, -100, tokens))
+    for f in files.values():
+        f.finalize()
+    text, labels = IndexedDataset(tmp_path / "text"), IndexedDataset(tmp_path / "label")
+    seq, num_samples, seed = 8, 50, 7
+    ours = GPTDataset(text, np.arange(23), num_samples, seq, seed, labels=labels, packed=False)
+
+    np_rng = np.random.RandomState(seed=seed)  # GPT-NeoX's, pack_impl == "unpacked"
+    shuffle_idx = np.arange(num_samples)
+    np_rng.shuffle(shuffle_idx)
+    doc_idx, doc_i = [], 0
+    while len(doc_idx) <= num_samples:
+        if np.all(labels.get(doc_i)[:seq] == -100):
+            doc_i = (doc_i + 1) % 23
+            continue
+        doc_idx.append(doc_i)
+        doc_i = (doc_i + 1) % 23
+    for i in range(num_samples):
+        d = doc_idx[shuffle_idx[i]]
+        want = np.zeros((2, seq + 1), np.int64)
+        want[1] = -100
+        n = min(len(docs[d]), seq + 1)
+        want[0, :n], want[1, :n] = docs[d][:n], labels.get(d)[:n]
+        np.testing.assert_array_equal(ours[i], want)
+
+
+def test_kto_rewards_give_each_token_its_documents_reward(tmp_path):
+    """A reward file (one integer per document, as GPT-NeoX's chat preprocessing writes it) read in step with the
+    tokens: each token of a sample, whichever document it comes from, carries that document's reward, as GPT-NeoX's
+    GPT2Dataset repeats it; without a label file the labels are the tokens."""
+    rng = np.random.RandomState(0)
+    rewards = rng.choice([-1, 1, 3], 40)
+    files = {k: IndexedDatasetWriter(tmp_path / k, np.int32) for k in ("text", "reward")}
+    for d in range(40):  # document d's tokens are all d + 1, so a token names its document
+        files["text"].add_document(np.full(rng.randint(1, 13), d + 1))
+        files["reward"].add_document([rewards[d]])
+    for f in files.values():
+        f.finalize()
+    text, reward = IndexedDataset(tmp_path / "text"), IndexedDataset(tmp_path / "reward")
+    batches = GlobalBatches(GPTDataset(text, np.arange(40), 30, 8, 1, cache_dir=tmp_path, rewards=reward), 2, 3, 1)
+    batch = batches.batch(2)
+    assert set(batch) == {"tokens", "labels", "rewards"} and batch["rewards"].shape == (2, 3, 9)
+    np.testing.assert_array_equal(batch["labels"], batch["tokens"])
+    np.testing.assert_array_equal(batch["rewards"], rewards[batch["tokens"] - 1])
+    assert len({len(set(row)) for row in batch["tokens"].reshape(6, 9)} - {1}) > 0  # rows span documents
+    files = {k: IndexedDatasetWriter(tmp_path / f"short_{k}", np.int32) for k in ("text", "reward")}
+    files["text"].add_document([5, 6])
+    files["reward"].add_document([1])
+    for f in files.values():
+        f.finalize()
+    with pytest.raises(ValueError, match="reward file .*short_reward .*1 documents.* does not match"):
+        GPTDataset(text, np.arange(40), 30, 8, 1, cache_dir=tmp_path, rewards=IndexedDataset(tmp_path / "short_reward"))
+
+
 @pytest.mark.parametrize("source, prefix, keys, flags", [
     ("sft.jsonl", "sft", ["messages"], []),
     ("pairs.jsonl", "pairs", ["chosen", "rejected"], ["--only-last"]),
@@ -409,6 +473,42 @@ def test_chat_preprocessing_writes_the_bytes_gpt_neox_wrote(shared, tmp_path, ca
                 name = f"{prefix}_{key}_{kind}.{ext}"
                 assert (tmp_path / name).read_bytes() == (data / "out" / name).read_bytes(), name
     assert "chats" in capsys.readouterr().out
+
+
+def test_chat_preprocessing_writes_kto_rewards(shared, tmp_path, capsys):
+    """--reward-key (and --binary-reward), GPT-NeoX's: one int32 per chat beside the token and label files, which
+    stay GPT-NeoX's bytes; a fractional reward, which GPT-NeoX's int32 would cut, stops it naming the record."""
+    import shutil
+
+    from neox_jax.cli import main as cli
+
+    data = shared / "neox-post-training"
+    shutil.copy(shared / "20B_tokenizer.json", tmp_path / "tokenizer.json")
+    shutil.copy(data / "tokenizer_config.json", tmp_path)
+    records = [json.loads(line) for line in (data / "sft.jsonl").read_text().splitlines() if line.strip()]
+    good = [i % 3 != 1 for i in range(len(records))]
+    with open(tmp_path / "rated.jsonl", "w") as f:
+        for r, g, score in zip(records, good, range(len(records))):
+            f.write(json.dumps({**r, "good": g, "score": float(score - 2)}) + "\n")
+    common = ["preprocess", "--input", str(tmp_path / "rated.jsonl"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+              "--jsonl-keys", "messages", "--chat"]
+    assert cli([*common, "--output-prefix", str(tmp_path / "kto"), "--reward-key", "good", "--binary-reward"]) == 0
+    for kind in ("document", "label_document"):
+        for ext in ("bin", "idx"):
+            assert (tmp_path / f"kto_messages_{kind}.{ext}").read_bytes() == (
+                data / "out" / f"sft_messages_{kind}.{ext}").read_bytes()
+    rewards = IndexedDataset(tmp_path / "kto_messages_reward_document")
+    assert rewards.dtype == np.int32 and list(rewards.sizes) == [1] * len(records)
+    assert [int(rewards.get(i)[0]) for i in range(len(records))] == [1 if g else -1 for g in good]
+    assert cli([*common, "--output-prefix", str(tmp_path / "scored"), "--reward-key", "score"]) == 0
+    assert [int(x[0]) for x in IndexedDataset(tmp_path / "scored_messages_reward_document")] == [
+        s - 2 for s in range(len(records))]
+    with open(tmp_path / "rated.jsonl", "a") as f:
+        f.write(json.dumps({**records[0], "score": 0.5}) + "\n")
+    capsys.readouterr()
+    assert cli([*common, "--output-prefix", str(tmp_path / "half"), "--reward-key", "score"]) == 1
+    assert f"rated.jsonl:{len(records) + 1}: reward 0.5 under 'score' is not a whole number" in capsys.readouterr().err
+    assert not list(tmp_path.glob("half*"))
 
 
 def test_chat_preprocessing_without_a_template_or_with_a_bad_chat_says_so(shared, tmp_path, capsys):

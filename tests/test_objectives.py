@@ -1,4 +1,4 @@
-"""DPO against a PyTorch transcription of GPT-NeoX's (transformers' logits), on every layout, and in a run."""
+"""DPO and KTO against PyTorch transcriptions of GPT-NeoX's (transformers' logits), on every layout, and in a run."""
 
 import math
 
@@ -196,4 +196,163 @@ def test_the_planner_counts_the_reference_weights():
     dpo = plan(base.replace(train_impl="dpo", data_paths=("c",), rejected_data_paths=("r",)), compiler="cpu")
     assert normal.reference == 0 and dpo.reference == dpo.params > 0
     assert dpo.activations_estimate > 1.9 * normal.activations_estimate  # a micro batch of pairs: twice the rows
-    assert "DPO reference weights (frozen copy)" in dpo.report()
+    assert "reference weights (DPO, KTO: a frozen copy)" in dpo.report()
+
+
+def gpt_neox_kto(policy, reference, tokens, labels, rewards, micro, beta, desirable, undesirable):
+    """megatron/training.py's `train_impl == "kto"` branch, transcribed, once per micro batch of `micro` rows (rows
+    in the loader's order: microstep, data replica, row), the losses averaged as DeepSpeed averages micro batches:
+    token log-probabilities of the labels (-100 masked) from the logits of tokens[:, :-1], rewards[:, :-1] per token,
+    each half of a micro batch against the other half's KL estimate."""
+    import torch
+    import torch.nn.functional as F
+
+    def logp(model, ids, lab):
+        logits = model(ids[:, :-1]).logits.float()
+        target, mask = lab[:, 1:], (lab[:, 1:] >= 0).float()
+        return torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0], mask
+
+    flat = lambda x: torch.from_numpy(x.reshape(-1, x.shape[-1]))  # noqa: E731
+    ids, lab, rew = flat(tokens).long(), flat(labels).long(), flat(rewards).float()[:, :-1]
+    losses = []
+    for lo in range(0, len(ids), micro):
+        i, l, rewards_ = ids[lo:lo + micro], lab[lo:lo + micro], rew[lo:lo + micro]
+        with torch.no_grad():
+            ref_logp, loss_mask = logp(reference, i, l)
+            ref_logp = ref_logp * loss_mask
+            scaling = (rewards_.sum(-1) > 0.001).float() * desirable
+            scaling += (rewards_.sum(-1) < -0.001).float() * undesirable
+        chosen_logp = logp(policy, i, l)[0] * loss_mask
+        pol_logp1, pol_logp2 = torch.chunk(chosen_logp, 2, 0)
+        ref_logp1, ref_logp2 = torch.chunk(ref_logp, 2, 0)
+        reward1, reward2 = torch.chunk(rewards_, 2, 0)
+        scaling1, scaling2 = torch.chunk(scaling, 2, 0)
+        kl1 = torch.clamp((pol_logp1 - ref_logp1).sum(-1), min=0).mean()
+        kl2 = torch.clamp((pol_logp2 - ref_logp2).sum(-1), min=0).mean()
+        log_ratio1, log_ratio2 = pol_logp1 - ref_logp1, pol_logp2 - ref_logp2
+        loss = (0.5 * scaling1.mean(-1) * (1 - F.sigmoid(beta * reward1.mean(-1) * (log_ratio1.sum(-1)
+                                                                                      - kl2.clone().detach())))
+                + 0.5 * scaling2.mean(-1) * (1 - F.sigmoid(beta * reward2.mean(-1) * (log_ratio2.sum(-1)
+                                                                                       - kl1.clone().detach()))))
+        losses.append(loss.mean())
+    return torch.stack(losses).mean()
+
+
+def kto_batch(tr: Trainer, seed: int = 0):
+    """Sequences as the loader makes them: a prompt masked with -100, an answer, padding (labels -100, reward 0);
+    rewards +1 or -1 per document, 2 where two documents share a row (a packed row's second document: rewards
+    differ within the row)."""
+    a, rows, t = tr.batch_shape()
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(0, 384, (a, rows, t))
+    labels = np.full_like(tokens, -100)
+    rewards = np.zeros_like(tokens)
+    for k in range(a):
+        for r in range(rows):
+            prompt, end = 3 + (5 * r + k) % 7, t - (r + 2 * k) % 9
+            labels[k, r, prompt:end] = tokens[k, r, prompt:end]
+            rewards[k, r, :end] = 1 if rng.rand() < 0.5 else -1
+            if r % 3 == 2:
+                rewards[k, r, end // 2:end] = 2
+            tokens[k, r, end:] = 0
+    return tokens, labels, rewards
+
+
+def kto_trainer(model, mesh_shape, **changes):
+    mesh = make_mesh(mesh_shape, jax.devices()[:int(np.prod(list(mesh_shape.values())))])
+    cfg = TrainConfig(model=model, mesh=mesh_shape, seq_length=32, **{
+        "micro_batch_size": 4, "grad_accum_steps": 2, "train_impl": "kto", "kto_beta": BETA,
+        "kto_desirable_weight": 1.0, "kto_undesirable_weight": 1.5, "data_paths": ("d",), "reward_data_paths": ("r",),
+        **changes})
+    return Trainer(cfg, mesh)
+
+
+def test_kto_loss_and_gradients_equal_gpt_neox_transcribed(models):
+    policy, reference, weights, config, folder = models
+    tr = kto_trainer(config, {"data": 2, "pipe": 1, "tensor": 2})
+    state = tr.start_from(weights["policy"])
+    ref_params = tr.start_from(weights["reference"]).params
+    tokens, labels, rewards = kto_batch(tr)
+    loss, grads = tr.grads(state.params, tr.put_batch(tokens, labels, rewards), 1.0, ref_params)
+    ref_loss = gpt_neox_kto(policy, reference, tokens, labels, rewards, 4, BETA, 1.0, 1.5)
+    policy.zero_grad(set_to_none=True)  # the module's models are shared: no gradient of another test's loss
+    ref_loss.backward()
+    assert float(loss) == pytest.approx(float(ref_loss), abs=1e-6) and float(loss) > 0.1
+    ref_grads = _as_ours(policy, folder / "kto_grads")
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+    assert max_diff(grads, ref_grads) <= 1e-5 * scale
+
+
+def test_kto_pipelined_and_sharded_equals_one_device(models):
+    """The same micro batches (a micro batch is one data replica's rows of a microstep: the KL estimate's halves) on
+    one device and on (2, 2, 2) with the 1F1B pipeline."""
+    _, _, weights, config, _ = models
+    tr = kto_trainer(config, {"data": 2, "pipe": 2, "tensor": 2}, micro_batch_size=2)
+    tokens, labels, rewards = kto_batch(tr, seed=5)
+    state, ref = tr.start_from(weights["policy"]), tr.start_from(weights["reference"]).params
+    loss, grads = tr.grads(state.params, tr.put_batch(tokens, labels, rewards), 1.0, ref)
+    one = kto_trainer(config, {"data": 1}, micro_batch_size=2, grad_accum_steps=4)
+    as_one = lambda x: x.reshape(one.batch_shape())  # noqa: E731  [2, 2 x 2 rows] -> [4 microsteps, 2 rows]
+    state, ref = one.start_from(weights["policy"]), one.start_from(weights["reference"]).params
+    want_loss, want = one.grads(state.params, one.put_batch(*map(as_one, (tokens, labels, rewards))), 1.0, ref)
+    assert abs(float(loss) - float(want_loss)) <= 1e-6
+    assert max_diff(grads, jax.tree.map(np.asarray, want)) <= 1e-5
+
+
+def test_kto_settings_are_checked_together():
+    from neox_jax.config import NeoXConfig
+    from neox_jax.errors import ConfigError
+
+    model = NeoXConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=64)
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(model=model, seq_length=32, micro_batch_size=3, train_impl="kto", kto_beta=0,
+                    kto_undesirable_weight=-1, data_paths=("d",), valid_data_paths=("v",))
+    for part in ("kto_beta=0", "kto_undesirable_weight=-1", "micro_batch_size=3: KTO", "needs reward_data_paths",
+                 "without valid_reward_data_paths"):
+        assert part in str(e.value)
+    with pytest.raises(ConfigError, match="reward_data_paths is set but train_impl='normal'"):
+        TrainConfig(model=model, seq_length=32, data_paths=("d",), reward_data_paths=("r",))
+
+
+def _rated(folder, name, prompts, rng):
+    """KTO files: a prompt (labels -100) and an answer whose token the prompt's first token decides; an answer that
+    follows the rule has reward 1, one that breaks it -1 (GPT-NeoX's --binary-reward)."""
+    from neox_jax.data.indexed import IndexedDatasetWriter
+
+    files = {k: IndexedDatasetWriter(folder / f"{name}_{k}", np.int32) for k in ("text", "label", "reward")}
+    for _ in range(prompts):
+        prompt = np.concatenate([[rng.randint(8)], rng.randint(10, 200, 5)])
+        good = rng.rand() < 0.5
+        tokens = np.concatenate([prompt, [300 + (prompt[0] + (0 if good else 3)) % 8] * 4, [0]])
+        files["text"].add_document(tokens)
+        files["label"].add_document(np.where(np.arange(len(tokens)) < 6, -100, tokens))
+        files["reward"].add_document([1 if good else -1])
+    for f in files.values():
+        f.finalize()
+    return {k: str(folder / f"{name}_{k}") for k in files}
+
+
+@pytest.mark.slow
+def test_a_kto_run_starts_at_half_learns_held_out_sequences_and_resumes_exactly(tmp_path):
+    from neox_jax.loop import train
+
+    rng = np.random.RandomState(0)
+    tr_files, va_files = _rated(tmp_path, "train", 256, rng), _rated(tmp_path, "valid", 64, rng)
+    cfg = TrainConfig.from_dict(dict(
+        model=dict(vocab_size=384, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                   max_position_embeddings=32, rotary_pct=0.25),
+        mesh={"data": 4, "pipe": 1, "tensor": 2}, seq_length=16, micro_batch_size=4, train_iters=30, lr=3e-3,
+        warmup=0, train_impl="kto", kto_beta=BETA, data_paths=[tr_files["text"]],
+        label_data_paths=[tr_files["label"]], reward_data_paths=[tr_files["reward"]],
+        valid_data_paths=[va_files["text"]], valid_label_data_paths=[va_files["label"]],
+        valid_reward_data_paths=[va_files["reward"]], eval_interval=30, eval_iters=2, save=str(tmp_path / "run"),
+        save_interval=30, log_interval=10))
+    result = train(cfg, show_progress=False)
+    # policy = reference: every log-ratio and KL estimate 0, each half's loss 0.5 x 1 x (1 - sigmoid(0))
+    assert result.losses[0] == pytest.approx(0.5, abs=1e-6)
+    assert result.eval_losses[30] < 0.8 * 0.5  # held-out sequences: prompts it never saw
+    stopped = cfg.replace(save=str(tmp_path / "stopped"))
+    train(stopped, max_steps=15, show_progress=False)
+    resumed = train(stopped, show_progress=False)
+    assert {s: resumed.losses[s] for s in range(15, 30)} == {s: result.losses[s] for s in range(15, 30)}
+    assert max_diff(resumed.state.params, result.state.params) == 0.0

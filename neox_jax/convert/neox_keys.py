@@ -38,6 +38,8 @@ READ = {
     "dpo_beta", "dpo_reference_free", "pos_train_data_paths", "neg_train_data_paths", "pos_train_label_data_paths",
     "neg_train_label_data_paths", "pos_valid_data_paths", "neg_valid_data_paths", "pos_valid_label_data_paths",
     "neg_valid_label_data_paths",
+    # KTO (train_impl: kto)
+    "kto_beta", "kto_desirable_weight", "kto_undesirable_weight", "train_reward_data_paths", "valid_reward_data_paths",
 }
 
 # key -> (GPT-NeoX's default, the one value neox-jax implements)
@@ -56,9 +58,9 @@ ONLY = {
     "attention_dropout": (0.1, 0),
     "output_layer_parallelism": ("column", "column"),
     "data_impl": ("infer", ("infer", "mmap")),
-    "pack_impl": ("packed", "packed"),  # DPO's pairwise data: "unpacked" (check() below)
+    "pack_impl": ("packed", ("packed", "unpacked")),  # DPO's pairwise data and KTO's: "unpacked" (check() below)
     "dataset_impl": ("gpt2", "gpt2"),  # DPO: "pairwise"
-    "train_impl": ("normal", ("normal", "dpo")),
+    "train_impl": ("normal", ("normal", "dpo", "kto")),
     "checkpoint_scale": ("linear", "linear"),
 }
 LLAMA = {"norm": ("rmsnorm",), "mlp_type": ("llama",), "activation": ("silu", "swiglu")}  # two of them: a Llama
@@ -80,8 +82,6 @@ OFF_MODEL = {
 OFF_TRAINING = {
     **_each("Megatron sequence parallelism is not implemented (docs/sharding.md says why)", "sequence_parallel"),
     **_each("neox-jax trains with train_iters", "train_epochs"),
-    **_each("KTO's and reward models' data are not read yet (train_impl: kto and rm are not implemented)",
-           "train_reward_data_paths", "valid_reward_data_paths", "test_reward_data_paths"),
     **_each("weights from document counts are not implemented: give data weights", "weight_by_num_documents"),
     **_each("the reference log-probabilities are computed on the fly from the reference weights kept in the train "
             "state, not read from precomputed files", "precompute_model_name"),
@@ -114,11 +114,10 @@ IGNORED = {
                "te_fp8_amax_compute_algo", "te_fp8_margin", "dim_att", "head_size", "ffn_dim", "weight_server_port",
                "online_dataserver_ips", "online_dataserver_ports", "mup_init_scale", "mup_attn_temp",
                "mup_output_temp", "mup_embedding_mult", "mup_rp_embedding_mult", "mup_width_scale", "coord_check",
-               "save_base_shapes", "base_shapes_file", "kto_fp32",
-               "kto_desirable_weight", "kto_undesirable_weight", "kto_beta", "fp32_reinforce", "kl_impl",
+               "save_base_shapes", "base_shapes_file", "fp32_reinforce", "kl_impl",
                "kl_div_beta", "reinforce_leave_one_out", "allow_chopped", "weighted_sampler_alpha",
                "s3_chunk_size", "curriculum_seqlen"),
-    **_each("neox-jax's log-probabilities are always computed in fp32", "dpo_fp32"),
+    **_each("neox-jax's log-probabilities are always computed in fp32", "dpo_fp32", "kto_fp32"),
     **_each("no test evaluation is run (pairs for testing)", "pos_test_data_paths", "neg_test_data_paths",
             "pos_test_label_data_paths", "neg_test_label_data_paths"),
     **_each("where memory is kept and how layers are placed: XLA and the rules table decide (the function is the "
@@ -150,7 +149,7 @@ IGNORED = {
                "sample_input_file", "sample_output_file", "num_samples", "recompute", "eval_results_prefix",
                "eval_tasks"),
     **_each("neox-jax runs no test evaluation at the end of training", "test_data_paths", "test_data_weights",
-           "test_label_data_paths"),
+           "test_label_data_paths", "test_reward_data_paths"),
     **_each("the data are tokenized already (`tokenizer` names a tokenizer.json for samples)", "merge_file"),
     **_each("neox-jax always saves and restores the whole state, which exact resume needs", "no_save_optim",
                "no_save_rng", "override_lr_scheduler"),
@@ -175,8 +174,8 @@ def _is_on(value: Any) -> bool:
 def check(args: dict[str, Any], where: str, weights_only: bool = False) -> list[str]:
     """Refuse (all at once) the settings neox-jax does not implement; return a warning for each unknown key."""
     refused = []
-    only = ONLY if args.get("train_impl") != "dpo" else {
-        **ONLY, "pack_impl": ("packed", "unpacked"), "dataset_impl": ("gpt2", "pairwise")}  # one pair per sample
+    only = {"dpo": {**ONLY, "pack_impl": ("packed", "unpacked"), "dataset_impl": ("gpt2", "pairwise")},
+            "kto": {**ONLY, "pack_impl": ("packed", "unpacked")}}.get(args.get("train_impl"), ONLY)  # one per sample
     for key, (default, needed) in only.items():
         if weights_only and key in TRAINING_ONLY:
             continue

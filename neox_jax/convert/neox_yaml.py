@@ -51,7 +51,7 @@ REAL = {  # and numbers
     "expansion_factor", "layernorm_epsilon", "rotary_pct", "rotary_emb_base", "init_method_std", "lr", "min_lr",
     "warmup", "lr_decay_fraction", "weight_decay", "gradient_clipping", "clip_grad", "peak_theoretical_tflops",
     "optimizer.params.lr", "optimizer.params.eps", "optimizer.params.weight_decay", "fp16.loss_scale", "dpo_beta",
-    "fp16.min_loss_scale"}
+    "fp16.min_loss_scale", "kto_beta", "kto_desirable_weight", "kto_undesirable_weight"}
 
 
 def _not_numbers(args: dict) -> list[str]:
@@ -245,6 +245,7 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
         valid_label_data_paths=tuple(args.get("valid_label_data_paths") or ()),
         loss_mean="micro_batch",  # GPT-NeoX's: a token mean per micro batch and rank, averaged
         eod_mask_loss=bool(args.get("eod_mask_loss", False)),
+        pack_impl=str(args.get("pack_impl", "packed")),
         train_impl=str(args.get("train_impl", "normal")),
         rejected_data_paths=tuple(args.get("neg_train_data_paths") or ()),
         rejected_label_data_paths=tuple(args.get("neg_train_label_data_paths") or ()),
@@ -252,6 +253,11 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
         valid_rejected_label_data_paths=tuple(args.get("neg_valid_label_data_paths") or ()),
         dpo_beta=float(args.get("dpo_beta", 0.1)),
         dpo_reference_free=bool(args.get("dpo_reference_free", False)),
+        reward_data_paths=tuple(args.get("train_reward_data_paths") or ()),
+        valid_reward_data_paths=tuple(args.get("valid_reward_data_paths") or ()),
+        kto_beta=float(args.get("kto_beta", 0.1)),
+        kto_desirable_weight=float(args.get("kto_desirable_weight", 1.0)),
+        kto_undesirable_weight=float(args.get("kto_undesirable_weight", 1.0)),
         split=str(args.get("split", "969,30,1")),
         tokenizer=str(vocab_file) if vocab_file and Path(vocab_file).is_file() else "",
         eval_interval=int(args.get("eval_interval", 1000)),

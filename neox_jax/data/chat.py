@@ -12,6 +12,7 @@ The template is the tokenizer folder's own (`tokenizer_config.json`'s `chat_temp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -70,10 +71,12 @@ class ChatEncoder:
 
 
 def preprocess_chat(inputs, tokenizer: str | os.PathLike, output_prefix: str, keys=("messages",),
-                    template: str | os.PathLike | None = None, only_last: bool = False, for_rm: bool = False) -> dict:
+                    template: str | os.PathLike | None = None, only_last: bool = False, for_rm: bool = False,
+                    reward_key: str | None = None, binary_reward: bool = False) -> dict:
     """Write `{prefix}_{key}_document` and `{prefix}_{key}_label_document` (.bin/.idx, int32, GPT-NeoX's bytes) for
-    each key of the JSONL records; a bad record stops it naming file and line, and nothing is written. -> the
-    documents and trained tokens per key."""
+    each key of the JSONL records, and with `reward_key` `{prefix}_{key}_reward_document`: the record's reward, one
+    int32 per chat (`binary_reward`: 1 where it is true, -1 where not), KTO's data; a bad record stops it naming file
+    and line, and nothing is written. -> the documents and trained tokens per key."""
     import numpy as np
 
     from neox_jax.data.indexed import IndexedDatasetWriter
@@ -87,19 +90,38 @@ def preprocess_chat(inputs, tokenizer: str | os.PathLike, output_prefix: str, ke
         for line, raw in read_records(path):
             try:
                 record = json.loads(raw)
+                reward = None if reward_key is None else _reward(record, reward_key, binary_reward)
                 for key in keys:
-                    chats[key].append(encoder.encode(_chat(record, key), only_last, for_rm))
+                    chats[key].append((*encoder.encode(_chat(record, key), only_last, for_rm), reward))
             except (ValueError, KeyError, TypeError) as e:
                 raise BadRecordError(f"{path}:{line}: {e}") from None
     counts = {}
     for key, encoded in chats.items():
-        with IndexedDatasetWriter(f"{output_prefix}_{key}_document", np.int32) as tokens, \
-                IndexedDatasetWriter(f"{output_prefix}_{key}_label_document", np.int32) as labels:
-            for t, lab in encoded:
-                tokens.add_document(np.asarray(t, np.int32))
-                labels.add_document(np.asarray(lab, np.int32))
-        counts[key] = {"documents": len(encoded), "trained_tokens": sum(sum(x >= 0 for x in lab) for _, lab in encoded)}
+        names = ["", "_label"] + (["_reward"] if reward_key is not None else [])
+        writers = [IndexedDatasetWriter(f"{output_prefix}_{key}{name}_document", np.int32) for name in names]
+        with contextlib.ExitStack() as stack:
+            for w in writers:
+                stack.enter_context(w)
+            for chat in encoded:
+                for w, values in zip(writers, chat):
+                    w.add_document(np.asarray(values, np.int32).reshape(-1))
+        counts[key] = {"documents": len(encoded),
+                       "trained_tokens": sum(sum(x >= 0 for x in lab) for _, lab, _ in encoded)}
     return counts
+
+
+def _reward(record, key: str, binary: bool) -> int:
+    """The record's reward as GPT-NeoX stores it (int32); a fraction, which int32 would truncate, is refused."""
+    if not isinstance(record, dict) or key not in record:
+        raise ValueError(f"no key {key!r} (--reward-key names the key holding the reward)")
+    value = record[key]
+    if binary:
+        return 1 if value else -1
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"reward {value!r} under {key!r} is not a whole number: GPT-NeoX stores rewards as int32 "
+                         "(a fraction would be cut to its integer part); use whole numbers, or --binary-reward for "
+                         "true/false")
+    return int(value)
 
 
 def _chat(record, key: str) -> list[dict]:

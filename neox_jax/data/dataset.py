@@ -108,19 +108,39 @@ def _save_atomic(path: Path, array: np.ndarray):
 class GPTDataset:
     """Samples of `seq_length + 1` tokens from `documents` of an indexed dataset, in GPT-NeoX's order; with
     `labels` (a GPT-NeoX label file: the target ids of the same documents, -100 where not trained on) each sample
-    is the pair [tokens, labels], cut at the same places."""
+    is the pair [tokens, labels], cut at the same places. With `rewards` (KTO's: one integer per document, as
+    GPT-NeoX's preprocessing writes them) a third row gives each token its document's reward, 0 on padding, and the
+    labels are the tokens themselves where there is no label file.
+
+    `packed` (GPT-NeoX's `pack_impl: packed`) cuts the concatenated documents into samples; unpacked, a sample is
+    one document (its first `seq_length + 1` tokens, padded), in `unpacked_order` (GPT-NeoX's reader also appends
+    the next document's first token to such a sample; here a sample is its document alone)."""
 
     def __init__(self, indexed: IndexedDataset, documents: np.ndarray, num_samples: int, seq_length: int,
                  seed: int, name: str = "train", cache_dir: str | os.PathLike | None = None,
-                 labels: IndexedDataset | None = None):
-        self.indexed, self.seq_length, self.name, self.labels = indexed, seq_length, name, labels
+                 labels: IndexedDataset | None = None, rewards: IndexedDataset | None = None, packed: bool = True):
+        self.indexed, self.seq_length, self.name, self.labels, self.rewards = indexed, seq_length, name, labels, rewards
+        self.packed = packed
+        self.fields = ("tokens",) + (("labels",) if labels is not None or rewards is not None else ()) + (
+            ("rewards",) if rewards is not None else ())
         if labels is not None and not np.array_equal(labels.sizes, indexed.sizes):
             raise ValueError(f"label file {labels.prefix} does not match {indexed.prefix}: {len(labels.sizes)} "
                              f"documents against {len(indexed.sizes)}, or other lengths; a label file belongs to the "
                              "data file it was written with (label_data_paths in the order of data_paths)")
+        if rewards is not None and (len(rewards.sizes) != len(indexed.sizes) or np.any(rewards.sizes < 1)
+                                    or not np.issubdtype(rewards.dtype, np.integer)):
+            raise ValueError(f"reward file {rewards.prefix} ({len(rewards.sizes)} documents of {rewards.dtype}) does "
+                             f"not match {indexed.prefix} ({len(indexed.sizes)} documents): a reward file holds one "
+                             "integer per document of the data file it was written with, as GPT-NeoX's "
+                             "preprocess_data_with_chat_template.py --reward-key writes it (reward_data_paths in the "
+                             "order of data_paths)")
         documents = np.asarray(documents)
         if documents.size == 0:
             raise ValueError(f"{indexed.prefix}: the {name} split has no documents; change `split`")
+        if not packed:
+            self.documents, self.order = unpacked_order(documents, [labels], seq_length, num_samples, seed,
+                                                        f"{indexed.prefix} ({name})")
+            return
         stem = f"{Path(indexed.prefix).name}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s_packedpi"
         folder = Path(cache_dir) if cache_dir else Path(indexed.prefix).parent
         files = {k: folder / f"{stem}_{k}_idx.npy" for k in ("doc", "sample", "shuffle")}
@@ -147,7 +167,7 @@ class GPTDataset:
         self.doc_idx, self.sample_idx, self.shuffle_idx = maps["doc"], maps["sample"], maps["shuffle"]
 
     def __len__(self) -> int:
-        return len(self.shuffle_idx)
+        return len(self.shuffle_idx if self.packed else self.order)
 
     def source(self, i: int) -> str:
         """Where sample `i` comes from, for error messages."""
@@ -156,24 +176,48 @@ class GPTDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         """int64 [seq_length + 1], or [2, seq_length + 1] (tokens, labels) with a label file; an index past the end
         wraps around, as in GPT-NeoX."""
-        i = int(self.shuffle_idx[i % len(self)])
+        i = int(self.shuffle_idx[i % len(self)] if self.packed else self.documents[self.order[i % len(self)]])
         tokens = self._read(self.indexed, i, 0)  # GPT-NeoX pads short samples with 0, their labels with -100
-        return tokens if self.labels is None else np.stack([tokens, self._read(self.labels, i, -100)])
+        if len(self.fields) == 1:
+            return tokens
+        rows = [tokens, tokens if self.labels is None else self._read(self.labels, i, -100)]
+        return np.stack(rows + ([self._read(self.rewards, i, 0, per_token=True)] if self.rewards else []))
 
-    def _read(self, indexed: IndexedDataset, i: int, pad: int) -> np.ndarray:
-        (doc_f, off_f), (doc_l, off_l) = self.sample_idx[i], self.sample_idx[i + 1]
-        get = indexed.get
-        if doc_f == doc_l:
-            sample = get(int(self.doc_idx[doc_f]), offset=int(off_f), length=int(off_l - off_f + 1))
+    def _read(self, indexed: IndexedDataset, i: int, pad: int, per_token: bool = False) -> np.ndarray:
+        """Sample i (document i, unpacked) of `indexed`: the pieces of the documents it spans; `per_token`: each
+        token the first value of its document instead (KTO's rewards, as GPT-NeoX repeats them)."""
+        pieces = [(i, 0, None)]  # (document, offset, length)
+        if self.packed:
+            (doc_f, off_f), (doc_l, off_l) = self.sample_idx[i], self.sample_idx[i + 1]
+            pieces = [(int(self.doc_idx[j]), 0, None) for j in range(doc_f, doc_l + 1)]
+            if doc_f == doc_l:
+                pieces[0] = (pieces[0][0], int(off_f), int(off_l - off_f + 1))
+            else:
+                pieces[0], pieces[-1] = (pieces[0][0], int(off_f), None), (pieces[-1][0], 0, int(off_l + 1))
+        if per_token:
+            sizes = self.indexed.sizes
+            sample = np.concatenate([np.full(int(sizes[d]) - off if n is None else n, indexed.get(d)[0])
+                                     for d, off, n in pieces])
         else:
-            parts = [get(int(self.doc_idx[doc_f]), offset=int(off_f))]
-            parts += [get(int(self.doc_idx[j])) for j in range(doc_f + 1, doc_l)]
-            parts.append(get(int(self.doc_idx[doc_l]), length=int(off_l + 1)))
-            sample = np.concatenate(parts)
+            sample = np.concatenate([indexed.get(d, offset=off, length=n) for d, off, n in pieces])
         out = np.full(self.seq_length + 1, pad, np.int64)
         n = min(len(sample), self.seq_length + 1)
         out[:n] = sample[:n]
         return out
+
+
+def unpacked_order(documents: np.ndarray, labels: Sequence[IndexedDataset | None], seq_length: int,
+                   num_samples: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """GPT-NeoX's `pack_impl: unpacked` order: the documents whose labels (every file given) train a token within
+    `seq_length` (the others are skipped, as GPT-NeoX skips them), repeated to `num_samples` and shuffled once with
+    the seed -> (documents, order): sample i is document documents[order[i]]."""
+    kept = np.asarray([d for d in np.asarray(documents) if all(
+        lab is None or np.any(lab.get(int(d))[:seq_length] >= 0) for lab in labels)])
+    if kept.size == 0:
+        raise ValueError(f"{what}: no document has a trained token within seq_length={seq_length}")
+    order = np.array([i % len(kept) for i in range(num_samples)])
+    np.random.RandomState(seed=seed).shuffle(order)
+    return kept, order
 
 
 class PairDataset:
@@ -181,10 +225,10 @@ class PairDataset:
     `pack_impl: unpacked`, which pairwise data uses), as [chosen, rejected] x [tokens, labels] x [seq_length + 1],
     tokens padded with 0 and labels with -100 (without label files, every token is a label). The order is GPT-NeoX's:
     the documents repeated to `num_samples` and shuffled once with the seed; a document whose labels mask its first
-    `seq_length` tokens on either side is skipped, as GPT-NeoX skips it. (GPT-NeoX's reader also appends the next
-    document's first token to each sample, its sample index spanning two documents; here a sample is its document.)"""
+    `seq_length` tokens on either side is skipped, as GPT-NeoX skips it (`unpacked_order`; without the next document's
+    first token GPT-NeoX's reader appends, as GPTDataset unpacked)."""
 
-    pairs = True
+    pairs, fields = True, ("tokens", "labels")
 
     def __init__(self, chosen: IndexedDataset, rejected: IndexedDataset, chosen_labels: IndexedDataset | None,
                  rejected_labels: IndexedDataset | None, documents: np.ndarray, num_samples: int, seq_length: int,
@@ -199,13 +243,8 @@ class PairDataset:
                                  "the data file it was written with")
         self.files = [(chosen, chosen_labels), (rejected, rejected_labels)]
         self.seq_length, self.name = seq_length, name
-        self.documents = np.asarray([d for d in np.asarray(documents) if all(
-            labels is None or np.any(labels.get(int(d))[:seq_length] >= 0) for _, labels in self.files)])
-        if self.documents.size == 0:
-            raise ValueError(f"{chosen.prefix}: the {name} pairs have no trained token within seq_length="
-                             f"{seq_length} on one side or the other")
-        self.order = np.array([i % len(self.documents) for i in range(num_samples)])
-        np.random.RandomState(seed=seed).shuffle(self.order)
+        self.documents, self.order = unpacked_order(documents, [chosen_labels, rejected_labels], seq_length,
+                                                    num_samples, seed, f"{chosen.prefix} ({name} pairs)")
 
     def __len__(self) -> int:
         return len(self.order)
@@ -256,7 +295,7 @@ class BlendedDataset:
         if len(datasets) != len(weights):
             raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
         self.datasets = list(datasets)
-        self.pairs = getattr(datasets[0], "pairs", False)
+        self.pairs, self.fields = getattr(datasets[0], "pairs", False), datasets[0].fields
         if len(datasets) >= 255:
             raise ValueError(f"{len(datasets)} datasets: GPT-NeoX blends at most 254")
         self.size = sum(len(d) for d in datasets)
@@ -282,29 +321,33 @@ def samples_per_dataset(weights: Sequence[float], num_samples: int) -> list[int]
 
 def build_split_datasets(prefixes: Sequence[str], weights: Sequence[float] | None, split: str,
                          num_samples: Sequence[int], seq_length: int, seed: int,
-                         cache_dir: str | os.PathLike | None = None,
-                         label_prefixes: Sequence[str] = ()) -> list[GPTDataset | BlendedDataset | None]:
+                         cache_dir: str | os.PathLike | None = None, label_prefixes: Sequence[str] = (),
+                         reward_prefixes: Sequence[str] = (), packed: bool = True
+                         ) -> list[GPTDataset | BlendedDataset | None]:
     """train / valid / test datasets from one or more data prefixes, each cut by `split` into
     contiguous document ranges, blended by `weights` when there are several. A split with no samples
-    requested (or no documents) is None. `label_prefixes`, one per prefix, are read in step with them."""
+    requested (or no documents) is None. `label_prefixes` and `reward_prefixes`, one per prefix where given, are
+    read in step with them."""
     weights = list(weights) if weights else [1.0] * len(prefixes)
     if len(weights) != len(prefixes):
         raise ValueError(f"{len(prefixes)} data paths but {len(weights)} data weights")
     indexed = [IndexedDataset(p) for p in prefixes]
     labels = [IndexedDataset(p) for p in label_prefixes] or [None] * len(indexed)
+    rewards = [IndexedDataset(p) for p in reward_prefixes] or [None] * len(indexed)
     out = []
     for s, (name, wanted) in enumerate(zip(("train", "valid", "test"), num_samples)):
         if wanted <= 0:
             out.append(None)
             continue
         parts = []
-        for ds, lab, n in zip(indexed, labels, samples_per_dataset(weights, wanted) if len(indexed) > 1 else [wanted]):
+        for ds, lab, rew, n in zip(indexed, labels, rewards,
+                                   samples_per_dataset(weights, wanted) if len(indexed) > 1 else [wanted]):
             lo, hi = split_boundaries(split, len(ds))[s:s + 2]
             if hi <= lo:
                 parts = None
                 break
             parts.append(GPTDataset(ds, np.arange(lo, hi, dtype=np.int32), n, seq_length, seed, name, cache_dir,
-                                    lab))
+                                    lab, rew, packed))
         out.append(None if parts is None else parts[0] if len(parts) == 1 else BlendedDataset(parts, weights))
     return out
 
@@ -312,24 +355,26 @@ def build_split_datasets(prefixes: Sequence[str], weights: Sequence[float] | Non
 def build_path_datasets(train: Sequence[str], train_weights: Sequence[float] | None, valid: Sequence[str],
                         valid_weights: Sequence[float] | None, num_samples: Sequence[int], seq_length: int, seed: int,
                         cache_dir: str | os.PathLike | None = None, train_labels: Sequence[str] = (),
-                        valid_labels: Sequence[str] = ()) -> list[BlendedDataset | None]:
+                        valid_labels: Sequence[str] = (), train_rewards: Sequence[str] = (),
+                        valid_rewards: Sequence[str] = (), packed: bool = True) -> list[BlendedDataset | None]:
     """train / valid datasets as GPT-NeoX builds them from `train_data_paths` / `valid_data_paths` (and their label
-    files): every document of each path, the i-th path's maps named `train_i` / `valid_i` and asked for its share
-    plus 0.5% slack, always blended (one path too, where the blend is the identity). A split with no samples
-    requested is None."""
+    and reward files): every document of each path, the i-th path's maps named `train_i` / `valid_i` and asked for
+    its share plus 0.5% slack, always blended (one path too, where the blend is the identity). A split with no
+    samples requested is None."""
     out = []
-    for name, prefixes, weights, label_prefixes, wanted in (
-            ("train", train, train_weights, train_labels, num_samples[0]),
-            ("valid", valid, valid_weights, valid_labels, num_samples[1])):
+    for name, prefixes, weights, label_prefixes, reward_prefixes, wanted in (
+            ("train", train, train_weights, train_labels, train_rewards, num_samples[0]),
+            ("valid", valid, valid_weights, valid_labels, valid_rewards, num_samples[1])):
         if wanted <= 0 or not prefixes:
             out.append(None)
             continue
         weights = list(weights) if weights else [1.0] * len(prefixes)
         labels = [IndexedDataset(p) for p in label_prefixes] or [None] * len(prefixes)
+        rewards = [IndexedDataset(p) for p in reward_prefixes] or [None] * len(prefixes)
         parts = [GPTDataset(ds, np.arange(len(ds), dtype=np.int32), n, seq_length, seed, f"{name}_{i}", cache_dir,
-                            lab)
-                 for i, (ds, lab, n) in enumerate(zip((IndexedDataset(p) for p in prefixes), labels,
-                                                      samples_per_dataset(weights, wanted)))]
+                            lab, rew, packed)
+                 for i, (ds, lab, rew, n) in enumerate(zip((IndexedDataset(p) for p in prefixes), labels, rewards,
+                                                           samples_per_dataset(weights, wanted)))]
         out.append(BlendedDataset(parts, weights))
     return out
 
@@ -360,12 +405,13 @@ class GlobalBatches:
         return self.dataset.source(self.index(step, microstep, row // (2 if self.pairs else 1)))
 
     def batch(self, step: int, lo: int = 0, hi: int | None = None) -> dict[str, np.ndarray]:
-        """{"tokens": [accum, hi - lo, seq + 1] int32} (and "labels" alike with label files): microstep k holds
-        rows lo..hi of that microstep. Pairs give two rows each, chosen then rejected."""
+        """{"tokens": [accum, hi - lo, seq + 1] int32} (and "labels", "rewards" alike where the dataset has them):
+        microstep k holds rows lo..hi of that microstep. Pairs give two rows each, chosen then rejected."""
         f = 2 if self.pairs else 1
         hi = self.rows_per_microstep if hi is None else hi
         rows = np.stack([np.stack([self.dataset[self.index(step, k, j)] for j in range(lo // f, hi // f)])
                          for k in range(self.accum)]).astype(np.int32)
         if self.pairs:  # [accum, pairs, side, field, t] -> [accum, rows, field, t]
             rows = rows.reshape(rows.shape[0], -1, *rows.shape[3:])
-        return {"tokens": rows} if rows.ndim == 3 else {"tokens": rows[:, :, 0], "labels": rows[:, :, 1]}
+        return {"tokens": rows} if rows.ndim == 3 else {name: rows[:, :, k] for k, name in
+                                                         enumerate(self.dataset.fields)}

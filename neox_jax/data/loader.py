@@ -35,11 +35,13 @@ class LocalBatches:
         self.lo, self.hi = local_rows(sharding, self.global_shape)
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of step `step` ({"tokens"}, and "labels" with label files); with `vocab_size`, every
-        token id and label is checked to fall inside the embedding (ids past it would train to NaN; a label below 0
-        marks a token not trained on)."""
+        """This process's rows of step `step` ({"tokens"}, "labels" with label files, KTO's "rewards"); with
+        `vocab_size`, every token id and label is checked to fall inside the embedding (ids past it would train to
+        NaN; a label below 0 marks a token not trained on)."""
         batch = self.batches.batch(step, self.lo, self.hi)
         for name, rows in batch.items():
+            if name == "rewards":
+                continue
             below = rows < 0 if name == "tokens" else False  # a negative label is not trained on, as in GPT-NeoX
             outside = np.argwhere(below | (rows >= self.vocab_size)) if self.vocab_size else ()
             if len(outside):
