@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from neox_jax import matmul
+from neox_jax.dropout import ATTENTION_PROBS, dropout
 
 F32 = jnp.float32
 CAUSAL_BLOCK = 128  # queries per block of `causal_blocks`: the fastest of 64 / 128 / 256 / 512 on the CPU at t = 512
@@ -37,15 +38,15 @@ def apply_rotary(x_btnh, cos_btr, sin_btr):
     return jnp.concatenate([rotated.astype(x_btnh.dtype), x_pass], axis=-1)
 
 
-def attend(q_btnh, k, v, mask_bts=None, kv_layout: str = "bsnh"):
+def attend(q_btnh, k, v, mask_bts=None, kv_layout: str = "bsnh", drop=None):
     """Softmax attention with fp32 scores, the reference every backend is checked against; `mask_bts` is True where
     query t may see key s (None: causal, t == s). Keys and values are [b, s, n, h], or [b, n, s, h] (the KV cache's
-    layout) with kv_layout="bnsh"."""
+    layout) with kv_layout="bnsh". `drop`: (attention_dropout, the layer's keys per row) drops probabilities."""
     return _attend(q_btnh, k, v, None if mask_bts is None else mask_bts[:, None], f"btnh,{kv_layout}->bnts",
-                   f"bnts,{kv_layout}->btnh")
+                   f"bnts,{kv_layout}->btnh", drop)
 
 
-def _attend(q, k, v, mask, scores_spec: str, out_spec: str):
+def _attend(q, k, v, mask, scores_spec: str, out_spec: str, drop=None):
     """`attend` for any layout, given by the einsum specs of the scores ("...ts") and of the output; `mask` is
     broadcast against the scores (None: causal)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -53,8 +54,10 @@ def _attend(q, k, v, mask, scores_spec: str, out_spec: str):
     if mask is None:
         mask = jnp.tril(jnp.ones(scores.shape[-2:], bool))
     # finfo.min, not -inf: a query that may see nothing (a pad position) gets a uniform row, not NaN.
-    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(F32).min), axis=-1).astype(v.dtype)
-    return jnp.einsum(out_spec, probs, v)
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(F32).min), axis=-1)
+    if drop is not None:
+        probs = dropout(probs, *drop, ATTENTION_PROBS)
+    return jnp.einsum(out_spec, probs.astype(v.dtype), v)
 
 
 def causal_blocks(q_btnh, k_btnh, v_btnh, block: int = CAUSAL_BLOCK):
@@ -118,7 +121,7 @@ def _causal_blocks_bwd(block: int, residuals, g_bnth):
 _causal_blocks.defvjp(_causal_blocks_fwd, _causal_blocks_bwd)
 
 
-def attention_backend(setting: str, dtype, head_dim: int, causal: bool) -> str:
+def attention_backend(setting: str, dtype, head_dim: int, causal: bool, dropping: bool = False) -> str:
     """The backend `attention: auto | xla | cudnn` runs in the program being traced (`matmul.platform()`: the
     mesh's devices, not the process's backend): "einsum" (`attend`), "blocks" (`causal_blocks`), "xla" or "cudnn"
     (JAX's `dot_product_attention`). cuDNN's fused kernel takes bf16/fp16 on a GPU with heads of at most 128 in
@@ -126,7 +129,10 @@ def attention_backend(setting: str, dtype, head_dim: int, causal: bool) -> str:
     forward without a cache), `causal_blocks` for those in a CPU's program (not the planner's GPU programs compiled
     on CPU devices: `matmul.as_on_gpu`), and the einsum elsewhere (padded batches and calls with a KV cache through
     cuDNN are not yet checked on a GPU; pythia-1b's heads of 256 are beyond the kernel). An impossible `cudnn` is
-    refused while tracing."""
+    refused while tracing. `dropping` (attention dropout in training): only the einsum drops probabilities; JAX's
+    kernels cannot (`xla` and `cudnn` are refused with attention_dropout > 0 in NeoXConfig)."""
+    if dropping:
+        return "einsum"
     gpu = matmul.platform() == "gpu"
     fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
     if setting == "auto":
@@ -144,11 +150,12 @@ def attention_backend(setting: str, dtype, head_dim: int, causal: bool) -> str:
     return setting
 
 
-def dot_product_attention(q_btnh, k, v, mask_bts, setting: str, kv_layout: str = "bsnh"):
-    """Attention by the `attention` setting; `mask_bts` None is causal."""
-    backend = attention_backend(setting, q_btnh.dtype, q_btnh.shape[-1], causal=mask_bts is None)
+def dot_product_attention(q_btnh, k, v, mask_bts, setting: str, kv_layout: str = "bsnh", drop=None):
+    """Attention by the `attention` setting; `mask_bts` None is causal. `drop`: (rate, keys per row) or None."""
+    dropping = drop is not None and drop[1] is not None and drop[0] > 0
+    backend = attention_backend(setting, q_btnh.dtype, q_btnh.shape[-1], causal=mask_bts is None, dropping=dropping)
     if backend == "einsum":
-        return attend(q_btnh, k, v, mask_bts, kv_layout)
+        return attend(q_btnh, k, v, mask_bts, kv_layout, drop if dropping else None)
     if backend == "blocks":  # causal, so no cache: [b, s, n, h]
         return causal_blocks(q_btnh, k, v)
     if kv_layout == "bnsh":  # JAX's kernels take [b, s, n, h]
@@ -230,16 +237,16 @@ def _per_shard_bwd(region, residuals, g):
 _per_shard.defvjp(_per_shard_fwd, _per_shard_bwd)
 
 
-def attend_qkv(qkv_btnkh, cos_btr, sin_btr, mask_bts, backend: str, cache=None, cache_index=None):
+def attend_qkv(qkv_btnkh, cos_btr, sin_btr, mask_bts, backend: str, cache=None, cache_index=None, drop=None):
     """Attention of the fused QKV projection's output, rotary applied -> (out [b, t, n, h], cache). `mask_bts` None
     is causal attention over this call's tokens. With a KV cache, `cache` = (the stacked {k, v} [layers, b, n, S, h],
     this layer's index), or (this layer's own {k, v} [b * n, S, h], None): this call's keys and values are written at
     `cache_index` (one token's per layer in a decode step) and the queries attend over the cache's first
-    `mask_bts.shape[-1]` positions, all that is read of it."""
+    `mask_bts.shape[-1]` positions, all that is read of it. `drop`: (attention_dropout, keys per row), training's."""
     q, k, v = qkv_btnkh[:, :, :, 0], qkv_btnkh[:, :, :, 1], qkv_btnkh[:, :, :, 2]
     q, k = apply_rotary(q, cos_btr, sin_btr), apply_rotary(k, cos_btr, sin_btr)
     if cache is None:
-        return dot_product_attention(q, k, v, mask_bts, backend), None
+        return dot_product_attention(q, k, v, mask_bts, backend, drop=drop), None
     cache, layer = cache
     if layer is None:
         return _attend_layer_cache(q, k, v, mask_bts, backend, cache, cache_index)

@@ -42,6 +42,8 @@ class NeoXConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     remat_policy: str = "none"
     attention: str = "auto"  # auto (cuDNN's fused kernel on a GPU where it applies, else the einsum) | xla | cudnn
+    hidden_dropout: float = 0.0  # training only: the embedding's and each branch's output (GPT-NeoX's)
+    attention_dropout: float = 0.0  # training only: the attention probabilities (the einsum attention then)
     bos_token_id: int = 0
     eos_token_id: int = 0
 
@@ -61,6 +63,13 @@ class NeoXConfig:
         for name in ("rotary_base", "layer_norm_eps", "init_std"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be positive")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: a dropout probability must be in [0, 1)")
+        if self.attention_dropout > 0 and self.attention in ("xla", "cudnn"):
+            raise ConfigError(f"attention={self.attention!r} with attention_dropout={self.attention_dropout}: JAX's "
+                              "fused attention kernels cannot drop attention probabilities; use attention auto "
+                              "(the einsum attention, which can), or attention_dropout 0")
         if not 0.0 < self.rotary_pct <= 1.0:
             raise ConfigError(f"rotary_pct={self.rotary_pct}: must be in (0, 1]")
         if self.rotary_ndims % 2 or self.rotary_ndims == 0:
@@ -110,7 +119,8 @@ class NeoXConfig:
         return cls(**{**PRESETS[key], **overrides})
 
 
-HOW_IT_RUNS = ("dtype", "param_dtype", "remat_policy", "attention")  # NeoXConfig fields that leave its function
+# NeoXConfig fields that leave its function (dropout acts in training only)
+HOW_IT_RUNS = ("dtype", "param_dtype", "remat_policy", "attention", "hidden_dropout", "attention_dropout")
 
 
 def model_differences(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:

@@ -29,3 +29,7 @@ class BadRecordError(ValueError):
 
 class UnknownSettingWarning(UserWarning):
     """A GPT-NeoX key that neox-jax does not know (a typo trains with the default)."""
+
+
+class ChangedDefaultWarning(UserWarning):
+    """A GPT-NeoX key left unset whose default changed between GPT-NeoX versions: says which one applies."""

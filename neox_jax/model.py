@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from neox_jax import matmul
 from neox_jax.attention import attend_qkv, rotary_cos_sin
 from neox_jax.config import NeoXConfig
+from neox_jax.dropout import ATTENTION_OUT, MLP_OUT, dropout, fold
 from neox_jax.sharding import constrain
 
 F32 = jnp.float32
@@ -102,6 +103,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: NeoXConfig, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         self.rotary_ndims, self.rotary_base, self.backend = cfg.rotary_ndims, cfg.rotary_base, cfg.attention
+        self.dropout = cfg.attention_dropout
         # Fused QKV with NeoX's per-head [heads, 3, head_dim] output layout: a tensor-parallel shard of
         # `heads` holds whole heads with their q, k and v.
         self.query_key_value = Dense(rngs, cfg, _std(cfg.init_method, cfg), (d, n, 3, h),
@@ -109,9 +111,9 @@ class Attention(nnx.Module):
         self.dense = Dense(rngs, cfg, _std(cfg.output_layer_init_method, cfg), (n, h, d),
                            ("heads", "head_dim", "embed"), (d,), ("embed",))
 
-    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, cache=None, cache_index=None):
+    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, cache=None, cache_index=None, keys_b=None):
         out_btnh, cache = attend_qkv(self.query_key_value("btd,dnkh->btnkh", x_btd), cos_btr, sin_btr, mask_bts,
-                                     self.backend, cache, cache_index)
+                                     self.backend, cache, cache_index, (self.dropout, keys_b))
         return self.dense.flat(out_btnh, 2), cache
 
 
@@ -132,18 +134,23 @@ class Block(nnx.Module):
     """One NeoX layer: two independent LayerNorms, parallel or sequential residual."""
 
     def __init__(self, cfg: NeoXConfig, rngs: nnx.Rngs):
-        self.parallel = cfg.use_parallel_residual
+        self.parallel, self.dropout = cfg.use_parallel_residual, cfg.hidden_dropout
         self.input_layernorm = LayerNorm(cfg)
         self.post_attention_layernorm = LayerNorm(cfg)
         self.attention = Attention(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, cache=None, cache_index=None):
-        attn_btd, cache = self.attention(self.input_layernorm(x_btd), cos_btr, sin_btr, mask_bts, cache, cache_index)
+    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, cache=None, cache_index=None, keys_b=None):
+        """`keys_b`: this layer's dropout keys per row (dropout.py), None for none."""
+        attn_btd, cache = self.attention(self.input_layernorm(x_btd), cos_btr, sin_btr, mask_bts, cache, cache_index,
+                                         keys_b)
+        attn_btd = dropout(attn_btd, self.dropout, keys_b, ATTENTION_OUT)
+        mlp = lambda h_btd: dropout(self.mlp(self.post_attention_layernorm(h_btd)), self.dropout, keys_b,  # noqa
+                                    MLP_OUT)
         if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
-            return x_btd + attn_btd + self.mlp(self.post_attention_layernorm(x_btd)), cache
+            return x_btd + attn_btd + mlp(x_btd), cache
         h_btd = x_btd + attn_btd
-        return h_btd + self.mlp(self.post_attention_layernorm(h_btd)), cache
+        return h_btd + mlp(h_btd), cache
 
 
 @jax.tree_util.register_dataclass
@@ -203,42 +210,45 @@ def layer_axes(stacked) -> dict:
                         is_leaf=lambda x: isinstance(x, P))
 
 
-def apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts=None, cache=None, cache_index=None):
+def apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts=None, cache=None, cache_index=None,
+                keys_b=None):
     """One layer (`params`: one layer's slice of the stack, `axes` their `layer_axes`) -> (x, cache). Constraining
     the weights to their logical axes makes a sharded run gather one layer's weights at a time where they are split
-    beyond the rules table (ZeRO-3), instead of moving activations."""
+    beyond the rules table (ZeRO-3), instead of moving activations. `keys_b`: the layer's dropout keys."""
     params = jax.tree.map(constrain, params, axes)
-    x_btd, cache = nnx.merge(graphdef, params)(x_btd, cos_btr, sin_btr, mask_bts, cache, cache_index)
+    x_btd, cache = nnx.merge(graphdef, params)(x_btd, cos_btr, sin_btr, mask_bts, cache, cache_index, keys_b)
     return constrain(x_btd, ("batch", "length", "embed")), cache
 
 
-def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts, cache=None, cache_index=None):
+def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts, cache=None, cache_index=None,
+               keys_b=None):
     """Apply a stack of layers (weights with a leading layer axis) with a scan. `stacked` may also be a tuple of
     per-layer weights (`unstack`, or `fused_layers`' `FusedLayer`s): the layers then run one after the other,
-    unrolled, each reading its own arrays."""
+    unrolled, each reading its own arrays. `keys_b`: each row's dropout keys (dropout.py; layer i folds in i)."""
     cos_btr, sin_btr = rotary_cos_sin(positions_bt, cfg.rotary_ndims, cfg.rotary_base)
     per_layer = isinstance(stacked, tuple)
     first = stacked[0] if per_layer else stacked
     axes = None if isinstance(first, FusedLayer) else layer_axes(first)
 
-    def layer(x_btd, params, cache):  # cache: None, or (arrays, this layer's index in them or None)
+    def layer(x_btd, params, cache, index):  # cache: None, or (arrays, this layer's index in them or None)
         if isinstance(params, FusedLayer):
             return params(cfg, x_btd, cos_btr, sin_btr, mask_bts, cache, cache_index)
-        return apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts, cache, cache_index)
+        return apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts, cache, cache_index,
+                           None if keys_b is None else fold(keys_b, index))
 
     if cfg.remat_policy != "none":
         layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
     if per_layer:  # and the cache, when there is one, a tuple of per-layer caches (`init_cache(per_layer=True)`)
         caches = []
         for index, params in enumerate(stacked):
-            x_btd, layer_cache = layer(x_btd, params, None if cache is None else (cache[index], None))
+            x_btd, layer_cache = layer(x_btd, params, None if cache is None else (cache[index], None), index)
             caches.append(layer_cache)
         return x_btd, None if cache is None else tuple(caches)
 
     def body(carry, xs):  # the stacked cache rides in the carry: updated in place, layer by layer
         x_btd, cache = carry
         params, index = xs
-        return layer(x_btd, params, None if cache is None else (cache, index)), None
+        return layer(x_btd, params, None if cache is None else (cache, index), index), None
 
     layers = jax.tree.leaves(stacked)[0].shape[0]
     (x_btd, cache), _ = jax.lax.scan(body, (x_btd, cache), (stacked, jnp.arange(layers)))
@@ -325,15 +335,19 @@ class GPTNeoX(nnx.Module):
         self.embed_out = Dense(rngs, cfg, _std(cfg.init_method, cfg), (cfg.hidden_size, cfg.vocab_size),
                                ("embed", "vocab"))
 
-    def embed(self, input_ids_bt):
+    def embed(self, input_ids_bt, keys_b=None):
+        """The token embeddings [b, t, d]; with dropout keys (dropout.py), GPT-NeoX's embedding dropout."""
         table_ve = constrain(self.embed_in.embedding[...], ("vocab", "embed"))
         x_btd = jnp.take(table_ve, input_ids_bt, axis=0).astype(self.config.dtype)
+        if keys_b is not None:
+            x_btd = dropout(x_btd, self.config.hidden_dropout, fold(keys_b, self.config.num_layers), 0)
         return constrain(x_btd, ("batch", "length", "embed"))
 
-    def apply_layers(self, x_btd, positions_bt, mask_bts, cache=None, cache_index=None, layer_weights=None):
+    def apply_layers(self, x_btd, positions_bt, mask_bts, cache=None, cache_index=None, layer_weights=None,
+                     keys_b=None):
         graphdef, stacked = nnx.split(self.layers)
         return run_layers(graphdef, stacked if layer_weights is None else layer_weights, self.config, x_btd,
-                          positions_bt, mask_bts, cache, cache_index)
+                          positions_bt, mask_bts, cache, cache_index, keys_b)
 
     def unstack(self) -> tuple:
         """Each layer's weights as arrays of their own (a copy), for `layer_weights=`: XLA's CPU backend copies a
@@ -374,7 +388,7 @@ class GPTNeoX(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0,
                  last_only: bool = False, hidden_only: bool = False, cache_read: int | None = None,
-                 layer_weights: tuple | None = None, output_kernel_vd=None):
+                 layer_weights: tuple | None = None, output_kernel_vd=None, dropout_keys=None):
         """Logits for `input_ids` [b, t] (fp32 [b, t, vocab]).
 
         attention_mask: 1 for real tokens, 0 for padding (left padding); padded keys are never attended and
@@ -387,7 +401,8 @@ class GPTNeoX(nnx.Module):
         last position only (a prefill needs no others, and the vocabulary projection is most of its cost).
         `hidden_only` returns the last layer's output [b, t, d] instead (no cache), for a loss that applies the
         output layer itself. `layer_weights` (from `fused_layers` or `unstack`) replaces the stacked layer weights,
-        `output_kernel_vd` (the output kernel transposed, [vocab, embed]) the output layer's.
+        `output_kernel_vd` (the output kernel transposed, [vocab, embed]) the output layer's. `dropout_keys` [b, 2]
+        (dropout.py: training's) applies the config's dropout; without them nothing is dropped.
         """
         s = None if cache is None else cache_read or cache_length(cache)
         check_ids(input_ids, self.config.vocab_size, attention_mask, s)
@@ -406,7 +421,8 @@ class GPTNeoX(nnx.Module):
             if cache is not None:
                 default_positions = jax.lax.dynamic_slice_in_dim(default_positions, cache_index, t, axis=1)
         positions = default_positions if positions is None else jnp.asarray(positions)
-        x_btd, cache = self.apply_layers(self.embed(input_ids), positions, mask_bts, cache, cache_index, layer_weights)
+        x_btd, cache = self.apply_layers(self.embed(input_ids, dropout_keys), positions, mask_bts, cache, cache_index,
+                                         layer_weights, dropout_keys)
         if hidden_only:
             return x_btd
         logits = self.logits(x_btd[:, -1:] if last_only else x_btd, output_kernel_vd)

@@ -24,7 +24,8 @@ summed over microbatches in `accum_dtype`. The embedding runs on the first stage
 the output layer and loss on the last, outside the pipelined stack as in GPT-NeoX; both are computed on every
 stage in the same program, so the activations never leave their stage; their gradients, non-zero on one stage,
 are summed over `pipe` once at the end. The pipeline applies causal attention without a padding mask, as
-training does.
+training does. With dropout keys each microbatch's rows keep theirs (dropout.py), every layer folding in its index
+in the whole stack, so a stage draws the masks one device draws, and its backward's recomputation the same again.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from neox_jax import sharding as shd
+from neox_jax.dropout import fold
 from neox_jax.model import apply_layer, layer_axes, rotary_cos_sin
 
 PIPELINE_REMAT = ("full", "none")  # the recomputations the pipeline implements (module docstring)
@@ -53,13 +55,14 @@ def slots(stages: int) -> int:
     return 2 * stages - 1
 
 
-def pipeline_grads(graphdef, params, tokens_mbt, targets_mbt, loss_fn, *, seed, accum_dtype):
+def pipeline_grads(graphdef, params, tokens_mbt, targets_mbt, loss_fn, *, seed, accum_dtype, keys_mbt=None):
     """(loss, gradients of `seed` x loss in `accum_dtype`) of microbatches [M, mb, t] through as many stages as the
     mesh's `pipe` axis has devices; the loss is the sum of the microbatches'.
 
     `graphdef` and `params` (a nested dict) make the GPTNeoX; `loss_fn(model, last layer's output, targets)` is one
-    microbatch's loss, `targets_mbt` a pytree of [M, ...] arrays (labels, weights). `train.check_layout` has checked
-    the layout (layers divisible by stages, remat policy)."""
+    microbatch's loss, `targets_mbt` a pytree of [M, ...] arrays (labels, weights), `keys_mbt` the rows' dropout
+    keys [M, mb, 2] or None. `train.check_layout` has checked the layout (layers divisible by stages, remat
+    policy)."""
     stages = dict(jax.sharding.get_abstract_mesh().shape)["pipe"]
     model = nnx.merge(graphdef, params)
     cfg = model.config
@@ -68,10 +71,15 @@ def pipeline_grads(graphdef, params, tokens_mbt, targets_mbt, loss_fn, *, seed, 
     # the stacked layers enter split over `pipe` (each stage its block), the rest whole
     in_specs = {k: jax.tree.map(lambda _: P("pipe") if k == "layers" else P(), v) for k, v in params.items()}
 
-    def stage_program(params, tokens_mbt, targets_mbt, seed):
+    def stage_program(params, tokens_mbt, targets_mbt, seed, keys_mbt):
         s = jax.lax.axis_index("pipe")
         last, m, (_, mb, t), keep = stages - 1, tokens_mbt.shape[0], tokens_mbt.shape, slots(stages)
         layers = params["layers"]  # this stage's [L / P, ...]
+        per_stage = jax.tree.leaves(layers)[0].shape[0]
+        indices = s * per_stage + jnp.arange(per_stage)  # the stage's layers' places in the whole stack
+
+        def keys(i):  # microbatch i's rows' dropout keys, or None
+            return None if keys_mbt is None else keys_mbt[jnp.clip(i, 0, m - 1)]
         # the weights outside the stack, marked as differing per stage so their gradients stay per stage
         outer = jax.lax.pcast({k: v for k, v in params.items() if k != "layers"}, "pipe", to="varying")
         cos_btr, sin_btr = rotary_cos_sin(jnp.broadcast_to(jnp.arange(t), (mb, t)), cfg.rotary_ndims,
@@ -80,24 +88,26 @@ def pipeline_grads(graphdef, params, tokens_mbt, targets_mbt, loss_fn, *, seed, 
         def whole(outer):
             return nnx.merge(graphdef, {**outer, "layers": layers})
 
-        def layer(w, x):
-            return apply_layer(layer_def, w, axes, x, cos_btr, sin_btr)[0]  # causal
+        def layer(w, x, keys_b, index):
+            layer_keys = None if keys_b is None else fold(keys_b, index)
+            return apply_layer(layer_def, w, axes, x, cos_btr, sin_btr, keys_b=layer_keys)[0]  # causal
 
-        def run_stage(ws, x):
-            return jax.lax.scan(lambda x, w: (layer(w, x), x), x, ws)  # (output, each layer's input)
+        def run_stage(ws, x, keys_b):
+            return jax.lax.scan(lambda x, w_i: (layer(w_i[0], x, keys_b, w_i[1]), x), x, (ws, indices))
 
-        def stage_backward(kept, g):  # -> (weight gradients, input gradient)
+        def stage_backward(kept, g, keys_b):  # -> (weight gradients, input gradient)
             if cfg.remat_policy == "full":
-                def one(g, w_and_x):
-                    dw, dx = jax.vjp(layer, *w_and_x)[1](g)
+                def one(g, w_x_i):
+                    w, x, i = w_x_i
+                    dw, dx = jax.vjp(lambda w, x: layer(w, x, keys_b, i), w, x)[1](g)
                     return dx, dw
 
-                dx, dws = jax.lax.scan(one, g, (layers, kept), reverse=True)
+                dx, dws = jax.lax.scan(one, g, (layers, kept, indices), reverse=True)
                 return dws, dx
-            return jax.vjp(lambda ws, x: run_stage(ws, x)[0], layers, kept)[1](g)
+            return jax.vjp(lambda ws, x: run_stage(ws, x, keys_b)[0], layers, kept)[1](g)
 
-        def embed(outer, tokens_bt):
-            return whole(outer).embed(tokens_bt)
+        def embed(outer, tokens_bt, keys_b):
+            return whole(outer).embed(tokens_bt, keys_b)
 
         def add(sums, grads):
             return jax.tree.map(lambda a, g: a + g.astype(accum_dtype), sums, grads)
@@ -107,8 +117,8 @@ def pipeline_grads(graphdef, params, tokens_mbt, targets_mbt, loss_fn, *, seed, 
             f, b = now - s, now - (2 * last - s)  # the microbatches this stage runs forward and backward
             y = g_out = None
             if forward:
-                x = jnp.where(s == 0, embed(outer, tokens_mbt[jnp.clip(f, 0, m - 1)]), x_in)
-                y, inputs = run_stage(layers, x)
+                x = jnp.where(s == 0, embed(outer, tokens_mbt[jnp.clip(f, 0, m - 1)], keys(f)), x_in)
+                y, inputs = run_stage(layers, x, keys(f))
                 kept = jax.lax.dynamic_update_index_in_dim(kept, inputs if cfg.remat_policy == "full" else x,
                                                            f % keep, 0)
             if forward and backward:  # the last stage scores the microbatch it just ran and starts its backward
@@ -122,9 +132,10 @@ def pipeline_grads(graphdef, params, tokens_mbt, targets_mbt, loss_fn, *, seed, 
                 g_in = jnp.where(s == last, g_last, g_in)
             if backward:
                 g = jnp.where((b >= 0) & (b < m), g_in, 0)
-                d_layers, g_out = stage_backward(jax.lax.dynamic_index_in_dim(kept, b % keep, 0, keepdims=False), g)
+                d_layers, g_out = stage_backward(jax.lax.dynamic_index_in_dim(kept, b % keep, 0, keepdims=False), g,
+                                                 keys(b))
                 tokens = tokens_mbt[jnp.clip(b, 0, m - 1)]
-                d_embed = jax.vjp(lambda e: embed({**outer, "embed_in": e}, tokens), outer["embed_in"])[1](
+                d_embed = jax.vjp(lambda e: embed({**outer, "embed_in": e}, tokens, keys(b)), outer["embed_in"])[1](
                     jnp.where(s == 0, g_out, 0))[0]
                 sums = {**sums, "layers": add(sums["layers"], d_layers), "embed_in": add(sums["embed_in"], d_embed)}
             # stage s's output becomes stage s + 1's input, its input gradient stage s - 1's output gradient
@@ -135,7 +146,6 @@ def pipeline_grads(graphdef, params, tokens_mbt, targets_mbt, loss_fn, *, seed, 
             return (x_in, g_in, kept, sums, loss_sum), None
 
         act = shd.varying(jnp.zeros((mb, t, cfg.hidden_size), jnp.dtype(cfg.dtype)))
-        per_stage = jax.tree.leaves(layers)[0].shape[0]
         kept_shape = (keep, *((per_stage,) if cfg.remat_policy == "full" else ()), *act.shape)
         sums = jax.tree.map(lambda w: shd.varying(jnp.zeros(w.shape, accum_dtype)), params)
         carry = (act, act, shd.varying(jnp.zeros(kept_shape, act.dtype)), sums, shd.varying(jnp.zeros((), F32)))
@@ -149,8 +159,8 @@ def pipeline_grads(graphdef, params, tokens_mbt, targets_mbt, loss_fn, *, seed, 
         return jax.lax.psum(loss_sum, "pipe"), sums
 
     out_specs = {k: jax.tree.map(lambda _: P("pipe"), v) for k, v in params.items()}
-    loss, sums = jax.shard_map(stage_program, in_specs=(in_specs, P(), P(), P()), out_specs=(P(), out_specs),
-                               axis_names={"pipe"})(params, tokens_mbt, targets_mbt, seed)
+    loss, sums = jax.shard_map(stage_program, in_specs=(in_specs, P(), P(), P(), P()), out_specs=(P(), out_specs),
+                               axis_names={"pipe"})(params, tokens_mbt, targets_mbt, seed, keys_mbt)
     # (a psum inside the shard_map would be the same all-reduce, but XLA's CPU compiler fails on a bf16 one there)
     return loss, {k: v if k == "layers" else jax.tree.map(lambda g: g.sum(0), v) for k, v in sums.items()}
 

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from neox_jax import matmul
+from neox_jax import dropout, matmul
 from neox_jax import sharding as shd
 from neox_jax.config import TrainConfig
 from neox_jax.errors import ConfigError
@@ -170,6 +170,7 @@ class Trainer:
         self.abstract_params = nnx.to_pure_dict(abstract_state)
         self.logical_axes = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
         self.has_master = self.model_cfg.param_dtype != "float32"
+        self.dropout = self.model_cfg.hidden_dropout > 0 or self.model_cfg.attention_dropout > 0
 
         self.stages = self.mesh_shape["pipe"]
         self.microbatches = pipe_microbatches(cfg, self.stages)
@@ -195,7 +196,7 @@ class Trainer:
         self.init = jit(self.under_mesh(self._init), out_shardings=self.state_shardings)
         self.start_from = jit(self.under_mesh(self._start_from), out_shardings=self.state_shardings)
         replicated = NamedSharding(mesh, P())
-        # (params, batch[, loss scale, reference]): the inputs come laid out (put_batch, the state)
+        # (params, batch[, loss scale, reference, step]): the inputs come laid out (put_batch, the state)
         self.grads = jit(self.under_mesh(self._grads), out_shardings=(replicated, shd.named(mesh, self.zero_specs)))
         self.eval_loss = jit(self.under_mesh(self._eval_loss), out_shardings=replicated)
         self.step = jit(self.under_mesh(self._step), in_shardings=(self.state_shardings, self.batch_sharding),
@@ -277,21 +278,24 @@ class Trainer:
             weights = weights / jnp.maximum(weights.sum(), 1)
         return tokens[..., :-1], jnp.where(keep, raw, 0), weights
 
-    def sequence_logprobs(self, params, inputs_mbt, labels_mbt, keep_mbt):
-        """Each row's log-probability of its trained tokens [accum, rows], one microstep at a time, no gradient."""
+    def sequence_logprobs(self, params, inputs_mbt, labels_mbt, keep_mbt, keys_mbt=None):
+        """Each row's log-probability of its trained tokens [accum, rows], one microstep at a time, no gradient;
+        with dropout keys, under the step's own dropout masks."""
         def one(piece):
-            inputs, labels, keep = piece
+            inputs, labels, keep, keys = piece
             model = nnx.merge(self.graphdef, jax.lax.stop_gradient(params))
-            logp, _ = token_logprobs(model, model(inputs, hidden_only=True), labels)
+            logp, _ = token_logprobs(model, model(inputs, hidden_only=True, dropout_keys=keys), labels)
             return jnp.sum(jnp.where(keep, logp, 0.0), axis=-1)
 
-        return jax.lax.map(one, (inputs_mbt, labels_mbt, keep_mbt))
+        return jax.lax.map(one, (inputs_mbt, labels_mbt, keep_mbt, keys_mbt))
 
-    def preference(self, params, reference, inputs_mbt, labels_mbt, weights_mbt, rewards_mbt=None):
+    def preference(self, params, reference, inputs_mbt, labels_mbt, weights_mbt, rewards_mbt=None, keys_mbt=None):
         """DPO's or KTO's token weights from the current and the reference log-probabilities (objectives.py), and
-        its loss and metrics. DPO's rows alternate chosen, rejected: a pair never straddles two data replicas."""
+        its loss and metrics. DPO's rows alternate chosen, rejected: a pair never straddles two data replicas. With
+        dropout keys the policy's log-probabilities are those of the step's forward (the reference's drop nothing),
+        so the weights make the step's gradient exactly the objective's under dropout, as in GPT-NeoX."""
         cfg, keep = self.cfg, weights_mbt > 0
-        policy = self.sequence_logprobs(params, inputs_mbt, labels_mbt, keep)
+        policy = self.sequence_logprobs(params, inputs_mbt, labels_mbt, keep, keys_mbt)
         ref = (jnp.zeros_like(policy) if reference is None
                else self.sequence_logprobs(reference, inputs_mbt, labels_mbt, keep))
         if cfg.train_impl == "kto":
@@ -307,32 +311,41 @@ class Trainer:
         """KTO's rewards of the input positions (GPT-NeoX drops the last), else None."""
         return batch["rewards"][..., :-1] if "rewards" in batch else None
 
-    def loss(self, params, inputs_bt, labels_bt, weights_bt):
-        """The weighted sum of one microbatch's token losses."""
+    def loss(self, params, inputs_bt, labels_bt, weights_bt, keys_b=None):
+        """The weighted sum of one microbatch's token losses (with dropout keys, under dropout)."""
         model = nnx.merge(self.graphdef, params)
-        return lm_loss(model, model(inputs_bt, hidden_only=True), (labels_bt, weights_bt))
+        return lm_loss(model, model(inputs_bt, hidden_only=True, dropout_keys=keys_b), (labels_bt, weights_bt))
 
-    def pipelined_grads(self, params, inputs_mbt, labels_mbt, weights_mbt, seed, accum_dtype):
+    def pipelined_grads(self, params, inputs_mbt, labels_mbt, weights_mbt, keys_mbt, seed, accum_dtype):
         """(loss, gradients of `seed` x it summed in `accum_dtype`) of the whole step's batch [accum, rows, seq]
         through the pipeline. Each microstep's rows are cut into `split` microbatches (split innermost, so every
-        piece keeps its data sharding)."""
-        a, rows, t = inputs_mbt.shape
+        piece keeps its data sharding), their dropout keys (or None) with them."""
+        a, rows = inputs_mbt.shape[:2]
         split = self.microbatches // a
 
         def cut(x):
-            return x.reshape(a, rows // split, split, t).swapaxes(1, 2).reshape(a * split, rows // split, t)
+            rest = x.shape[2:]
+            return x.reshape(a, rows // split, split, *rest).swapaxes(1, 2).reshape(a * split, rows // split, *rest)
 
         return pipeline_grads(self.graphdef, params, cut(inputs_mbt), (cut(labels_mbt), cut(weights_mbt)), lm_loss,
-                              seed=seed, accum_dtype=accum_dtype)
+                              seed=seed, accum_dtype=accum_dtype, keys_mbt=None if keys_mbt is None else cut(keys_mbt))
 
-    def _grads(self, params, batch, loss_scale=1.0, reference=None):
+    def dropout_keys(self, step, shape):
+        """The step's rows' dropout keys [accum, rows, 2] (dropout.py), laid out as the rows; None without dropout."""
+        if not self.dropout:
+            return None
+        keys = dropout.row_keys(self.cfg.seed, step, *shape[:2])
+        return jax.lax.with_sharding_constraint(keys, self.batch_sharding)
+
+    def _grads(self, params, batch, loss_scale=1.0, reference=None, step=0):
         """The step's loss and its fp32 gradients, in the ZeRO layout (`_grads_and_report`)."""
-        loss, grads, _ = self._grads_and_report(params, batch, loss_scale, reference)
+        loss, grads, _ = self._grads_and_report(params, batch, loss_scale, reference, step)
         return loss, grads
 
-    def _grads_and_report(self, params, batch, loss_scale=1.0, reference=None):
+    def _grads_and_report(self, params, batch, loss_scale=1.0, reference=None, step=0):
         """The step's loss, its fp32 gradients in the ZeRO layout, and the objective's metrics. The gradients are
-        those of the weighted sum of token losses (`targets`; DPO's and KTO's weights: `preference`).
+        those of the weighted sum of token losses (`targets`; DPO's and KTO's weights: `preference`), under the
+        step's dropout masks (`dropout_keys`: a function of the seed, `step` and each row's place).
 
         The loss is multiplied by `loss_scale` for differentiation and the gradients divided by it after. Each data
         replica sums its microbatches' gradients locally in `grad_accum_dtype`, then one reduce-scatter per tensor
@@ -341,12 +354,14 @@ class Trainer:
         reduces per microstep.
         """
         inputs_mbt, labels_mbt, weights_mbt = self.targets(batch)
+        keys_mbt = self.dropout_keys(step, inputs_mbt.shape)
         report = {}
         if self.cfg.train_impl != "normal":
             weights_mbt, report = self.preference(params, reference, inputs_mbt, labels_mbt, weights_mbt,
-                                                  self._rewards(batch))
+                                                  self._rewards(batch), keys_mbt)
         if self.cfg.zero_stage == 3:
-            loss, grads = self._grads_per_microstep(params, (inputs_mbt, labels_mbt, weights_mbt), loss_scale)
+            loss, grads = self._grads_per_microstep(params, (inputs_mbt, labels_mbt, weights_mbt, keys_mbt),
+                                                    loss_scale)
             return report.pop("loss", loss), grads, report
         data = self.mesh_shape["data"]
         accum = jnp.dtype(self.cfg.grad_accum_dtype)
@@ -354,11 +369,12 @@ class Trainer:
         dims = jax.tree.map(lambda spec: next((i for i, e in enumerate(spec) if e == "data"), -1), self.zero_specs,
                             is_leaf=lambda x: isinstance(x, P))
 
-        def replica(params, inputs_mbt, labels_mbt, weights_mbt, loss_scale):  # one data replica's rows; `pipe`
-            # and `tensor` stay automatic, so that the gradient's transpose reduces nothing over `data`
+        def replica(params, inputs_mbt, labels_mbt, weights_mbt, keys_mbt, loss_scale):  # one data replica's rows;
+            # `pipe` and `tensor` stay automatic, so that the gradient's transpose reduces nothing over `data`
             params = jax.tree.map(lambda p: jax.lax.pcast(p, "data", to="varying"), params)
             if self.stages > 1:
-                loss, total = self.pipelined_grads(params, inputs_mbt, labels_mbt, weights_mbt, loss_scale, accum)
+                loss, total = self.pipelined_grads(params, inputs_mbt, labels_mbt, weights_mbt, keys_mbt, loss_scale,
+                                                   accum)
             else:
                 def micro(acc, piece):
                     def scaled(w):
@@ -369,7 +385,7 @@ class Trainer:
                     return jax.tree.map(lambda a, x: a + x.astype(accum), acc, g), loss
 
                 zeros = jax.tree.map(lambda p: shd.varying(jnp.zeros(p.shape, accum)), params)
-                total, losses = jax.lax.scan(micro, zeros, (inputs_mbt, labels_mbt, weights_mbt))
+                total, losses = jax.lax.scan(micro, zeros, (inputs_mbt, labels_mbt, weights_mbt, keys_mbt))
                 loss = losses.sum()
             return jax.lax.psum(loss, "data"), total
 
@@ -386,9 +402,10 @@ class Trainer:
             return P(*entries)
 
         rows = P(None, "data")
-        loss, totals = jax.shard_map(replica, mesh=self.mesh, in_specs=(P(), rows, rows, rows, P()),
+        loss, totals = jax.shard_map(replica, mesh=self.mesh, in_specs=(P(), rows, rows, rows, rows, P()),
                                      out_specs=(P(), jax.tree.map(lambda k: P(*[None] * k, "data"), along)),
-                                     axis_names={"data"})(params, inputs_mbt, labels_mbt, weights_mbt, loss_scale)
+                                     axis_names={"data"})(params, inputs_mbt, labels_mbt, weights_mbt, keys_mbt,
+                                                          loss_scale)
 
         def mean(g, scale):  # the weights made the sums the step's loss: only the loss scale is left to divide
             return g.astype(F32) / scale
@@ -437,7 +454,7 @@ class Trainer:
 
     def _step(self, state: TrainState, batch):
         scale = state.loss_scale.scale if self.fp16 else 1.0
-        loss, grads, report = self._grads_and_report(state.params, batch, scale, state.reference)
+        loss, grads, report = self._grads_and_report(state.params, batch, scale, state.reference, state.step)
         master = state.master if self.has_master else state.params
         lr = self.lr(state.updates)
         updates, opt_state = self.tx.update(grads, state.opt_state, master)

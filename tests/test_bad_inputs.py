@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -260,7 +261,7 @@ def test_an_unwritable_cache_folder_names_data_cache_dir(tmp_path):
 # ---- GPT-NeoX settings this model does not implement ------------------------------------------------------------
 
 NEOX_BASE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "pos_emb": "rotary",
-             "no_weight_tying": True, "hidden_dropout": 0, "attention_dropout": 0}
+             "no_weight_tying": True, "hidden_dropout": 0, "attention_dropout": 0, "weight_decay": 0.01}
 
 
 @pytest.mark.parametrize("changes, says", [
@@ -276,8 +277,8 @@ NEOX_BASE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "pos_
     ({"use_bias_in_attn_linear": False}, "use_bias_in_attn_linear=False is not supported"),
     ({"use_bias_in_mlp": False}, "use_bias_in_mlp=False is not supported"),
     ({"mlp_type": "llama"}, "mlp_type='llama' is not supported"),
-    ({"hidden_dropout": 0.1}, "hidden_dropout=0.1 is not supported"),
-    ({"attention_dropout": None}, "attention_dropout=None"),
+    ({"hidden_dropout": 1.5}, "hidden_dropout=1.5: a dropout probability must be in [0, 1)"),
+    ({"attention_dropout": "high"}, "attention_dropout='high': expected a number"),
     ({"activation": "swiglu"}, "activation='swiglu' is not supported"),
     ({"norm": "rmsnorm"}, "norm='rmsnorm' is not supported"),
 ])
@@ -292,11 +293,22 @@ def _refused(tmp_path, changes, says, read):
         read(f)
 
 
-def test_neox_yaml_dropout_left_at_gpt_neox_default_is_refused(tmp_path):
+def test_neox_yaml_keys_whose_default_changed_say_which_default_they_get(tmp_path):
+    """Dropout and weight decay left unset: GPT-NeoX v2's defaults (Pythia's and the 20B's version), each named in
+    a warning with v3's; set, they are read; a weights-only read (a conversion) says nothing."""
+    from neox_jax.errors import ChangedDefaultWarning
+
     f = tmp_path / "m.yml"
-    f.write_text(yaml.safe_dump({k: v for k, v in NEOX_BASE.items() if k != "hidden_dropout"}))
-    with pytest.raises(ConfigError, match=r"hidden_dropout=0.1 \(GPT-NeoX's default\) is not supported"):
-        neox_yaml.model_config(f)
+    f.write_text(yaml.safe_dump({k: v for k, v in NEOX_BASE.items() if k not in ("hidden_dropout", "weight_decay")}))
+    with pytest.warns(ChangedDefaultWarning) as caught:
+        cfg = neox_yaml.train_config(f)
+    said = " ".join(str(w.message) for w in caught)
+    assert "hidden_dropout is not set: GPT-NeoX v2's default 0.1 applies" in said and "default to 0.0" in said
+    assert "weight_decay is not set: GPT-NeoX v2's default 0.01 applies" in said and "attention_dropout" not in said
+    assert (cfg.model.hidden_dropout, cfg.model.attention_dropout, cfg.weight_decay) == (0.1, 0.0, 0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert neox_yaml.model_config(f, weights_only=True).hidden_dropout == 0.1
 
 
 @pytest.mark.parametrize("changes, says", [

@@ -284,7 +284,8 @@ def neox_yaml(cfg: NeoXConfig, tensor_parallel: int, pipe_parallel: int, dtype: 
         "activation": "gelu", "bias_gelu_fusion": cfg.activation == "gelu_fast",
         "make_vocab_size_divisible_by": cfg.vocab_size // tensor_parallel,
         "init_method": cfg.init_method, "output_layer_init_method": cfg.output_layer_init_method,
-        "init_method_std": cfg.init_std, "hidden_dropout": 0, "attention_dropout": 0,
+        "init_method_std": cfg.init_std, "hidden_dropout": cfg.hidden_dropout,
+        "attention_dropout": cfg.attention_dropout,
         **precision,
     }
     if cfg.intermediate_size != 4 * cfg.hidden_size:

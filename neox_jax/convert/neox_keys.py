@@ -7,8 +7,9 @@
 
 A key in none of them is unknown: a warning names the nearest known key (a typo trains with the default). The
 keys are GPT-NeoX's NeoXArgs and its DeepSpeed settings (GPT-NeoX main, 2025); where a default changed in
-GPT-NeoX's history, the table takes the one of v2, which trained Pythia and the 20B (dropout 0.1, weight decay
-0.01; v3 made them 0 and 0.1).
+GPT-NeoX's history, the table takes the one of v2, which trained Pythia and the 20B (`V2_DEFAULTS`: dropout 0.1,
+weight decay 0.01; v3 made them 0 and 0.1, as GPT-NeoX main at ea7aefd8 has them), and a file that leaves such a
+key unset is told which default it gets (ChangedDefaultWarning).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ READ = {
     "seq_length", "max_position_embeddings", "layernorm_epsilon", "rotary_pct", "rotary_emb_base", "gpt_j_residual",
     "bias_gelu_fusion", "init_method", "output_layer_init_method", "init_method_std", "make_vocab_size_divisible_by",
     "padded_vocab_size", "attention_config", "num_kv_heads", "precision", "fp16", "bf16", "checkpoint_activations",
-    "tokenizer_type", "vocab_file",
+    "tokenizer_type", "vocab_file", "hidden_dropout", "attention_dropout",
     # layout and batch
     "model_parallel_size", "pipe_parallel_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
     "gas", "train_batch_size", "zero_optimization",
@@ -54,8 +55,6 @@ ONLY = {
     "use_bias_in_attn_linear": (True, True),
     "use_bias_in_mlp": (True, True),
     "use_bias_in_norms": (True, True),
-    "hidden_dropout": (0.1, 0),
-    "attention_dropout": (0.1, 0),
     "output_layer_parallelism": ("column", "column"),
     "data_impl": ("infer", ("infer", "mmap")),
     "pack_impl": ("packed", ("packed", "unpacked")),  # DPO's pairwise data and KTO's: "unpacked" (check() below)
@@ -64,7 +63,8 @@ ONLY = {
     "checkpoint_scale": ("linear", "linear"),
 }
 LLAMA = {"norm": ("rmsnorm",), "mlp_type": ("llama",), "activation": ("silu", "swiglu")}  # two of them: a Llama
-TRAINING_ONLY = {"hidden_dropout", "attention_dropout"}  # a weights-only read accepts any value of these
+# key -> (v2's default, which the table takes; v3's and GPT-NeoX main's)
+V2_DEFAULTS = {"hidden_dropout": (0.1, 0.0), "attention_dropout": (0.1, 0.0), "weight_decay": (0.01, 0.1)}
 
 
 def _each(reason: str, *keys: str) -> dict[str, str]:
@@ -177,8 +177,6 @@ def check(args: dict[str, Any], where: str, weights_only: bool = False) -> list[
     only = {"dpo": {**ONLY, "pack_impl": ("packed", "unpacked"), "dataset_impl": ("gpt2", "pairwise")},
             "kto": {**ONLY, "pack_impl": ("packed", "unpacked")}}.get(args.get("train_impl"), ONLY)  # one per sample
     for key, (default, needed) in only.items():
-        if weights_only and key in TRAINING_ONLY:
-            continue
         value = args.get(key, default)
         if value not in (needed if isinstance(needed, tuple) else (needed,)):
             implemented = " or ".join(map(repr, needed)) if isinstance(needed, tuple) else repr(needed)

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from neox_jax.config import NeoXConfig, TrainConfig, apply_overrides, is_preset, load_yaml
-from neox_jax.convert.neox_keys import check
-from neox_jax.errors import ConfigError, UnknownSettingWarning
+from neox_jax.convert.neox_keys import V2_DEFAULTS, check
+from neox_jax.errors import ChangedDefaultWarning, ConfigError, UnknownSettingWarning
 
 # The 20B tokenizer's vocabulary; GPT-NeoX pads it to a multiple of 128 x tensor-parallel size.
 NEOX_TOKENIZER_VOCAB = 50277
@@ -51,6 +51,7 @@ REAL = {  # and numbers
     "expansion_factor", "layernorm_epsilon", "rotary_pct", "rotary_emb_base", "init_method_std", "lr", "min_lr",
     "warmup", "lr_decay_fraction", "weight_decay", "gradient_clipping", "clip_grad", "peak_theoretical_tflops",
     "optimizer.params.lr", "optimizer.params.eps", "optimizer.params.weight_decay", "fp16.loss_scale", "dpo_beta",
+    "hidden_dropout", "attention_dropout",
     "fp16.min_loss_scale", "kto_beta", "kto_desirable_weight", "kto_undesirable_weight"}
 
 
@@ -156,11 +157,26 @@ def model_config(*paths: str | os.PathLike, tokenizer_vocab_size: int = 0,
         init_std=float(get("init_method_std", 0.02)),
         dtype=dtype,
         remat_policy="full" if get("checkpoint_activations", False) else "none",
+        hidden_dropout=changed_default(args, "hidden_dropout", where, weights_only),
+        attention_dropout=changed_default(args, "attention_dropout", where, weights_only),
     )
     try:
         return NeoXConfig(**{**kwargs, **overrides})
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def changed_default(args: dict, key: str, where: str, quiet: bool = False) -> float:
+    """A key whose GPT-NeoX default changed between versions: its value, else v2's default (neox_keys.V2_DEFAULTS),
+    with a warning naming the default used (not for a weights-only read, where training keys do nothing)."""
+    if args.get(key) is not None:
+        return float(args[key])
+    v2, v3 = V2_DEFAULTS[key]
+    if not quiet:
+        warnings.warn(f"{where}: {key} is not set: GPT-NeoX v2's default {v2} applies (the version that trained Pythia "
+                      f"and the 20B; GPT-NeoX v3 and later default to {v3}): set {key} to choose",
+                      ChangedDefaultWarning, stacklevel=3)
+    return v2
 
 
 def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
@@ -230,7 +246,8 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
         lr_decay_iters=int(decay_iters),
         betas=tuple(opt.get("betas", (0.9, 0.999))),
         eps=float(opt.get("eps", 1e-8)),
-        weight_decay=float(opt.get("weight_decay", args.get("weight_decay", 0.01))),
+        weight_decay=float(opt["weight_decay"]) if "weight_decay" in opt else changed_default(args, "weight_decay",
+                                                                                              where),
         grad_clip=float(args.get("gradient_clipping", args.get("clip_grad", 1.0))),
         seed=int(args.get("seed", 1234)),
         initial_scale_power=int(fp16.get("initial_scale_power", 16)),
