@@ -44,6 +44,9 @@ class NeoXConfig:
     attention: str = "auto"  # auto (cuDNN's fused kernel on a GPU where it applies, else the einsum) | xla | cudnn
     hidden_dropout: float = 0.0  # training only: the embedding's and each branch's output (GPT-NeoX's)
     attention_dropout: float = 0.0  # training only: the attention probabilities (the einsum attention then)
+    # 0: the language-model head (embed_out); n: a score head of n outputs instead (`score`, Hugging Face's
+    # GPTNeoXForSequenceClassification): a reward model has 1 (train_impl: rm)
+    num_labels: int = 0
     bos_token_id: int = 0
     eos_token_id: int = 0
 
@@ -63,6 +66,8 @@ class NeoXConfig:
         for name in ("rotary_base", "layer_norm_eps", "init_std"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be positive")
+        if self.num_labels < 0:
+            raise ConfigError(f"num_labels={self.num_labels}: 0 for a language model, or the score head's outputs")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: a dropout probability must be in [0, 1)")
@@ -97,7 +102,7 @@ class NeoXConfig:
         """Exact parameter count (weights and biases), as Hugging Face counts it."""
         h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         per_layer = (h * 3 * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h) + 4 * h
-        return 2 * v * h + self.num_layers * per_layer + 2 * h
+        return v * h + h * (self.num_labels or v) + self.num_layers * per_layer + 2 * h
 
     def replace(self, **changes: Any) -> "NeoXConfig":
         return dataclasses.replace(self, **changes)
@@ -354,9 +359,9 @@ class TrainConfig:
     # pack_impl); "" is the objective's: packed for normal, unpacked for dpo and kto (GPT-NeoX's only choice there)
     pack_impl: str = ""
     # the objective: normal (next-token loss) | dpo (pairs: data_paths chosen, rejected_data_paths rejected) |
-    # kto (sequences with a reward each: reward_data_paths)
+    # kto (sequences with a reward each: reward_data_paths) | rm (a reward model on pairs as dpo's; model.num_labels 1)
     train_impl: str = "normal"
-    rejected_data_paths: tuple[str, ...] = ()  # DPO: the rejected sequences, document i paired with data_paths' i
+    rejected_data_paths: tuple[str, ...] = ()  # DPO, RM: the rejected sequences, document i paired with data_paths' i
     rejected_label_data_paths: tuple[str, ...] = ()
     valid_rejected_data_paths: tuple[str, ...] = ()
     valid_rejected_label_data_paths: tuple[str, ...] = ()
@@ -367,6 +372,7 @@ class TrainConfig:
     kto_beta: float = 0.1  # KTO's temperature (GPT-NeoX's default)
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
+    z_loss: float = 0.0  # RM: GPT-NeoX's penalty z x (score_chosen^2 + score_rejected^2), keeping scores near 0
     tokenizer: str = ""  # tokenizer.json, for samples printed during training
     data_cache_dir: str = ""  # where the index maps are cached ("" = beside the data, as GPT-NeoX does)
     # evaluation, checkpoints, logging
@@ -440,6 +446,11 @@ class TrainConfig:
                                   f"both dtypes from `precision`; remove model.{name} or change precision")
 
     @property
+    def pairs(self) -> bool:
+        """Whether the data are pairs, chosen and rejected (DPO, reward models)."""
+        return self.train_impl in ("dpo", "rm")
+
+    @property
     def packed(self) -> bool:
         """Whether samples are cut from the concatenated documents (`pack_impl`, or the objective's choice)."""
         return self.pack_impl == "packed" or (self.pack_impl == "" and self.train_impl == "normal")
@@ -447,10 +458,20 @@ class TrainConfig:
     def _check_objective(self):
         """The objective's settings: every problem at once."""
         problems = []
-        if self.train_impl not in ("normal", "dpo", "kto"):
-            problems.append(f"train_impl={self.train_impl!r}: choose normal, dpo or kto (GPT-NeoX's rm is not "
-                            "implemented yet; reinforce needs a generation server, which a training run does not have)")
-        unpacked_only = self.train_impl in ("dpo", "kto")
+        if self.train_impl not in ("normal", "dpo", "kto", "rm"):
+            problems.append(f"train_impl={self.train_impl!r}: choose normal, dpo, kto or rm (GPT-NeoX's reinforce "
+                            "needs a generation server, which a training run does not have)")
+        if self.train_impl == "rm" and self.model.num_labels in (0, 1):  # GPT-NeoX's: rm gives the model its head
+            object.__setattr__(self, "model", self.model.replace(num_labels=1))
+        elif self.model.num_labels and self.train_impl != "rm":
+            problems.append(f"model.num_labels={self.model.num_labels} with train_impl={self.train_impl!r}: a score "
+                            "head trains with train_impl: rm (a reward model, 1 label); use num_labels 0")
+        elif self.train_impl == "rm":
+            problems.append(f"model.num_labels={self.model.num_labels}: a reward model scores with one label")
+        if self.z_loss and self.train_impl != "rm":
+            problems.append(f"z_loss={self.z_loss} with train_impl={self.train_impl!r}: GPT-NeoX's z_loss is the "
+                            "reward model's (train_impl: rm)")
+        unpacked_only = self.train_impl in ("dpo", "kto", "rm")
         if self.pack_impl not in ("", "packed", "unpacked"):
             problems.append(f"pack_impl={self.pack_impl!r}: choose packed or unpacked (GPT-NeoX's pack_until_overflow "
                             "is not implemented)")
@@ -480,16 +501,19 @@ class TrainConfig:
         pairs = (("data_paths", "rejected_data_paths"), ("label_data_paths", "rejected_label_data_paths"),
                  ("valid_data_paths", "valid_rejected_data_paths"),
                  ("valid_label_data_paths", "valid_rejected_label_data_paths"))
-        if self.train_impl == "dpo":
-            if not number(self.dpo_beta) or self.dpo_beta <= 0:
-                problems.append(f"dpo_beta={self.dpo_beta!r}: DPO's beta must be a positive number (GPT-NeoX's "
-                                "default 0.1)")
+        if self.train_impl == "dpo" and (not number(self.dpo_beta) or self.dpo_beta <= 0):
+            problems.append(f"dpo_beta={self.dpo_beta!r}: DPO's beta must be a positive number (GPT-NeoX's default "
+                            "0.1)")
+        if self.train_impl == "rm" and (not number(self.z_loss) or self.z_loss < 0):
+            problems.append(f"z_loss={self.z_loss!r}: must be a number >= 0")
+        if self.pairs:
             problems += [f"{rejected} has {len(getattr(self, rejected))} entries for {len(getattr(self, chosen))} "
-                         f"{chosen}: DPO pairs document i of each chosen file with document i of its rejected one"
+                         f"{chosen}: {self.train_impl.upper()} pairs document i of each chosen file with document i "
+                         "of its rejected one"
                          for chosen, rejected in pairs if len(getattr(self, rejected)) != len(getattr(self, chosen))]
         else:
             problems += [f"{rejected} is set but train_impl={self.train_impl!r}: rejected sequences are for "
-                         "train_impl: dpo" for _, rejected in pairs if getattr(self, rejected)]
+                         "train_impl: dpo and rm" for _, rejected in pairs if getattr(self, rejected)]
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from neox_jax.model import GPTNeoX, cache_length, check_ids
+from neox_jax.model import GPTNeoX, cache_length, check_ids, require_lm_head
 
 F32 = jnp.float32
 
@@ -192,6 +192,7 @@ class Generator:
     process, where they are measured faster; True elsewhere measures them (the weights twice in memory)."""
 
     def __init__(self, model: GPTNeoX, copies: bool | None = None):
+        require_lm_head(model.config)
         self.graphdef, self.params = nnx.split(model)
         # the model's arrays now (its Variables, shared with `params`, may take others): `generator_for` compares them
         self.leaves = jax.tree.leaves(self.params)

@@ -222,15 +222,21 @@ def print_sample(state: TrainState, cfg: TrainConfig, console: Console, max_new_
     console.print(f"\nsample (temperature 0.8, top-p 0.95, {len(new)} tokens):\n{cfg.sample_prompt}{text}\n")
 
 
-def start_from(trainer: Trainer, path: str) -> TrainState:
+def start_from(trainer: Trainer, path: str) -> tuple[TrainState, bool]:
     """Step 0 of a fine-tuning run: the weights at `path`, read onto the run's mesh (each process its own shards
-    where the source allows; one tensor at a time otherwise), and a fresh optimizer."""
+    where the source allows; one tensor at a time otherwise), and a fresh optimizer; and whether a new score head
+    took the language-model head's place (a reward model started from a language model)."""
     from flax import nnx
 
     from neox_jax.pretrained import from_pretrained
 
     model = from_pretrained(path, dtype="float32", param_dtype="float32", mesh=trainer.mesh)
-    return trainer.start_from(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    weights = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    new_head = bool(trainer.model_cfg.num_labels and not model.config.num_labels)
+    if new_head:
+        del weights["embed_out"]
+        weights["score"] = trainer.new_score_head()
+    return trainer.start_from(weights), new_head
 
 
 def _datasets(cfg: TrainConfig, global_batch: int):
@@ -239,7 +245,7 @@ def _datasets(cfg: TrainConfig, global_batch: int):
                           "(e.g. data/stdlib/stdlib_text_document after `neox-jax corpus`)")
     valid_samples = (cfg.train_iters // cfg.eval_interval + 1) * cfg.eval_iters * global_batch
     samples, cache = [cfg.train_iters * global_batch, valid_samples, 0], cfg.data_cache_dir or None
-    if cfg.train_impl == "dpo":  # pairs, one document each (GPT-NeoX's pairwise data)
+    if cfg.pairs:  # pairs, one document each (GPT-NeoX's pairwise data)
         pairs = (cfg.data_paths, cfg.rejected_data_paths, cfg.label_data_paths, cfg.rejected_label_data_paths,
                  cfg.data_weights)
         valid_pairs = (cfg.valid_data_paths, cfg.valid_rejected_data_paths, cfg.valid_label_data_paths,
@@ -280,7 +286,10 @@ def train(cfg: TrainConfig, *, max_steps: int | None = None, show_progress: bool
     if cfg.init_from:  # the weights to fine-tune hold this run's model (read before anything is built)
         from neox_jax.pretrained import check_same_model, model_config
 
-        check_same_model(cfg.model, model_config(cfg.init_from), f"init_from={cfg.init_from}")
+        weights = model_config(cfg.init_from)
+        if cfg.model.num_labels and not weights.num_labels:  # a language model becomes a reward model: a new head
+            weights = weights.replace(num_labels=cfg.model.num_labels)
+        check_same_model(cfg.model, weights, f"init_from={cfg.init_from}")
     if cfg.tokenizer:  # before anything is built: a wrong tokenizer would only show in the sample at the end
         from neox_jax.data.tokenizer import NeoXTokenizer
         from neox_jax.pretrained import check_vocab
@@ -323,8 +332,9 @@ def _train(cfg: TrainConfig, mesh, max_steps: int | None, console: Console) -> R
         LocalBatches(batches, trainer.batch_sharding, cfg.seq_length, cfg.model.vocab_size).host_batch(start)
         logger = MetricsLogger(tb_dir, cfg.wandb_project, cfg.to_dict(), enabled=console.on)
         if result.state is None and cfg.init_from:
-            result.state = start_from(trainer, cfg.init_from)
-            console.print(f"starting from the weights of {cfg.init_from} (step 0, a fresh optimizer)")
+            result.state, new_head = start_from(trainer, cfg.init_from)
+            head = ", a new score head in place of the language-model head" if new_head else ""
+            console.print(f"starting from the weights of {cfg.init_from} (step 0, a fresh optimizer{head})")
         elif result.state is None:
             result.state = trainer.init(jax.random.key(cfg.seed))
         _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start, end)
@@ -393,7 +403,7 @@ def _run(cfg, trainer, result, batches, evaluator, saver, logger, console, start
             progress.update(result.last_step - start - progress.n)
         result.state, result.stopped_by = state, stop
         saver.save(result.last_step, state, wait=True)  # the final (or preempted) step
-    if cfg.sample_prompt and cfg.tokenizer and not stop:
+    if cfg.sample_prompt and cfg.tokenizer and not stop and not cfg.model.num_labels:  # a reward model samples nothing
         print_sample(state, cfg, console)
     if stop:
         console.print(f"\nstopped by {stop} after step {result.last_step}: "

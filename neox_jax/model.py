@@ -24,6 +24,7 @@ from neox_jax import matmul
 from neox_jax.attention import attend_qkv, rotary_cos_sin
 from neox_jax.config import NeoXConfig
 from neox_jax.dropout import ATTENTION_OUT, MLP_OUT, dropout, fold
+from neox_jax.errors import ConfigError
 from neox_jax.sharding import constrain
 
 F32 = jnp.float32
@@ -298,6 +299,13 @@ def cache_length(cache) -> int:
     return jax.tree.leaves(cache)[0].shape[-2]
 
 
+def require_lm_head(config: NeoXConfig):
+    """A ConfigError where the model has a score head (a reward model) instead of the language-model head."""
+    if config.num_labels:
+        raise ConfigError(f"this model has a score head (num_labels={config.num_labels}: a reward model), not a "
+                          "language-model head: it scores sequences, it does not predict tokens")
+
+
 def abstract_model(config: NeoXConfig):
     """(graphdef, parameter state of ShapeDtypeStructs): the model's structure, nothing allocated."""
     return nnx.split(nnx.eval_shape(lambda: GPTNeoX(config, rngs=nnx.Rngs(0))))
@@ -332,8 +340,12 @@ class GPTNeoX(nnx.Module):
 
         self.layers = make_layers(rngs)
         self.final_layer_norm = LayerNorm(cfg)
-        self.embed_out = Dense(rngs, cfg, _std(cfg.init_method, cfg), (cfg.hidden_size, cfg.vocab_size),
-                               ("embed", "vocab"))
+        if cfg.num_labels:  # a score head instead of the language-model head (reward models)
+            self.score = Dense(rngs, cfg, _std(cfg.init_method, cfg), (cfg.hidden_size, cfg.num_labels),
+                               ("embed", "labels"))
+        else:
+            self.embed_out = Dense(rngs, cfg, _std(cfg.init_method, cfg), (cfg.hidden_size, cfg.vocab_size),
+                                   ("embed", "vocab"))
 
     def embed(self, input_ids_bt, keys_b=None):
         """The token embeddings [b, t, d]; with dropout keys (dropout.py), GPT-NeoX's embedding dropout."""
@@ -364,6 +376,9 @@ class GPTNeoX(nnx.Module):
         return tuple(FusedLayer.of(nnx.merge(graphdef, layer), self.config.dtype) for layer in self.unstack())
 
     def logits(self, x_btd, kernel_vd=None):
+        """fp32 logits [b, t, vocab] of the last layer's output; a score model's scores [b, t, labels]."""
+        if self.config.num_labels:
+            return self.scores(x_btd)
         h_btd = self.final_layer_norm(x_btd)
         if kernel_vd is None:
             return output_logits(h_btd, self.output_kernel(h_btd.dtype))
@@ -371,7 +386,15 @@ class GPTNeoX(nnx.Module):
 
     def output_kernel(self, dtype):
         """The output layer's [embed, vocab] kernel in `dtype`, vocabulary-parallel."""
+        require_lm_head(self.config)
         return constrain(self.embed_out.kernel[...], ("embed", "vocab")).astype(dtype)
+
+    def scores(self, x_btd):
+        """A score model's fp32 scores [b, t, labels] of the last layer's output: the score head on the final
+        LayerNorm's output at every position (Hugging Face's GPTNeoXForSequenceClassification, before it picks the
+        last token)."""
+        h_btd = self.final_layer_norm(x_btd)
+        return jnp.einsum("btd,dl->btl", h_btd, self.score.kernel[...].astype(h_btd.dtype), preferred_element_type=F32)
 
     def init_cache(self, batch: int, length: int, dtype=None, per_layer: bool = False) -> dict | tuple:
         """An empty KV cache {k, v}: [layers, batch, heads, length, head_dim] in the compute dtype, heads split over

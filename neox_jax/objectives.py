@@ -1,4 +1,4 @@
-"""What a step minimises, beyond plain next-token prediction: per-token log-probabilities, DPO and KTO.
+"""What a step minimises, beyond plain next-token prediction: per-token log-probabilities, DPO, KTO and reward models.
 
 Every objective reaches the train step as token weights (train.py's `Trainer.targets`): the step's gradient is
 the gradient of the weighted sum of token cross-entropies, which the chunked `train.output_cross_entropy`
@@ -9,7 +9,8 @@ c = beta x sigmoid(-beta x margin) / pairs; a sequence's log p is minus the sum 
 cross-entropies, so the chosen tokens weigh +c and the rejected -c. The log-probabilities are computed first, in
 a forward pass without gradients (the policy's and the reference's), then the weighted step runs as any other.
 KTO's loss depends on each sequence's log-ratio to the reference alone (its KL estimate is held constant), so its
-gradient is such a sum as well.
+gradient is such a sum as well. A reward model's loss depends on each sequence's score, the score head's output at
+one position: its gradient is that of the weighted sum of the scores (`score_loss`), the weights dL/dscore.
 """
 
 from __future__ import annotations
@@ -96,3 +97,33 @@ def kto(policy, reference, rewards_bt, keep_bt, data: int, beta: float, desirabl
                "reward_acc": (mean_reward * ratio > 0).astype(F32).mean(),  # the log-ratio has the reward's sign
                "policy_logp": policy.mean(), "ref_logp": reference.mean()}
     return loss, c.reshape(a, rows), metrics
+
+
+def reward_model(chosen, rejected, z_loss: float):
+    """A reward model's pairwise loss as GPT-NeoX computes it, from the scores [pairs] of the chosen and rejected
+    sequences: (mean of -log sigmoid(chosen - rejected) + z_loss x mean of (chosen^2 + rejected^2), dL/d chosen,
+    dL/d rejected, metrics)."""
+    margin = chosen - rejected
+    loss = jnp.mean(-jax.nn.log_sigmoid(margin)) + z_loss * jnp.mean(chosen ** 2 + rejected ** 2)
+    n = margin.size
+    d_chosen = (-jax.nn.sigmoid(-margin) + 2 * z_loss * chosen) / n
+    d_rejected = (jax.nn.sigmoid(-margin) + 2 * z_loss * rejected) / n
+    metrics = {"pos_values": chosen.mean(), "neg_values": rejected.mean(), "margin": margin.mean(),
+               "accuracy": (margin > 0).astype(F32).mean()}
+    return loss, d_chosen, d_rejected, metrics
+
+
+def score_loss(model: GPTNeoX, x_btd, targets):
+    """The sum of the score head's outputs weighted by `targets` (labels, unused; weights [b, t]): the loss whose
+    gradient is a reward model's, given the weights dL/dscore where each sequence is scored (the pipeline's and the
+    microstep scan's loss, as `train.lm_loss` is the language model's)."""
+    _, weights_bt = targets
+    return jnp.sum(model.scores(x_btd)[..., 0] * weights_bt)
+
+
+def last_trained(keep_bt):
+    """One-hot [b, t] of each row's last trained position (the one a reward model scores: GPT-NeoX's --for-rm data
+    trains only the closing token, whose input position is that one)."""
+    t = keep_bt.shape[-1]
+    last = t - 1 - jnp.argmax(keep_bt[..., ::-1], axis=-1)
+    return (jnp.arange(t) == last[..., None]) & keep_bt.any(-1, keepdims=True)

@@ -153,7 +153,7 @@ def activation_bytes(cfg: TrainConfig, mesh: dict, microbatches: int = 1) -> int
     s, h, a, t, stages = cfg.seq_length, m.hidden_size, m.num_heads, mesh["tensor"], mesh["pipe"]
     width = np.dtype(cfg.working_dtype).itemsize / 2  # the formula counts 16-bit activations
     b = cfg.micro_batch_size * cfg.grad_accum_steps // microbatches if stages > 1 else cfg.micro_batch_size
-    b *= 2 if cfg.train_impl == "dpo" else 1  # a DPO micro batch counts pairs: two sequences each
+    b *= 2 if cfg.pairs else 1  # a DPO or RM micro batch counts pairs: two sequences each
     layers = m.num_layers // stages
     per_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) * width
     layer_input = 2 * s * b * h * width

@@ -32,6 +32,7 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("length", None),
     ("embed", None),
     ("vocab", "tensor"),
+    ("labels", None),  # a score head's outputs (reward models: 1)
     ("heads", "tensor"),
     ("qkv", None),
     ("head_dim", None),

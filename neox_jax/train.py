@@ -37,7 +37,8 @@ from neox_jax import sharding as shd
 from neox_jax.config import TrainConfig
 from neox_jax.errors import ConfigError
 from neox_jax.model import GPTNeoX, abstract_model, output_logits
-from neox_jax.objectives import LOSS_CHUNK, dpo, joined, kto, position_chunks, token_logprobs
+from neox_jax.objectives import (LOSS_CHUNK, dpo, joined, kto, last_trained, position_chunks, reward_model,
+                                 score_loss, token_logprobs)
 from neox_jax.optim import LossScale, make_optimizer, schedule
 from neox_jax.pipeline import PIPELINE_REMAT, pipeline_grads
 from neox_jax.xla_options import compiler_options
@@ -171,6 +172,7 @@ class Trainer:
         self.logical_axes = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
         self.has_master = self.model_cfg.param_dtype != "float32"
         self.dropout = self.model_cfg.hidden_dropout > 0 or self.model_cfg.attention_dropout > 0
+        self.loss_fn = score_loss if cfg.train_impl == "rm" else lm_loss  # one microbatch's, given its weights
 
         self.stages = self.mesh_shape["pipe"]
         self.microbatches = pipe_microbatches(cfg, self.stages)
@@ -218,10 +220,10 @@ class Trainer:
         return self.cfg.global_batch_size(self.mesh_shape["data"])
 
     def batch_shape(self) -> tuple[int, int, int]:
-        """Token batch [grad_accum_steps, micro_batch x data, seq_length + 1] (inputs and shifted labels); DPO's
-        micro batch counts pairs, two rows each (chosen, rejected)."""
+        """Token batch [grad_accum_steps, micro_batch x data, seq_length + 1] (inputs and shifted labels); DPO's and
+        reward models' micro batch counts pairs, two rows each (chosen, rejected)."""
         cfg = self.cfg
-        rows = cfg.micro_batch_size * self.mesh_shape["data"] * (2 if cfg.train_impl == "dpo" else 1)
+        rows = cfg.micro_batch_size * self.mesh_shape["data"] * (2 if cfg.pairs else 1)
         return cfg.grad_accum_steps, rows, cfg.seq_length + 1
 
     def abstract_state(self) -> TrainState:
@@ -257,6 +259,16 @@ class Trainer:
                           loss_scale=LossScale.initial(self.cfg) if self.fp16 else None,
                           reference=params if self.keeps_reference else None)
 
+    def new_score_head(self) -> dict:
+        """A reward model's score head drawn afresh (from the seed, with the model's init), laid out on the mesh: the
+        head that replaces a language model's when a reward model starts from one."""
+        from neox_jax.model import _std
+
+        m = self.model_cfg
+        shape = (m.hidden_size, m.num_labels)
+        kernel = _std(m.init_method, m) * jax.random.normal(jax.random.key(self.cfg.seed), shape)
+        return {"kernel": jax.device_put(kernel, NamedSharding(self.mesh, self.param_specs["score"]["kernel"]))}
+
     def targets(self, batch, mean: str | None = None):
         """(inputs, labels, weights) [accum, rows, seq] of a step's batch. A token's weight is its share of the
         step's loss, 0 where it is not trained on (a label below 0), so the loss is a plain sum wherever it is cut:
@@ -289,12 +301,30 @@ class Trainer:
 
         return jax.lax.map(one, (inputs_mbt, labels_mbt, keep_mbt, keys_mbt))
 
+    def sequence_scores(self, params, inputs_mbt, at_mbt, keys_mbt=None):
+        """A reward model's score of each row [accum, rows] (the score head where `at` is set), no gradient."""
+        def one(piece):
+            inputs, at, keys = piece
+            model = nnx.merge(self.graphdef, jax.lax.stop_gradient(params))
+            return jnp.sum(jnp.where(at, model.scores(model(inputs, hidden_only=True, dropout_keys=keys))[..., 0], 0),
+                           axis=-1)
+
+        return jax.lax.map(one, (inputs_mbt, at_mbt, keys_mbt))
+
     def preference(self, params, reference, inputs_mbt, labels_mbt, weights_mbt, rewards_mbt=None, keys_mbt=None):
-        """DPO's or KTO's token weights from the current and the reference log-probabilities (objectives.py), and
-        its loss and metrics. DPO's rows alternate chosen, rejected: a pair never straddles two data replicas. With
+        """DPO's or KTO's token weights from the current and the reference log-probabilities (objectives.py), or a
+        reward model's weights on its scores, and the objective's loss and metrics. DPO's and RM's rows alternate
+        chosen, rejected: a pair never straddles two data replicas. With
         dropout keys the policy's log-probabilities are those of the step's forward (the reference's drop nothing),
         so the weights make the step's gradient exactly the objective's under dropout, as in GPT-NeoX."""
         cfg, keep = self.cfg, weights_mbt > 0
+        if cfg.train_impl == "rm":  # the weights are on the scores, at each row's last trained position
+            at = last_trained(keep)
+            scores = self.sequence_scores(params, inputs_mbt, at, keys_mbt)
+            loss, d_chosen, d_rejected, metrics = reward_model(scores[:, 0::2], scores[:, 1::2], cfg.z_loss)
+            a, pairs = d_chosen.shape
+            return at * jnp.stack([d_chosen, d_rejected], -1).reshape(a, 2 * pairs)[..., None], {"loss": loss,
+                                                                                                 **metrics}
         policy = self.sequence_logprobs(params, inputs_mbt, labels_mbt, keep, keys_mbt)
         ref = (jnp.zeros_like(policy) if reference is None
                else self.sequence_logprobs(reference, inputs_mbt, labels_mbt, keep))
@@ -312,9 +342,10 @@ class Trainer:
         return batch["rewards"][..., :-1] if "rewards" in batch else None
 
     def loss(self, params, inputs_bt, labels_bt, weights_bt, keys_b=None):
-        """The weighted sum of one microbatch's token losses (with dropout keys, under dropout)."""
+        """The weighted sum of one microbatch's token losses (with dropout keys, under dropout); a reward model's
+        weighted sum of scores."""
         model = nnx.merge(self.graphdef, params)
-        return lm_loss(model, model(inputs_bt, hidden_only=True, dropout_keys=keys_b), (labels_bt, weights_bt))
+        return self.loss_fn(model, model(inputs_bt, hidden_only=True, dropout_keys=keys_b), (labels_bt, weights_bt))
 
     def pipelined_grads(self, params, inputs_mbt, labels_mbt, weights_mbt, keys_mbt, seed, accum_dtype):
         """(loss, gradients of `seed` x it summed in `accum_dtype`) of the whole step's batch [accum, rows, seq]
@@ -327,7 +358,7 @@ class Trainer:
             rest = x.shape[2:]
             return x.reshape(a, rows // split, split, *rest).swapaxes(1, 2).reshape(a * split, rows // split, *rest)
 
-        return pipeline_grads(self.graphdef, params, cut(inputs_mbt), (cut(labels_mbt), cut(weights_mbt)), lm_loss,
+        return pipeline_grads(self.graphdef, params, cut(inputs_mbt), (cut(labels_mbt), cut(weights_mbt)), self.loss_fn,
                               seed=seed, accum_dtype=accum_dtype, keys_mbt=None if keys_mbt is None else cut(keys_mbt))
 
     def dropout_keys(self, step, shape):
@@ -344,7 +375,7 @@ class Trainer:
 
     def _grads_and_report(self, params, batch, loss_scale=1.0, reference=None, step=0):
         """The step's loss, its fp32 gradients in the ZeRO layout, and the objective's metrics. The gradients are
-        those of the weighted sum of token losses (`targets`; DPO's and KTO's weights: `preference`), under the
+        those of the weighted sum of token losses (`targets`; DPO's, KTO's and RM's weights: `preference`), under the
         step's dropout masks (`dropout_keys`: a function of the seed, `step` and each row's place).
 
         The loss is multiplied by `loss_scale` for differentiation and the gradients divided by it after. Each data

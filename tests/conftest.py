@@ -53,18 +53,21 @@ def require_gpu_plan():
         pytest.skip(f"needs the gpu-plan extra ({', '.join(lacking)} missing): {gpus.GPU_PLAN}")
 
 
-def make_hf_model(seed=0, **overrides):
-    """A transformers GPTNeoXForCausalLM with every parameter random (biases and LayerNorms too, so that a
+def make_hf_model(seed=0, classifier: bool = False, **overrides):
+    """A transformers GPTNeoXForCausalLM (`classifier`: a GPTNeoXForSequenceClassification with one label, a reward
+    model, its padding token the end-of-text one) with every parameter random (biases and LayerNorms too, so that a
     layout bug in any of them shows), fp32, eval mode."""
     import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
 
     kwargs = dict(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=160, rotary_pct=0.25, rotary_emb_base=10000, max_position_embeddings=1024,
                   hidden_act="gelu", use_parallel_residual=True, layer_norm_eps=1e-5)
     kwargs.update(overrides)
     torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(**kwargs)).eval()
+    if classifier:
+        kwargs.update(num_labels=1, pad_token_id=GPTNeoXConfig(**kwargs).eos_token_id)
+    model = (GPTNeoXForSequenceClassification if classifier else GPTNeoXForCausalLM)(GPTNeoXConfig(**kwargs)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "layernorm" in name or "layer_norm" in name:

@@ -313,14 +313,15 @@ def test_neox_yaml_keys_whose_default_changed_say_which_default_they_get(tmp_pat
 
 @pytest.mark.parametrize("changes, says", [
     ({"sequence_parallel": True}, "sequence_parallel=True: Megatron sequence parallelism is not implemented"),
-    ({"z_loss": 0.1}, "z_loss=0.1: the loss is the next-token cross-entropy without an auxiliary term"),
     ({"finetune": True}, "finetune: true needs `load`, the checkpoint whose weights the run starts from"),
     ({"train_epochs": 2}, "train_epochs=2: neox-jax trains with train_iters"),
     ({"load": "elsewhere", "save": "here"}, "load='elsewhere' differs from save='here'"),
     ({"train_batch_size": 100, "train_micro_batch_size_per_gpu": 8}, "train_batch_size=100 is not a multiple of"),
     ({"data_path": "a", "train_data_paths": ["b"], "valid_data_paths": ["b"]}, "set either data_path or train/"),
     ({"train_data_paths": ["b"]}, "train_data_paths and valid_data_paths go together"),
-    ({"train_impl": "rm"}, "train_impl='rm' is not supported"),
+    ({"train_impl": "reinforce"}, "train_impl='reinforce' is not supported"),
+    ({"train_impl": "rm"}, "dataset_impl='gpt2' (GPT-NeoX's default) is not supported: neox-jax implements "
+                           "dataset_impl: 'pairwise' only"),
     ({"train_impl": "kto"}, "pack_impl='packed' (GPT-NeoX's default) is not supported: neox-jax implements "
                             "pack_impl: 'unpacked' only"),
     ({"fp16": {"enabled": True, "loss_scale": 128}}, "fp16 loss_scale=128: a static loss scale is not supported"),
@@ -416,6 +417,18 @@ def test_neox_yaml_dpo_keys_are_honoured(tmp_path):
         ("vc",), ("vr",), ("vrl",))
 
 
+def test_neox_yaml_reward_model_keys_are_honoured(tmp_path):
+    f = tmp_path / "m.yml"
+    f.write_text(yaml.safe_dump({**NEOX_BASE, "train_impl": "rm", "dataset_impl": "pairwise", "pack_impl": "unpacked",
+                                 "z_loss": 0.01, "pos_train_data_paths": ["c"], "neg_train_data_paths": ["r"],
+                                 "pos_train_label_data_paths": ["cl"], "neg_train_label_data_paths": ["rl"],
+                                 "pos_valid_data_paths": ["vc"], "neg_valid_data_paths": ["vr"],
+                                 "pos_valid_label_data_paths": ["vcl"], "neg_valid_label_data_paths": ["vrl"]}))
+    cfg = neox_yaml.train_config(f)
+    assert (cfg.train_impl, cfg.z_loss, cfg.model.num_labels, cfg.pairs) == ("rm", 0.01, 1, True)
+    assert (cfg.data_paths, cfg.rejected_data_paths, cfg.rejected_label_data_paths) == (("c",), ("r",), ("rl",))
+
+
 def test_neox_yaml_kto_keys_are_honoured(tmp_path):
     f = tmp_path / "m.yml"
     f.write_text(yaml.safe_dump({**NEOX_BASE, "train_impl": "kto", "pack_impl": "unpacked", "kto_beta": 0.3,
@@ -433,7 +446,13 @@ def test_neox_yaml_kto_keys_are_honoured(tmp_path):
 @pytest.mark.parametrize("changes, says", [
     ({"dpo_beta": 0}, "dpo_beta=0: DPO's beta must be a positive number"),
     ({"rejected_data_paths": []}, "rejected_data_paths has 0 entries for 1 data_paths: DPO pairs document i"),
-    ({"train_impl": "rm"}, "train_impl='rm': choose normal, dpo or kto"),
+    ({"train_impl": "reinforce"}, "train_impl='reinforce': choose normal, dpo, kto or rm (GPT-NeoX's reinforce needs "
+                                  "a generation server"),
+    ({"z_loss": 0.1}, "z_loss=0.1 with train_impl='dpo': GPT-NeoX's z_loss is the reward model's"),
+    ({"train_impl": "normal", "rejected_data_paths": [], "model": {**TINY_MODEL, "num_labels": 1}},
+     "model.num_labels=1 with train_impl='normal': a score head trains with train_impl: rm"),
+    ({"train_impl": "rm", "model": {**TINY_MODEL, "num_labels": 2}}, "model.num_labels=2: a reward model scores "
+                                                                     "with one label"),
     ({"train_impl": "normal"}, "rejected_data_paths is set but train_impl='normal'"),
     ({"pack_impl": "packed"}, "pack_impl=packed with train_impl=dpo: a DPO sample is one document"),
     ({"pack_impl": "pack_until_overflow"}, "pack_impl='pack_until_overflow': choose packed or unpacked"),

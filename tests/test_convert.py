@@ -43,6 +43,32 @@ def test_hf_roundtrip_is_bit_exact_and_transformers_loads_it(tmp_path):
     assert np.abs(np.asarray(forward(model, IDS)) - hf_logits(hf, IDS)).max() <= LOGITS_ATOL
 
 
+def test_a_reward_model_round_trips_as_a_sequence_classifier(tmp_path):
+    """A GPTNeoXForSequenceClassification (one label) reads as a score model and writes back bit for bit; our
+    score at a sequence's last token is transformers' pooled logit, padding (the end-of-text token) after it
+    included; generation is refused by name."""
+    hf = make_hf_model(classifier=True)
+    hf.save_pretrained(tmp_path / "hf")
+    model = from_pretrained(tmp_path / "hf")
+    assert model.config.num_labels == 1
+    save_pretrained(model, tmp_path / "out")
+    assert_same_tensors(tmp_path / "hf", tmp_path / "out")
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    eos = model.config.eos_token_id
+    assert isinstance(back, transformers.GPTNeoXForSequenceClassification) and back.config.pad_token_id == eos
+    ids = np.array(IDS)
+    ids[ids == eos] = eos + 1
+    ids[1, 50:] = eos  # the second sequence ends at 49, then end-of-text tokens
+    with torch.no_grad():
+        pooled = back(torch.from_numpy(ids)).logits.numpy()[:, 0]
+    scores = np.asarray(forward(model, ids))[:, :, 0]
+    np.testing.assert_allclose([scores[0, -1], scores[1, 49]], pooled, atol=LOGITS_ATOL)
+    from neox_jax import generate
+
+    with pytest.raises(ConfigError, match="num_labels=1: a reward model"):
+        generate(model, [[5, 6]], max_new_tokens=2)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_checkpoint_roundtrip_is_bit_exact(tmp_path, dtype):
     hf = make_hf_model().to(getattr(torch, dtype))

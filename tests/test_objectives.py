@@ -1,4 +1,5 @@
-"""DPO and KTO against PyTorch transcriptions of GPT-NeoX's (transformers' logits), on every layout, and in a run."""
+"""DPO, KTO and reward models against PyTorch transcriptions of GPT-NeoX's (on transformers' models), on every
+layout, and in a run."""
 
 import math
 
@@ -356,3 +357,156 @@ def test_a_kto_run_starts_at_half_learns_held_out_sequences_and_resumes_exactly(
     resumed = train(stopped, show_progress=False)
     assert {s: resumed.losses[s] for s in range(15, 30)} == {s: result.losses[s] for s in range(15, 30)}
     assert max_diff(resumed.state.params, result.state.params) == 0.0
+
+
+def rm_batch(tr: Trainer, seed: int = 0):
+    """Pairs as GPT-NeoX's --for-rm files make them: a shared prompt, two answers of their own lengths, and one
+    trained label per row, the closing end-of-text token (0 here), padding after it."""
+    a, rows, t = tr.batch_shape()
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(1, 384, (a, rows, t))
+    labels = np.full_like(tokens, -100)
+    for k in range(a):
+        for p in range(rows // 2):
+            prompt = 4 + (3 * p + k) % 9
+            tokens[k, 2 * p + 1, :prompt] = tokens[k, 2 * p, :prompt]
+            for side, end in enumerate((t - 1 - (p % 5), t - 3 - (k + p) % 7)):
+                tokens[k, 2 * p + side, end] = 0
+                labels[k, 2 * p + side, end] = 0
+                tokens[k, 2 * p + side, end + 1:] = 0
+    return tokens, labels
+
+
+def gpt_neox_rm(hf, tokens, labels, z_loss):
+    """megatron/training.py's `train_impl == "rm"` branch, transcribed, on a transformers
+    GPTNeoXForSequenceClassification: the score head on every position of tokens[:, :-1] (GPT-NeoX's rm_linear on
+    the final LayerNorm's output), gathered where the shifted labels train, -logsigmoid(chosen - rejected) plus
+    z_loss x (chosen^2 + rejected^2), averaged (GPT-NeoX puts the chosen rows first; the rows alternate here)."""
+    import torch
+    import torch.nn.functional as F
+
+    ids, lab = (torch.from_numpy(x.reshape(-1, x.shape[-1])).long() for x in (tokens, labels))
+    outputs = hf.score(hf.gpt_neox(ids[:, :-1]).last_hidden_state)
+    loss_mask = (lab[:, 1:] >= 0).float()
+    pos, neg = outputs[0::2], outputs[1::2]
+    pos_loss_mask, neg_loss_mask = loss_mask[0::2], loss_mask[1::2]
+    pos_indx = pos_loss_mask.nonzero()[:, 1].unsqueeze(1)
+    neg_indx = neg_loss_mask.nonzero()[:, 1].unsqueeze(1)
+    pos = torch.gather(pos.squeeze(), dim=1, index=pos_indx)
+    neg = torch.gather(neg.squeeze(), dim=1, index=neg_indx)
+    return (-F.logsigmoid(pos - neg).mean()) + ((z_loss * (pos ** 2 + neg ** 2)).mean())
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory):
+    require("torch")
+    from flax import nnx
+
+    from neox_jax.convert.hf_config import config_from_hf
+    from neox_jax.pretrained import from_pretrained
+
+    from .conftest import make_hf_model
+
+    folder = tmp_path_factory.mktemp("rm")
+    hf = make_hf_model(seed=2, classifier=True, max_position_embeddings=64)
+    hf.save_pretrained(folder / "rm")
+    weights = nnx.to_pure_dict(nnx.state(from_pretrained(folder / "rm"), nnx.Param))
+    return hf, weights, config_from_hf(folder / "rm"), folder
+
+
+def rm_trainer(model, mesh_shape, **changes):
+    mesh = make_mesh(mesh_shape, jax.devices()[:int(np.prod(list(mesh_shape.values())))])
+    cfg = TrainConfig(model=model, mesh=mesh_shape, seq_length=32, **{
+        "micro_batch_size": 4 // mesh.shape["data"], "grad_accum_steps": 2, "train_impl": "rm", "z_loss": 0.05,
+        "data_paths": ("c",), "rejected_data_paths": ("r",), **changes})
+    return Trainer(cfg, mesh)
+
+
+def test_reward_model_loss_and_gradients_equal_gpt_neox_transcribed(reward_model):
+    hf, weights, config, folder = reward_model
+    assert config.num_labels == 1 and "score" in weights and "embed_out" not in weights
+    tr = rm_trainer(config, {"data": 2, "pipe": 1, "tensor": 2})
+    tokens, labels = rm_batch(tr)
+    loss, grads = tr.grads(tr.start_from(weights).params, tr.put_batch(tokens, labels))
+    ref_loss = gpt_neox_rm(hf, tokens, labels, 0.05)
+    hf.zero_grad(set_to_none=True)
+    ref_loss.backward()
+    assert float(loss) == pytest.approx(float(ref_loss.detach()), abs=1e-6) and float(loss) > 0.1
+    ref_grads = _as_ours(hf, folder / "rm_grads")
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+    assert max_diff(grads, ref_grads) <= 1e-5 * scale
+
+
+def test_reward_model_pipelined_equals_one_device_and_learns_its_pairs(reward_model):
+    _, weights, config, _ = reward_model
+    one = rm_trainer(config, {"data": 1})
+    tokens, labels = rm_batch(one, seed=4)
+    want_loss, want = one.grads(one.start_from(weights).params, one.put_batch(tokens, labels))
+    tr = rm_trainer(config, {"data": 2, "pipe": 2, "tensor": 2}, lr=1e-3, warmup=0)
+    state = tr.start_from(weights)
+    batch = tr.put_batch(tokens, labels)
+    loss, grads = tr.grads(state.params, batch)
+    assert abs(float(loss) - float(want_loss)) <= 1e-6 and max_diff(grads, jax.tree.map(np.asarray, want)) <= 1e-5
+    for _ in range(5):
+        state, metrics = tr.step(state, batch)
+    assert float(metrics["loss"]) < float(loss) and float(metrics["accuracy"]) == 1.0
+
+
+@pytest.mark.slow
+def test_a_reward_model_starts_from_a_language_model_and_ranks_held_out_pairs(tmp_path, capsys):
+    """GPT-NeoX's --for-rm pairs (only the closing token labelled); a run from a Hugging Face causal LM (its head
+    replaced by a new score head) learns which answer follows the prompt's rule, on prompts it never saw, and its
+    export is a GPTNeoXForSequenceClassification that ranks them the same."""
+    require("torch")
+    import torch
+    import transformers
+
+    from neox_jax import from_pretrained, save_pretrained
+    from neox_jax.data.indexed import IndexedDatasetWriter
+    from neox_jax.loop import train
+
+    from .conftest import make_hf_model
+
+    make_hf_model(max_position_embeddings=32).save_pretrained(tmp_path / "lm")
+    rng = np.random.RandomState(0)
+
+    def pairs(name, n):
+        files = {k: IndexedDatasetWriter(tmp_path / f"{name}_{k}", np.int32) for k in
+                 ("chosen", "rejected", "chosen_label", "rejected_label")}
+        for _ in range(n):
+            prompt = np.concatenate([[rng.randint(8)], rng.randint(10, 200, 5)])
+            for side, answer in (("chosen", 300 + prompt[0]), ("rejected", 300 + (prompt[0] + 3) % 8)):
+                tokens = np.concatenate([prompt, [answer] * 4, [2]])  # 2: the end-of-text token
+                files[side].add_document(tokens)
+                files[f"{side}_label"].add_document(np.where(np.arange(len(tokens)) < 10, -100, tokens))
+        for f in files.values():
+            f.finalize()
+        return {k: str(tmp_path / f"{name}_{k}") for k in files}
+
+    tr_files, va_files = pairs("train", 256), pairs("valid", 32)
+    cfg = TrainConfig.from_dict(dict(
+        model=dict(vocab_size=384, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=160,
+                   max_position_embeddings=32, rotary_pct=0.25, eos_token_id=2),
+        mesh={"data": 4, "pipe": 1, "tensor": 2}, seq_length=16, micro_batch_size=2, train_iters=60, lr=1e-2,
+        warmup=0, train_impl="rm", init_from=str(tmp_path / "lm"), data_paths=[tr_files["chosen"]],
+        rejected_data_paths=[tr_files["rejected"]], label_data_paths=[tr_files["chosen_label"]],
+        rejected_label_data_paths=[tr_files["rejected_label"]], valid_data_paths=[va_files["chosen"]],
+        valid_rejected_data_paths=[va_files["rejected"]], valid_label_data_paths=[va_files["chosen_label"]],
+        valid_rejected_label_data_paths=[va_files["rejected_label"]], eval_interval=20, eval_iters=2,
+        save=str(tmp_path / "run"), save_interval=60, log_interval=10))
+    result = train(cfg, show_progress=False)
+    assert "a new score head in place of the language-model head" in capsys.readouterr().out
+    assert result.eval_losses[60] < 0.3 * math.log(2)  # held-out pairs: prompts it never saw
+    save_pretrained(from_pretrained(tmp_path / "run"), tmp_path / "hf_rm")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf_rm").eval()
+    chosen, rejected = (IndexedDataset_get(va_files[side]) for side in ("chosen", "rejected"))
+    with torch.no_grad():
+        margin = [float(hf(torch.tensor([c])).logits - hf(torch.tensor([r])).logits) for c, r in zip(chosen, rejected)]
+    assert np.mean(np.array(margin) > 0) >= 0.9
+
+
+def IndexedDataset_get(prefix):
+    from neox_jax.data.indexed import IndexedDataset
+
+    data = IndexedDataset(prefix)
+    return [data.get(i).tolist() for i in range(len(data.sizes))]

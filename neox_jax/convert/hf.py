@@ -51,6 +51,7 @@ TOP_TABLE = (
     ("gpt_neox.final_layer_norm.bias", "final_layer_norm.bias", False),
     ("embed_out.weight", "embed_out.kernel", True),
 )
+SCORE = ("score.weight", "score.kernel", True)  # GPTNeoXForSequenceClassification's head, in embed_out's place
 LAYER_PREFIX = "gpt_neox.layers.{}."
 # Buffers that old checkpoints carry and that hold no learned value.
 IGNORED = re.compile(r"gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")
@@ -58,11 +59,16 @@ IGNORED = re.compile(r"gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rotar
 ALIASES = {"lm_head.weight": "embed_out.weight"}
 
 
-def tensor_slots(num_layers: int) -> list[tuple[str, str, int | None, bool]]:
+def top_table(cfg: NeoXConfig) -> tuple:
+    """TOP_TABLE, with the score head in the output layer's place for a score model (num_labels > 0)."""
+    return TOP_TABLE[:-1] + ((SCORE,) if cfg.num_labels else TOP_TABLE[-1:])
+
+
+def tensor_slots(cfg: NeoXConfig) -> list[tuple[str, str, int | None, bool]]:
     """(Hugging Face name, parameter path, layer or None, transposed) of every tensor, in Hugging Face's order:
     embedding, layers, final norm, output."""
-    (embed, *rest) = TOP_TABLE
-    layers = [(LAYER_PREFIX.format(i) + hf, "layers." + path, i, t) for i in range(num_layers)
+    (embed, *rest) = top_table(cfg)
+    layers = [(LAYER_PREFIX.format(i) + hf, "layers." + path, i, t) for i in range(cfg.num_layers)
               for hf, path, t in LAYER_TABLE]
     return [(embed[0], embed[1], None, embed[2]), *layers, *((hf, path, None, t) for hf, path, t in rest)]
 
@@ -79,7 +85,8 @@ def hf_shapes(cfg: NeoXConfig) -> dict[str, tuple[int, ...]]:
         "mlp.dense_4h_to_h.weight": (d, f), "mlp.dense_4h_to_h.bias": (d,),
     }
     shapes = {"gpt_neox.embed_in.weight": (v, d), "gpt_neox.final_layer_norm.weight": (d,),
-              "gpt_neox.final_layer_norm.bias": (d,), "embed_out.weight": (v, d)}
+              "gpt_neox.final_layer_norm.bias": (d,),
+              **({"score.weight": (cfg.num_labels, d)} if cfg.num_labels else {"embed_out.weight": (v, d)})}
     for i in range(cfg.num_layers):
         shapes.update({LAYER_PREFIX.format(i) + k: s for k, s in layer.items()})
     return shapes
@@ -258,7 +265,7 @@ def read_params(source: TensorSource, cfg: NeoXConfig, abstract_params,
                 show_progress: bool = False) -> Iterator[tuple[str, jax.Array]]:
     """Yield (path, array) for every parameter; `abstract_params` gives shapes and dtypes."""
     check_tensors(source, cfg)
-    jobs = [(path, hf, t, None) for hf, path, t in TOP_TABLE]
+    jobs = [(path, hf, t, None) for hf, path, t in top_table(cfg)]
     jobs += [("layers." + path, hf, t, cfg.num_layers) for hf, path, t in LAYER_TABLE]
     for path, hf, transposed, layers in progress(jobs, "reading", enabled=show_progress):
         target = get_path(abstract_params, path)
@@ -308,7 +315,7 @@ class ParamsSource:
     def __init__(self, read: Callable[[str, int | None], np.ndarray], config: NeoXConfig, path="parameters"):
         self.read, self.config, self.path = read, config, path
         self.shapes = hf_shapes(config)
-        self._where = {hf: (p, layer, t) for hf, p, layer, t in tensor_slots(config.num_layers)}
+        self._where = {hf: (p, layer, t) for hf, p, layer, t in tensor_slots(config)}
 
     @classmethod
     def from_tree(cls, params, config: NeoXConfig) -> "ParamsSource":

@@ -63,6 +63,7 @@ def config_from_hf(path_or_dict: str | os.PathLike | Mapping[str, Any], **overri
             activation=_HF_ACTIVATIONS[act],
             hidden_dropout=float(hf.get("hidden_dropout") or 0.0),
             attention_dropout=float(hf.get("attention_dropout") or 0.0),
+            num_labels=_num_labels(hf),
             bos_token_id=_first(hf.get("bos_token_id"), 0),
             eos_token_id=_first(hf.get("eos_token_id"), 0),
         )
@@ -73,10 +74,24 @@ def config_from_hf(path_or_dict: str | os.PathLike | Mapping[str, Any], **overri
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
+def _num_labels(hf: dict) -> int:
+    """0 for a causal LM; a sequence classifier's (a reward model's) label count."""
+    if not any("ForSequenceClassification" in a for a in hf.get("architectures") or []):
+        return 0
+    return len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))  # transformers' default: 2 labels
+
+
 def config_to_hf(cfg: NeoXConfig) -> dict:
-    """A `config.json` dict that transformers v4 and v5 both read (old and new rotary keys)."""
+    """A `config.json` dict that transformers v4 and v5 both read (old and new rotary keys). A score model is a
+    GPTNeoXForSequenceClassification whose padding token is the end-of-text one, so that it scores the last token
+    before any padding (or the closing end-of-text token), where it was trained to."""
+    head = {"architectures": ["GPTNeoXForCausalLM"]}
+    if cfg.num_labels:
+        labels = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        head = {"architectures": ["GPTNeoXForSequenceClassification"], "id2label": labels,
+                "label2id": {v: int(k) for k, v in labels.items()}, "pad_token_id": cfg.eos_token_id}
     return {
-        "architectures": ["GPTNeoXForCausalLM"],
+        **head,
         "model_type": "gpt_neox",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,

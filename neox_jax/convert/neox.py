@@ -301,6 +301,10 @@ def write_neox(source, cfg: NeoXConfig, dst, *, tensor_parallel: int = 1, pipe_p
     the `mp_rank_*` files DeepSpeed opens for client state. It holds weights only: GPT-NeoX continues from it
     with `finetune: true` (or `no_load_optim: true` and `no_load_rng: true`).
     """
+    if cfg.num_labels:
+        raise ConfigError(f"a score model (num_labels={cfg.num_labels}: a reward model) is written as a Hugging Face "
+                          "GPTNeoXForSequenceClassification folder; GPT-NeoX's own format for it (rm_linear, split "
+                          "over its tensor ranks) is not written yet: write it as a Hugging Face folder")
     import torch
     import yaml
 

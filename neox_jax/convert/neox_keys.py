@@ -39,6 +39,8 @@ READ = {
     "dpo_beta", "dpo_reference_free", "pos_train_data_paths", "neg_train_data_paths", "pos_train_label_data_paths",
     "neg_train_label_data_paths", "pos_valid_data_paths", "neg_valid_data_paths", "pos_valid_label_data_paths",
     "neg_valid_label_data_paths",
+    # reward models (train_impl: rm, pairs as DPO's)
+    "z_loss",
     # KTO (train_impl: kto)
     "kto_beta", "kto_desirable_weight", "kto_undesirable_weight", "train_reward_data_paths", "valid_reward_data_paths",
 }
@@ -59,7 +61,7 @@ ONLY = {
     "data_impl": ("infer", ("infer", "mmap")),
     "pack_impl": ("packed", ("packed", "unpacked")),  # DPO's pairwise data and KTO's: "unpacked" (check() below)
     "dataset_impl": ("gpt2", "gpt2"),  # DPO: "pairwise"
-    "train_impl": ("normal", ("normal", "dpo", "kto")),
+    "train_impl": ("normal", ("normal", "dpo", "kto", "rm")),
     "checkpoint_scale": ("linear", "linear"),
 }
 LLAMA = {"norm": ("rmsnorm",), "mlp_type": ("llama",), "activation": ("silu", "swiglu")}  # two of them: a Llama
@@ -85,7 +87,6 @@ OFF_TRAINING = {
     **_each("weights from document counts are not implemented: give data weights", "weight_by_num_documents"),
     **_each("the reference log-probabilities are computed on the fly from the reference weights kept in the train "
             "state, not read from precomputed files", "precompute_model_name"),
-    **_each("the loss is the next-token cross-entropy without an auxiliary term", "z_loss"),
     **_each("neox-jax's optimizer is AdamW with GPT-NeoX's schedule", "use_bnb_optimizer", "scheduler",
            "use_checkpoint_lr_scheduler"),
     **_each("a run resumes its whole state from `save`, or starts from `load`'s weights with `finetune: true`",
@@ -174,8 +175,9 @@ def _is_on(value: Any) -> bool:
 def check(args: dict[str, Any], where: str, weights_only: bool = False) -> list[str]:
     """Refuse (all at once) the settings neox-jax does not implement; return a warning for each unknown key."""
     refused = []
-    only = {"dpo": {**ONLY, "pack_impl": ("packed", "unpacked"), "dataset_impl": ("gpt2", "pairwise")},
-            "kto": {**ONLY, "pack_impl": ("packed", "unpacked")}}.get(args.get("train_impl"), ONLY)  # one per sample
+    pairwise = {**ONLY, "pack_impl": ("packed", "unpacked"), "dataset_impl": ("gpt2", "pairwise")}
+    only = {"dpo": pairwise, "rm": pairwise, "kto": {**ONLY, "pack_impl": ("packed", "unpacked")}}.get(
+        args.get("train_impl"), ONLY)  # one document per sample
     for key, (default, needed) in only.items():
         value = args.get(key, default)
         if value not in (needed if isinstance(needed, tuple) else (needed,)):

@@ -52,7 +52,7 @@ REAL = {  # and numbers
     "warmup", "lr_decay_fraction", "weight_decay", "gradient_clipping", "clip_grad", "peak_theoretical_tflops",
     "optimizer.params.lr", "optimizer.params.eps", "optimizer.params.weight_decay", "fp16.loss_scale", "dpo_beta",
     "hidden_dropout", "attention_dropout",
-    "fp16.min_loss_scale", "kto_beta", "kto_desirable_weight", "kto_undesirable_weight"}
+    "fp16.min_loss_scale", "kto_beta", "kto_desirable_weight", "kto_undesirable_weight", "z_loss"}
 
 
 def _not_numbers(args: dict) -> list[str]:
@@ -209,8 +209,7 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
         if rest or not data:
             raise ConfigError(f"{where}: train_batch_size={args['train_batch_size']} is not a multiple of "
                               f"train_micro_batch_size_per_gpu x gradient_accumulation_steps = {micro * accum}")
-    dpo = args.get("train_impl") == "dpo"
-    if dpo:  # GPT-NeoX's pairwise data: pos_* the chosen sequences, neg_* the rejected
+    if args.get("train_impl") in ("dpo", "rm"):  # pairwise data: pos_* the chosen sequences, neg_* the rejected
         args = {**args, **{f"{k}_data_paths": args.get(f"pos_{k}_data_paths") for k in ("train", "valid")},
                 **{f"{k}_label_data_paths": args.get(f"pos_{k}_label_data_paths") for k in ("train", "valid")}}
     train_paths, valid_paths = args.get("train_data_paths") or [], args.get("valid_data_paths") or []
@@ -275,6 +274,7 @@ def train_config(*paths: str | os.PathLike, **overrides: Any) -> TrainConfig:
         kto_beta=float(args.get("kto_beta", 0.1)),
         kto_desirable_weight=float(args.get("kto_desirable_weight", 1.0)),
         kto_undesirable_weight=float(args.get("kto_undesirable_weight", 1.0)),
+        z_loss=float(args.get("z_loss", 0.0)),
         split=str(args.get("split", "969,30,1")),
         tokenizer=str(vocab_file) if vocab_file and Path(vocab_file).is_file() else "",
         eval_interval=int(args.get("eval_interval", 1000)),

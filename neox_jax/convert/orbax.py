@@ -181,7 +181,7 @@ def write_params(source, config: NeoXConfig, dst: str | os.PathLike, dtype: str 
     writer = ParamsWriter(dst, config, abstract)
     nbytes = sum(math.prod(s) for s in hf_shapes(config).values()) * np.dtype(dtype).itemsize
     with progress_bar("converting", nbytes, show_progress, unit="B") as bar:
-        for name, path, layer, transposed in tensor_slots(config.num_layers):
+        for name, path, layer, transposed in tensor_slots(config):
             target = get_path(abstract, path)
             shape = target.shape if layer is None else target.shape[1:]
             value = to_ours(source.get(name), transposed, shape, target.dtype)
