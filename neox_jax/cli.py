@@ -267,8 +267,17 @@ def cmd_preprocess(args):
     chat_flags = [f for f, on in (("--chat-template", args.chat_template), ("--only-last", args.only_last),
                                   ("--for-rm", args.for_rm), ("--reward-key", args.reward_key),
                                   ("--binary-reward", args.binary_reward)) if on]
+    if args.prompt_completion:
+        if len(args.jsonl_keys) != 2:
+            raise SystemExit(f"error: --prompt-completion reads two keys, the prompt's and the completion's: "
+                             f"--jsonl-keys PROMPT COMPLETION (given: {' '.join(args.jsonl_keys)})")
+        refused = [f for f in chat_flags if f not in ("--reward-key", "--binary-reward")] + (
+            ["--chat"] if args.chat else [])
+        if refused:
+            raise SystemExit(f"error: {', '.join(refused)} shape chats; --prompt-completion records have none")
+        args.chat = True  # the same writer: token and label files (and rewards)
     if chat_flags and not args.chat:
-        raise SystemExit(f"error: {', '.join(chat_flags)} shape chat data: add --chat")
+        raise SystemExit(f"error: {', '.join(chat_flags)} shape chat data: add --chat (or --prompt-completion)")
     if args.binary_reward and not args.reward_key:
         raise SystemExit("error: --binary-reward reads the reward under --reward-key: add --reward-key KEY")
     if args.chat:
@@ -281,14 +290,15 @@ def cmd_preprocess(args):
         try:
             counts = preprocess_chat(args.input, args.tokenizer, args.output_prefix, args.jsonl_keys,
                                      args.chat_template, args.only_last, args.for_rm, args.reward_key,
-                                     args.binary_reward)
+                                     args.binary_reward, tuple(args.jsonl_keys) if args.prompt_completion else None)
         except BadRecordError as e:
             print(f"error: {e}; nothing was written", file=sys.stderr)
             return 1
         for key, c in counts.items():
             rewards = f", {args.output_prefix}_{key}_reward_document" if args.reward_key else ""
             print(f"{args.output_prefix}_{key}_document, {args.output_prefix}_{key}_label_document{rewards}: "
-                  f"{c['documents']} chats, {c['trained_tokens']} tokens trained on")
+                  f"{c['documents']} {'records' if args.prompt_completion else 'chats'}, {c['trained_tokens']} "
+                  "tokens trained on")
         return 0
     try:
         summary = preprocess(args.input, args.tokenizer, args.output_prefix, jsonl_keys=args.jsonl_keys,
@@ -590,6 +600,9 @@ def main(argv=None):
     p.add_argument("--reward-key", help="--chat: also write PREFIX_{key}_reward_document, each record's reward under "
                                         "this key, one integer per chat (KTO's reward_data_paths)")
     p.add_argument("--binary-reward", action="store_true", help="--reward-key: 1 where the reward is true, else -1")
+    p.add_argument("--prompt-completion", action="store_true",
+                   help="records hold a prompt and its completion (--jsonl-keys PROMPT COMPLETION): write "
+                        "PREFIX_{COMPLETION}_document and _label_document, the prompt labelled -100")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("train-tokenizer", help="train a NeoX-style byte-level BPE tokenizer on local text")

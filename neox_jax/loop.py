@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from neox_jax import interrupts
 from neox_jax.config import TrainConfig
-from neox_jax.data.dataset import GlobalBatches, build_pair_datasets, build_path_datasets, build_split_datasets
+from neox_jax.data.dataset import (GlobalBatches, build_pair_datasets, build_path_datasets, build_split_datasets,
+                                   skipped_documents)
 from neox_jax.data.loader import Loader, LocalBatches
 from neox_jax.distributed import is_primary
 from neox_jax.errors import ConfigError, TrainingError
@@ -308,6 +309,10 @@ def _train(cfg: TrainConfig, mesh, max_steps: int | None, console: Console) -> R
     trainer = Trainer(cfg, mesh)
     B, dp = trainer.global_batch_size, mesh.shape["data"]
     train_ds, valid_ds = _datasets(cfg, B)
+    skipped = {name: skipped_documents(ds) for name, ds in (("training", train_ds), ("validation", valid_ds)) if ds}
+    if any(skipped.values()):  # as GPT-NeoX skips them
+        console.print("skipped " + ", ".join(f"{n} {name}" for name, n in skipped.items() if n) + " documents whose "
+                      f"labels train no token within seq_length={cfg.seq_length}")
     batches = GlobalBatches(train_ds, cfg.grad_accum_steps, cfg.micro_batch_size, dp)
     evaluator = Evaluator(cfg, trainer, GlobalBatches(valid_ds, cfg.grad_accum_steps, cfg.micro_batch_size, dp)
                           if valid_ds else None)

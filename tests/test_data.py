@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from neox_jax.data.dataset import (BlendedDataset, GlobalBatches, GPTDataset, build_path_datasets, build_split_datasets,
-                                   normalised_weights, samples_per_dataset, split_boundaries)
+                                   normalised_weights, samples_per_dataset, skipped_documents, split_boundaries)
 from neox_jax.data.helpers import blending_indices
 from neox_jax.data.indexed import IndexedDataset, IndexedDatasetWriter
 from neox_jax.data.preprocess import preprocess
@@ -403,6 +403,9 @@ def test_unpacked_samples_are_whole_documents_in_gpt_neox_order(tmp_path):
     text, labels = IndexedDataset(tmp_path / "text"), IndexedDataset(tmp_path / "label")
     seq, num_samples, seed = 8, 50, 7
     ours = GPTDataset(text, np.arange(23), num_samples, seq, seed, labels=labels, packed=False)
+    untrained = sum(not np.any(labels.get(d)[:seq] >= 0) for d in range(23))  # 3, 8, 13, 18 and the 2-token ones
+    assert untrained >= 5 and ours.skipped == untrained
+    assert skipped_documents(BlendedDataset([ours, ours], [1, 1])) == 2 * untrained
 
     np_rng = np.random.RandomState(seed=seed)  # GPT-NeoX's, pack_impl == "unpacked"
     shuffle_idx = np.arange(num_samples)
@@ -473,6 +476,33 @@ def test_chat_preprocessing_writes_the_bytes_gpt_neox_wrote(shared, tmp_path, ca
                 name = f"{prefix}_{key}_{kind}.{ext}"
                 assert (tmp_path / name).read_bytes() == (data / "out" / name).read_bytes(), name
     assert "chats" in capsys.readouterr().out
+
+
+def test_prompt_completion_records_train_the_completion_only(shared, tmp_path, capsys):
+    """--prompt-completion (TRL's SFT and KTO record form): the prompt's tokens labelled -100, the completion's and a
+    closing end-of-text token trained, each text tokenised on its own; with TRL's KTO `label` as the reward."""
+    from neox_jax.cli import main as cli
+
+    tok = NeoXTokenizer(shared / "20B_tokenizer.json")
+    records = [{"prompt": "Q: what is 2 + 2?\nA:", "completion": " 4", "label": True},
+               {"prompt": "Translate 'chat':", "completion": " cat, in English.", "label": False}]
+    with open(tmp_path / "pc.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    assert cli(["preprocess", "--input", str(tmp_path / "pc.jsonl"), "--tokenizer", str(shared / "20B_tokenizer.json"),
+                "--output-prefix", str(tmp_path / "sft"), "--jsonl-keys", "prompt", "completion",
+                "--prompt-completion", "--reward-key", "label", "--binary-reward"]) == 0
+    tokens, labels, rewards = (IndexedDataset(tmp_path / f"sft_completion_{k}document") for k in ("", "label_",
+                                                                                                 "reward_"))
+    eos = tok.tokenizer.token_to_id("<|endoftext|>")
+    for i, r in enumerate(records):
+        prompt, completion = tok.encode(r["prompt"]), tok.encode(r["completion"])
+        assert tokens.get(i).tolist() == prompt + completion + [eos]
+        assert labels.get(i).tolist() == [-100] * len(prompt) + completion + [eos]
+        assert rewards.get(i).tolist() == [1 if r["label"] else -1]
+    assert "2 records" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--prompt-completion reads two keys"):
+        cli(["preprocess", "--input", str(tmp_path / "pc.jsonl"), "--tokenizer", str(shared / "20B_tokenizer.json"),
+             "--output-prefix", str(tmp_path / "x"), "--jsonl-keys", "prompt", "--prompt-completion"])
 
 
 def test_chat_preprocessing_writes_kto_rewards(shared, tmp_path, capsys):

@@ -8,6 +8,10 @@ the tokens where the model speaks and -100 elsewhere (`only_last`: its last turn
 the chat. `for_rm`: the whole chat is masked but for a final end-of-text token, the position a reward model scores.
 The template is the tokenizer folder's own (`tokenizer_config.json`'s `chat_template`) or a file given for it
 (Pythia's tokenizer has none).
+
+Prompt/completion records (`completion_keys`: a prompt's and a completion's text, TRL's SFT and KTO form) need no
+template: the prompt's tokens (labels -100), then the completion's, each text tokenised on its own so the boundary
+is exact, then the end-of-text token, trained on with the completion.
 """
 
 from __future__ import annotations
@@ -72,25 +76,36 @@ class ChatEncoder:
 
 def preprocess_chat(inputs, tokenizer: str | os.PathLike, output_prefix: str, keys=("messages",),
                     template: str | os.PathLike | None = None, only_last: bool = False, for_rm: bool = False,
-                    reward_key: str | None = None, binary_reward: bool = False) -> dict:
+                    reward_key: str | None = None, binary_reward: bool = False,
+                    completion_keys: tuple[str, str] | None = None) -> dict:
     """Write `{prefix}_{key}_document` and `{prefix}_{key}_label_document` (.bin/.idx, int32, GPT-NeoX's bytes) for
     each key of the JSONL records, and with `reward_key` `{prefix}_{key}_reward_document`: the record's reward, one
     int32 per chat (`binary_reward`: 1 where it is true, -1 where not), KTO's data; a bad record stops it naming file
-    and line, and nothing is written. -> the documents and trained tokens per key."""
+    and line, and nothing is written. With `completion_keys` (prompt, completion) each record is a prompt and its
+    completion instead, written under the completion's key. -> the documents and trained tokens per key."""
     import numpy as np
 
     from neox_jax.data.indexed import IndexedDatasetWriter
     from neox_jax.data.preprocess import read_records
     from neox_jax.errors import BadRecordError
 
-    text, special = load_template(tokenizer, template)
-    encoder = ChatEncoder(NeoXTokenizer(tokenizer), text, special)
+    if completion_keys:
+        tok = NeoXTokenizer(tokenizer)
+        keys, eos = completion_keys[1:], tok.tokenizer.token_to_id(EOD_TOKEN)
+    else:
+        text, special = load_template(tokenizer, template)
+        encoder = ChatEncoder(NeoXTokenizer(tokenizer), text, special)
     chats = {key: [] for key in keys}
     for path in inputs:
         for line, raw in read_records(path):
             try:
                 record = json.loads(raw)
                 reward = None if reward_key is None else _reward(record, reward_key, binary_reward)
+                if completion_keys:
+                    prompt, completion = (tok.encode(_text(record, key)) for key in completion_keys)
+                    chats[keys[0]].append((prompt + completion + [eos], [-100] * len(prompt) + completion + [eos],
+                                           reward))
+                    continue
                 for key in keys:
                     chats[key].append((*encoder.encode(_chat(record, key), only_last, for_rm), reward))
             except (ValueError, KeyError, TypeError) as e:
@@ -122,6 +137,12 @@ def _reward(record, key: str, binary: bool) -> int:
                          "(a fraction would be cut to its integer part); use whole numbers, or --binary-reward for "
                          "true/false")
     return int(value)
+
+
+def _text(record, key: str) -> str:
+    if not isinstance(record, dict) or not isinstance(record.get(key), str):
+        raise ValueError(f"no text under {key!r} (--jsonl-keys names the prompt's key, then the completion's)")
+    return record[key]
 
 
 def _chat(record, key: str) -> list[dict]:

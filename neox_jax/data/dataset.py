@@ -140,6 +140,7 @@ class GPTDataset:
         if not packed:
             self.documents, self.order = unpacked_order(documents, [labels], seq_length, num_samples, seed,
                                                         f"{indexed.prefix} ({name})")
+            self.skipped = len(documents) - len(self.documents)
             return
         stem = f"{Path(indexed.prefix).name}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s_packedpi"
         folder = Path(cache_dir) if cache_dir else Path(indexed.prefix).parent
@@ -211,7 +212,8 @@ def unpacked_order(documents: np.ndarray, labels: Sequence[IndexedDataset | None
     """GPT-NeoX's `pack_impl: unpacked` order: the documents whose labels (every file given) train a token within
     `seq_length` (the others are skipped, as GPT-NeoX skips them), repeated to `num_samples` and shuffled once with
     the seed -> (documents, order): sample i is document documents[order[i]]."""
-    kept = np.asarray([d for d in np.asarray(documents) if all(
+    documents = np.asarray(documents)
+    kept = np.asarray([d for d in documents if all(
         lab is None or np.any(lab.get(int(d))[:seq_length] >= 0) for lab in labels)])
     if kept.size == 0:
         raise ValueError(f"{what}: no document has a trained token within seq_length={seq_length}")
@@ -245,6 +247,7 @@ class PairDataset:
         self.seq_length, self.name = seq_length, name
         self.documents, self.order = unpacked_order(documents, [chosen_labels, rejected_labels], seq_length,
                                                     num_samples, seed, f"{chosen.prefix} ({name} pairs)")
+        self.skipped = len(documents) - len(self.documents)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -280,6 +283,11 @@ def build_pair_datasets(chosen: Sequence[str], rejected: Sequence[str], chosen_l
             return None
         parts.append(PairDataset(c, r, cl, rl, np.arange(lo, hi), n, seq_length, seed, name))
     return parts[0] if len(parts) == 1 else BlendedDataset(parts, weights)
+
+
+def skipped_documents(dataset) -> int:
+    """Documents an unpacked dataset (or a blend of them) skips because their labels train nothing."""
+    return sum(getattr(d, "skipped", 0) for d in getattr(dataset, "datasets", [dataset]))
 
 
 def normalised_weights(weights: Sequence[float]) -> np.ndarray:
