@@ -93,8 +93,8 @@ class OverflowAt(Trainer):
 
     POISON = jnp.inf
 
-    def _grads_and_report(self, params, batch, loss_scale=1.0, reference=None):
-        loss, grads, report = super()._grads_and_report(params, batch, loss_scale, reference)
+    def _grads_and_report(self, params, batch, loss_scale=1.0, reference=None, step=0):
+        loss, grads, report = super()._grads_and_report(params, batch, loss_scale, reference, step)
         poison = jnp.where(batch["tokens"][0, 0, 0] == 63, self.POISON, 0.0)
         return loss, jax.tree.map(lambda g: g + poison, grads), report
 

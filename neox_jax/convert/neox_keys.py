@@ -60,6 +60,7 @@ ONLY = {
     "output_layer_parallelism": ("column", "column"),
     "data_impl": ("infer", ("infer", "mmap")),
     "pack_impl": ("packed", ("packed", "unpacked")),  # DPO's pairwise data and KTO's: "unpacked" (check() below)
+    "allow_chopped": (True, True),  # unpacked documents longer than a sample are cut, never skipped
     "dataset_impl": ("gpt2", "gpt2"),  # DPO: "pairwise"
     "train_impl": ("normal", ("normal", "dpo", "kto", "rm")),
     "checkpoint_scale": ("linear", "linear"),
@@ -116,7 +117,7 @@ IGNORED = {
                "online_dataserver_ips", "online_dataserver_ports", "mup_init_scale", "mup_attn_temp",
                "mup_output_temp", "mup_embedding_mult", "mup_rp_embedding_mult", "mup_width_scale", "coord_check",
                "save_base_shapes", "base_shapes_file", "fp32_reinforce", "kl_impl",
-               "kl_div_beta", "reinforce_leave_one_out", "allow_chopped", "weighted_sampler_alpha",
+               "kl_div_beta", "reinforce_leave_one_out", "weighted_sampler_alpha",
                "s3_chunk_size", "curriculum_seqlen"),
     **_each("neox-jax's log-probabilities are always computed in fp32", "dpo_fp32", "kto_fp32"),
     **_each("no test evaluation is run (pairs for testing)", "pos_test_data_paths", "neg_test_data_paths",
