@@ -347,7 +347,7 @@ class Trainer:
         model = nnx.merge(self.graphdef, params)
         return self.loss_fn(model, model(inputs_bt, hidden_only=True, dropout_keys=keys_b), (labels_bt, weights_bt))
 
-    def pipelined_grads(self, params, inputs_mbt, labels_mbt, weights_mbt, keys_mbt, seed, accum_dtype):
+    def pipelined_grads(self, params, inputs_mbt, labels_mbt, weights_mbt, seed, accum_dtype, keys_mbt=None):
         """(loss, gradients of `seed` x it summed in `accum_dtype`) of the whole step's batch [accum, rows, seq]
         through the pipeline. Each microstep's rows are cut into `split` microbatches (split innermost, so every
         piece keeps its data sharding), their dropout keys (or None) with them."""
@@ -404,8 +404,8 @@ class Trainer:
             # `pipe` and `tensor` stay automatic, so that the gradient's transpose reduces nothing over `data`
             params = jax.tree.map(lambda p: jax.lax.pcast(p, "data", to="varying"), params)
             if self.stages > 1:
-                loss, total = self.pipelined_grads(params, inputs_mbt, labels_mbt, weights_mbt, keys_mbt, loss_scale,
-                                                   accum)
+                loss, total = self.pipelined_grads(params, inputs_mbt, labels_mbt, weights_mbt, loss_scale, accum,
+                                                   keys_mbt)
             else:
                 def micro(acc, piece):
                     def scaled(w):
