@@ -132,10 +132,11 @@ def test_dpo_starts_at_ln2_with_zero_rewards_and_keeps_its_reference(models):
     assert max_diff(state.reference, reference) == 0.0  # the reference never moves
 
 
-def _pairs(folder, name, prompts, rng):
+def _pairs(folder, name, prompts, rng, trained_from=6, eos=0):
     """Pair files as GPT-NeoX's chat preprocessing writes them: a prompt (labels -100) and an answer, whose token the
     prompt's first token (one of 8) decides: the rule the chosen side follows and the rejected side breaks. The
-    rest of each prompt is random, so held-out prompts are sequences the run never saw."""
+    rest of each prompt is random, so held-out prompts are sequences the run never saw. Labels from position
+    `trained_from` (6: the answer, DPO's --only-last; 10: the closing `eos` alone, --for-rm)."""
     from neox_jax.data.indexed import IndexedDatasetWriter
 
     files = {k: IndexedDatasetWriter(folder / f"{name}_{k}", np.int32) for k in
@@ -143,9 +144,9 @@ def _pairs(folder, name, prompts, rng):
     for _ in range(prompts):
         prompt = np.concatenate([[rng.randint(8)], rng.randint(10, 200, 5)])
         for side, answer in (("chosen", 300 + prompt[0]), ("rejected", 300 + (prompt[0] + 3) % 8)):
-            tokens = np.concatenate([prompt, [answer] * 4, [0]])
+            tokens = np.concatenate([prompt, [answer] * 4, [eos]])
             files[side].add_document(tokens)
-            files[f"{side}_label"].add_document(np.where(np.arange(len(tokens)) < 6, -100, tokens))
+            files[f"{side}_label"].add_document(np.where(np.arange(len(tokens)) < trained_from, -100, tokens))
     for f in files.values():
         f.finalize()
     return {k: str(folder / f"{name}_{k}") for k in files}
@@ -462,28 +463,15 @@ def test_a_reward_model_starts_from_a_language_model_and_ranks_held_out_pairs(tm
     import transformers
 
     from neox_jax import from_pretrained, save_pretrained
-    from neox_jax.data.indexed import IndexedDatasetWriter
+    from neox_jax.data.indexed import IndexedDataset
     from neox_jax.loop import train
 
     from .conftest import make_hf_model
 
     make_hf_model(max_position_embeddings=32).save_pretrained(tmp_path / "lm")
     rng = np.random.RandomState(0)
-
-    def pairs(name, n):
-        files = {k: IndexedDatasetWriter(tmp_path / f"{name}_{k}", np.int32) for k in
-                 ("chosen", "rejected", "chosen_label", "rejected_label")}
-        for _ in range(n):
-            prompt = np.concatenate([[rng.randint(8)], rng.randint(10, 200, 5)])
-            for side, answer in (("chosen", 300 + prompt[0]), ("rejected", 300 + (prompt[0] + 3) % 8)):
-                tokens = np.concatenate([prompt, [answer] * 4, [2]])  # 2: the end-of-text token
-                files[side].add_document(tokens)
-                files[f"{side}_label"].add_document(np.where(np.arange(len(tokens)) < 10, -100, tokens))
-        for f in files.values():
-            f.finalize()
-        return {k: str(tmp_path / f"{name}_{k}") for k in files}
-
-    tr_files, va_files = pairs("train", 256), pairs("valid", 32)
+    tr_files, va_files = (_pairs(tmp_path, name, n, rng, trained_from=10, eos=2) for name, n in (("train", 256),
+                                                                                                  ("valid", 32)))
     cfg = TrainConfig.from_dict(dict(
         model=dict(vocab_size=384, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=160,
                    max_position_embeddings=32, rotary_pct=0.25, eos_token_id=2),
@@ -499,14 +487,8 @@ def test_a_reward_model_starts_from_a_language_model_and_ranks_held_out_pairs(tm
     assert result.eval_losses[60] < 0.3 * math.log(2)  # held-out pairs: prompts it never saw
     save_pretrained(from_pretrained(tmp_path / "run"), tmp_path / "hf_rm")
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf_rm").eval()
-    chosen, rejected = (IndexedDataset_get(va_files[side]) for side in ("chosen", "rejected"))
+    chosen, rejected = (IndexedDataset(va_files[side]) for side in ("chosen", "rejected"))
     with torch.no_grad():
-        margin = [float(hf(torch.tensor([c])).logits - hf(torch.tensor([r])).logits) for c, r in zip(chosen, rejected)]
+        margin = [float(hf(torch.tensor([chosen.get(i).tolist()])).logits
+                        - hf(torch.tensor([rejected.get(i).tolist()])).logits) for i in range(len(chosen.sizes))]
     assert np.mean(np.array(margin) > 0) >= 0.9
-
-
-def IndexedDataset_get(prefix):
-    from neox_jax.data.indexed import IndexedDataset
-
-    data = IndexedDataset(prefix)
-    return [data.get(i).tolist() for i in range(len(data.sizes))]
