@@ -355,8 +355,9 @@ class TrainConfig:
     valid_label_data_paths: tuple[str, ...] = ()  # one per valid_data_paths entry
     loss_mean: str = "tokens"  # tokens: every trained token of a step weighs the same; micro_batch: GPT-NeoX's
     eod_mask_loss: bool = False  # GPT-NeoX's: no loss where the input token ends a document (model.eos_token_id)
-    # packed: documents concatenated and cut into samples; unpacked: a sample is one document, padded (GPT-NeoX's
-    # pack_impl); "" is the objective's: packed for normal, unpacked for dpo and kto (GPT-NeoX's only choice there)
+    # packed: documents concatenated and cut into samples; unpacked: a sample is one document, padded;
+    # pack_until_overflow: whole documents while they fit (GPT-NeoX's pack_impl); "" is the objective's: packed for
+    # normal, unpacked for dpo, kto and rm
     pack_impl: str = ""
     # the objective: normal (next-token loss) | dpo (pairs: data_paths chosen, rejected_data_paths rejected) |
     # kto (sequences with a reward each: reward_data_paths) | rm (a reward model on pairs as dpo's; model.num_labels 1)
@@ -451,9 +452,9 @@ class TrainConfig:
         return self.train_impl in ("dpo", "rm")
 
     @property
-    def packed(self) -> bool:
-        """Whether samples are cut from the concatenated documents (`pack_impl`, or the objective's choice)."""
-        return self.pack_impl == "packed" or (self.pack_impl == "" and self.train_impl == "normal")
+    def packing(self) -> str:
+        """How samples are made of documents: `pack_impl`, or the objective's choice."""
+        return self.pack_impl or ("packed" if self.train_impl == "normal" else "unpacked")
 
     def _check_objective(self):
         """The objective's settings: every problem at once."""
@@ -472,12 +473,12 @@ class TrainConfig:
             problems.append(f"z_loss={self.z_loss} with train_impl={self.train_impl!r}: GPT-NeoX's z_loss is the "
                             "reward model's (train_impl: rm)")
         unpacked_only = self.train_impl in ("dpo", "kto", "rm")
-        if self.pack_impl not in ("", "packed", "unpacked"):
-            problems.append(f"pack_impl={self.pack_impl!r}: choose packed or unpacked (GPT-NeoX's pack_until_overflow "
-                            "is not implemented)")
-        elif unpacked_only and self.pack_impl == "packed":
-            problems.append(f"pack_impl=packed with train_impl={self.train_impl}: a {self.train_impl.upper()} sample "
-                            "is one document (GPT-NeoX requires pack_impl: unpacked here): use unpacked")
+        if self.pack_impl not in ("", "packed", "unpacked", "pack_until_overflow"):
+            problems.append(f"pack_impl={self.pack_impl!r}: choose packed, unpacked or pack_until_overflow")
+        elif unpacked_only and self.pack_impl not in ("", "unpacked"):
+            problems.append(f"pack_impl={self.pack_impl} with train_impl={self.train_impl}: a "
+                            f"{self.train_impl.upper()} sample is one document (GPT-NeoX requires pack_impl: unpacked "
+                            "for KTO's rewards; pairs packed until overflow are not implemented): use unpacked")
         number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
         if self.train_impl == "kto":
             if not number(self.kto_beta) or self.kto_beta <= 0:

@@ -262,11 +262,11 @@ def _datasets(cfg: TrainConfig, global_batch: int):
         train, valid = build_path_datasets(cfg.data_paths, cfg.data_weights, cfg.valid_data_paths,
                                            cfg.valid_data_weights, samples, cfg.seq_length, cfg.seed, cache,
                                            cfg.label_data_paths, cfg.valid_label_data_paths, cfg.reward_data_paths,
-                                           cfg.valid_reward_data_paths, cfg.packed)
+                                           cfg.valid_reward_data_paths, cfg.packing)
         return train, valid
     train, valid, _ = build_split_datasets(list(cfg.data_paths), list(cfg.data_weights) or None, cfg.split,
                                            samples, cfg.seq_length, cfg.seed, cache, cfg.label_data_paths,
-                                           cfg.reward_data_paths, cfg.packed)
+                                           cfg.reward_data_paths, cfg.packing)
     if train is None:
         raise ConfigError(f"split={cfg.split!r} leaves no training documents")
     return train, valid

@@ -438,7 +438,7 @@ def test_neox_yaml_kto_keys_are_honoured(tmp_path):
                                  "train_reward_data_paths": ["tr"], "valid_data_paths": ["v"],
                                  "valid_label_data_paths": ["vl"], "valid_reward_data_paths": ["vr"]}))
     cfg = neox_yaml.train_config(f)
-    assert (cfg.train_impl, cfg.pack_impl, cfg.packed) == ("kto", "unpacked", False)
+    assert (cfg.train_impl, cfg.pack_impl, cfg.packing) == ("kto", "unpacked", "unpacked")
     assert (cfg.kto_beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight) == (0.3, 1.5, 0.5)
     assert (cfg.reward_data_paths, cfg.valid_reward_data_paths) == (("tr",), ("vr",))
 
@@ -455,7 +455,8 @@ def test_neox_yaml_kto_keys_are_honoured(tmp_path):
                                                                      "with one label"),
     ({"train_impl": "normal"}, "rejected_data_paths is set but train_impl='normal'"),
     ({"pack_impl": "packed"}, "pack_impl=packed with train_impl=dpo: a DPO sample is one document"),
-    ({"pack_impl": "pack_until_overflow"}, "pack_impl='pack_until_overflow': choose packed or unpacked"),
+    ({"pack_impl": "pack_until_overflow"}, "pack_impl=pack_until_overflow with train_impl=dpo: a DPO sample is one"),
+    ({"pack_impl": "fits"}, "pack_impl='fits': choose packed, unpacked or pack_until_overflow"),
 ])
 def test_dpo_settings_are_checked_at_once(changes, says):
     base = {"model": TINY_MODEL, "seq_length": 16, "train_impl": "dpo", "data_paths": ["c"],

@@ -402,7 +402,7 @@ def test_unpacked_samples_are_whole_documents_in_gpt_neox_order(tmp_path):
         f.finalize()
     text, labels = IndexedDataset(tmp_path / "text"), IndexedDataset(tmp_path / "label")
     seq, num_samples, seed = 8, 50, 7
-    ours = GPTDataset(text, np.arange(23), num_samples, seq, seed, labels=labels, packed=False)
+    ours = GPTDataset(text, np.arange(23), num_samples, seq, seed, labels=labels, pack_impl="unpacked")
     untrained = sum(not np.any(labels.get(d)[:seq] >= 0) for d in range(23))  # 3, 8, 13, 18 and the 2-token ones
     assert untrained >= 5 and ours.skipped == untrained
     assert skipped_documents(BlendedDataset([ours, ours], [1, 1])) == 2 * untrained
@@ -424,6 +424,62 @@ def test_unpacked_samples_are_whole_documents_in_gpt_neox_order(tmp_path):
         n = min(len(docs[d]), seq + 1)
         want[0, :n], want[1, :n] = docs[d][:n], labels.get(d)[:n]
         np.testing.assert_array_equal(ours[i], want)
+
+
+def test_pack_until_overflow_packs_whole_documents_in_gpt_neox_order(tmp_path):
+    """pack_impl: pack_until_overflow: GPT-NeoX's `_build_index_mappings` (transcribed: a seeded shuffle of the
+    samples, then of the documents, reshuffled at each pass; documents whose labels train nothing within
+    seq_length + 1 skipped; whole documents until the next would overflow) and each sample its documents
+    concatenated, cut or padded (GPT-NeoX's reader also appends the next document's first token)."""
+    rng = np.random.RandomState(2)
+    files = {k: IndexedDatasetWriter(tmp_path / k, np.int32) for k in ("text", "label")}
+    docs = [rng.randint(1, 500, rng.randint(1, 14)) for _ in range(17)]
+    for d, tokens in enumerate(docs):
+        files["text"].add_document(tokens)
+        files["label"].add_document(np.full(len(tokens), -100) if d % 6 == 4 else tokens)
+    for f in files.values():
+        f.finalize()
+    text, labels = IndexedDataset(tmp_path / "text"), IndexedDataset(tmp_path / "label")
+    seq, num_samples, seed = 10, 40, 5
+    ours = GPTDataset(text, np.arange(17), num_samples, seq, seed, labels=labels, pack_impl="pack_until_overflow")
+    assert ours.skipped == 3  # documents 4, 10, 16
+
+    np_rng = np.random.RandomState(seed=seed)  # GPT-NeoX's, packing_impl == "pack_until_overflow"
+    shuffle_idx = np.arange(num_samples)
+    np_rng.shuffle(shuffle_idx)
+    sample_idx, doc_idx = [], []
+    temp_shuffle_idx = np.arange(17)
+    np_rng.shuffle(temp_shuffle_idx)
+    running_length = curr_shuffle_idx = 0
+    while len(sample_idx) < num_samples:
+        if np.all(labels.get(temp_shuffle_idx[curr_shuffle_idx])[:seq + 1] == -100):
+            curr_shuffle_idx += 1
+        else:
+            doc_length = text.sizes[temp_shuffle_idx[curr_shuffle_idx]]
+            if running_length == 0:
+                sample_idx.append(len(doc_idx))
+                doc_idx.append(temp_shuffle_idx[curr_shuffle_idx])
+                running_length += doc_length
+            else:
+                if running_length + doc_length > seq + 1:
+                    running_length = doc_length
+                    sample_idx.append(len(doc_idx))
+                else:
+                    running_length += doc_length
+                doc_idx.append(temp_shuffle_idx[curr_shuffle_idx])
+            curr_shuffle_idx += 1
+        if curr_shuffle_idx == 17:
+            curr_shuffle_idx = 0
+            np_rng.shuffle(temp_shuffle_idx)
+    sample_idx.append(len(doc_idx))
+    for i in range(num_samples):
+        k = shuffle_idx[i]
+        sample = np.concatenate([docs[d] for d in doc_idx[sample_idx[k]:sample_idx[k + 1]]])[:seq + 1]
+        want = np.zeros((2, seq + 1), np.int64)
+        want[1] = -100
+        want[0, :len(sample)] = want[1, :len(sample)] = sample
+        np.testing.assert_array_equal(ours[i], want)
+    assert any(sample_idx[k + 1] - sample_idx[k] > 1 for k in range(num_samples))  # samples of several documents
 
 
 def test_kto_rewards_give_each_token_its_documents_reward(tmp_path):

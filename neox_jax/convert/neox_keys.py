@@ -59,7 +59,7 @@ ONLY = {
     "use_bias_in_norms": (True, True),
     "output_layer_parallelism": ("column", "column"),
     "data_impl": ("infer", ("infer", "mmap")),
-    "pack_impl": ("packed", ("packed", "unpacked")),  # DPO's pairwise data and KTO's: "unpacked" (check() below)
+    "pack_impl": ("packed", ("packed", "unpacked", "pack_until_overflow")),  # DPO, KTO, RM: "unpacked" (check())
     "allow_chopped": (True, True),  # unpacked documents longer than a sample are cut, never skipped
     "dataset_impl": ("gpt2", "gpt2"),  # DPO: "pairwise"
     "train_impl": ("normal", ("normal", "dpo", "kto", "rm")),

@@ -112,15 +112,17 @@ class GPTDataset:
     GPT-NeoX's preprocessing writes them) a third row gives each token its document's reward, 0 on padding, and the
     labels are the tokens themselves where there is no label file.
 
-    `packed` (GPT-NeoX's `pack_impl: packed`) cuts the concatenated documents into samples; unpacked, a sample is
-    one document (its first `seq_length + 1` tokens, padded), in `unpacked_order` (GPT-NeoX's reader also appends
-    the next document's first token to such a sample; here a sample is its document alone)."""
+    `pack_impl` is GPT-NeoX's: `packed` cuts the concatenated documents into samples; `unpacked` makes a sample of
+    one document (its first `seq_length + 1` tokens, padded), in `unpacked_order`; `pack_until_overflow` of whole
+    documents, as many as fit, in `until_overflow_order`. (GPT-NeoX's reader also appends the next document's first
+    token to the last two kinds' samples; here a sample is its documents alone.)"""
 
     def __init__(self, indexed: IndexedDataset, documents: np.ndarray, num_samples: int, seq_length: int,
                  seed: int, name: str = "train", cache_dir: str | os.PathLike | None = None,
-                 labels: IndexedDataset | None = None, rewards: IndexedDataset | None = None, packed: bool = True):
+                 labels: IndexedDataset | None = None, rewards: IndexedDataset | None = None,
+                 pack_impl: str = "packed"):
         self.indexed, self.seq_length, self.name, self.labels, self.rewards = indexed, seq_length, name, labels, rewards
-        self.packed = packed
+        self.pack_impl = pack_impl
         self.fields = ("tokens",) + (("labels",) if labels is not None or rewards is not None else ()) + (
             ("rewards",) if rewards is not None else ())
         if labels is not None and not np.array_equal(labels.sizes, indexed.sizes):
@@ -137,10 +139,14 @@ class GPTDataset:
         documents = np.asarray(documents)
         if documents.size == 0:
             raise ValueError(f"{indexed.prefix}: the {name} split has no documents; change `split`")
-        if not packed:
-            self.documents, self.order = unpacked_order(documents, [labels], seq_length, num_samples, seed,
-                                                        f"{indexed.prefix} ({name})")
+        what = f"{indexed.prefix} ({name})"
+        if pack_impl == "unpacked":
+            self.documents, self.order = unpacked_order(documents, [labels], seq_length, num_samples, seed, what)
             self.skipped = len(documents) - len(self.documents)
+            return
+        if pack_impl == "pack_until_overflow":
+            self.doc_idx, self.starts, self.shuffle_idx, self.skipped = until_overflow_order(
+                documents, indexed.sizes, labels, seq_length, num_samples, seed, what)
             return
         stem = f"{Path(indexed.prefix).name}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s_packedpi"
         folder = Path(cache_dir) if cache_dir else Path(indexed.prefix).parent
@@ -168,7 +174,7 @@ class GPTDataset:
         self.doc_idx, self.sample_idx, self.shuffle_idx = maps["doc"], maps["sample"], maps["shuffle"]
 
     def __len__(self) -> int:
-        return len(self.shuffle_idx if self.packed else self.order)
+        return len(self.order if self.pack_impl == "unpacked" else self.shuffle_idx)
 
     def source(self, i: int) -> str:
         """Where sample `i` comes from, for error messages."""
@@ -177,24 +183,30 @@ class GPTDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         """int64 [seq_length + 1], or [2, seq_length + 1] (tokens, labels) with a label file; an index past the end
         wraps around, as in GPT-NeoX."""
-        i = int(self.shuffle_idx[i % len(self)] if self.packed else self.documents[self.order[i % len(self)]])
-        tokens = self._read(self.indexed, i, 0)  # GPT-NeoX pads short samples with 0, their labels with -100
+        pieces = self._pieces(i)
+        tokens = self._read(self.indexed, pieces, 0)  # GPT-NeoX pads short samples with 0, their labels with -100
         if len(self.fields) == 1:
             return tokens
-        rows = [tokens, tokens if self.labels is None else self._read(self.labels, i, -100)]
-        return np.stack(rows + ([self._read(self.rewards, i, 0, per_token=True)] if self.rewards else []))
+        rows = [tokens, tokens if self.labels is None else self._read(self.labels, pieces, -100)]
+        return np.stack(rows + ([self._read(self.rewards, pieces, 0, per_token=True)] if self.rewards else []))
 
-    def _read(self, indexed: IndexedDataset, i: int, pad: int, per_token: bool = False) -> np.ndarray:
-        """Sample i (document i, unpacked) of `indexed`: the pieces of the documents it spans; `per_token`: each
-        token the first value of its document instead (KTO's rewards, as GPT-NeoX repeats them)."""
-        pieces = [(i, 0, None)]  # (document, offset, length)
-        if self.packed:
-            (doc_f, off_f), (doc_l, off_l) = self.sample_idx[i], self.sample_idx[i + 1]
-            pieces = [(int(self.doc_idx[j]), 0, None) for j in range(doc_f, doc_l + 1)]
-            if doc_f == doc_l:
-                pieces[0] = (pieces[0][0], int(off_f), int(off_l - off_f + 1))
-            else:
-                pieces[0], pieces[-1] = (pieces[0][0], int(off_f), None), (pieces[-1][0], 0, int(off_l + 1))
+    def _pieces(self, i: int) -> list[tuple[int, int, int | None]]:
+        """(document, offset, length or None for the rest) of each piece of sample i."""
+        if self.pack_impl == "unpacked":
+            return [(int(self.documents[self.order[i % len(self)]]), 0, None)]
+        k = int(self.shuffle_idx[i % len(self)])
+        if self.pack_impl == "pack_until_overflow":
+            return [(int(d), 0, None) for d in self.doc_idx[self.starts[k]:self.starts[k + 1]]]
+        (doc_f, off_f), (doc_l, off_l) = self.sample_idx[k], self.sample_idx[k + 1]
+        pieces = [(int(self.doc_idx[j]), 0, None) for j in range(doc_f, doc_l + 1)]
+        if doc_f == doc_l:
+            return [(pieces[0][0], int(off_f), int(off_l - off_f + 1))]
+        pieces[0], pieces[-1] = (pieces[0][0], int(off_f), None), (pieces[-1][0], 0, int(off_l + 1))
+        return pieces
+
+    def _read(self, indexed: IndexedDataset, pieces, pad: int, per_token: bool = False) -> np.ndarray:
+        """A sample of `indexed` from its `pieces`, padded or cut to `seq_length + 1`; `per_token`: each token the
+        first value of its document instead (KTO's rewards, as GPT-NeoX repeats them)."""
         if per_token:
             sizes = self.indexed.sizes
             sample = np.concatenate([np.full(int(sizes[d]) - off if n is None else n, indexed.get(d)[0])
@@ -220,6 +232,40 @@ def unpacked_order(documents: np.ndarray, labels: Sequence[IndexedDataset | None
     order = np.array([i % len(kept) for i in range(num_samples)])
     np.random.RandomState(seed=seed).shuffle(order)
     return kept, order
+
+
+def until_overflow_order(documents: np.ndarray, sizes: np.ndarray, labels: IndexedDataset | None, seq_length: int,
+                         num_samples: int, seed: int, what: str):
+    """GPT-NeoX's `pack_impl: pack_until_overflow` maps: the documents in a seeded shuffle (reshuffled at each pass),
+    those whose labels train nothing within `seq_length + 1` skipped, each sample taking whole documents until the
+    next would overflow `seq_length + 1` (a longer one alone, cut) -> (doc_idx, starts: sample k is doc_idx[starts[k]:
+    starts[k + 1]], the samples' shuffle, documents skipped). GPT-NeoX's loop, but that a skipped last document of a
+    pass starts the next pass (GPT-NeoX's indexes past the end there)."""
+    documents = np.asarray(documents)
+    trained = np.array([labels is None or np.any(labels.get(int(d))[:seq_length + 1] != -100) for d in documents])
+    if not trained.any():
+        raise ValueError(f"{what}: no document has a trained token within seq_length + 1={seq_length + 1}")
+    rng = np.random.RandomState(seed=seed)
+    shuffle_idx = np.arange(num_samples)
+    rng.shuffle(shuffle_idx)
+    order = np.arange(len(documents))
+    rng.shuffle(order)
+    starts, doc_idx, running, cur = [], [], 0, 0
+    while len(starts) < num_samples:
+        j = order[cur]
+        if trained[j]:
+            n = int(sizes[documents[j]])
+            if running == 0 or running + n > seq_length + 1:
+                starts.append(len(doc_idx))
+                running = 0
+            running += n
+            doc_idx.append(documents[j])
+        cur += 1
+        if cur == len(documents):
+            cur = 0
+            rng.shuffle(order)
+    starts.append(len(doc_idx))
+    return np.asarray(doc_idx), np.asarray(starts), shuffle_idx, int((~trained).sum())
 
 
 class PairDataset:
@@ -330,7 +376,7 @@ def samples_per_dataset(weights: Sequence[float], num_samples: int) -> list[int]
 def build_split_datasets(prefixes: Sequence[str], weights: Sequence[float] | None, split: str,
                          num_samples: Sequence[int], seq_length: int, seed: int,
                          cache_dir: str | os.PathLike | None = None, label_prefixes: Sequence[str] = (),
-                         reward_prefixes: Sequence[str] = (), packed: bool = True
+                         reward_prefixes: Sequence[str] = (), pack_impl: str = "packed"
                          ) -> list[GPTDataset | BlendedDataset | None]:
     """train / valid / test datasets from one or more data prefixes, each cut by `split` into
     contiguous document ranges, blended by `weights` when there are several. A split with no samples
@@ -355,7 +401,7 @@ def build_split_datasets(prefixes: Sequence[str], weights: Sequence[float] | Non
                 parts = None
                 break
             parts.append(GPTDataset(ds, np.arange(lo, hi, dtype=np.int32), n, seq_length, seed, name, cache_dir,
-                                    lab, rew, packed))
+                                    lab, rew, pack_impl))
         out.append(None if parts is None else parts[0] if len(parts) == 1 else BlendedDataset(parts, weights))
     return out
 
@@ -364,7 +410,7 @@ def build_path_datasets(train: Sequence[str], train_weights: Sequence[float] | N
                         valid_weights: Sequence[float] | None, num_samples: Sequence[int], seq_length: int, seed: int,
                         cache_dir: str | os.PathLike | None = None, train_labels: Sequence[str] = (),
                         valid_labels: Sequence[str] = (), train_rewards: Sequence[str] = (),
-                        valid_rewards: Sequence[str] = (), packed: bool = True) -> list[BlendedDataset | None]:
+                        valid_rewards: Sequence[str] = (), pack_impl: str = "packed") -> list[BlendedDataset | None]:
     """train / valid datasets as GPT-NeoX builds them from `train_data_paths` / `valid_data_paths` (and their label
     and reward files): every document of each path, the i-th path's maps named `train_i` / `valid_i` and asked for
     its share plus 0.5% slack, always blended (one path too, where the blend is the identity). A split with no
@@ -380,7 +426,7 @@ def build_path_datasets(train: Sequence[str], train_weights: Sequence[float] | N
         labels = [IndexedDataset(p) for p in label_prefixes] or [None] * len(prefixes)
         rewards = [IndexedDataset(p) for p in reward_prefixes] or [None] * len(prefixes)
         parts = [GPTDataset(ds, np.arange(len(ds), dtype=np.int32), n, seq_length, seed, f"{name}_{i}", cache_dir,
-                            lab, rew, packed)
+                            lab, rew, pack_impl)
                  for i, (ds, lab, rew, n) in enumerate(zip((IndexedDataset(p) for p in prefixes), labels, rewards,
                                                            samples_per_dataset(weights, wanted)))]
         out.append(BlendedDataset(parts, weights))
