@@ -34,6 +34,7 @@ def grads(tr, step=3, seed=0):
     return float(loss), jax.tree.map(np.asarray, g)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape, changes", [
     ({"data": 2, "pipe": 2, "tensor": 2}, {"model": {"remat_policy": "full"}}),
     ({"data": 4, "tensor": 2}, {"zero_stage": 3, "model": {"use_parallel_residual": False}}),
@@ -49,6 +50,7 @@ def test_every_layout_draws_the_masks_one_device_draws(mesh_shape, changes):
     assert abs(plain_loss - want_loss) > 1e-3 and max_diff(plain, want) > 1e-3
 
 
+@pytest.mark.slow
 def test_masks_change_with_the_step_and_repeat_with_it():
     tr = trainer({"data": 2, "tensor": 2})
     (a, ga), (b, gb), (c, _) = grads(tr, step=3), grads(tr, step=3), grads(tr, step=4)
@@ -66,6 +68,7 @@ def test_the_fraction_dropped_is_the_rate():
     assert not np.array_equal(rows[0], rows[1])  # each row its own mask
 
 
+@pytest.mark.slow
 def test_evaluation_and_generation_drop_nothing():
     tr, plain = trainer({"data": 2, "tensor": 2}), trainer({"data": 2, "tensor": 2}, rates=(0, 0))
     state = tr.init(jax.random.key(0))

@@ -101,9 +101,10 @@ def test_dpo_loss_and_gradients_equal_gpt_neox_transcribed(models):
     assert max_diff(grads, ref_grads) <= 1e-5 * scale
 
 
-@pytest.mark.parametrize("mesh_shape, zero_stage", [({"data": 4, "tensor": 2}, 1), ({"data": 4, "tensor": 2}, 3),
-                                                    ({"data": 2, "pipe": 2, "tensor": 2}, 1)],
-                         ids=["data4xtensor2", "data4xtensor2-fsdp", "data2xpipe2xtensor2"])
+@pytest.mark.parametrize("mesh_shape, zero_stage", [
+    pytest.param({"data": 4, "tensor": 2}, 1, marks=pytest.mark.slow), pytest.param({"data": 4, "tensor": 2}, 3,
+                                                                                    marks=pytest.mark.slow),
+    ({"data": 2, "pipe": 2, "tensor": 2}, 1)], ids=["data4xtensor2", "data4xtensor2-fsdp", "data2xpipe2xtensor2"])
 def test_dpo_on_every_layout_equals_one_device(models, mesh_shape, zero_stage):
     _, _, weights, config, _ = models
     one = dpo_trainer(config, {"data": 1})
@@ -188,6 +189,7 @@ def test_a_dpo_run_learns_a_rule_on_held_out_pairs_and_resumes_exactly(tmp_path)
     assert np.mean(acc) >= 0.85  # chance is 0.5
 
 
+@pytest.mark.slow
 def test_the_planner_counts_the_reference_weights():
     from neox_jax.config import NeoXConfig
     from neox_jax.plan import plan
@@ -285,6 +287,7 @@ def test_kto_loss_and_gradients_equal_gpt_neox_transcribed(models):
     assert max_diff(grads, ref_grads) <= 1e-5 * scale
 
 
+@pytest.mark.slow
 def test_kto_pipelined_and_sharded_equals_one_device(models):
     """The same micro batches (a micro batch is one data replica's rows of a microstep: the KL estimate's halves) on
     one device and on (2, 2, 2) with the 1F1B pipeline."""
@@ -438,6 +441,7 @@ def test_reward_model_loss_and_gradients_equal_gpt_neox_transcribed(reward_model
     assert max_diff(grads, ref_grads) <= 1e-5 * scale
 
 
+@pytest.mark.slow
 def test_reward_model_pipelined_equals_one_device_and_learns_its_pairs(reward_model):
     _, weights, config, _ = reward_model
     one = rm_trainer(config, {"data": 1})
