@@ -52,6 +52,7 @@ def test_public_api_resolves_and_lists_itself():
     assert callable(neox_jax.generate) and neox_jax.generate.__module__ == "neox_jax.generation"
 
 
+@pytest.mark.slow
 def test_plan_fills_a_free_mesh_axis(shared):
     import os
     import subprocess

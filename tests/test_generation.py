@@ -63,7 +63,7 @@ def test_kv_cache_logits_equal_full_forward_at_every_step(pair):
             tokens[i].append(int(new[i]))
 
 
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 4])
 def test_decoding_writes_one_token_in_place_and_reads_its_span_as_it_lies(batch):
     """The compiled decode step and a whole generation's loops: the cache is updated in place (the step's donated,
     aliased, no cache-sized temporary), sized to the span the step reads (128 positions of the 1024 this generation

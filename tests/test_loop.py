@@ -336,6 +336,7 @@ def test_a_diverging_run_stops_before_saving_and_keeps_its_last_good_checkpoint(
     c.close()
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace_and_the_step_breakdown(corpus, tmp_path):
     cfg = config(corpus, tmp_path, train_iters=5, profile_steps=[2, 4], save_interval=100, eval_interval=100)
     lines = []

@@ -83,7 +83,7 @@ def test_compiled_222_step_is_a_pipeline_not_layer_sharding():
     assert gathers_over_pipe == 0  # and no stage ever gathers another stage's weights
 
 
-@pytest.mark.parametrize("remat", ["full", "none"])
+@pytest.mark.parametrize("remat", ["full", pytest.param("none", marks=pytest.mark.slow)])
 def test_activation_memory_does_not_grow_with_the_microbatches(remat):
     """1F1B: a stage holds at most 2P - 1 microbatches' inputs whatever M (GPipe's autodiff held all M + P - 1).
     From 16 to 64 microbatches of 2 sequences on 4 stages the compiled step's temporaries may grow by less than
