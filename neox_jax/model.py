@@ -30,7 +30,8 @@ from neox_jax.sharding import constrain
 F32 = jnp.float32
 
 
-def _std(method: str, cfg: NeoXConfig) -> float:
+def init_scale(method: str, cfg: NeoXConfig) -> float:
+    """The standard deviation of a weight initialised by `method` (GPT-NeoX's init functions)."""
     h, layers = cfg.hidden_size, cfg.num_layers
     return {
         "small_init": math.sqrt(2 / (5 * h)),  # "Transformers without Tears"
@@ -96,7 +97,7 @@ class Dense(nnx.Module):
 
 class Embed(nnx.Module):
     def __init__(self, cfg: NeoXConfig, rngs: nnx.Rngs):
-        self.embedding = _param(rngs, _std(cfg.init_method, cfg), (cfg.vocab_size, cfg.hidden_size),
+        self.embedding = _param(rngs, init_scale(cfg.init_method, cfg), (cfg.vocab_size, cfg.hidden_size),
                                 ("vocab", "embed"), cfg)
 
 
@@ -107,9 +108,9 @@ class Attention(nnx.Module):
         self.dropout = cfg.attention_dropout
         # Fused QKV with NeoX's per-head [heads, 3, head_dim] output layout: a tensor-parallel shard of
         # `heads` holds whole heads with their q, k and v.
-        self.query_key_value = Dense(rngs, cfg, _std(cfg.init_method, cfg), (d, n, 3, h),
+        self.query_key_value = Dense(rngs, cfg, init_scale(cfg.init_method, cfg), (d, n, 3, h),
                                      ("embed", "heads", "qkv", "head_dim"), (n, 3, h), ("heads", "qkv", "head_dim"))
-        self.dense = Dense(rngs, cfg, _std(cfg.output_layer_init_method, cfg), (n, h, d),
+        self.dense = Dense(rngs, cfg, init_scale(cfg.output_layer_init_method, cfg), (n, h, d),
                            ("heads", "head_dim", "embed"), (d,), ("embed",))
 
     def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, cache=None, cache_index=None, keys_b=None):
@@ -122,8 +123,9 @@ class MLP(nnx.Module):
     def __init__(self, cfg: NeoXConfig, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.approximate = cfg.activation == "gelu_fast"
-        self.dense_h_to_4h = Dense(rngs, cfg, _std(cfg.init_method, cfg), (d, f), ("embed", "mlp"), (f,), ("mlp",))
-        self.dense_4h_to_h = Dense(rngs, cfg, _std(cfg.output_layer_init_method, cfg), (f, d), ("mlp", "embed"),
+        self.dense_h_to_4h = Dense(rngs, cfg, init_scale(cfg.init_method, cfg), (d, f), ("embed", "mlp"), (f,),
+                                   ("mlp",))
+        self.dense_4h_to_h = Dense(rngs, cfg, init_scale(cfg.output_layer_init_method, cfg), (f, d), ("mlp", "embed"),
                                    (d,), ("embed",))
 
     def __call__(self, x_btd):
@@ -341,10 +343,10 @@ class GPTNeoX(nnx.Module):
         self.layers = make_layers(rngs)
         self.final_layer_norm = LayerNorm(cfg)
         if cfg.num_labels:  # a score head instead of the language-model head (reward models)
-            self.score = Dense(rngs, cfg, _std(cfg.init_method, cfg), (cfg.hidden_size, cfg.num_labels),
+            self.score = Dense(rngs, cfg, init_scale(cfg.init_method, cfg), (cfg.hidden_size, cfg.num_labels),
                                ("embed", "labels"))
         else:
-            self.embed_out = Dense(rngs, cfg, _std(cfg.init_method, cfg), (cfg.hidden_size, cfg.vocab_size),
+            self.embed_out = Dense(rngs, cfg, init_scale(cfg.init_method, cfg), (cfg.hidden_size, cfg.vocab_size),
                                    ("embed", "vocab"))
 
     def embed(self, input_ids_bt, keys_b=None):

@@ -36,7 +36,7 @@ from neox_jax import dropout, matmul
 from neox_jax import sharding as shd
 from neox_jax.config import TrainConfig
 from neox_jax.errors import ConfigError
-from neox_jax.model import GPTNeoX, abstract_model, output_logits
+from neox_jax.model import GPTNeoX, abstract_model, init_scale, output_logits
 from neox_jax.objectives import (LOSS_CHUNK, dpo, joined, kto, last_trained, position_chunks, reward_model,
                                  score_loss, token_logprobs)
 from neox_jax.optim import LossScale, make_optimizer, schedule
@@ -262,11 +262,9 @@ class Trainer:
     def new_score_head(self) -> dict:
         """A reward model's score head drawn afresh (from the seed, with the model's init), laid out on the mesh: the
         head that replaces a language model's when a reward model starts from one."""
-        from neox_jax.model import _std
-
         m = self.model_cfg
         shape = (m.hidden_size, m.num_labels)
-        kernel = _std(m.init_method, m) * jax.random.normal(jax.random.key(self.cfg.seed), shape)
+        kernel = init_scale(m.init_method, m) * jax.random.normal(jax.random.key(self.cfg.seed), shape)
         return {"kernel": jax.device_put(kernel, NamedSharding(self.mesh, self.param_specs["score"]["kernel"]))}
 
     def targets(self, batch, mean: str | None = None):
