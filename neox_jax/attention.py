@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from neox_jax import matmul
-from neox_jax.dropout import ATTENTION_PROBS, dropout
+from neox_jax.dropout import ATTENTION_PROBS, dropout, head_keys
 
 F32 = jnp.float32
 CAUSAL_BLOCK = 128  # queries per block of `causal_blocks`: the fastest of 64 / 128 / 256 / 512 on the CPU at t = 512
@@ -55,8 +55,9 @@ def _attend(q, k, v, mask, scores_spec: str, out_spec: str, drop=None):
         mask = jnp.tril(jnp.ones(scores.shape[-2:], bool))
     # finfo.min, not -inf: a query that may see nothing (a pad position) gets a uniform row, not NaN.
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(F32).min), axis=-1)
-    if drop is not None:
-        probs = dropout(probs, *drop, ATTENTION_PROBS)
+    if drop is not None:  # probabilities [b, n, t, s]: a mask per row and head
+        rate, keys_b = drop
+        probs = dropout(probs, rate, head_keys(keys_b, probs.shape[1]), ATTENTION_PROBS)
     return jnp.einsum(out_spec, probs.astype(v.dtype), v)
 
 
@@ -176,10 +177,10 @@ def per_shard(kernel, q_btnh, k_bsnh, v_bsnh, mask_b1ts=None):
     split, so the kernel sees whole sequences of whole heads and the rule never runs. A dimension its mesh axes do
     not divide (a batch of 1 on `data`) stays whole on every device. Without a mesh: the kernel as it is.
 
-    The region must compute nothing from constants alone (cuDNN's kernel does not; an einsum's iota mask would): in
-    a scan's backward JAX hoists such loop-invariant work out of the loop, splitting the region, and JAX 0.10.2 gives
-    the split's residuals a spec naming the enclosing `shard_map`'s axes (the fault `_per_shard_fwd` avoids),
-    which does not lower."""
+    The region (`sharding.manual`: its gradient a custom VJP) must compute nothing from constants alone (cuDNN's
+    kernel does not; an einsum's iota mask would): in a scan's backward JAX hoists such loop-invariant work out of
+    the loop, splitting the region, and JAX 0.10.2 gives the split's residuals a spec naming the enclosing
+    `shard_map`'s axes (the fault `sharding.manual` avoids), which does not lower."""
     from neox_jax import sharding as shd
 
     mesh = jax.sharding.get_abstract_mesh()
@@ -189,52 +190,11 @@ def per_shard(kernel, q_btnh, k_bsnh, v_bsnh, mask_b1ts=None):
         return kernel(q_btnh, k_bsnh, v_bsnh, mask_b1ts)
     names = shd.logical_to_spec(("batch", "length", "heads", "head_dim"))
     spec = P(*(a if a in auto and d % auto[a] == 0 else None for a, d in zip(names, q_btnh.shape)))
-    region = _Region(kernel, spec, None if mask_b1ts is None else P(spec[0]),
-                     tuple(a for a in mesh.axis_names if a in auto))
-    return _per_shard(region, q_btnh, k_bsnh, v_bsnh, mask_b1ts)
-
-
-class _Region:
-    """What `_per_shard` runs and how: the kernel, the specs, the region's mesh axes, and the structure of the
-    kernel's residuals (known once the forward is traced; custom_vjp residuals hold arrays only)."""
-
-    def __init__(self, kernel, spec, mask_spec, axes):
-        self.kernel, self.spec, self.mask_spec, self.axes = kernel, spec, mask_spec, axes
-        # the residuals vary over the axes that split q, k and v: stacked over those (a leading axis each)
-        self.residual_spec = P(tuple(a for a in axes if a in spec))
-        self.residual_tree = None
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _per_shard(region, q, k, v, mask):
-    return _per_shard_fwd(region, q, k, v, mask)[0]
-
-
-def _per_shard_fwd(region, q, k, v, mask):
-    """The forward and its residuals (the kernel's own: cuDNN's softmax statistics, not recomputed) per device,
-    stacked along a leading axis. Autodiff of the `shard_map` itself would give them a spec naming the enclosing
-    `shard_map`'s axes too (JAX 0.10.2), which does not lower inside the step's."""
-
-    def forward(q, k, v, mask):
-        out, pull = jax.vjp(lambda q, k, v: region.kernel(q, k, v, mask), q, k, v)
-        leaves, region.residual_tree = jax.tree.flatten(pull)
-        return out, [x[None] for x in leaves]
-
-    spec = region.spec
-    return jax.shard_map(forward, in_specs=(spec, spec, spec, region.mask_spec),
-                         out_specs=(spec, region.residual_spec), axis_names=set(region.axes))(q, k, v, mask)
-
-
-def _per_shard_bwd(region, residuals, g):
-    def backward(residuals, g):
-        return jax.tree.unflatten(region.residual_tree, [x[0] for x in residuals])(g)
-
-    spec = region.spec
-    return (*jax.shard_map(backward, in_specs=(region.residual_spec, spec), out_specs=(spec, spec, spec),
-                           axis_names=set(region.axes))(residuals, g), None)
-
-
-_per_shard.defvjp(_per_shard_fwd, _per_shard_bwd)
+    axes = tuple(a for a in mesh.axis_names if a in auto)
+    # the residuals (cuDNN's softmax statistics, not recomputed) vary over the axes that split q, k and v
+    region = shd.manual(lambda qkv, mask: kernel(*qkv, mask), (spec, spec, spec),
+                        None if mask_b1ts is None else P(spec[0]), spec, axes, tuple(a for a in axes if a in spec))
+    return region((q_btnh, k_bsnh, v_bsnh), mask_b1ts)
 
 
 def attend_qkv(qkv_btnkh, cos_btr, sin_btr, mask_bts, backend: str, cache=None, cache_index=None, drop=None):

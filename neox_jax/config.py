@@ -42,6 +42,9 @@ class NeoXConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     remat_policy: str = "none"
     attention: str = "auto"  # auto (cuDNN's fused kernel on a GPU where it applies, else the einsum) | xla | cudnn
+    # Megatron sequence parallelism: the residual stream between layers split along the sequence over the tensor
+    # axis (neox_jax/sequence_parallel.py); no effect without tensor parallelism
+    sequence_parallel: bool = False
     hidden_dropout: float = 0.0  # training only: the embedding's and each branch's output (GPT-NeoX's)
     attention_dropout: float = 0.0  # training only: the attention probabilities (the einsum attention then)
     # 0: the language-model head (embed_out); n: a score head of n outputs instead (`score`, Hugging Face's
@@ -125,7 +128,8 @@ class NeoXConfig:
 
 
 # NeoXConfig fields that leave its function (dropout acts in training only)
-HOW_IT_RUNS = ("dtype", "param_dtype", "remat_policy", "attention", "hidden_dropout", "attention_dropout")
+HOW_IT_RUNS = ("dtype", "param_dtype", "remat_policy", "attention", "sequence_parallel", "hidden_dropout",
+               "attention_dropout")
 
 
 def model_differences(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from neox_jax import matmul
+from neox_jax import matmul, sequence_parallel
 from neox_jax.attention import attend_qkv, rotary_cos_sin
 from neox_jax.config import NeoXConfig
 from neox_jax.dropout import ATTENTION_OUT, MLP_OUT, dropout, fold
@@ -143,17 +143,27 @@ class Block(nnx.Module):
         self.attention = Attention(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, cache=None, cache_index=None, keys_b=None):
-        """`keys_b`: this layer's dropout keys per row (dropout.py), None for none."""
-        attn_btd, cache = self.attention(self.input_layernorm(x_btd), cos_btr, sin_btr, mask_bts, cache, cache_index,
-                                         keys_b)
-        attn_btd = dropout(attn_btd, self.dropout, keys_b, ATTENTION_OUT)
-        mlp = lambda h_btd: dropout(self.mlp(self.post_attention_layernorm(h_btd)), self.dropout, keys_b,  # noqa
-                                    MLP_OUT)
-        if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
-            return x_btd + attn_btd + mlp(x_btd), cache
-        h_btd = x_btd + attn_btd
-        return h_btd + mlp(h_btd), cache
+    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, cache=None, cache_index=None, keys_b=None, gather=None,
+                 scatter=None):
+        """`keys_b`: this layer's dropout keys per row (dropout.py), None for none. `gather` and `scatter` (sequence
+        parallelism's region: neox_jax/sequence_parallel.py): the whole sequence of a sequence-split input, and the
+        sum of the devices' partial branch outputs split along the sequence; by default the branches are whole."""
+        gather, scatter = gather or (lambda v: v), scatter or (lambda v: v)
+
+        def attention(h_btd):
+            out_btd, new_cache = self.attention(h_btd, cos_btr, sin_btr, mask_bts, cache, cache_index, keys_b)
+            return dropout(out_btd, self.dropout, keys_b, ATTENTION_OUT), new_cache
+
+        def mlp(h_btd):
+            return dropout(self.mlp(h_btd), self.dropout, keys_b, MLP_OUT)
+
+        if self.parallel:  # x + (attn(ln1(x)) + mlp(ln2(x))): one gather of x, one scatter of the branches' sum
+            whole_btd = gather(x_btd)
+            attn_btd, cache = attention(self.input_layernorm(whole_btd))
+            return x_btd + scatter(attn_btd + mlp(self.post_attention_layernorm(whole_btd))), cache
+        attn_btd, cache = attention(gather(self.input_layernorm(x_btd)))
+        h_btd = x_btd + scatter(attn_btd)
+        return h_btd + scatter(mlp(gather(self.post_attention_layernorm(h_btd)))), cache
 
 
 @jax.tree_util.register_dataclass
@@ -214,21 +224,40 @@ def layer_axes(stacked) -> dict:
 
 
 def apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts=None, cache=None, cache_index=None,
-                keys_b=None):
+                keys_b=None, split: bool = False):
     """One layer (`params`: one layer's slice of the stack, `axes` their `layer_axes`) -> (x, cache). Constraining
     the weights to their logical axes makes a sharded run gather one layer's weights at a time where they are split
-    beyond the rules table (ZeRO-3), instead of moving activations. `keys_b`: the layer's dropout keys."""
+    beyond the rules table (ZeRO-3), instead of moving activations. `keys_b`: the layer's dropout keys. `split`:
+    sequence parallelism (`sequence_parallel.applies`): x enters and leaves split along the sequence."""
     params = jax.tree.map(constrain, params, axes)
-    x_btd, cache = nnx.merge(graphdef, params)(x_btd, cos_btr, sin_btr, mask_bts, cache, cache_index, keys_b)
-    return constrain(x_btd, ("batch", "length", "embed")), cache
+    if split:
+        x_btd = sequence_parallel.apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts, keys_b)
+    else:
+        x_btd, cache = nnx.merge(graphdef, params)(x_btd, cos_btr, sin_btr, mask_bts, cache, cache_index, keys_b)
+    return constrain(x_btd, sequence_parallel.stream_axes(split)), cache
 
 
 def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts, cache=None, cache_index=None,
                keys_b=None):
     """Apply a stack of layers (weights with a leading layer axis) with a scan. `stacked` may also be a tuple of
     per-layer weights (`unstack`, or `fused_layers`' `FusedLayer`s): the layers then run one after the other,
-    unrolled, each reading its own arrays. `keys_b`: each row's dropout keys (dropout.py; layer i folds in i)."""
+    unrolled, each reading its own arrays. `keys_b`: each row's dropout keys (dropout.py; layer i folds in i).
+    Under sequence parallelism the whole scan runs in one region manual over the tensor axis
+    (`sequence_parallel.region`: differentiating a scan of regions would split each of them)."""
     cos_btr, sin_btr = rotary_cos_sin(positions_bt, cfg.rotary_ndims, cfg.rotary_base)
+    if not isinstance(stacked, tuple) and sequence_parallel.applies(cfg, x_btd.shape[1], cache):
+        def scan(stacked, x_btd, cos_btr, sin_btr, mask_bts, keys_b):
+            return _layers(graphdef, stacked, cfg, x_btd, cos_btr, sin_btr, mask_bts, keys_b=keys_b, split=True)[0]
+
+        x_btd = sequence_parallel.region(scan, stacked, layer_axes(stacked), x_btd, (cos_btr, sin_btr, mask_bts, keys_b),
+                                         stacked=True)
+        return constrain(x_btd, sequence_parallel.stream_axes(True)), None
+    return _layers(graphdef, stacked, cfg, x_btd, cos_btr, sin_btr, mask_bts, cache, cache_index, keys_b)
+
+
+def _layers(graphdef, stacked, cfg, x_btd, cos_btr, sin_btr, mask_bts, cache=None, cache_index=None, keys_b=None,
+            split: bool = False):
+    """`run_layers` given the rotary angles; `split`: inside sequence parallelism's region."""
     per_layer = isinstance(stacked, tuple)
     first = stacked[0] if per_layer else stacked
     axes = None if isinstance(first, FusedLayer) else layer_axes(first)
@@ -237,7 +266,7 @@ def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts
         if isinstance(params, FusedLayer):
             return params(cfg, x_btd, cos_btr, sin_btr, mask_bts, cache, cache_index)
         return apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts, cache, cache_index,
-                           None if keys_b is None else fold(keys_b, index))
+                           None if keys_b is None else fold(keys_b, index), split)
 
     if cfg.remat_policy != "none":
         layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
@@ -355,7 +384,8 @@ class GPTNeoX(nnx.Module):
         x_btd = jnp.take(table_ve, input_ids_bt, axis=0).astype(self.config.dtype)
         if keys_b is not None:
             x_btd = dropout(x_btd, self.config.hidden_dropout, fold(keys_b, self.config.num_layers), 0)
-        return constrain(x_btd, ("batch", "length", "embed"))
+        return constrain(x_btd, sequence_parallel.stream_axes(sequence_parallel.applies(self.config,
+                                                                                         x_btd.shape[1])))
 
     def apply_layers(self, x_btd, positions_bt, mask_bts, cache=None, cache_index=None, layer_weights=None,
                      keys_b=None):
@@ -381,10 +411,15 @@ class GPTNeoX(nnx.Module):
         """fp32 logits [b, t, vocab] of the last layer's output; a score model's scores [b, t, labels]."""
         if self.config.num_labels:
             return self.scores(x_btd)
-        h_btd = self.final_layer_norm(x_btd)
+        h_btd = self.final_hidden(x_btd)
         if kernel_vd is None:
             return output_logits(h_btd, self.output_kernel(h_btd.dtype))
         return output_logits(h_btd, kernel_vd.astype(h_btd.dtype), "vd")
+
+    def final_hidden(self, x_btd):
+        """The final LayerNorm's output, whole along the sequence: the vocab-parallel output layer reads every
+        position (under sequence parallelism the last layer's output arrives split: gathered here)."""
+        return sequence_parallel.gathered(self.final_layer_norm(x_btd))
 
     def output_kernel(self, dtype):
         """The output layer's [embed, vocab] kernel in `dtype`, vocabulary-parallel."""

@@ -42,7 +42,7 @@ def token_logprobs(model: GPTNeoX, x_btd, labels_bt, chunk: int = LOSS_CHUNK):
     """(log p(label) [b, t] in fp32, whether the label is the argmax [b, t]) from the last layer's output `x_btd`,
     run over the sequence `chunk` positions at a time (the largest divisor of its length up to `chunk`), so the
     whole [b, t, vocab] logits never exist. No gradient is meant to flow through it."""
-    h_btd = model.final_layer_norm(x_btd)
+    h_btd = model.final_hidden(x_btd)
     kernel_dv = model.output_kernel(h_btd.dtype)
 
     def piece(_, h_and_labels):

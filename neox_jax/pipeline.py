@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from neox_jax import sequence_parallel
 from neox_jax import sharding as shd
 from neox_jax.dropout import fold
 from neox_jax.model import apply_layer, layer_axes, rotary_cos_sin
@@ -82,18 +83,26 @@ def pipeline_grads(graphdef, params, tokens_mbt, targets_mbt, loss_fn, *, seed, 
             return None if keys_mbt is None else keys_mbt[jnp.clip(i, 0, m - 1)]
         # the weights outside the stack, marked as differing per stage so their gradients stay per stage
         outer = jax.lax.pcast({k: v for k, v in params.items() if k != "layers"}, "pipe", to="varying")
+        split = sequence_parallel.applies(cfg, t)  # the stream split along the sequence: so are the sends
         cos_btr, sin_btr = rotary_cos_sin(jnp.broadcast_to(jnp.arange(t), (mb, t)), cfg.rotary_ndims,
                                           cfg.rotary_base)
 
         def whole(outer):
             return nnx.merge(graphdef, {**outer, "layers": layers})
 
-        def layer(w, x, keys_b, index):
+        def layer(w, x, keys_b, index, cos_btr=cos_btr, sin_btr=sin_btr):
             layer_keys = None if keys_b is None else fold(keys_b, index)
-            return apply_layer(layer_def, w, axes, x, cos_btr, sin_btr, keys_b=layer_keys)[0]  # causal
+            return apply_layer(layer_def, w, axes, x, cos_btr, sin_btr, keys_b=layer_keys, split=split)[0]  # causal
 
-        def run_stage(ws, x, keys_b):
-            return jax.lax.scan(lambda x, w_i: (layer(w_i[0], x, keys_b, w_i[1]), x), x, (ws, indices))
+        def scan_stage(ws, x, cos_btr, sin_btr, keys_b, indices):
+            return jax.lax.scan(lambda x, w_i: (layer(w_i[0], x, keys_b, w_i[1], cos_btr, sin_btr), x), x,
+                                (ws, indices))
+
+        def run_stage(ws, x, keys_b):  # -> (output, each layer's input); sequence-parallel: in one region
+            if not split:
+                return scan_stage(ws, x, cos_btr, sin_btr, keys_b, indices)
+            return sequence_parallel.region(scan_stage, ws, axes, x, (cos_btr, sin_btr, keys_b, indices), stacked=True,
+                                            out_specs=(sequence_parallel.split_spec(), sequence_parallel.split_spec(1)))
 
         def stage_backward(kept, g, keys_b):  # -> (weight gradients, input gradient)
             if cfg.remat_policy == "full":
@@ -145,10 +154,12 @@ def pipeline_grads(graphdef, params, tokens_mbt, targets_mbt, loss_fn, *, seed, 
                 g_in = jax.lax.ppermute(g_out, "pipe", [(i + 1, i) for i in range(last)])
             return (x_in, g_in, kept, sums, loss_sum), None
 
-        act = shd.varying(jnp.zeros((mb, t, cfg.hidden_size), jnp.dtype(cfg.dtype)))
-        kept_shape = (keep, *((per_stage,) if cfg.remat_policy == "full" else ()), *act.shape)
+        stream = sequence_parallel.stream_axes(split)
+        act = shd.varying(shd.constrain(jnp.zeros((mb, t, cfg.hidden_size), jnp.dtype(cfg.dtype)), stream))
+        kept_lead = (keep, *((per_stage,) if cfg.remat_policy == "full" else ()))
+        kept = shd.constrain(jnp.zeros((*kept_lead, *act.shape), act.dtype), (None,) * len(kept_lead) + stream)
         sums = jax.tree.map(lambda w: shd.varying(jnp.zeros(w.shape, accum_dtype)), params)
-        carry = (act, act, shd.varying(jnp.zeros(kept_shape, act.dtype)), sums, shd.varying(jnp.zeros((), F32)))
+        carry = (act, act, shd.varying(kept), sums, shd.varying(jnp.zeros((), F32)))
         for first, end, forward, backward in ((0, last, True, False), (last, m + last, True, True),
                                               (m + last, m + 2 * last, False, True)):
             carry, _ = jax.lax.scan(functools.partial(tick, forward=forward, backward=backward), carry,

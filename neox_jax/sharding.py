@@ -6,7 +6,8 @@ rules table below alone decides where they live on the `(data, pipe, tensor)` me
 - Megatron tensor parallelism: QKV and `dense_h_to_4h` column-parallel (`heads`, `mlp` on `tensor`),
   `attention.dense` and `dense_4h_to_h` row-parallel (the same names on their input side), embedding and
   output vocab-parallel.
-- batch on `data`.
+- batch on `data`; under `sequence_parallel` the residual stream between layers split along the sequence
+  (`sequence`) over `tensor` as well (neox_jax/sequence_parallel.py).
 - the stacked `layers` axis on `pipe`: contiguous blocks of layers are the pipeline's stages
   (neox_jax/pipeline.py; with pipe = 1 this splits nothing).
 - ZeRO-1: optimizer state (and the fp32 master copy) additionally split over `data` the same way; with
@@ -15,6 +16,7 @@ rules table below alone decides where they live on the `(data, pipe, tensor)` me
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping
 
@@ -30,6 +32,7 @@ from neox_jax.errors import ConfigError
 LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"),
     ("length", None),
+    ("sequence", "tensor"),  # the residual stream's positions between layers under sequence_parallel
     ("embed", None),
     ("vocab", "tensor"),
     ("labels", None),  # a score head's outputs (reward models: 1)
@@ -149,6 +152,18 @@ def manual_axes() -> tuple[str, ...]:
     return () if mesh.empty else tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual)
 
 
+def mesh_axis(name: str) -> str | None:
+    """The mesh axis the rules table maps logical axis `name` to (None: replicated)."""
+    return dict(LOGICAL_RULES).get(name)
+
+
+def block_start(name: str, size: int):
+    """The index of this device's first element along logical axis `name` (`size` per device) where its mesh axis is
+    manual in the current `shard_map`, else 0 (the whole axis is here)."""
+    axis = mesh_axis(name)
+    return jax.lax.axis_index(axis) * size if axis is not None and axis in manual_axes() else 0
+
+
 def varying(x: jax.Array) -> jax.Array:
     """`x` marked as differing across the manual axes (a scan carry made of zeros must match the per-shard values
     it is combined with); a no-op outside a `shard_map`."""
@@ -216,3 +231,61 @@ def named(mesh: Mesh, specs):
 
 def batch_spec() -> P:
     return logical_to_spec(("batch", "length"))
+
+
+# ---- manual regions ---------------------------------------------------------------------------------
+
+
+def manual(fn, diff_specs, rest_specs, out_spec, axes: tuple[str, ...], residual_axes: tuple[str, ...] | None = None):
+    """`fn(diff, rest)` in a `shard_map` manual over `axes` (nested in any other; the remaining axes automatic), as a
+    function of (diff, rest) differentiable in `diff` only. Its gradient is a custom VJP: the forward's residuals
+    (per device, `jax.vjp` inside the region) leave stacked along a leading axis over `residual_axes` (default
+    `axes`) and the backward is a second `shard_map` over them. Autodiff of the `shard_map` itself gives the
+    residuals a spec naming the enclosing `shard_map`'s manual axes too (JAX 0.10.2), which does not lower inside
+    the step's or the pipeline's. Inside `fn`, collectives over `axes` and the usual transposes of replicated inputs
+    (a gradient summed over the axes) apply."""
+    region = _Region(fn, diff_specs, rest_specs, out_spec, tuple(axes),
+                     tuple(axes) if residual_axes is None else tuple(residual_axes))
+    return functools.partial(_manual, region)
+
+
+class _Region:
+    """What `_manual` runs and how; the structure of the forward's residuals is known once it is traced
+    (custom_vjp residuals hold arrays only)."""
+
+    def __init__(self, fn, diff_specs, rest_specs, out_spec, axes, residual_axes):
+        self.fn, self.diff_specs, self.rest_specs, self.out_spec, self.axes = fn, diff_specs, rest_specs, out_spec, axes
+        self.residual_spec = P(residual_axes)
+        self.residual_tree = None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _manual(region, diff, rest):
+    return _manual_fwd(region, diff, rest)[0]
+
+
+def _manual_fwd(region, diff, rest):
+    def forward(diff, rest):
+        out, pull = jax.vjp(lambda d: region.fn(d, rest), diff)
+        leaves, region.residual_tree = jax.tree.flatten(pull)
+        return out, [_varying_over(x, region.axes)[None] for x in leaves]
+
+    return jax.shard_map(forward, in_specs=(region.diff_specs, region.rest_specs),
+                         out_specs=(region.out_spec, region.residual_spec), axis_names=set(region.axes))(diff, rest)
+
+
+def _varying_over(x, axes):
+    missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _manual_bwd(region, residuals, g):
+    def backward(residuals, g):
+        return jax.tree.unflatten(region.residual_tree, [x[0] for x in residuals])(g)[0]
+
+    grads = jax.shard_map(backward, in_specs=(region.residual_spec, region.out_spec), out_specs=region.diff_specs,
+                          axis_names=set(region.axes))(residuals, g)
+    return grads, None
+
+
+_manual.defvjp(_manual_fwd, _manual_bwd)

@@ -112,7 +112,7 @@ def lm_loss(model: GPTNeoX, x_btd, targets, chunk: int = LOSS_CHUNK):
     output layer and the loss are `output_cross_entropy`'s."""
     labels_bt, weights_bt = targets if isinstance(targets, tuple) else (
         targets, jnp.full(targets.shape, 1 / targets.size, F32))
-    h_btd = model.final_layer_norm(x_btd)
+    h_btd = model.final_hidden(x_btd)
     return output_cross_entropy(h_btd, model.output_kernel(h_btd.dtype), labels_bt, weights_bt, chunk)
 
 

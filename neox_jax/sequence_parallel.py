@@ -1,0 +1,110 @@
+"""Megatron sequence parallelism (Korthikanti et al. 2022, GPT-NeoX's `sequence_parallel`) with its collectives
+written out: between layers the residual stream is split along the sequence over the tensor axis, so LayerNorms,
+dropout and the stored layer inputs take 1/t of the memory, and a layer is a `shard_map` manual over that axis.
+
+Each layer gathers the sequence before its column-parallel products and reduce-scatters after its row-parallel ones
+(`Block`'s `gather` and `scatter`):
+
+    parallel residual    one all-gather of x (both LayerNorms read the whole sequence), one reduce-scatter of
+                         attention's and the MLP's partial sums added: the bytes of the single all-reduce that
+                         tensor parallelism sends without it (GPT-NeoX gathers each LayerNorm's output: 1.5x)
+    sequential residual  Megatron's: LayerNorm on the split stream, all-gather, branch, reduce-scatter, twice
+
+and the backward the transposes (a gather's is a reduce-scatter and the other way round). XLA's automatic
+partitioning of the same constraints sent 2.5-2.9x the bytes (docs/sharding.md). Inside the region each device
+holds its heads and MLP columns as tensor parallelism lays them out; the LayerNorm weights and the row-parallel
+biases are whole on every device and their gradients are summed over the axis by the region's transpose. A
+row-parallel bias is added on the axis's first device only, so the reduce-scatter's sum holds it once; dropout,
+being a mask times the value, is applied to each device's partial sums with the masks of the whole sequence (the
+masks one device draws), and attention dropout to each device's heads with their own keys (dropout.head_keys).
+
+The embedding's output enters split (XLA slices the vocab-parallel lookup); the output layer reads the final
+LayerNorm's output gathered (`gathered`): the vocab-parallel logits need every position of their vocabulary
+slice, and gathering [b, t, d] sends far fewer bytes than gathering the [d, V] kernel would.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from neox_jax import sharding as shd
+
+# the row-parallel products' biases: added once to the sum of the devices' partial outputs
+ROW_PARALLEL_BIASES = (("attention", "dense", "bias"), ("mlp", "dense_4h_to_h", "bias"))
+
+
+def axis() -> str | None:
+    """The mesh axis that splits the residual stream's positions (the rules table's `sequence`)."""
+    return shd.mesh_axis("sequence")
+
+
+def applies(cfg, length: int, cache=None) -> bool:
+    """Whether layers of `length` positions run sequence-parallel: the setting on, a mesh whose tensor axis has
+    more than one device (and is not manual already), no KV cache (a decode step's token cannot be split), and a
+    length the axis divides (training's is checked by `train.check_layout`; an evaluation of another length runs
+    the layers whole, the same function)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not cfg.sequence_parallel or cache is not None or mesh.empty:
+        return False
+    size = dict(mesh.shape).get(axis(), 1)
+    return size > 1 and axis() not in shd.manual_axes() and length % size == 0
+
+
+def stream_axes(split: bool) -> tuple[str, str, str]:
+    """Logical axes of the residual stream between layers: split along the sequence under sequence parallelism."""
+    return ("batch", "sequence" if split else "length", "embed")
+
+
+def gathered(h_btd):
+    """The whole sequence of a (possibly) sequence-split activation, for the vocab-parallel output layer."""
+    return shd.constrain(h_btd, ("batch", "length", "embed"))
+
+
+def _on_first(tree, first):
+    """`tree` (a layer's weights) with each row-parallel bias zero except on the axis's first device."""
+    def edit(path, w):
+        names = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))  # an nnx.State's `.value` left out
+        if names in ROW_PARALLEL_BIASES:
+            return jnp.where(first, w, jnp.zeros_like(w))
+        return w
+
+    return jax.tree_util.tree_map_with_path(edit, tree)
+
+
+def weight_specs(axes, stacked: bool = False):
+    """Each weight's split over the sequence's mesh axis (the rules table's, tensor parallelism's) from its logical
+    `axes` (a layer's, `model.layer_axes`); `stacked`: the weights carry the leading `layers` axis."""
+    name = axis()
+    return jax.tree.map(lambda a: P(*((None,) if stacked else ()), *(name if shd.mesh_axis(n) == name else None
+                                                                      for n in a)),
+                        axes, is_leaf=lambda a: isinstance(a, tuple))
+
+
+def split_spec(lead: int = 0) -> P:
+    """The spec of a sequence-split [b, t, d] activation (after `lead` leading axes) in a region."""
+    return P(*(None,) * lead, None, axis(), None)
+
+
+def region(fn, params, axes, x_btd, rest, stacked: bool = False, out_specs=None):
+    """`fn(params, x_btd, *rest)` in a region manual over the sequence's mesh axis (`sharding.manual`): the weights
+    enter as the rules table splits them over it, x split along the sequence, `rest` (rotary angles, mask, dropout
+    keys, layer indices) whole; the output split along the sequence (or as `out_specs` say). Everything `fn` closes
+    over must be static: a custom VJP cannot carry traced values in."""
+    return shd.manual(lambda diff, rest: fn(*diff, *rest), (weight_specs(axes, stacked), split_spec()),
+                      tuple(P() for _ in rest), out_specs or split_spec(), (axis(),))((params, x_btd), rest)
+
+
+def apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts=None, keys_b=None):
+    """One layer (a `Block`'s graphdef and weights, their logical `axes`) on a sequence-split `x_btd` [b, t, d] ->
+    its sequence-split output: inside a region already (`run_layers`'), or in one of its own."""
+    name = axis()
+    if name not in shd.manual_axes():
+        return region(lambda params, x_btd, *rest: apply_layer(graphdef, params, axes, x_btd, *rest), params, axes,
+                      x_btd, (cos_btr, sin_btr, mask_bts, keys_b))
+    block = nnx.merge(graphdef, _on_first(params, jax.lax.axis_index(name) == 0))
+    return block(x_btd, cos_btr, sin_btr, mask_bts, keys_b=keys_b,
+                 gather=lambda v: jax.lax.all_gather(v, name, axis=1, tiled=True),
+                 scatter=lambda v: jax.lax.psum_scatter(v, name, scatter_dimension=1, tiled=True))[0]
