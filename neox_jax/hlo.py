@@ -128,12 +128,13 @@ def _loops(hlo: str) -> tuple[dict[str, list[str]], dict[str, int]]:
     return comps, _multipliers(comps, entry)
 
 
-def collective_bytes(hlo: str, mesh_shape: dict[str, int]) -> dict[str, int]:
-    """Bytes each device sends per step, by the mesh axes a collective spans."""
+def collectives(hlo: str, mesh_shape: dict[str, int]) -> list[tuple[str, str, str, int, int]]:
+    """Each collective of the program: (kind, the mesh axes it spans joined by "+", its result's type text, bytes
+    each device sends per call (ring algorithms), calls per step)."""
     axes, dims = list(mesh_shape), tuple(mesh_shape.values())
     n = math.prod(dims)
     comps, mult = _loops(hlo)
-    out: dict[str, int] = defaultdict(int)
+    out = []
     for name, lines in comps.items():
         k = mult.get(name, 0)
         for line in lines:
@@ -145,8 +146,8 @@ def collective_bytes(hlo: str, mesh_shape: dict[str, int]) -> dict[str, int]:
                 continue
             coords = np.array([np.unravel_index(i, dims) for i in group])
             spanned = [a for i, a in enumerate(axes) if len(set(coords[:, i])) > 1] or ["(none)"]
-            size, g = _shape_bytes(_result(m.group(1), m.group(2), bool(m.group(3)))), len(set(group))
-            kind = m.group(2)
+            result = _result(m.group(1), m.group(2), bool(m.group(3)))
+            size, g, kind = _shape_bytes(result), len(set(group)), m.group(2)
             if kind == "all-reduce":
                 sent = 2 * (g - 1) / g * size
             elif kind == "all-gather":
@@ -155,7 +156,15 @@ def collective_bytes(hlo: str, mesh_shape: dict[str, int]) -> dict[str, int]:
                 sent = (g - 1) * size
             else:  # collective-permute, all-to-all
                 sent = size
-            out["+".join(spanned)] += int(sent * k)
+            out.append((kind, "+".join(spanned), result, sent, k))
+    return out
+
+
+def collective_bytes(hlo: str, mesh_shape: dict[str, int]) -> dict[str, int]:
+    """Bytes each device sends per step, by the mesh axes a collective spans."""
+    out: dict[str, int] = defaultdict(int)
+    for _, axes, _, sent, calls in collectives(hlo, mesh_shape):
+        out[axes] += int(sent * calls)
     return dict(out)
 
 

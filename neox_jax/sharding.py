@@ -239,14 +239,15 @@ def batch_spec() -> P:
 def manual(fn, diff_specs, rest_specs, out_spec, axes: tuple[str, ...], residual_axes: tuple[str, ...] | None = None):
     """`fn(diff, rest)` in a `shard_map` manual over `axes` (nested in any other; the remaining axes automatic), as a
     function of (diff, rest) differentiable in `diff` only. Its gradient is a custom VJP: the forward's residuals
-    (per device, `jax.vjp` inside the region) leave stacked along a leading axis over `residual_axes` (default
-    `axes`) and the backward is a second `shard_map` over them. Autodiff of the `shard_map` itself gives the
+    (per device, `jax.vjp` inside the region: cuDNN's softmax statistics, a layer's inputs) leave stacked along a
+    leading axis over `residual_axes` (the axes they may vary over; default `axes`) and the backward is a second
+    `shard_map` over them. Autodiff of the `shard_map` itself gives the
     residuals a spec naming the enclosing `shard_map`'s manual axes too (JAX 0.10.2), which does not lower inside
     the step's or the pipeline's. Inside `fn`, collectives over `axes` and the usual transposes of replicated inputs
     (a gradient summed over the axes) apply."""
-    region = _Region(fn, diff_specs, rest_specs, out_spec, tuple(axes),
-                     tuple(axes) if residual_axes is None else tuple(residual_axes))
-    return functools.partial(_manual, region)
+    axes = tuple(axes)
+    return functools.partial(_manual, _Region(fn, diff_specs, rest_specs, out_spec, axes,
+                                              axes if residual_axes is None else tuple(residual_axes)))
 
 
 class _Region:
@@ -268,15 +269,10 @@ def _manual_fwd(region, diff, rest):
     def forward(diff, rest):
         out, pull = jax.vjp(lambda d: region.fn(d, rest), diff)
         leaves, region.residual_tree = jax.tree.flatten(pull)
-        return out, [_varying_over(x, region.axes)[None] for x in leaves]
+        return out, [x[None] for x in leaves]
 
     return jax.shard_map(forward, in_specs=(region.diff_specs, region.rest_specs),
                          out_specs=(region.out_spec, region.residual_spec), axis_names=set(region.axes))(diff, rest)
-
-
-def _varying_over(x, axes):
-    missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _manual_bwd(region, residuals, g):

@@ -67,6 +67,9 @@ def check_layout(cfg: TrainConfig, mesh_shape: dict[str, int]):
         if size % tensor:
             problems.append(f"{what}={size} is not divisible by mesh tensor={tensor}: "
                             f"choose a tensor size that divides {what}")
+    if m.sequence_parallel and tensor > 1 and cfg.seq_length % tensor:
+        problems.append(f"sequence_parallel with seq_length={cfg.seq_length}: the sequence is split over mesh "
+                        f"tensor={tensor}, which does not divide it: choose a seq_length that tensor divides")
     if m.num_layers % pipe:
         problems.append(f"num_layers={m.num_layers} is not divisible by mesh pipe={pipe}: "
                         "choose a pipe size that divides the layer count")

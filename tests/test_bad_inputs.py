@@ -312,7 +312,6 @@ def test_neox_yaml_keys_whose_default_changed_say_which_default_they_get(tmp_pat
 
 
 @pytest.mark.parametrize("changes, says", [
-    ({"sequence_parallel": True}, "sequence_parallel=True: Megatron sequence parallelism is not implemented"),
     ({"finetune": True}, "finetune: true needs `load`, the checkpoint whose weights the run starts from"),
     ({"train_epochs": 2}, "train_epochs=2: neox-jax trains with train_iters"),
     ({"load": "elsewhere", "save": "here"}, "load='elsewhere' differs from save='here'"),

@@ -23,7 +23,7 @@ READ = {
     "seq_length", "max_position_embeddings", "layernorm_epsilon", "rotary_pct", "rotary_emb_base", "gpt_j_residual",
     "bias_gelu_fusion", "init_method", "output_layer_init_method", "init_method_std", "make_vocab_size_divisible_by",
     "padded_vocab_size", "attention_config", "num_kv_heads", "precision", "fp16", "bf16", "checkpoint_activations",
-    "tokenizer_type", "vocab_file", "hidden_dropout", "attention_dropout",
+    "tokenizer_type", "vocab_file", "hidden_dropout", "attention_dropout", "sequence_parallel",
     # layout and batch
     "model_parallel_size", "pipe_parallel_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
     "gas", "train_batch_size", "zero_optimization",
@@ -83,7 +83,6 @@ OFF_MODEL = {
            "use_mup", "te_columnparallel", "te_rowparallel", "te_layernorm_mlp", "te_mha", "te_fp8_mha"),
 }
 OFF_TRAINING = {
-    **_each("Megatron sequence parallelism is not implemented (docs/sharding.md says why)", "sequence_parallel"),
     **_each("neox-jax trains with train_iters", "train_epochs"),
     **_each("weights from document counts are not implemented: give data weights", "weight_by_num_documents"),
     **_each("the reference log-probabilities are computed on the fly from the reference weights kept in the train "

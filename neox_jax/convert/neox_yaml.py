@@ -157,6 +157,7 @@ def model_config(*paths: str | os.PathLike, tokenizer_vocab_size: int = 0,
         init_std=float(get("init_method_std", 0.02)),
         dtype=dtype,
         remat_policy="full" if get("checkpoint_activations", False) else "none",
+        sequence_parallel=bool(get("sequence_parallel", False)),
         hidden_dropout=changed_default(args, "hidden_dropout", where, weights_only),
         attention_dropout=changed_default(args, "attention_dropout", where, weights_only),
     )
