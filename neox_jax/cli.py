@@ -183,6 +183,8 @@ def cmd_plan(args):
     if args.seq_length:
         overrides["seq_length"] = args.seq_length
     cfg = _train_config(args.config, overrides)
+    if args.sequence_parallel:
+        cfg = cfg.replace(model=cfg.model.replace(sequence_parallel=args.sequence_parallel == "on"))
     if any(v == -1 for v in cfg.mesh.values()):  # fill it from --devices, or the smallest mesh of this layout
         fixed = math.prod(v for v in cfg.mesh.values() if v > 0)
         devices = args.devices or fixed
@@ -218,7 +220,8 @@ def cmd_plan(args):
                  f"{n} emulated CPU devices (XLA's GPU compiler needs the gpu-plan extra: {gpus.GPU_PLAN})")
         print(f"planning {args.config} on mesh {dict(cfg.mesh)}: {cfg.model.num_params / 1e9:.2f}B parameters, "
               f"seq {cfg.seq_length}, micro batch {cfg.micro_batch_size} x {cfg.grad_accum_steps} accumulation, "
-              f"{cfg.precision}, ZeRO stage {cfg.zero_stage}, remat {cfg.model.remat_policy}; compiling for "
+              f"{cfg.precision}, ZeRO stage {cfg.zero_stage}, remat {cfg.model.remat_policy}"
+              f"{', sequence parallel' if cfg.model.sequence_parallel and cfg.mesh['tensor'] > 1 else ''}; compiling for "
               f"{where}...", flush=True)
     p = plan(cfg, target, hosts, compiler)
     if primary:
@@ -501,6 +504,8 @@ def main(argv=None):
     p.add_argument("--mesh", help="e.g. data=12,pipe=4,tensor=2 (default: the config's)")
     p.add_argument("--micro-batch", type=int, help="sequences per data-parallel replica per microstep")
     p.add_argument("--seq-length", type=int)
+    p.add_argument("--sequence-parallel", choices=["on", "off"],
+                   help="Megatron sequence parallelism over `tensor` (default: the config's sequence_parallel)")
     p.add_argument("--target", help="the card to compile for (default: the --cluster's, else a100-40gb): "
                                     "a100-40gb, a100-80gb, h100-80gb, h200-141gb, a6000-48gb, rtx3090ti-24gb")
     p.add_argument("--hosts", type=int, help="hosts the devices are spread over (default: the --cluster's node "

@@ -68,6 +68,8 @@ class Plan:
     collective_ops: dict = dataclasses.field(default_factory=dict)  # kind -> (asynchronous, all) per step
     gpu_collectives: dict = dataclasses.field(default_factory=dict)  # mesh axes -> bytes, the optimized GPU program
     reference: int = 0  # DPO's or KTO's frozen reference weights, bytes per device (the working weights' layout)
+    sequence_parallel: bool = False  # the residual stream split along the sequence over `tensor` (tensor > 1)
+    activations_toggled: int = 0  # the analytical activations with sequence parallelism the other way (tensor > 1)
 
     @property
     def xla_total(self) -> int:
@@ -102,7 +104,12 @@ class Plan:
                f"compiled by {compiler}",
                "", "per device                                         analytical"]
         out += [f"  {name:47s} {v / GB:9.2f} GB" for name, v in rows]
-        out += [f"  {'total':47s} {self.analytic_total / GB:9.2f} GB", "",
+        out += [f"  {'total':47s} {self.analytic_total / GB:9.2f} GB"]
+        if self.mesh.get("tensor", 1) > 1:
+            out.append(f"  sequence_parallel {'on' if self.sequence_parallel else 'off'}: activations "
+                       f"{self.activations_estimate / GB:.2f} GB; {'off' if self.sequence_parallel else 'on'} they "
+                       f"would be {self.activations_toggled / GB:.2f} GB (analytical)")
+        out += ["",
                 "XLA memory analysis of the compiled step (per device)",
                 f"  {'arguments (state + batch)':47s} {self.xla_argument / GB:9.2f} GB",
                 f"  {'outputs, less donated buffers':47s} {(self.xla_output - self.xla_alias) / GB:9.2f} GB",
@@ -138,10 +145,12 @@ class Plan:
         return "\n".join(out)
 
 
-def activation_bytes(cfg: TrainConfig, mesh: dict, microbatches: int = 1) -> int:
+def activation_bytes(cfg: TrainConfig, mesh: dict, microbatches: int = 1, sequence_parallel: bool | None = None
+                     ) -> int:
     """Korthikanti et al.: a layer's activations for b sequences are s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes at
-    16-bit. With recomputation only each layer's input (2*s*b*h) is kept, plus one layer's working set in the
-    backward. With a pipeline of P stages over M microbatches each device runs L/P layers on microbatches of
+    16-bit, s*b*h*(34/t + 5*a*s/(h*t)) with sequence parallelism (`sequence_parallel`, default the model's: the
+    LayerNorms' and dropouts' regions split too). With recomputation only each layer's input (2*s*b*h, or 1/t of
+    it split along the sequence) is kept, plus one layer's working set in the backward. With a pipeline of P stages over M microbatches each device runs L/P layers on microbatches of
     b = micro_batch x accumulation / M sequences and keeps 2P - 1 of them at once (neox_jax/pipeline.py): each
     layer's input (remat full) plus one layer's working set, or the stage's input (none) plus the whole stage's
     working set in its backward. Plus one chunk of the loss's fp32 logits and their gradient (objectives.LOSS_CHUNK
@@ -155,8 +164,9 @@ def activation_bytes(cfg: TrainConfig, mesh: dict, microbatches: int = 1) -> int
     b = cfg.micro_batch_size * cfg.grad_accum_steps // microbatches if stages > 1 else cfg.micro_batch_size
     b *= 2 if cfg.pairs else 1  # a DPO or RM micro batch counts pairs: two sequences each
     layers = m.num_layers // stages
-    per_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) * width
-    layer_input = 2 * s * b * h * width
+    split = (m.sequence_parallel if sequence_parallel is None else sequence_parallel) and t > 1
+    per_layer = s * b * h * ((34 / t if split else 10 + 24 / t) + 5 * a * s / (h * t)) * width
+    layer_input = 2 * s * b * h * width / (t if split else 1)
     in_flight = slots(stages) if stages > 1 else 1
     if m.remat_policy == "none":
         kept = (in_flight * layer_input if stages > 1 else 0) + layers * per_layer
@@ -225,6 +235,9 @@ def plan(cfg: TrainConfig, target: str = "a100-40gb", hosts: int | None = None, 
         opt_state=sharded_bytes(state.opt_state, sh.opt_state),
         grads=grads,
         activations_estimate=activation_bytes(trainer.cfg, dict(mesh.shape), trainer.microbatches),
+        sequence_parallel=cfg.model.sequence_parallel and mesh.shape["tensor"] > 1,
+        activations_toggled=activation_bytes(trainer.cfg, dict(mesh.shape), trainer.microbatches,
+                                             not cfg.model.sequence_parallel),
         xla_argument=mem.argument_size_in_bytes, xla_output=mem.output_size_in_bytes,
         xla_alias=mem.alias_size_in_bytes, xla_temp=mem.temp_size_in_bytes,
         collectives=collective_bytes(partitioned, dict(mesh.shape)),

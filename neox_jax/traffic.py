@@ -10,7 +10,12 @@ sets beside what the compiled step sends (bytes each device sends per step, ring
             branches add before it; two without), the same again in a recomputed forward, and one for each
             column-parallel input in the backward (two); plus the vocab-parallel embedding's forward and the
             output layer's input gradient. An all-reduce over t devices sends 2 (t - 1) / t of its size.
-    pipe    each microbatch's activation crossing each stage boundary forward, and its gradient backward.
+            Under sequence parallelism (neox_jax/sequence_parallel.py) each all-reduce is an all-gather and a
+            reduce-scatter (half its bytes each): forward and backward one pair per branch sum (one with the
+            parallel residual, two without), a recomputed forward the same less its last reduce-scatter, whose
+            output the backward does not read.
+    pipe    each microbatch's activation crossing each stage boundary forward, and its gradient backward (split
+            along the sequence over `tensor` under sequence parallelism).
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def per_layer_allreduces(parallel_residual: bool, recompute: bool) -> int:
+def per_layer_allreduces(parallel_residual: bool, recompute: bool, sequence_parallel: bool = False) -> float:
+    """A layer's `tensor` traffic per microbatch in all-reduces of its activations (module docstring)."""
     forward = 1 if parallel_residual else 2
+    if sequence_parallel:
+        return 2 * forward + (forward - 0.5 if recompute else 0)
     return forward * (2 if recompute else 1) + 2
 
 
@@ -43,12 +51,13 @@ def minimum_traffic(cfg, mesh: dict[str, int], params_per_device: int) -> dict[s
             out["data"] = 2 * accum * params_per_device * (d - 1) / d
     # the activations of all this replica's sequences in the step, one layer, in the working dtype
     step_activations = cfg.grad_accum_steps * cfg.micro_batch_size * cfg.seq_length * m.hidden_size * work
+    split = m.sequence_parallel and t > 1
     if t > 1:
         recompute = m.remat_policy != "none"
-        count = m.num_layers // p * per_layer_allreduces(m.use_parallel_residual, recompute) + 2
+        count = m.num_layers // p * per_layer_allreduces(m.use_parallel_residual, recompute, split) + 2
         out["tensor"] = count * step_activations * 2 * (t - 1) / t
     if p > 1:
-        out["pipe"] = 2 * step_activations
+        out["pipe"] = 2 * step_activations / (t if split else 1)
     return out
 
 

@@ -196,7 +196,8 @@ class Trainer:
         self.batch_sharding = NamedSharding(mesh, P(None, *shd.batch_spec()))  # [accum, batch, length]
 
         self.platform = mesh.devices.flat[0].platform if isinstance(mesh, Mesh) else None  # None: JAX's backend
-        self.compiler_options = compiler_options(cfg.xla_options, self.platform)
+        self.compiler_options = compiler_options(cfg.xla_options, self.platform,
+                                                 cfg.model.sequence_parallel and self.mesh_shape["tensor"] > 1)
         jit = functools.partial(jax.jit, compiler_options=self.compiler_options)
         self.init = jit(self.under_mesh(self._init), out_shardings=self.state_shardings)
         self.start_from = jit(self.under_mesh(self._start_from), out_shardings=self.state_shardings)

@@ -35,15 +35,25 @@ GPU_DEFAULTS: dict[str, Any] = {
 }
 
 
-def defaults(backend: str) -> dict[str, Any]:
-    return dict(GPU_DEFAULTS) if backend in ("gpu", "cuda", "rocm") else {}
+# Sequence parallelism's gathers and reduce-scatters of activations in the layer scan depend on the previous layer:
+# XLA's collective pipeliner cloned the layers to start them an iteration early (twice the GEMMs and cuDNN calls,
+# 2.5x the temporaries of a 4-layer, 4-microstep step in XLA's GPU count), so they are not pipelined.
+SEQUENCE_PARALLEL = {"xla_gpu_enable_pipelined_all_gather": False, "xla_gpu_enable_pipelined_reduce_scatter": False}
 
 
-def compiler_options(overrides: Mapping[str, Any], backend: str | None = None) -> dict[str, Any]:
-    """The options the step compiles with on `backend` (default: JAX's): the defaults with `overrides` over them,
-    where an override of None removes a default. They are tried on a trivial program first, so a name or value
-    this jaxlib does not take is a ConfigError naming it and the setting, before the step compiles."""
-    options = defaults(backend or jax.default_backend())
+def defaults(backend: str, sequence_parallel: bool = False) -> dict[str, Any]:
+    if backend not in ("gpu", "cuda", "rocm"):
+        return {}
+    return {**GPU_DEFAULTS, **(SEQUENCE_PARALLEL if sequence_parallel else {})}
+
+
+def compiler_options(overrides: Mapping[str, Any], backend: str | None = None, sequence_parallel: bool = False
+                     ) -> dict[str, Any]:
+    """The options the step compiles with on `backend` (default: JAX's): the defaults (with `sequence_parallel`,
+    its own) with `overrides` over them, where an override of None removes a default. They are tried on a trivial
+    program first, so a name or value this jaxlib does not take is a ConfigError naming it and the setting, before
+    the step compiles."""
+    options = defaults(backend or jax.default_backend(), sequence_parallel)
     for name, value in overrides.items():
         if value is None:
             options.pop(name, None)
