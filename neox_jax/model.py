@@ -143,12 +143,14 @@ class Block(nnx.Module):
         self.attention = Attention(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, cache=None, cache_index=None, keys_b=None, gather=None,
+    def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, cache=None, cache_index=None, keys_b=None, normalized=None,
                  scatter=None):
-        """`keys_b`: this layer's dropout keys per row (dropout.py), None for none. `gather` and `scatter` (sequence
-        parallelism's region: neox_jax/sequence_parallel.py): the whole sequence of a sequence-split input, and the
-        sum of the devices' partial branch outputs split along the sequence; by default the branches are whole."""
-        gather, scatter = gather or (lambda v: v), scatter or (lambda v: v)
+        """`keys_b`: this layer's dropout keys per row (dropout.py), None for none. `normalized` and `scatter`
+        (sequence parallelism's region: neox_jax/sequence_parallel.py): `normalized(norms, x)` each LayerNorm of
+        `x` over the whole sequence of a sequence-split x, and `scatter` the sum of the devices' partial branch
+        outputs split along the sequence; by default the sequence is whole."""
+        normalized = normalized or (lambda norms, v: tuple(norm(v) for norm in norms))
+        scatter = scatter or (lambda v: v)
 
         def attention(h_btd):
             out_btd, new_cache = self.attention(h_btd, cos_btr, sin_btr, mask_bts, cache, cache_index, keys_b)
@@ -157,13 +159,14 @@ class Block(nnx.Module):
         def mlp(h_btd):
             return dropout(self.mlp(h_btd), self.dropout, keys_b, MLP_OUT)
 
-        if self.parallel:  # x + (attn(ln1(x)) + mlp(ln2(x))): one gather of x, one scatter of the branches' sum
-            whole_btd = gather(x_btd)
-            attn_btd, cache = attention(self.input_layernorm(whole_btd))
-            return x_btd + scatter(attn_btd + mlp(self.post_attention_layernorm(whole_btd))), cache
-        attn_btd, cache = attention(gather(self.input_layernorm(x_btd)))
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        if self.parallel:  # x + (attn(ln1(x)) + mlp(ln2(x))): one scatter of the branches' sum
+            h1_btd, h2_btd = normalized((ln1, ln2), x_btd)
+            attn_btd, cache = attention(h1_btd)
+            return x_btd + scatter(attn_btd + mlp(h2_btd)), cache
+        attn_btd, cache = attention(*normalized((ln1,), x_btd))
         h_btd = x_btd + scatter(attn_btd)
-        return h_btd + scatter(mlp(gather(self.post_attention_layernorm(h_btd)))), cache
+        return h_btd + scatter(mlp(*normalized((ln2,), h_btd))), cache
 
 
 @jax.tree_util.register_dataclass
@@ -270,6 +273,8 @@ def _layers(graphdef, stacked, cfg, x_btd, cos_btr, sin_btr, mask_bts, cache=Non
 
     if cfg.remat_policy != "none":
         layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
+    elif split:  # keep all but the gathered sequence: the backward gathers it again (sequence_parallel.normalized)
+        layer = jax.checkpoint(layer, policy=sequence_parallel.KEEP_SPLIT, prevent_cse=False)
     if per_layer:  # and the cache, when there is one, a tuple of per-layer caches (`init_cache(per_layer=True)`)
         caches = []
         for index, params in enumerate(stacked):

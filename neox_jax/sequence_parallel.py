@@ -28,8 +28,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from neox_jax import matmul
 from neox_jax import sharding as shd
 
 # the row-parallel products' biases: added once to the sum of the devices' partial outputs
@@ -104,7 +106,45 @@ def apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts=None, 
     if name not in shd.manual_axes():
         return region(lambda params, x_btd, *rest: apply_layer(graphdef, params, axes, x_btd, *rest), params, axes,
                       x_btd, (cos_btr, sin_btr, mask_bts, keys_b))
+    if matmul.cpu_program():  # so the gradients of the weights whole on every device are summed in fp32 (`_scatter`)
+        params = jax.tree.map(lambda w, a: w if any(shd.mesh_axis(n) == name for n in a) else w.astype(jnp.float32),
+                              params, axes, is_leaf=lambda a: isinstance(a, tuple))
     block = nnx.merge(graphdef, _on_first(params, jax.lax.axis_index(name) == 0))
     return block(x_btd, cos_btr, sin_btr, mask_bts, keys_b=keys_b,
-                 gather=lambda v: jax.lax.all_gather(v, name, axis=1, tiled=True),
-                 scatter=lambda v: jax.lax.psum_scatter(v, name, scatter_dimension=1, tiled=True))[0]
+                 normalized=normalized, scatter=_scatter)[0]
+
+
+GATHERED = "sequence_parallel_gathered"
+# a layer's recomputation policy without other recomputation: everything kept but what `normalized` gathers
+KEEP_SPLIT = jax.checkpoint_policies.save_anything_except_these_names(GATHERED)
+
+
+def normalized(norms, x_btd):
+    """Each LayerNorm of `norms` over the whole sequence of the split `x_btd`: one gather and both LayerNorms on it
+    (the parallel residual's two), or Megatron's LayerNorm on the split stream and a gather of its output (one).
+    Their outputs are named so a layer kept for its backward (`KEEP_SPLIT`) keeps the split input instead and
+    gathers again, as Megatron does: the whole sequence is never stored between forward and backward."""
+    def whole(x_btd):
+        if len(norms) == 1:
+            return (_gather(norms[0](x_btd)),)
+        x_btd = _gather(x_btd)
+        return tuple(norm(x_btd) for norm in norms)
+
+    outs = jax.checkpoint(whole, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)(x_btd)
+    return tuple(checkpoint_name(out, GATHERED) for out in outs)
+
+
+def _gather(v_btd):
+    """The whole sequence of a sequence-split activation (its gradient: `_scatter`'s reduce-scatter)."""
+    wide = matmul.cpu_program() and v_btd.dtype != jnp.float32
+    out = jax.lax.all_gather(v_btd.astype(jnp.float32) if wide else v_btd, axis(), axis=1, tiled=True)
+    return out.astype(v_btd.dtype)
+
+
+def _scatter(v_btd):
+    """The devices' partial sums added and split along the sequence. XLA's CPU compiler aborts on a bf16
+    reduce-scatter or all-reduce in a manual region ("Invalid binary instruction opcode copy", JAX 0.10.2): a CPU
+    program sums in fp32 (and gathers in fp32, whose gradient is a reduce-scatter)."""
+    wide = matmul.cpu_program() and v_btd.dtype != jnp.float32
+    out = jax.lax.psum_scatter(v_btd.astype(jnp.float32) if wide else v_btd, axis(), scatter_dimension=1, tiled=True)
+    return out.astype(v_btd.dtype)

@@ -139,7 +139,8 @@ def test_gpt_neox_key_is_read_and_an_indivisible_sequence_is_refused(tmp_path):
 
     f = tmp_path / "sp.yml"
     f.write_text(yaml.safe_dump({"num_layers": 2, "hidden_size": 64, "num_attention_heads": 8, "seq_length": 30,
-                                 "model_parallel_size": 4, "sequence_parallel": True, "hidden_dropout": 0,
+                                 "model_parallel_size": 4, "sequence_parallel": True, "pos_emb": "rotary",
+                                 "no_weight_tying": True, "hidden_dropout": 0,
                                  "attention_dropout": 0, "weight_decay": 0.1, "train_micro_batch_size_per_gpu": 1,
                                  "train_iters": 1}))
     cfg = neox_yaml.train_config(f)
