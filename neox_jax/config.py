@@ -18,7 +18,7 @@ from neox_jax.errors import ConfigError
 ACTIVATIONS = ("gelu", "gelu_fast")
 INIT_METHODS = ("small_init", "wang_init", "normal", "scaled_normal")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = ("none", "full", "selective", "dots_saveable", "dots_with_no_batch_dims_saveable")
 ATTENTION = ("auto", "xla", "cudnn")
 
 

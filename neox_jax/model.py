@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from neox_jax import matmul, sequence_parallel
@@ -28,6 +29,7 @@ from neox_jax.errors import ConfigError
 from neox_jax.sharding import constrain
 
 F32 = jnp.float32
+PROJECTED = "projected"  # the column-parallel projections' outputs: what `remat_policy: selective` keeps
 
 
 def init_scale(method: str, cfg: NeoXConfig) -> float:
@@ -114,8 +116,9 @@ class Attention(nnx.Module):
                            ("heads", "head_dim", "embed"), (d,), ("embed",))
 
     def __call__(self, x_btd, cos_btr, sin_btr, mask_bts, cache=None, cache_index=None, keys_b=None):
-        out_btnh, cache = attend_qkv(self.query_key_value("btd,dnkh->btnkh", x_btd), cos_btr, sin_btr, mask_bts,
-                                     self.backend, cache, cache_index, (self.dropout, keys_b))
+        qkv_btnkh = checkpoint_name(self.query_key_value("btd,dnkh->btnkh", x_btd), PROJECTED)
+        out_btnh, cache = attend_qkv(qkv_btnkh, cos_btr, sin_btr, mask_bts, self.backend, cache, cache_index,
+                                     (self.dropout, keys_b))
         return self.dense.flat(out_btnh, 2), cache
 
 
@@ -129,7 +132,8 @@ class MLP(nnx.Module):
                                    (d,), ("embed",))
 
     def __call__(self, x_btd):
-        h_btf = jax.nn.gelu(self.dense_h_to_4h("btd,df->btf", x_btd), approximate=self.approximate)
+        h_btf = jax.nn.gelu(checkpoint_name(self.dense_h_to_4h("btd,df->btf", x_btd), PROJECTED),
+                            approximate=self.approximate)
         return self.dense_4h_to_h("btf,fd->btd", h_btf)
 
 
@@ -215,6 +219,9 @@ class FusedLayer:
 
 _REMAT = {
     "full": None,  # save nothing inside a layer: recompute it all on the backward pass
+    # Korthikanti et al.'s selective recomputation: keep the column-parallel projections' outputs (QKV, the MLP's
+    # first), recompute the attention core, LayerNorms and activations (and, sequence-parallel, the gathers)
+    "selective": jax.checkpoint_policies.save_only_these_names(PROJECTED),
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -273,8 +280,6 @@ def _layers(graphdef, stacked, cfg, x_btd, cos_btr, sin_btr, mask_bts, cache=Non
 
     if cfg.remat_policy != "none":
         layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
-    elif split:  # keep all but the gathered sequence: the backward gathers it again (sequence_parallel.normalized)
-        layer = jax.checkpoint(layer, policy=sequence_parallel.KEEP_SPLIT, prevent_cse=False)
     if per_layer:  # and the cache, when there is one, a tuple of per-layer caches (`init_cache(per_layer=True)`)
         caches = []
         for index, params in enumerate(stacked):

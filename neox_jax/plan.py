@@ -327,6 +327,9 @@ def recomputation(cfg: TrainConfig, stages: int) -> tuple[int, str]:
                    "each layer's forward recomputed once in its stage's backward")
     if policy == "none":
         return 0, "no recomputation"
+    if policy == "selective":
+        return 0, ("selective: the attention core, LayerNorms and activations recomputed, the projections kept (not "
+                   "counted)")
     return 1, "each layer recomputed once" + ("" if policy == "full" else f" ({policy}: the matmuls kept)")
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from neox_jax import matmul
@@ -114,24 +113,13 @@ def apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts=None, 
                  normalized=normalized, scatter=_scatter)[0]
 
 
-GATHERED = "sequence_parallel_gathered"
-# a layer's recomputation policy without other recomputation: everything kept but what `normalized` gathers
-KEEP_SPLIT = jax.checkpoint_policies.save_anything_except_these_names(GATHERED)
-
-
 def normalized(norms, x_btd):
     """Each LayerNorm of `norms` over the whole sequence of the split `x_btd`: one gather and both LayerNorms on it
-    (the parallel residual's two), or Megatron's LayerNorm on the split stream and a gather of its output (one).
-    Their outputs are named so a layer kept for its backward (`KEEP_SPLIT`) keeps the split input instead and
-    gathers again, as Megatron does: the whole sequence is never stored between forward and backward."""
-    def whole(x_btd):
-        if len(norms) == 1:
-            return (_gather(norms[0](x_btd)),)
-        x_btd = _gather(x_btd)
-        return tuple(norm(x_btd) for norm in norms)
-
-    outs = jax.checkpoint(whole, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)(x_btd)
-    return tuple(checkpoint_name(out, GATHERED) for out in outs)
+    (the parallel residual's two), or Megatron's LayerNorm on the split stream and a gather of its output (one)."""
+    if len(norms) == 1:
+        return (_gather(norms[0](x_btd)),)
+    x_btd = _gather(x_btd)
+    return tuple(norm(x_btd) for norm in norms)
 
 
 def _gather(v_btd):

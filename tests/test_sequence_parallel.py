@@ -54,17 +54,17 @@ def one_device(precision="fp32", **model):
 
 
 LAYOUTS = [
-    ({"tensor": 8}, dict(hidden_dropout=0.1, attention_dropout=0.1)),
+    ({"tensor": 8}, dict(hidden_dropout=0.1, attention_dropout=0.1, remat_policy="selective")),
     ({"data": 2, "tensor": 4}, dict(use_parallel_residual=False, remat_policy="dots_saveable")),
     ({"data": 2, "pipe": 2, "tensor": 2}, dict(remat_policy="full", hidden_dropout=0.1, attention_dropout=0.1)),
 ]
 
 
-@pytest.mark.parametrize("mesh_shape, model", LAYOUTS, ids=["tensor8-dropout", "data2xtensor4-sequential",
+@pytest.mark.parametrize("mesh_shape, model", LAYOUTS, ids=["tensor8-selective-dropout", "data2xtensor4-sequential",
                                                            "data2xpipe2xtensor2-remat-dropout"])
 def test_loss_and_gradients_equal_one_device(mesh_shape, model):
     """fp32, 1e-5 of the largest gradient: (1,1,8) with dropout (masks of the whole sequence, each device its own
-    heads'), (2,1,4) with the sequential residual and a `dots` remat policy, (2,2,2) through the 1F1B pipeline (its
+    heads') and selective recomputation (its backward gathers again), (2,1,4) with the sequential residual and a `dots` remat policy, (2,2,2) through the 1F1B pipeline (its
     stage inputs split along the sequence) with full recomputation and dropout."""
     want_loss, want = one_device(**model)
     tr = trainer(mesh_shape, sequence_parallel=True, **model)
@@ -148,3 +148,30 @@ def test_gpt_neox_key_is_read_and_an_indivisible_sequence_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="sequence_parallel with seq_length=30: the sequence is split over mesh "
                                           "tensor=4, which does not divide it"):
         Trainer(cfg.replace(mesh={"data": 1, "pipe": 1, "tensor": 4}), make_mesh({"tensor": 4}, jax.devices()[:4]))
+
+
+@pytest.mark.slow
+def test_a_run_resumes_exactly_and_two_processes_equal_one(corpus, tmp_path):
+    """(2,2,2) with sequence parallelism over tensor, pipelined, data across processes: a run stopped after 2 steps
+    resumes to the uninterrupted run's losses and weights bit for bit, and 2 processes x 4 devices equal 1 x 8."""
+    from neox_jax.loop import train
+
+    from .conftest import TINY_MODEL
+    from .test_multihost import config, finish, launch_train, logged_losses, saved_weights
+
+    model = {**TINY_MODEL, "sequence_parallel": True}
+    whole = train(config(corpus, tmp_path / "whole", model=model), show_progress=False)
+    stopped = config(corpus, tmp_path / "stopped", model=model)
+    assert train(stopped, max_steps=2, show_progress=False).last_step == 2
+    resumed = train(stopped, show_progress=False)
+    assert [resumed.losses[s] for s in (2, 3)] == [whole.losses[s] for s in (2, 3)]
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, resumed.state.params),
+                 jax.tree.map(np.asarray, whole.state.params))
+
+    (tmp_path / "two").mkdir()
+    two = config(corpus, tmp_path / "two", model=model)
+    finish(launch_train(two, tmp_path / "two"))
+    losses = logged_losses(two)
+    assert sorted(losses) == [0, 1, 2, 3]
+    assert all(abs(losses[s] - whole.losses[s]) <= 1e-6 for s in losses), (losses, whole.losses)
+    assert max_diff(saved_weights(two, 4), whole.state.params) <= 1e-6
