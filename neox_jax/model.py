@@ -390,12 +390,16 @@ class GPTNeoX(nnx.Module):
 
     def embed(self, input_ids_bt, keys_b=None):
         """The token embeddings [b, t, d]; with dropout keys (dropout.py), GPT-NeoX's embedding dropout."""
+        cfg = self.config
         table_ve = constrain(self.embed_in.embedding[...], ("vocab", "embed"))
-        x_btd = jnp.take(table_ve, input_ids_bt, axis=0).astype(self.config.dtype)
-        if keys_b is not None:
-            x_btd = dropout(x_btd, self.config.hidden_dropout, fold(keys_b, self.config.num_layers), 0)
-        return constrain(x_btd, sequence_parallel.stream_axes(sequence_parallel.applies(self.config,
-                                                                                         x_btd.shape[1])))
+        keys_b = None if keys_b is None else fold(keys_b, cfg.num_layers)
+        split = sequence_parallel.applies(cfg, input_ids_bt.shape[1])
+        if split:
+            x_btd = sequence_parallel.embed(table_ve, input_ids_bt, cfg.dtype, cfg.hidden_dropout, keys_b)
+        else:
+            x_btd = jnp.take(table_ve, input_ids_bt, axis=0).astype(cfg.dtype)
+            x_btd = dropout(x_btd, cfg.hidden_dropout, keys_b, 0)
+        return constrain(x_btd, sequence_parallel.stream_axes(split))
 
     def apply_layers(self, x_btd, positions_bt, mask_bts, cache=None, cache_index=None, layer_weights=None,
                      keys_b=None):

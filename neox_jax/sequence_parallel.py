@@ -18,8 +18,8 @@ row-parallel bias is added on the axis's first device only, so the reduce-scatte
 being a mask times the value, is applied to each device's partial sums with the masks of the whole sequence (the
 masks one device draws), and attention dropout to each device's heads with their own keys (dropout.head_keys).
 
-The embedding's output enters split (XLA slices the vocab-parallel lookup); the output layer reads the final
-LayerNorm's output gathered (`gathered`): the vocab-parallel logits need every position of their vocabulary
+The vocab-parallel embedding reduce-scatters its lookup into the split stream (`embed`); the output layer reads the
+final LayerNorm's output gathered (`gathered`): the vocab-parallel logits need every position of their vocabulary
 slice, and gathering [b, t, d] sends far fewer bytes than gathering the [d, V] kernel would.
 """
 
@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from neox_jax import matmul
 from neox_jax import sharding as shd
+from neox_jax.dropout import dropout
 
 # the row-parallel products' biases: added once to the sum of the devices' partial outputs
 ROW_PARALLEL_BIASES = (("attention", "dense", "bias"), ("mlp", "dense_4h_to_h", "bias"))
@@ -73,6 +74,25 @@ def _on_first(tree, first):
         return w
 
     return jax.tree_util.tree_map_with_path(edit, tree)
+
+
+def embed(table_ve, ids_bt, dtype, rate: float = 0.0, keys_b=None):
+    """The vocab-parallel embedding of `ids_bt` in `dtype`, split along the sequence: each device takes the rows of
+    the ids in its block of the vocabulary (zeros for the others) and one reduce-scatter adds and splits them (XLA's partitioning
+    of the lookup all-reduces, then slices: twice the bytes). GPT-NeoX's embedding dropout (`rate`, the embedding's
+    keys), a mask times the value, applies to each device's part with the whole sequence's masks."""
+    name = axis()
+
+    def region(diff, rest):
+        (table_ve,), (ids_bt, keys_b) = diff, rest
+        rows = table_ve.shape[0]
+        local_bt = ids_bt - jax.lax.axis_index(name) * rows
+        here_bt = (local_bt >= 0) & (local_bt < rows)
+        x_btd = jnp.take(table_ve, jnp.clip(local_bt, 0, rows - 1), axis=0).astype(dtype)
+        x_btd = jnp.where(here_bt[..., None], x_btd, 0)
+        return _scatter(dropout(x_btd, rate, keys_b, 0))
+
+    return shd.manual(region, (P(name, None),), (P(), P()), split_spec(), (name,))((table_ve,), (ids_bt, keys_b))
 
 
 def weight_specs(axes, stacked: bool = False):

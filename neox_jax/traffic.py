@@ -9,7 +9,7 @@ sets beside what the compiled step sends (bytes each device sends per step, ring
             activations for each row-parallel output in the forward (one with the parallel residual, whose two
             branches add before it; two without), the same again in a recomputed forward, and one for each
             column-parallel input in the backward (two); plus the vocab-parallel embedding's forward and the
-            output layer's input gradient. An all-reduce over t devices sends 2 (t - 1) / t of its size.
+            output layer's input gradient. (`selective` recomputation: `per_layer_allreduces`.) An all-reduce over t devices sends 2 (t - 1) / t of its size.
             Under sequence parallelism (neox_jax/sequence_parallel.py) each all-reduce is an all-gather and a
             reduce-scatter (half its bytes each): forward and backward one pair per branch sum (one with the
             parallel residual, two without), a recomputed forward the same less its last reduce-scatter, whose
@@ -24,12 +24,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def per_layer_allreduces(parallel_residual: bool, recompute: bool, sequence_parallel: bool = False) -> float:
-    """A layer's `tensor` traffic per microbatch in all-reduces of its activations (module docstring)."""
+def per_layer_allreduces(parallel_residual: bool, remat_policy: str, sequence_parallel: bool = False) -> float:
+    """A layer's `tensor` traffic per microbatch in all-reduces of its activations (module docstring). `selective`
+    recomputation keeps the projections' outputs: without sequence parallelism it sums one branch again (the
+    attention's, which the sequential residual's second LayerNorm reads; XLA keeps it under the parallel residual
+    too), with it the gathers are made again as in `full`."""
     forward = 1 if parallel_residual else 2
+    if remat_policy == "none":
+        return 2 * forward if sequence_parallel else forward + 2
     if sequence_parallel:
-        return 2 * forward + (forward - 0.5 if recompute else 0)
-    return forward * (2 if recompute else 1) + 2
+        return 2 * forward + forward - 0.5
+    return forward + (1 if remat_policy == "selective" else forward) + 2
 
 
 def minimum_traffic(cfg, mesh: dict[str, int], params_per_device: int) -> dict[str, float]:
@@ -53,8 +58,7 @@ def minimum_traffic(cfg, mesh: dict[str, int], params_per_device: int) -> dict[s
     step_activations = cfg.grad_accum_steps * cfg.micro_batch_size * cfg.seq_length * m.hidden_size * work
     split = m.sequence_parallel and t > 1
     if t > 1:
-        recompute = m.remat_policy != "none"
-        count = m.num_layers // p * per_layer_allreduces(m.use_parallel_residual, recompute, split) + 2
+        count = m.num_layers // p * per_layer_allreduces(m.use_parallel_residual, m.remat_policy, split) + 2
         out["tensor"] = count * step_activations * 2 * (t - 1) / t
     if p > 1:
         out["pipe"] = 2 * step_activations / (t if split else 1)

@@ -101,17 +101,19 @@ def test_dpo_loss_and_gradients_equal_gpt_neox_transcribed(models):
     assert max_diff(grads, ref_grads) <= 1e-5 * scale
 
 
-@pytest.mark.parametrize("mesh_shape, zero_stage", [
-    pytest.param({"data": 4, "tensor": 2}, 1, marks=pytest.mark.slow), pytest.param({"data": 4, "tensor": 2}, 3,
-                                                                                    marks=pytest.mark.slow),
-    ({"data": 2, "pipe": 2, "tensor": 2}, 1)], ids=["data4xtensor2", "data4xtensor2-fsdp", "data2xpipe2xtensor2"])
-def test_dpo_on_every_layout_equals_one_device(models, mesh_shape, zero_stage):
+@pytest.mark.parametrize("mesh_shape, zero_stage, split", [
+    pytest.param({"data": 4, "tensor": 2}, 1, False, marks=pytest.mark.slow),
+    pytest.param({"data": 4, "tensor": 2}, 3, False, marks=pytest.mark.slow),
+    ({"data": 2, "pipe": 2, "tensor": 2}, 1, False),
+    pytest.param({"data": 4, "tensor": 2}, 3, True, marks=pytest.mark.slow)],
+    ids=["data4xtensor2", "data4xtensor2-fsdp", "data2xpipe2xtensor2", "data4xtensor2-fsdp-sequence-parallel"])
+def test_dpo_on_every_layout_equals_one_device(models, mesh_shape, zero_stage, split):
     _, _, weights, config, _ = models
     one = dpo_trainer(config, {"data": 1})
     tokens, labels = pair_batch(one, seed=3)
     state, ref = one.start_from(weights["policy"]), one.start_from(weights["reference"]).params
     want_loss, want = one.grads(state.params, one.put_batch(tokens, labels), 1.0, ref)
-    tr = dpo_trainer(config, mesh_shape, zero_stage=zero_stage)
+    tr = dpo_trainer(config.replace(sequence_parallel=split), mesh_shape, zero_stage=zero_stage)
     state, ref = tr.start_from(weights["policy"]), tr.start_from(weights["reference"]).params
     loss, grads = tr.grads(state.params, tr.put_batch(tokens, labels), 1.0, ref)
     assert abs(float(loss) - float(want_loss)) <= 1e-5  # fp32 sums in another order, as the plain loss's layouts

@@ -1,6 +1,7 @@
 """Sequence parallelism (neox_jax/sequence_parallel.py): loss and gradients equal one device's on every layout it
 composes with, the compiled step's `tensor` collectives per layer are the design's, GPT-NeoX's key is read, and a
-run with it resumes exactly and gives the same on two processes as on one."""
+run with it resumes exactly and gives the same on two processes as on one. All but the key's reading compile steps
+of several layouts: the slow tier (about 3.5 minutes)."""
 
 import jax
 import numpy as np
@@ -60,6 +61,7 @@ LAYOUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape, model", LAYOUTS, ids=["tensor8-selective-dropout", "data2xtensor4-sequential",
                                                            "data2xpipe2xtensor2-remat-dropout"])
 def test_loss_and_gradients_equal_one_device(mesh_shape, model):
@@ -73,6 +75,7 @@ def test_loss_and_gradients_equal_one_device(mesh_shape, model):
     assert abs(loss - want_loss) <= 1e-5 * abs(want_loss) and max_diff(got, want) <= 1e-5 * scale
 
 
+@pytest.mark.slow
 def test_a_bias_added_on_every_device_fails_the_comparison(monkeypatch):
     """The reference can fail: without the row-parallel biases' first-device rule, their sum holds them t times."""
     monkeypatch.setattr(sequence_parallel, "ROW_PARALLEL_BIASES", ())
@@ -81,6 +84,7 @@ def test_a_bias_added_on_every_device_fails_the_comparison(monkeypatch):
     assert abs(loss - want_loss) > 1e-3
 
 
+@pytest.mark.slow
 def test_bf16_is_as_close_to_fp32_as_one_device_in_bf16():
     """bf16's tolerance: sequence-parallel bf16 gradients differ from fp32 ones by no more than one device's bf16
     gradients do (within 50%: the reductions run in another order)."""
@@ -97,7 +101,7 @@ def elements(result: str) -> int:
 
 def tensor_collectives(layers: int, **model):
     """The compiled step's `tensor` collectives on (1,1,4), by (kind, result type): calls per step."""
-    tr = trainer({"tensor": 4}, num_layers=layers, sequence_parallel=True, remat_policy="full", **model)
+    tr = trainer({"tensor": 4}, num_layers=layers, **{"sequence_parallel": True, "remat_policy": "full", **model})
     _, text = compile_partitioned(tr.step.lower(tr.abstract_state(), tr.abstract_batch()))
     counts, sent = {}, 0.0
     for kind, axes, result, bytes_sent, calls in hlo.collectives(text, dict(tr.mesh.shape)):
@@ -108,6 +112,7 @@ def tensor_collectives(layers: int, **model):
     return counts, sent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", [True, False], ids=["parallel-residual", "sequential-residual"])
 def test_each_layer_gathers_and_scatters_the_split_stream_as_designed(parallel):
     """Per layer and microbatch (the difference between a 4-layer and a 2-layer step, over 2 microsteps): all-gathers
@@ -125,11 +130,24 @@ def test_each_layer_gathers_and_scatters_the_split_stream_as_designed(parallel):
     assert per_layer.pop(("reduce-scatter", split)) == 3 * forward - 1
     assert all(kind == "all-reduce" and elements(shape) <= d for (kind, shape) in per_layer), per_layer
     activation = b * t * d * 4
-    want = per_layer_allreduces(parallel, recompute=True, sequence_parallel=True) * activation * 2 * 3 / 4
+    want = per_layer_allreduces(parallel, "full", sequence_parallel=True) * activation * 2 * 3 / 4
     small = sum(c * elements(s) * 4 * 2 * 3 / 4 for (_, s), c in per_layer.items())  # LayerNorm gradients
     assert (sent_four - sent_two) / 4 - small == pytest.approx(want, rel=1e-6)
     gathered = {shape for kind, shape in four if kind == "all-gather" and not shape.startswith("s32")}
     assert gathered == {stream}, gathered
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel-residual", "sequential-residual"])
+def test_selective_recomputation_sends_what_the_traffic_model_says(parallel):
+    """Without sequence parallelism, selective recomputation sums one branch again (the sequential residual's
+    second LayerNorm reads the attention's; the parallel residual's too, as XLA compiles it): the all-reduces of
+    [b, t, d] per layer and microbatch are the traffic model's count."""
+    b, t, d = 4, 32, MODEL["hidden_size"]
+    model = dict(use_parallel_residual=parallel, sequence_parallel=False, remat_policy="selective")
+    two, four = tensor_collectives(2, **model)[0], tensor_collectives(4, **model)[0]
+    key = ("all-reduce", f"f32[{b},{t},{d}]")
+    assert (four[key] - two[key]) / (2 * 2) == per_layer_allreduces(parallel, "selective")
 
 
 def test_gpt_neox_key_is_read_and_an_indivisible_sequence_is_refused(tmp_path):
