@@ -216,13 +216,13 @@ def cmd_plan(args):
 
     primary = compiler == "gpu" or is_primary()
     if primary:
+        split = ", sequence parallel" if cfg.model.sequence_parallel and cfg.mesh["tensor"] > 1 else ""
         where = (f"{hosts} x {n // hosts} {target} with XLA's GPU compiler" if compiler == "gpu" else
                  f"{n} emulated CPU devices (XLA's GPU compiler needs the gpu-plan extra: {gpus.GPU_PLAN})")
         print(f"planning {args.config} on mesh {dict(cfg.mesh)}: {cfg.model.num_params / 1e9:.2f}B parameters, "
               f"seq {cfg.seq_length}, micro batch {cfg.micro_batch_size} x {cfg.grad_accum_steps} accumulation, "
-              f"{cfg.precision}, ZeRO stage {cfg.zero_stage}, remat {cfg.model.remat_policy}"
-              f"{', sequence parallel' if cfg.model.sequence_parallel and cfg.mesh['tensor'] > 1 else ''}; compiling for "
-              f"{where}...", flush=True)
+              f"{cfg.precision}, ZeRO stage {cfg.zero_stage}, remat {cfg.model.remat_policy}{split}; compiling "
+              f"for {where}...", flush=True)
     p = plan(cfg, target, hosts, compiler)
     if primary:
         print(p.report())

@@ -259,8 +259,8 @@ def run_layers(graphdef, stacked, cfg: NeoXConfig, x_btd, positions_bt, mask_bts
         def scan(stacked, x_btd, cos_btr, sin_btr, mask_bts, keys_b):
             return _layers(graphdef, stacked, cfg, x_btd, cos_btr, sin_btr, mask_bts, keys_b=keys_b, split=True)[0]
 
-        x_btd = sequence_parallel.region(scan, stacked, layer_axes(stacked), x_btd, (cos_btr, sin_btr, mask_bts, keys_b),
-                                         stacked=True)
+        rest = (cos_btr, sin_btr, mask_bts, keys_b)
+        x_btd = sequence_parallel.region(scan, stacked, layer_axes(stacked), x_btd, rest, stacked=True)
         return constrain(x_btd, sequence_parallel.stream_axes(True)), None
     return _layers(graphdef, stacked, cfg, x_btd, cos_btr, sin_btr, mask_bts, cache, cache_index, keys_b)
 

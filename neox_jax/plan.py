@@ -150,11 +150,12 @@ def activation_bytes(cfg: TrainConfig, mesh: dict, microbatches: int = 1, sequen
     """Korthikanti et al.: a layer's activations for b sequences are s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes at
     16-bit, s*b*h*(34/t + 5*a*s/(h*t)) with sequence parallelism (`sequence_parallel`, default the model's: the
     LayerNorms' and dropouts' regions split too). With recomputation only each layer's input (2*s*b*h, or 1/t of
-    it split along the sequence) is kept, plus one layer's working set in the backward. With a pipeline of P stages over M microbatches each device runs L/P layers on microbatches of
-    b = micro_batch x accumulation / M sequences and keeps 2P - 1 of them at once (neox_jax/pipeline.py): each
-    layer's input (remat full) plus one layer's working set, or the stage's input (none) plus the whole stage's
-    working set in its backward. Plus one chunk of the loss's fp32 logits and their gradient (objectives.LOSS_CHUNK
-    positions) and the loss's fp32 sum of the output kernel's gradient."""
+    it split along the sequence) is kept, plus one layer's working set in the backward. With a pipeline of P stages
+    over M microbatches each device runs L/P layers on microbatches of b = micro_batch x accumulation / M sequences
+    and keeps 2P - 1 of them at once (neox_jax/pipeline.py): each layer's input (remat full) plus one layer's working
+    set, or the stage's input (none) plus the whole stage's working set in its backward. Plus one chunk of the loss's
+    fp32 logits and their gradient (objectives.LOSS_CHUNK positions) and the loss's fp32 sum of the output kernel's
+    gradient."""
     from neox_jax.pipeline import slots
     from neox_jax.objectives import LOSS_CHUNK
 

@@ -3,7 +3,7 @@ written out: between layers the residual stream is split along the sequence over
 dropout and the stored layer inputs take 1/t of the memory, and a layer is a `shard_map` manual over that axis.
 
 Each layer gathers the sequence before its column-parallel products and reduce-scatters after its row-parallel ones
-(`Block`'s `gather` and `scatter`):
+(`Block`'s `normalized` and `scatter`):
 
     parallel residual    one all-gather of x (both LayerNorms read the whole sequence), one reduce-scatter of
                          attention's and the MLP's partial sums added: the bytes of the single all-reduce that
@@ -78,9 +78,9 @@ def _on_first(tree, first):
 
 def embed(table_ve, ids_bt, dtype, rate: float = 0.0, keys_b=None):
     """The vocab-parallel embedding of `ids_bt` in `dtype`, split along the sequence: each device takes the rows of
-    the ids in its block of the vocabulary (zeros for the others) and one reduce-scatter adds and splits them (XLA's partitioning
-    of the lookup all-reduces, then slices: twice the bytes). GPT-NeoX's embedding dropout (`rate`, the embedding's
-    keys), a mask times the value, applies to each device's part with the whole sequence's masks."""
+    the ids in its block of the vocabulary (zeros for the others) and one reduce-scatter adds and splits them (XLA's
+    partitioning of the lookup all-reduces, then slices: twice the bytes). GPT-NeoX's embedding dropout (`rate`, the
+    embedding's keys), a mask times the value, applies to each device's part with the whole sequence's masks."""
     name = axis()
 
     def region(diff, rest):
@@ -125,7 +125,7 @@ def apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts=None, 
     if name not in shd.manual_axes():
         return region(lambda params, x_btd, *rest: apply_layer(graphdef, params, axes, x_btd, *rest), params, axes,
                       x_btd, (cos_btr, sin_btr, mask_bts, keys_b))
-    if matmul.cpu_program():  # so the gradients of the weights whole on every device are summed in fp32 (`_scatter`)
+    if matmul.cpu_program():  # so the gradients of the weights whole on every device are summed in fp32 (`_collective`)
         params = jax.tree.map(lambda w, a: w if any(shd.mesh_axis(n) == name for n in a) else w.astype(jnp.float32),
                               params, axes, is_leaf=lambda a: isinstance(a, tuple))
     block = nnx.merge(graphdef, _on_first(params, jax.lax.axis_index(name) == 0))
@@ -143,16 +143,17 @@ def normalized(norms, x_btd):
 
 
 def _gather(v_btd):
-    """The whole sequence of a sequence-split activation (its gradient: `_scatter`'s reduce-scatter)."""
-    wide = matmul.cpu_program() and v_btd.dtype != jnp.float32
-    out = jax.lax.all_gather(v_btd.astype(jnp.float32) if wide else v_btd, axis(), axis=1, tiled=True)
-    return out.astype(v_btd.dtype)
+    """The whole sequence of a sequence-split activation (its gradient a reduce-scatter)."""
+    return _collective(lambda v: jax.lax.all_gather(v, axis(), axis=1, tiled=True), v_btd)
 
 
 def _scatter(v_btd):
-    """The devices' partial sums added and split along the sequence. XLA's CPU compiler aborts on a bf16
-    reduce-scatter or all-reduce in a manual region ("Invalid binary instruction opcode copy", JAX 0.10.2): a CPU
-    program sums in fp32 (and gathers in fp32, whose gradient is a reduce-scatter)."""
+    """The devices' partial sums added and split along the sequence."""
+    return _collective(lambda v: jax.lax.psum_scatter(v, axis(), scatter_dimension=1, tiled=True), v_btd)
+
+
+def _collective(op, v_btd):
+    """`op(v_btd)`, in fp32 in a CPU program: XLA's CPU compiler aborts on a bf16 reduce-scatter or all-reduce in a
+    manual region ("Invalid binary instruction opcode copy", JAX 0.10.2), a gather's gradient included."""
     wide = matmul.cpu_program() and v_btd.dtype != jnp.float32
-    out = jax.lax.psum_scatter(v_btd.astype(jnp.float32) if wide else v_btd, axis(), scatter_dimension=1, tiled=True)
-    return out.astype(v_btd.dtype)
+    return op(v_btd.astype(jnp.float32) if wide else v_btd).astype(v_btd.dtype)

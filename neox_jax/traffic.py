@@ -9,7 +9,8 @@ sets beside what the compiled step sends (bytes each device sends per step, ring
             activations for each row-parallel output in the forward (one with the parallel residual, whose two
             branches add before it; two without), the same again in a recomputed forward, and one for each
             column-parallel input in the backward (two); plus the vocab-parallel embedding's forward and the
-            output layer's input gradient. (`selective` recomputation: `per_layer_allreduces`.) An all-reduce over t devices sends 2 (t - 1) / t of its size.
+            output layer's input gradient (`selective` recomputation: `per_layer_allreduces`). An all-reduce over t
+            devices sends 2 (t - 1) / t of its size.
             Under sequence parallelism (neox_jax/sequence_parallel.py) each all-reduce is an all-gather and a
             reduce-scatter (half its bytes each): forward and backward one pair per branch sum (one with the
             parallel residual, two without), a recomputed forward the same less its last reduce-scatter, whose

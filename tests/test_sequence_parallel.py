@@ -66,8 +66,9 @@ LAYOUTS = [
                                                            "data2xpipe2xtensor2-remat-dropout"])
 def test_loss_and_gradients_equal_one_device(mesh_shape, model):
     """fp32, 1e-5 of the largest gradient: (1,1,8) with dropout (masks of the whole sequence, each device its own
-    heads') and selective recomputation (its backward gathers again), (2,1,4) with the sequential residual and a `dots` remat policy, (2,2,2) through the 1F1B pipeline (its
-    stage inputs split along the sequence) with full recomputation and dropout."""
+    heads') and selective recomputation (its backward gathers again), (2,1,4) with the sequential residual and a
+    `dots` remat policy, (2,2,2) through the 1F1B pipeline (its stage inputs split along the sequence) with full
+    recomputation and dropout."""
     want_loss, want = one_device(**model)
     tr = trainer(mesh_shape, sequence_parallel=True, **model)
     loss, got = grads(tr)
