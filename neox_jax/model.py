@@ -433,7 +433,8 @@ class GPTNeoX(nnx.Module):
     def final_hidden(self, x_btd):
         """The final LayerNorm's output, whole along the sequence: the vocab-parallel output layer reads every
         position (under sequence parallelism the last layer's output arrives split: gathered here)."""
-        return sequence_parallel.gathered(self.final_layer_norm(x_btd))
+        h_btd = self.final_layer_norm(x_btd)
+        return sequence_parallel.gathered(h_btd) if sequence_parallel.applies(self.config, h_btd.shape[1]) else h_btd
 
     def output_kernel(self, dtype):
         """The output layer's [embed, vocab] kernel in `dtype`, vocabulary-parallel."""

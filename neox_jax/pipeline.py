@@ -154,10 +154,13 @@ def pipeline_grads(graphdef, params, tokens_mbt, targets_mbt, loss_fn, *, seed, 
                 g_in = jax.lax.ppermute(g_out, "pipe", [(i + 1, i) for i in range(last)])
             return (x_in, g_in, kept, sums, loss_sum), None
 
-        stream = sequence_parallel.stream_axes(split)
-        act = shd.varying(shd.constrain(jnp.zeros((mb, t, cfg.hidden_size), jnp.dtype(cfg.dtype)), stream))
+        act = jnp.zeros((mb, t, cfg.hidden_size), jnp.dtype(cfg.dtype))
         kept_lead = (keep, *((per_stage,) if cfg.remat_policy == "full" else ()))
-        kept = shd.constrain(jnp.zeros((*kept_lead, *act.shape), act.dtype), (None,) * len(kept_lead) + stream)
+        kept = jnp.zeros((*kept_lead, *act.shape), act.dtype)
+        if split:  # the sends and the kept inputs split along the sequence too
+            stream = sequence_parallel.stream_axes(True)
+            act, kept = shd.constrain(act, stream), shd.constrain(kept, (None,) * len(kept_lead) + stream)
+        act = shd.varying(act)
         sums = jax.tree.map(lambda w: shd.varying(jnp.zeros(w.shape, accum_dtype)), params)
         carry = (act, act, shd.varying(kept), sums, shd.varying(jnp.zeros((), F32)))
         for first, end, forward, backward in ((0, last, True, False), (last, m + last, True, True),
