@@ -99,9 +99,13 @@ def weight_specs(axes, stacked: bool = False):
     """Each weight's split over the sequence's mesh axis (the rules table's, tensor parallelism's) from its logical
     `axes` (a layer's, `model.layer_axes`); `stacked`: the weights carry the leading `layers` axis."""
     name = axis()
-    return jax.tree.map(lambda a: P(*((None,) if stacked else ()), *(name if shd.mesh_axis(n) == name else None
-                                                                      for n in a)),
+    return jax.tree.map(lambda a: P(*((None,) if stacked else ()), *(name if _splits(n) else None for n in a)),
                         axes, is_leaf=lambda a: isinstance(a, tuple))
+
+
+def _splits(logical: str) -> bool:
+    """Whether the sequence's mesh axis splits logical axis `logical` (tensor parallelism's heads, mlp, vocab)."""
+    return shd.mesh_axis(logical) == axis()
 
 
 def split_spec(lead: int = 0) -> P:
@@ -126,8 +130,8 @@ def apply_layer(graphdef, params, axes, x_btd, cos_btr, sin_btr, mask_bts=None, 
         return region(lambda params, x_btd, *rest: apply_layer(graphdef, params, axes, x_btd, *rest), params, axes,
                       x_btd, (cos_btr, sin_btr, mask_bts, keys_b))
     if matmul.cpu_program():  # so the gradients of the weights whole on every device are summed in fp32 (`_collective`)
-        params = jax.tree.map(lambda w, a: w if any(shd.mesh_axis(n) == name for n in a) else w.astype(jnp.float32),
-                              params, axes, is_leaf=lambda a: isinstance(a, tuple))
+        params = jax.tree.map(lambda w, a: w if any(map(_splits, a)) else w.astype(jnp.float32), params, axes,
+                              is_leaf=lambda a: isinstance(a, tuple))
     block = nnx.merge(graphdef, _on_first(params, jax.lax.axis_index(name) == 0))
     return block(x_btd, cos_btr, sin_btr, mask_bts, keys_b=keys_b,
                  normalized=normalized, scatter=_scatter)[0]
