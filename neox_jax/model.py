@@ -434,7 +434,8 @@ class GPTNeoX(nnx.Module):
         """The final LayerNorm's output, whole along the sequence: the vocab-parallel output layer reads every
         position (under sequence parallelism the last layer's output arrives split: gathered here)."""
         h_btd = self.final_layer_norm(x_btd)
-        return sequence_parallel.gathered(h_btd) if sequence_parallel.applies(self.config, h_btd.shape[1]) else h_btd
+        split = sequence_parallel.applies(self.config, h_btd.shape[1])
+        return constrain(h_btd, sequence_parallel.stream_axes(False)) if split else h_btd
 
     def output_kernel(self, dtype):
         """The output layer's [embed, vocab] kernel in `dtype`, vocabulary-parallel."""

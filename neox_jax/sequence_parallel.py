@@ -19,7 +19,7 @@ being a mask times the value, is applied to each device's partial sums with the 
 masks one device draws), and attention dropout to each device's heads with their own keys (dropout.head_keys).
 
 The vocab-parallel embedding reduce-scatters its lookup into the split stream (`embed`); the output layer reads the
-final LayerNorm's output gathered (`gathered`): the vocab-parallel logits need every position of their vocabulary
+final LayerNorm's output gathered (`GPTNeoX.final_hidden`): the vocab-parallel logits need every position of their vocabulary
 slice, and gathering [b, t, d] sends far fewer bytes than gathering the [d, V] kernel would.
 """
 
@@ -58,11 +58,6 @@ def applies(cfg, length: int, cache=None) -> bool:
 def stream_axes(split: bool) -> tuple[str, str, str]:
     """Logical axes of the residual stream between layers: split along the sequence under sequence parallelism."""
     return ("batch", "sequence" if split else "length", "embed")
-
-
-def gathered(h_btd):
-    """The whole sequence of a (possibly) sequence-split activation, for the vocab-parallel output layer."""
-    return shd.constrain(h_btd, ("batch", "length", "embed"))
 
 
 def _on_first(tree, first):
