@@ -201,7 +201,7 @@ def attend_qkv(qkv_btnkh, cos_btr, sin_btr, mask_bts, backend: str, cache=None, 
     """Attention of the fused QKV projection's output, rotary applied -> (out [b, t, n, h], cache). `mask_bts` None
     is causal attention over this call's tokens. With a KV cache, `cache` = (the stacked {k, v} [layers, b, n, S, h],
     this layer's index), or (this layer's own {k, v} [b * n, S, h], None): this call's keys and values are written at
-    `cache_index` (one token's per layer in a decode step) and the queries attend over the cache's first
+    `cache_index` (one token's per layer in a decode step; a [b] vector: each row at its own) and the queries attend over the cache's first
     `mask_bts.shape[-1]` positions, all that is read of it. `drop`: (attention_dropout, keys per row), training's."""
     q, k, v = qkv_btnkh[:, :, :, 0], qkv_btnkh[:, :, :, 1], qkv_btnkh[:, :, :, 2]
     q, k = apply_rotary(q, cos_btr, sin_btr), apply_rotary(k, cos_btr, sin_btr)
@@ -210,11 +210,17 @@ def attend_qkv(qkv_btnkh, cos_btr, sin_btr, mask_bts, backend: str, cache=None, 
     cache, layer = cache
     if layer is None:
         return _attend_layer_cache(q, k, v, mask_bts, backend, cache, cache_index)
-    b, _, n, h = q.shape
+    b, t, n, h = q.shape
     read = mask_bts.shape[-1]
-    cache = {name: jax.lax.dynamic_update_slice(
-        cache[name], new.swapaxes(1, 2)[None].astype(cache[name].dtype), (layer, 0, 0, cache_index, 0))
-        for name, new in (("k", k), ("v", v))}
+    if jnp.ndim(cache_index):  # each row at its own position (serving's slots): [b, t] scattered into [b, n, S]
+        rows_bt, pos_bt = _row_positions(cache_index, b, t)
+        cache = {name: cache[name].at[layer, rows_bt, :, pos_bt].set(new.astype(cache[name].dtype), mode="drop",
+                                                                     unique_indices=True)
+                 for name, new in (("k", k), ("v", v))}
+    else:
+        cache = {name: jax.lax.dynamic_update_slice(
+            cache[name], new.swapaxes(1, 2)[None].astype(cache[name].dtype), (layer, 0, 0, cache_index, 0))
+            for name, new in (("k", k), ("v", v))}
     k, v = (jax.lax.dynamic_slice(cache[name], (layer, 0, 0, 0, 0), (1, b, n, read, h))[0] for name in "kv")
     return dot_product_attention(q, k, v, mask_bts, backend, kv_layout="bnsh"), cache
 
@@ -228,8 +234,17 @@ def _attend_layer_cache(q_btnh, k_btnh, v_btnh, mask_bts, backend, cache, cache_
     b, t, n, h = q_btnh.shape
     read = mask_bts.shape[-1]
     groups = lambda x: x.swapaxes(1, 2).reshape(b * n, t, h)  # noqa: E731
-    cache = {name: jax.lax.dynamic_update_slice(cache[name], groups(new).astype(cache[name].dtype),
-                                                (0, cache_index, 0)) for name, new in (("k", k_btnh), ("v", v_btnh))}
+    if jnp.ndim(cache_index):
+        rows_bt, pos_bt = _row_positions(cache_index, b, t)
+        group_btn = rows_bt[..., None] * n + jnp.arange(n)
+        pos_btn = jnp.broadcast_to(pos_bt[..., None], group_btn.shape)
+        cache = {name: cache[name].at[group_btn, pos_btn].set(new.astype(cache[name].dtype), mode="drop",
+                                                              unique_indices=True)
+                 for name, new in (("k", k_btnh), ("v", v_btnh))}
+    else:
+        cache = {name: jax.lax.dynamic_update_slice(cache[name], groups(new).astype(cache[name].dtype),
+                                                    (0, cache_index, 0))
+                 for name, new in (("k", k_btnh), ("v", v_btnh))}
     k_gsh, v_gsh = (jax.lax.dynamic_slice(cache[name], (0, 0, 0), (b * n, read, h)) for name in "kv")
     if attention_backend(backend, q_btnh.dtype, h, causal=False) != "einsum":
         k, v = (x.reshape(b, n, read, h) for x in (k_gsh, v_gsh))
@@ -237,3 +252,10 @@ def _attend_layer_cache(q_btnh, k_btnh, v_btnh, mask_bts, backend, cache, cache_
     mask_gts = jnp.broadcast_to(mask_bts[:, None], (b, n, t, read)).reshape(b * n, t, read)
     out_gth = _attend(groups(q_btnh), k_gsh, v_gsh, mask_gts, "gth,gsh->gts", "gts,gsh->gth")
     return out_gth.reshape(b, n, t, h).swapaxes(1, 2), cache
+
+
+def _row_positions(index_b, b: int, t: int):
+    """(row [b, t], cache position [b, t]) of t tokens written from each row's own `index_b`; a position past the
+    cache's end is not written (`mode="drop"`: how serving leaves a slot's cache alone while it is not decoding)."""
+    pos_bt = jnp.asarray(index_b, jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)
+    return jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t)), pos_bt

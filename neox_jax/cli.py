@@ -365,6 +365,83 @@ def cmd_generate(args):
     return 0
 
 
+def cmd_serve(args):
+    import logging
+    import os
+
+    from neox_jax import access
+    from neox_jax.pretrained import check_vocab, load_tokenizer
+
+    try:
+        import prometheus_client  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"error: `neox-jax serve` needs the serve extra ({e.name} is missing): "
+                         "pip install 'neox-jax[serve]'")
+    from neox_jax.batching import Engine
+    from neox_jax.serve import Service, Settings, run
+
+    log = logging.getLogger("neox_jax.serve")
+    if not log.handlers:  # JAX's absl logging may already hold the root logger
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    problems = [f"--{name.replace('_', '-')}={getattr(args, name)}: must be at least 1" for name in
+                ("max_body_bytes", "max_prompt_tokens", "max_tokens_cap") if (getattr(args, name) or 1) < 1]
+    if args.grace < 0:
+        problems.append(f"--grace={args.grace}: must be >= 0")
+    if problems:  # all before the model loads
+        raise ValueError("; ".join(problems))
+    keys = access.load_keys(args.api_keys)
+    limits = access.parse_limits(args.rate_limit)
+    tok = load_tokenizer(args.model, args.tokenizer)
+    chat = _chat_encoder(tok, args.chat_template)
+    model = _inference_model(args)
+    check_vocab(tok, model.config, "--tokenizer")
+    engine = Engine(model, slots=args.max_batch, max_context=args.max_context, chunk=args.prefill_chunk,
+                    max_queue=args.max_queue)
+    cfg = model.config
+    kv_bytes = 2 * cfg.num_layers * args.max_batch * engine.max_context * cfg.hidden_size * jnp_itemsize(cfg.dtype)
+    log.info("warming up: %d slots x %d positions (KV cache at most %.1f MB), cache lengths %s, prefill chunks %s",
+             engine.slots, engine.max_context, kv_bytes / 1e6, engine.lengths, engine.chunk)
+    started = time.monotonic()
+    engine.warmup()
+    log.info("compiled in %.1f s", time.monotonic() - started)
+    engine.start()
+    if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without API keys: anyone who can reach it can use it (--api-keys FILE)", args.host)
+    name = args.model_name or os.path.basename(os.path.normpath(args.model))
+    settings = Settings(name=name, keys=keys, limits=limits, max_body_bytes=args.max_body_bytes,
+                        max_prompt_tokens=args.max_prompt_tokens, max_tokens_cap=args.max_tokens_cap,
+                        log_prompts=args.log_prompts)
+    service = Service(engine, tok, settings, chat)
+    return run(service, args.host, args.port, args.grace,
+               ready=lambda: log.info("serving %s on http://%s:%d (%d API keys)", name, args.host, args.port,
+                                      len(keys)))
+
+
+def jnp_itemsize(dtype: str) -> int:
+    import numpy as np
+
+    return 2 if dtype in ("bfloat16", "float16") else np.dtype(dtype).itemsize
+
+
+def _chat_encoder(tok, template):
+    """The tokenizer's chat template (or `--chat-template FILE`) as a ChatEncoder; None when there is none."""
+    from neox_jax.data.chat import ChatEncoder, load_template
+
+    try:
+        text, special = load_template(tok.path, template)
+    except ValueError:
+        if template is not None:
+            raise
+        return None
+    return ChatEncoder(tok, text, special)
+
+
 def cmd_eval(args):
     import json
 
@@ -545,6 +622,29 @@ def main(argv=None):
                                   "every process's devices on data when launched as several)")
     _add_launch_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (completions, chat, streaming) with continuous "
+                                     "batching (docs/serving.md)")
+    p.add_argument("--model", required=True, help="HF folder, neox_jax or GPT-NeoX checkpoint, or a training run")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the model folder)")
+    p.add_argument("--model-name", help="the model's name in the API (default: the folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--mesh", help="lay the weights out over devices, e.g. tensor=2 (a model larger than one device)")
+    p.add_argument("--max-batch", type=int, default=16, help="KV-cache slots: sequences decoded together")
+    p.add_argument("--max-context", type=int, help="positions per slot (default: the model's context)")
+    p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens prefilled per program call")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503")
+    p.add_argument("--api-keys", help="file of API keys, one per line (# comments); or NEOX_JAX_API_KEYS=k1,k2")
+    p.add_argument("--rate-limit", help="per key, e.g. requests=60/m,tokens=40000/m (units s, m, h)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-prompt-tokens", type=int, help="default: the context")
+    p.add_argument("--max-tokens-cap", type=int, help="the largest max_tokens accepted (default: the context)")
+    p.add_argument("--chat-template", help="a Jinja chat template file (default: the tokenizer folder's, if any)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--log-prompts", action="store_true", help="log prompts and outputs (off: counts only)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="evaluation: `eval perplexity` over a text / jsonl file")
     p.add_argument("what", choices=["perplexity"])

@@ -31,7 +31,8 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """temperature 0 is greedy; top_k 0 and top_p 0 (or 1) switch those filters off (GPT-NeoX's defaults)."""
+    """temperature 0 is greedy; top_k 0 and top_p 0 (or 1) switch those filters off (GPT-NeoX's defaults). Row r of a
+    batch draws with seed + r (`row_keys`)."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -65,14 +66,30 @@ def filter_logits(logits_bv, top_k, top_p):
     return jnp.where(logits_bv < threshold, -jnp.inf, logits_bv)
 
 
-def sample(logits_bv, key, temperature, top_k, top_p):
+def row_keys(seeds_b, counts_b):
+    """Each row's sampling key: its seed's key folded with the number of tokens it has drawn, so that a row's draws
+    depend on its own seed and progress alone, whatever else shares the batch (serving's continuous batches)."""
+    return jax.vmap(lambda seed, i: jax.random.fold_in(jax.random.key(seed), i))(seeds_b, counts_b)
+
+
+def sample(logits_bv, keys_b, temperature, top_k, top_p):
+    """Each row's next token: the most likely where its temperature is 0, else drawn with its own key from its
+    tempered, filtered distribution. The knobs are scalars or one per row [b]."""
     logits_bv = logits_bv.astype(F32)
+    b = logits_bv.shape[0]
+    temperature_b1, top_k_b1, top_p_b1 = (jnp.broadcast_to(x, (b,))[:, None] for x in (temperature, top_k, top_p))
+    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    drawing_b = temperature_b1[:, 0] > 0
 
-    def draw(logits):  # the filters sort the vocabulary: only pay for them when sampling
-        filtered = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
-        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    def draw(filtered: bool):  # the filters sort the vocabulary: only paid for when a drawing row asks for them
+        scaled_bv = logits_bv / jnp.maximum(temperature_b1, 1e-6)
+        if filtered:
+            scaled_bv = filter_logits(scaled_bv, top_k_b1, top_p_b1)
+        return jnp.where(drawing_b, jax.vmap(jax.random.categorical)(keys_b, scaled_bv).astype(jnp.int32), greedy_b)
 
-    return jax.lax.cond(temperature > 0, draw, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits_bv)
+    filters = drawing_b & ((top_k_b1[:, 0] > 0) | ((top_p_b1[:, 0] > 0) & (top_p_b1[:, 0] < 1)))
+    return jax.lax.cond(jnp.any(filters), lambda: draw(True),
+                        lambda: jax.lax.cond(jnp.any(drawing_b), lambda: draw(False), lambda: greedy_b))
 
 
 def round_up(n: int, bucket: int) -> int:
@@ -157,7 +174,9 @@ def _step(graphdef, params, copies, carry, knobs, read: int):
     i, index = carry["i"], carry["index"]
     b = carry["done"].shape[0]
     assert cache_length(carry["cache"]) == read, "the cache is sized to the span it reads (_grow)"
-    token = sample(carry["logits"], jax.random.fold_in(jax.random.key(seed), i), temperature, top_k, top_p)
+    # row r of a generation seeded s draws as a one-row generation seeded s + r (and as serving's request seeded s + r)
+    keys_b = row_keys(seed + jnp.arange(b, dtype=seed.dtype), jnp.full((b,), i))
+    token = sample(carry["logits"], keys_b, temperature, top_k, top_p)
     token = jnp.where(carry["done"], stop_ids[0], token)
     done = carry["done"] | jnp.isin(token, stop_ids)
     mask = jax.lax.dynamic_update_slice_in_dim(carry["mask"], jnp.ones_like(token)[:, None], index, axis=1)

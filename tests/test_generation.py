@@ -180,7 +180,7 @@ def test_stop_tokens_end_generation(pair):
 def test_top_k_and_top_p_never_leave_the_allowed_set():
     probs = np.array([0.5, 0.3, 0.1, 0.05, 0.03, 0.02])
     logits = jnp.log(jnp.asarray(np.tile(probs, (4096, 1)), jnp.float32))
-    keys = jax.random.key(0)
+    keys = jax.random.split(jax.random.key(0), 4096)  # one per row
 
     def draws(top_k, top_p, temperature=1.0):
         return set(np.asarray(sample(logits, keys, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))))

@@ -1,0 +1,540 @@
+"""Continuous batching, serving's engine: a fixed number of KV-cache slots, each row at its own position, sequences
+joining and leaving between decode steps.
+
+Device side: pure functions of (weights, state), compiled once per shape bucket and warmed up before traffic. The
+state is every slot's KV cache and next-token logits [slots, vocab]. The positions the cache holds, `length`, is a
+bucket (the chunk size doubled up to the context), grown and shrunk one bucket at a time with the longest sequence,
+so that a step reads all of it as it lies (generation.py's spans). A decode step draws every decoding row's token
+from its logits with the row's own key and knobs (`generation.row_keys`: its seed and how many it has drawn), writes
+the token's keys and values at the row's own position (attention's per-row `cache_index`) and computes its next
+logits; a row that is not decoding is given the position past the cache's end, which nothing writes. A prompt is
+prefilled once, into its slot, in chunks (a long prompt spread over several steps, so decoding rows are not
+stalled); a request's n choices are copies of that slot (`_fork`).
+
+Host side: `Engine` runs the loop in a thread: drop cancelled sequences, admit waiting requests to free slots,
+prefill a chunk, dispatch a decode step and, while the device runs it, hand the previous step's tokens to their
+requests (one step in flight; JAX dispatches asynchronously). Requests see their tokens through a callback.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import threading
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from neox_jax import sharding as shd
+from neox_jax.generation import Sampling, _weights, row_keys, sample
+from neox_jax.model import GPTNeoX, cache_length, require_lm_head
+
+_COMPILES = [0]  # XLA compilations in this process (jax.monitoring): serving must not compile under traffic
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, *_, **__: _COMPILES.__setitem__(0, _COMPILES[0] + (event == "/jax/core/compile/backend_compile_duration")))
+
+TOP_LOGPROBS = 5  # the most alternatives a token's log-probabilities list (OpenAI's completions cap)
+CACHE_AXES = ("layers", "batch", "heads", "length", "head_dim")
+
+
+class QueueFull(Exception):
+    """The engine's queue of waiting requests is full (a server answers 503)."""
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One prompt's generation: `n` choices of up to `max_tokens` each. `on_event` is called from the engine's
+    thread with ("prompt", logprobs [len(prompt)] (the first None), top [(ids, logprobs)]) once prefilled when
+    `prompt_logprobs`; ("token", choice, id, logprob, top or None) per token (`top`: the TOP_LOGPROBS most likely
+    (ids, logprobs) when `logprobs`); ("done", choice, reason) with reason "stop" (a stop id, not sent), "length",
+    "cancelled"."""
+
+    prompt: list[int]
+    max_tokens: int
+    on_event: Callable
+    sampling: Sampling = Sampling()
+    n: int = 1
+    stop_ids: tuple[int, ...] = ()
+    logprobs: bool = False
+    prompt_logprobs: bool = False
+    cancelled: bool = False
+    finished: set = dataclasses.field(default_factory=set)  # choices the engine is done with (or told to drop)
+    stopping: set = dataclasses.field(default_factory=set)  # choices the caller has finished (a stop string)
+
+    def cancel(self):
+        """Drop every choice (the client went away); their slots are freed before the next step."""
+        self.cancelled = True
+
+    def stop(self, choice: int):
+        """Drop one choice (the caller found a stop string in its text)."""
+        self.stopping.add(choice)
+
+
+@dataclasses.dataclass(eq=False)
+class _Row:  # a slot's occupant
+    request: Request
+    choice: int
+    count: int = 0  # tokens drawn
+    decoding: bool = False
+
+
+# ---- device programs ------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
+def _init(graphdef, params, slots: int, length: int, per_layer: bool):
+    model = nnx.merge(graphdef, params)
+    cache = model.init_cache(slots, length, per_layer=per_layer)
+    return {"cache": cache, "logits": jnp.zeros((slots, model.config.vocab_size), jnp.float32)}
+
+
+@functools.partial(jax.jit, static_argnums=1)  # a new shape: nothing to donate to
+def _resize(state, length: int):
+    """The cache holding `length` positions: padded, or cut to its first `length`."""
+    def resize(x):
+        have = x.shape[-2]
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, length - have), (0, 0)]) if length > have else \
+            x[..., :length, :]
+    return dict(state, cache=jax.tree.map(resize, state["cache"]))
+
+
+def _row_slice(cache, slot, heads: int, get=None):
+    """One slot's cache (batch 1) out of the state's, or (`get`, a row's cache) written back into it."""
+    def one(x, new=None):
+        per_layer = x.ndim == 3  # [slots * heads, S, h], else [layers, slots, heads, S, h]
+        start = (slot * heads, 0, 0) if per_layer else (0, slot, 0, 0, 0)
+        size = (heads,) + x.shape[1:] if per_layer else x.shape[:1] + (1,) + x.shape[2:]
+        return jax.lax.dynamic_slice(x, start, size) if new is None else jax.lax.dynamic_update_slice(x, new, start)
+    return jax.tree.map(one, cache) if get is None else jax.tree.map(one, cache, get)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=3)
+def _prefill(graphdef, params, copies, state, slot, ids_c, start, last, scores: bool, next_ids_c=None):
+    """Prompt tokens `ids_c` at positions start .. start + c of `slot`'s cache; the slot's logits become those after
+    the chunk's token `last`. `scores`: also each position's log-probability of the next prompt token
+    (`next_ids_c`) and its TOP_LOGPROBS alternatives (echo)."""
+    model = nnx.merge(graphdef, params)
+    cfg = model.config
+    c = ids_c.shape[0]
+    row = _row_slice(state["cache"], slot, cfg.num_heads)
+    s = cache_length(row)
+    positions_1c = (start + jnp.arange(c))[None]
+    mask_1cs = (jnp.arange(s)[None, None] <= positions_1c[..., None])
+    weights = _weights(copies, 1)
+    x_1cd, row = model.apply_layers(model.embed(ids_c[None]), positions_1c, mask_1cs, row, start,
+                                    weights.get("layer_weights"))
+    cache = _row_slice(state["cache"], slot, cfg.num_heads, get=row)
+    if scores:
+        logits_cv = model.logits(x_1cd)[0]
+        logits_v = jax.lax.dynamic_index_in_dim(logits_cv, last, keepdims=False)
+        out = _logprobs(logits_cv, next_ids_c)
+    else:
+        logits_v = model.logits(jax.lax.dynamic_slice_in_dim(x_1cd, last, 1, axis=1))[0, 0]
+        out = None
+    return {"cache": cache, "logits": state["logits"].at[slot].set(logits_v)}, out
+
+
+def _logprobs(logits_bv, token_b):
+    """(log-probability of `token_b`, the TOP_LOGPROBS most likely ids, their log-probabilities), the model's own
+    distribution (before temperature and filters, as OpenAI reports them)."""
+    logp_bv = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp_bv, TOP_LOGPROBS)
+    return jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0], top_ids, top_lp
+
+
+@functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _fork(state, src, dst, heads: int):
+    """Slot `dst` a copy of slot `src`: a request's other choices share its prefill."""
+    row = _row_slice(state["cache"], src, heads)
+    return {"cache": _row_slice(state["cache"], dst, heads, get=row),
+            "logits": state["logits"].at[dst].set(state["logits"][src])}
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _decode(graphdef, params, copies, state, rows):
+    """Every row's next token drawn from its logits, written at its position `rows["pos"]` (past the cache's end:
+    not written), and its next logits. -> (state, (tokens, their log-probs, top ids, top log-probs))."""
+    model = nnx.merge(graphdef, params)
+    logits_bv = state["logits"]
+    b = logits_bv.shape[0]
+    token_b = sample(logits_bv, row_keys(rows["seed"], rows["count"]), rows["temperature"], rows["top_k"],
+                     rows["top_p"])
+    logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+    token_lp = jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0]
+    top = jax.lax.cond(jnp.any(rows["top"]), lambda: tuple(jax.lax.top_k(logp_bv, TOP_LOGPROBS)[::-1]),
+                       lambda: (jnp.zeros((b, TOP_LOGPROBS), jnp.int32), jnp.zeros((b, TOP_LOGPROBS), jnp.float32)))
+    pos_b = rows["pos"]
+    s = cache_length(state["cache"])
+    mask_b1s = (jnp.arange(s)[None] <= pos_b[:, None])[:, None]
+    weights = _weights(copies, b)
+    x_b1d, cache = model.apply_layers(model.embed(token_b[:, None]), pos_b[:, None], mask_b1s, state["cache"], pos_b,
+                                      weights.get("layer_weights"))
+    logits_bv = model.logits(x_b1d, weights.get("output_kernel_vd"))[:, 0]
+    return {"cache": cache, "logits": logits_bv}, (token_b, token_lp, *top)
+
+
+# ---- host -----------------------------------------------------------------------------------------------
+
+
+def length_buckets(chunk: int, max_context: int) -> tuple[int, ...]:
+    """The cache lengths programs are compiled for: the chunk size doubled, up to the context."""
+    out = [min(chunk, max_context)]
+    while out[-1] < max_context:
+        out.append(min(2 * out[-1], max_context))
+    return tuple(out)
+
+
+def chunk_sizes(chunk: int) -> tuple[int, ...]:
+    """Prefill chunk sizes: a short one (a quarter) for short prompts and the tails of long ones, and `chunk`."""
+    return (chunk // 4, chunk) if chunk >= 32 else (chunk,)
+
+
+def split_prompt(length: int, chunk: int) -> list[tuple[int, int]]:
+    """(start, size) of the chunks a prompt of `length` tokens is prefilled in."""
+    small = chunk_sizes(chunk)[0]
+    out, start = [], 0
+    while start < length:
+        size = small if length - start <= small else chunk
+        out.append((start, size))
+        start += size
+    return out
+
+
+class Engine:
+    """Continuous batching over `slots` KV-cache rows of up to `max_context` positions for one model. `submit`
+    queues a `Request` (QueueFull past `max_queue` waiting); `start` runs the loop in a thread; `close` drains."""
+
+    def __init__(self, model: GPTNeoX, slots: int = 8, max_context: int | None = None, chunk: int = 64,
+                 max_queue: int = 64, copies: bool | None = None):
+        require_lm_head(model.config)
+        cfg = model.config
+        max_context = max_context or cfg.max_position_embeddings
+        problems = []
+        if slots < 1:
+            problems.append(f"max_batch={slots}: must be at least 1")
+        if chunk < 1 or (chunk >= 32 and chunk % 4):
+            problems.append(f"prefill_chunk={chunk}: must be at least 1 (and a multiple of 4 from 32)")
+        if not 0 < max_context <= cfg.max_position_embeddings:
+            problems.append(f"max_context={max_context}: must be in 1 .. the model's max_position_embeddings="
+                            f"{cfg.max_position_embeddings}")
+        elif chunk >= 1 and max_context % chunk:
+            problems.append(f"max_context={max_context} is not a multiple of prefill_chunk={chunk}")
+        if max_queue < 0:
+            problems.append(f"max_queue={max_queue}: must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.config, self.slots, self.max_context, self.chunk, self.max_queue = cfg, slots, max_context, chunk, max_queue
+        self.lengths = length_buckets(chunk, max_context)
+        self.graphdef, self.params = nnx.split(model)
+        leaf = jax.tree.leaves(self.params)[0]
+        mesh = leaf.sharding.mesh if isinstance(getattr(leaf, "sharding", None), NamedSharding) else None
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        if copies is None:  # generation.Generator's measured choice: on one CPU device, fused per-layer copies
+            copies = jax.default_backend() == "cpu" and self.mesh is None and jax.process_count() == 1
+        self.copies = None
+        if copies:
+            kernel = self.params["embed_out"]["kernel"][...]
+            self.copies = {"layer_weights": model.fused_layers(),
+                           "output_kernel_vd": kernel.T.copy() if slots > 1 else None}
+        self.state = self._place(_init(self.graphdef, self.params, slots, self.lengths[0], self.copies is not None))
+        self.rows: list[_Row | None] = [None] * slots
+        self.pos = np.zeros(slots, np.int32)  # where each row's next token is written
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.prefilling: collections.deque = collections.deque()  # (request, slots, chunks left, scores)
+        self.lock = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.closing = False
+        self.stats = collections.Counter()  # prefilled_tokens, generated_tokens, steps, resizes, compilations
+        self.compiled = _COMPILES[0]
+        self.recent: collections.deque = collections.deque(maxlen=4096)  # (time, tokens) of the latest steps
+        self.error: BaseException | None = None
+
+    # ---- placing and programs -----------------------------------------------------------------------
+    def _place(self, state):
+        if self.mesh is None:
+            return state
+        spec = shd._trim(shd.logical_to_spec(CACHE_AXES), dict(self.mesh.shape))
+        return {"cache": jax.device_put(state["cache"], NamedSharding(self.mesh, spec)),
+                "logits": jax.device_put(state["logits"], NamedSharding(self.mesh, jax.sharding.PartitionSpec()))}
+
+    @property
+    def length(self) -> int:
+        return cache_length(self.state["cache"])
+
+    def _resize_to(self, need: int):
+        """Grow (or shrink) the cache a bucket at a time to the smallest bucket holding `need` positions."""
+        target = next(n for n in self.lengths if n >= need)
+        while self.length != target:
+            i = self.lengths.index(self.length)
+            self.state = _resize(self.state, self.lengths[i + 1 if target > self.length else i - 1])
+            self.stats["resizes"] += 1
+
+    def _prefill_chunk(self, slot: int, prompt: list[int], start: int, size: int, scores: bool):
+        ids = np.zeros(size, np.int32)
+        part = prompt[start:start + size]
+        ids[:len(part)] = part
+        nxt = np.zeros(size, np.int32)
+        following = prompt[start + 1:start + size + 1]
+        nxt[:len(following)] = following
+        self._resize_to(max(start + size, self.length))
+        self.state, out = _prefill(self.graphdef, self.params, self.copies, self.state, np.int32(slot), ids,
+                                   np.int32(start), np.int32(len(part) - 1), scores, nxt if scores else None)
+        self.stats["prefilled_tokens"] += len(part)
+        return out
+
+    def _rows_args(self, decoding: list[int]):
+        b = self.slots
+        rows = {"pos": np.full(b, self.length, np.int32), "seed": np.zeros(b, np.uint32),
+                "count": np.zeros(b, np.int32), "temperature": np.zeros(b, np.float32), "top_k": np.zeros(b, np.int32),
+                "top_p": np.zeros(b, np.float32), "top": np.zeros(b, bool)}
+        for s in decoding:
+            row = self.rows[s]
+            sampling = row.request.sampling
+            rows["pos"][s], rows["count"][s] = self.pos[s], row.count
+            rows["seed"][s] = (sampling.seed + row.choice) % 2**32  # choice j draws as row j of generate(seed)
+            rows["temperature"][s], rows["top_k"][s], rows["top_p"][s] = (sampling.temperature, sampling.top_k,
+                                                                          sampling.top_p)
+            rows["top"][s] = row.request.logprobs
+        return rows
+
+    def warmup(self):
+        """Compile every program traffic can need (each cache length, prefill chunk size, with and without echo
+        scores, a fork, a decode step): none compiles under load. Run before `start`."""
+        assert self.thread is None, "warm up before start"
+        for i, length in enumerate(self.lengths):
+            self._resize_to(length)
+            for size in chunk_sizes(self.chunk):
+                if size <= length:
+                    for scores in (False, True):
+                        self._prefill_chunk(0, [0], length - size, size, scores)
+            if self.slots > 1:
+                self.state = _fork(self.state, np.int32(0), np.int32(1), self.config.num_heads)
+            self.state, out = _decode(self.graphdef, self.params, self.copies, self.state, self._rows_args([]))
+        self._resize_to(1)
+        jax.block_until_ready(self.state)
+        self.stats.clear()
+        self.compiled = _COMPILES[0]
+
+    @property
+    def compilations(self) -> int:
+        """XLA compilations in this process since warm-up (or since the engine was made)."""
+        return _COMPILES[0] - self.compiled
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        cutoff = time.monotonic() - window
+        return sum(n for t, n in list(self.recent) if t >= cutoff) / window
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def check(self, request: Request):
+        """ValueError naming what the engine cannot run (the server checks first, with its own caps)."""
+        problems = []
+        if not request.prompt:
+            problems.append("the prompt is empty")
+        elif len(request.prompt) + request.max_tokens > self.max_context:
+            problems.append(f"prompt of {len(request.prompt)} tokens + max_tokens={request.max_tokens} exceeds the "
+                            f"context of {self.max_context} tokens")
+        if request.max_tokens < 0:
+            problems.append(f"max_tokens={request.max_tokens}: must be >= 0")
+        if request.max_tokens == 0 and not request.prompt_logprobs:
+            problems.append("max_tokens=0 only scores a prompt (with echo and logprobs)")
+        if not 1 <= request.n <= self.slots:
+            problems.append(f"n={request.n}: must be in 1 .. {self.slots} (the server's --max-batch)")
+        bad = [t for t in request.prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            problems.append(f"token id {bad[0]} is outside the vocabulary (0 .. {self.config.vocab_size - 1})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def submit(self, request: Request):
+        self.check(request)
+        with self.lock:
+            if self.closing:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds --max-queue="
+                                f"{self.max_queue})")
+            self.waiting.append(request)
+            self.lock.notify()
+
+    @property
+    def active(self) -> int:
+        return sum(row is not None for row in self.rows)
+
+    def idle(self) -> bool:
+        return not self.waiting and self.active == 0
+
+    def start(self):
+        self.thread = threading.Thread(target=self._run, name="neox-jax-engine", daemon=True)
+        self.thread.start()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop admitting, let the running and waiting requests finish for up to `timeout` seconds (None: until
+        they do), then cancel what is left and stop the loop. True when nothing had to be cancelled."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            self.closing = True
+            while not self.idle() and self.error is None and (deadline is None or time.monotonic() < deadline):
+                self.lock.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic())))
+            drained = self.idle()
+            for request in list(self.waiting) + [row.request for row in self.rows if row is not None]:
+                request.cancel()
+            self.lock.notify()
+        while self.thread is not None and self.thread.is_alive() and not self.idle():
+            time.sleep(0.01)
+        with self.lock:
+            self.thread_stop = True
+            self.lock.notify()
+        if self.thread is not None:
+            self.thread.join()
+        return drained
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def _run(self):
+        self.thread_stop = False
+        in_flight = None
+        try:
+            while True:
+                with self.lock:
+                    while not (self.waiting or self.active or in_flight or self.thread_stop):
+                        self.lock.wait()
+                    if self.thread_stop and not in_flight and not self.active and not self.waiting:
+                        return
+                self._reap()
+                self._admit()
+                self._prefill_next()
+                step = self._dispatch()
+                if in_flight is not None:
+                    self._deliver(*in_flight)
+                in_flight = step
+                self._shrink()
+                with self.lock:
+                    self.lock.notify_all()  # close() waits on the queue draining
+        except BaseException as e:  # a device error: every request is told, the server reports unhealthy
+            self.error = e
+            for request in list(self.waiting) + [row.request for row in self.rows if row is not None] + \
+                    [p[0] for p in self.prefilling]:
+                request.on_event(("error", f"{type(e).__name__}: {e}"))
+            with self.lock:
+                self.lock.notify_all()
+            raise
+
+    def _free(self, slot: int, reason: str | None):
+        row = self.rows[slot]
+        self.rows[slot] = None
+        if row is not None and row.choice not in row.request.finished:
+            row.request.finished.add(row.choice)
+            if reason is not None:
+                row.request.on_event(("done", row.choice, reason))
+
+    def _reap(self):
+        """Free the slots of cancelled requests and stopped choices."""
+        for s, row in enumerate(self.rows):
+            if row is not None and (row.request.cancelled or row.choice in row.request.stopping):
+                self._free(s, "cancelled" if row.request.cancelled else None)
+        with self.lock:
+            gone = [r for r in self.waiting if r.cancelled]
+            for request in gone:
+                self.waiting.remove(request)
+        for request in gone:
+            for choice in range(request.n):
+                request.finished.add(choice)
+                request.on_event(("done", choice, "cancelled"))
+        for entry in [p for p in self.prefilling if p[0].cancelled]:
+            self.prefilling.remove(entry)
+
+    def _admit(self):
+        """Waiting requests, oldest first, into free slots (all of a request's choices at once)."""
+        while True:
+            with self.lock:
+                free = [s for s, row in enumerate(self.rows) if row is None]
+                if not self.waiting or len(free) < self.waiting[0].n:
+                    return
+                request = self.waiting.popleft()
+            slots = free[:request.n]
+            for choice, s in enumerate(slots):
+                self.rows[s] = _Row(request, choice)
+            self.prefilling.append((request, slots, split_prompt(len(request.prompt), self.chunk), []))
+
+    def _prefill_next(self):
+        """One chunk of the oldest prompt being prefilled; after its last one, its choices start decoding."""
+        if not self.prefilling:
+            return
+        request, slots, chunks, scored = self.prefilling[0]
+        start, size = chunks.pop(0)
+        out = self._prefill_chunk(slots[0], request.prompt, start, size, request.prompt_logprobs)
+        if out is not None:
+            scored.append((start, out))
+        if chunks:
+            return
+        self.prefilling.popleft()
+        if request.prompt_logprobs:
+            request.on_event(("prompt", *_prompt_scores(request.prompt, scored)))
+        for s in slots[1:]:
+            self.state = _fork(self.state, np.int32(slots[0]), np.int32(s), self.config.num_heads)
+        for s in slots:
+            self.pos[s] = len(request.prompt)
+            if request.max_tokens == 0:
+                self._free(s, "length")
+            else:
+                self.rows[s].decoding = True
+
+    def _dispatch(self):
+        """A decode step of every decoding row that has tokens left to draw -> (outputs, [(slot, row, count)])."""
+        decoding = [s for s, row in enumerate(self.rows)
+                    if row is not None and row.decoding and row.count < row.request.max_tokens]
+        if not decoding:
+            return None
+        self._resize_to(max(max(int(self.pos[s]) + 1 for s in decoding), self.length))
+        self.state, out = _decode(self.graphdef, self.params, self.copies, self.state, self._rows_args(decoding))
+        taken = []
+        for s in decoding:
+            row = self.rows[s]
+            row.count += 1
+            self.pos[s] += 1
+            taken.append((s, row, row.count))
+        self.stats["steps"] += 1
+        return out, taken
+
+    def _deliver(self, out, taken):
+        tokens, logprobs, top_ids, top_lp = (np.asarray(x) for x in out)
+        self.recent.append((time.monotonic(), len(taken)))
+        for s, row, count in taken:
+            request = row.request
+            if row.choice in request.finished or request.cancelled or row.choice in request.stopping:
+                continue
+            token = int(tokens[s])
+            if token in request.stop_ids:
+                self._free(s, "stop")
+                continue
+            top = (top_ids[s].tolist(), top_lp[s].tolist()) if request.logprobs else None
+            self.stats["generated_tokens"] += 1
+            request.on_event(("token", row.choice, token, float(logprobs[s]), top))
+            if count == request.max_tokens:
+                self._free(s, "length")
+
+    def _shrink(self):
+        """Give back cache positions no sequence needs (at most half of them are kept idle)."""
+        need = [int(self.pos[s]) + 1 for s, row in enumerate(self.rows) if row is not None and row.decoding]
+        need += [len(p[0].prompt) + self.chunk for p in self.prefilling]  # a prefill's chunks end within this
+        target = next(n for n in self.lengths if n >= max(need, default=1))
+        if target <= self.length // 2:
+            self._resize_to(target)
+
+
+def _prompt_scores(prompt: list[int], scored: list) -> tuple[list, list]:
+    """The prompt's log-probabilities (None for its first token) and top alternatives, from its chunks' scores."""
+    logprobs: list = [None]
+    top: list = [None]
+    for start, (lp, ids, top_lp) in scored:
+        lp, ids, top_lp = np.asarray(lp), np.asarray(ids), np.asarray(top_lp)
+        for j in range(min(len(lp), len(prompt) - 1 - start)):
+            logprobs.append(float(lp[j]))
+            top.append((ids[j].tolist(), top_lp[j].tolist()))
+    return logprobs, top
+
