@@ -249,7 +249,7 @@ class Engine:
         self.prefilling: collections.deque = collections.deque()  # (request, slots, chunks left, scores)
         self.lock = threading.Condition()
         self.thread: threading.Thread | None = None
-        self.closing = False
+        self.closing = self.thread_stop = False
         self.stats = collections.Counter()  # prefilled_tokens, generated_tokens, steps, resizes, compilations
         self.compiled = _COMPILES[0]
         self.recent: collections.deque = collections.deque(maxlen=4096)  # (time, tokens) of the latest steps
@@ -354,8 +354,8 @@ class Engine:
     def submit(self, request: Request):
         self.check(request)
         with self.lock:
-            if self.closing:
-                raise QueueFull("the server is shutting down")
+            if self.closing or self.error is not None:
+                raise QueueFull("the server is shutting down" if self.closing else f"the engine stopped: {self.error}")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds --max-queue="
                                 f"{self.max_queue})")
@@ -396,7 +396,6 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------------------
     def _run(self):
-        self.thread_stop = False
         in_flight = None
         try:
             while True:

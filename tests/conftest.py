@@ -136,3 +136,41 @@ def corpus(tmp_path_factory):
             start, stride = rng.randint(0, 128), rng.randint(1, 4)
             w.add_document((start + stride * np.arange(rng.randint(20, 80))) % 128)
     return str(folder / "count")
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def serving_model(tmp_path_factory):
+    """(folder, model, tokenizer): a random Hugging Face model with a tokenizer of its 384 tokens and a chat template,
+    saved where `neox-jax serve` and lm-eval look, and neox_jax's load of it."""
+    import json
+
+    from neox_jax import from_pretrained
+    from neox_jax.data.tokenizer import NeoXTokenizer, train_tokenizer
+
+    require("torch")
+    folder = tmp_path_factory.mktemp("served")
+    make_hf_model(max_position_embeddings=256).save_pretrained(folder)
+    words = [f"w{i}" for i in range(300)]
+    train_tokenizer([" ".join(words)] * 3 + ["the cat sat on the mat. a dog ran. é ü 日本"] * 20, 384,
+                    folder / "tokenizer.json", min_frequency=1)
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|padding|>",
+         "model_max_length": 128, "chat_template": CHAT_TEMPLATE}))
+    return folder, from_pretrained(folder), NeoXTokenizer(folder)
+
+
+@pytest.fixture(scope="session")
+def engine(serving_model):
+    """A warmed-up, running continuous-batching engine over `serving_model`: 4 slots of 128 positions, prefill chunks
+    of 32 (and 8)."""
+    from neox_jax.batching import Engine
+
+    eng = Engine(serving_model[1], slots=4, max_context=128, chunk=32, max_queue=64)
+    eng.warmup()
+    eng.start()
+    yield eng
+    eng.close(5)
