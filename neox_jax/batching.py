@@ -51,8 +51,8 @@ class QueueFull(Exception):
 class Request:
     """One prompt's generation: `n` choices of up to `max_tokens` each. `on_event` is called from the engine's
     thread with ("prompt", logprobs [len(prompt)] (the first None), top [(ids, logprobs)]) once prefilled when
-    `prompt_logprobs`; ("token", choice, id, logprob, top or None) per token (`top`: the TOP_LOGPROBS most likely
-    (ids, logprobs) when `logprobs`); ("done", choice, reason) with reason "stop" (a stop id, not sent), "length",
+    `prompt_logprobs`; ("token", choice, id, logprob, top) per token (with `logprobs`: its log-probability and the
+    TOP_LOGPROBS most likely (ids, logprobs); else None, None); ("done", choice, reason) with reason "stop" (a stop id, not sent), "length",
     "cancelled"."""
 
     prompt: list[int]
@@ -159,16 +159,16 @@ def _fork(state, src, dst, heads: int):
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def _decode(graphdef, params, copies, state, rows):
     """Every row's next token drawn from its logits, written at its position `rows["pos"]` (past the cache's end:
-    not written), and its next logits. -> (state, (tokens, their log-probs, top ids, top log-probs))."""
+    not written), and its next logits. -> (state, (tokens, their log-probs, top ids, top log-probs)), the scores
+    computed only when a row asks for them (`rows["logprobs"]`; the vocabulary's softmax at every step otherwise)."""
     model = nnx.merge(graphdef, params)
     logits_bv = state["logits"]
     b = logits_bv.shape[0]
     token_b = sample(logits_bv, row_keys(rows["seed"], rows["count"]), rows["temperature"], rows["top_k"],
                      rows["top_p"])
-    logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
-    token_lp = jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0]
-    top = jax.lax.cond(jnp.any(rows["top"]), lambda: tuple(jax.lax.top_k(logp_bv, TOP_LOGPROBS)[::-1]),
-                       lambda: (jnp.zeros((b, TOP_LOGPROBS), jnp.int32), jnp.zeros((b, TOP_LOGPROBS), jnp.float32)))
+    scores = jax.lax.cond(jnp.any(rows["logprobs"]), lambda: _logprobs(logits_bv, token_b),
+                          lambda: (jnp.zeros((b,)), jnp.zeros((b, TOP_LOGPROBS), jnp.int32),
+                                   jnp.zeros((b, TOP_LOGPROBS))))
     pos_b = rows["pos"]
     s = cache_length(state["cache"])
     mask_b1s = (jnp.arange(s)[None] <= pos_b[:, None])[:, None]
@@ -176,7 +176,7 @@ def _decode(graphdef, params, copies, state, rows):
     x_b1d, cache = model.apply_layers(model.embed(token_b[:, None]), pos_b[:, None], mask_b1s, state["cache"], pos_b,
                                       weights.get("layer_weights"))
     logits_bv = model.logits(x_b1d, weights.get("output_kernel_vd"))[:, 0]
-    return {"cache": cache, "logits": logits_bv}, (token_b, token_lp, *top)
+    return {"cache": cache, "logits": logits_bv}, (token_b, *scores)
 
 
 # ---- host -----------------------------------------------------------------------------------------------
@@ -191,16 +191,17 @@ def length_buckets(chunk: int, max_context: int) -> tuple[int, ...]:
 
 
 def chunk_sizes(chunk: int) -> tuple[int, ...]:
-    """Prefill chunk sizes: a short one (a quarter) for short prompts and the tails of long ones, and `chunk`."""
-    return (chunk // 4, chunk) if chunk >= 32 else (chunk,)
+    """Prefill chunk sizes: `chunk`, and a half and a quarter of it for short prompts and long ones' tails (a prompt
+    padded to a chunk twice its length costs twice the compute)."""
+    return (chunk // 4, chunk // 2, chunk) if chunk >= 32 else (chunk,)
 
 
 def split_prompt(length: int, chunk: int) -> list[tuple[int, int]]:
-    """(start, size) of the chunks a prompt of `length` tokens is prefilled in."""
-    small = chunk_sizes(chunk)[0]
+    """(start, size) of the chunks a prompt of `length` tokens is prefilled in: whole chunks, then the smallest
+    size that holds the rest."""
     out, start = [], 0
     while start < length:
-        size = small if length - start <= small else chunk
+        size = next(n for n in chunk_sizes(chunk) + (chunk,) if n >= min(length - start, chunk))
         out.append((start, size))
         start += size
     return out
@@ -292,7 +293,7 @@ class Engine:
         b = self.slots
         rows = {"pos": np.full(b, self.length, np.int32), "seed": np.zeros(b, np.uint32),
                 "count": np.zeros(b, np.int32), "temperature": np.zeros(b, np.float32), "top_k": np.zeros(b, np.int32),
-                "top_p": np.zeros(b, np.float32), "top": np.zeros(b, bool)}
+                "top_p": np.zeros(b, np.float32), "logprobs": np.zeros(b, bool)}
         for s in decoding:
             row = self.rows[s]
             sampling = row.request.sampling
@@ -300,7 +301,7 @@ class Engine:
             rows["seed"][s] = (sampling.seed + row.choice) % 2**32  # choice j draws as row j of generate(seed)
             rows["temperature"][s], rows["top_k"][s], rows["top_p"][s] = (sampling.temperature, sampling.top_k,
                                                                           sampling.top_p)
-            rows["top"][s] = row.request.logprobs
+            rows["logprobs"][s] = row.request.logprobs
         return rows
 
     def warmup(self):
@@ -511,9 +512,10 @@ class Engine:
             if token in request.stop_ids:
                 self._free(s, "stop")
                 continue
-            top = (top_ids[s].tolist(), top_lp[s].tolist()) if request.logprobs else None
+            scores = (float(logprobs[s]), (top_ids[s].tolist(), top_lp[s].tolist())) if request.logprobs else \
+                (None, None)
             self.stats["generated_tokens"] += 1
-            request.on_event(("token", row.choice, token, float(logprobs[s]), top))
+            request.on_event(("token", row.choice, token, *scores))
             if count == request.max_tokens:
                 self._free(s, "length")
 

@@ -287,12 +287,14 @@ class ChoiceText:
         self.entries_sent = 0
 
     def push(self, token: int, logprob: float | None = None, top: dict | None = None) -> None:
+        """The next token; with its log-probability (and top alternatives) when they are asked for."""
         if self.stopped:
             return
         offset = len(self.text)
         self.ids.append(token)
         self.text = self.tok.decode(self.ids)
-        self.entries.append((offset, token_text(self.tok, token), logprob, top))
+        if logprob is not None:
+            self.entries.append((offset, token_text(self.tok, token), logprob, top))
         hits = [i for i in (self.text.find(s, max(0, offset - max(map(len, self.stops)))) for s in self.stops)
                 if i >= 0] if self.stops else []
         if hits:

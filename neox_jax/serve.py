@@ -383,6 +383,16 @@ class Run:
             return {"index": g, "delta": delta, "logprobs": self._logprobs(g, entries), "finish_reason": finish}
         return {"index": g, "text": text, "logprobs": self._logprobs(g, entries, echo=echo), "finish_reason": finish}
 
+    def _flush(self, dirty: dict) -> list[str]:
+        """Chunks of the choices in `dirty` (choice: finish reason or None) with text to send; `dirty` emptied."""
+        chunks = []
+        for g, finish in dirty.items():
+            text, entries = self.texts[g].take(final=finish is not None)
+            if text or entries or finish:
+                chunks.append(self._chunk([self._choice_delta(g, text, entries, finish)]))
+        dirty.clear()
+        return chunks
+
     async def stream(self):
         """Server-sent events, OpenAI's chunks; the last is `data: [DONE]`. Cancelled if the client goes away."""
         started: set[int] = set()
@@ -395,6 +405,7 @@ class Run:
                     yield self._chunk([self._choice_delta(g, "", [], None, first=True)])
                 elif self.params.echo and not scored:
                     yield self._chunk([self._choice_delta(g, self.echo_text[i], [], None, echo=True)])
+            dirty: dict[int, str | None] = {}  # choices with text to send, and their finish reasons
             try:
                 async for g, kind, finish in self._events():
                     i = g // self.params.n
@@ -402,12 +413,15 @@ class Run:
                         yield self._chunk([self._choice_delta(g, self.echo_text[i], self.prompt_entries[i], None,
                                                               echo=True)])
                         continue
-                    text, entries = self.texts[g].take(final=finish is not None)
-                    if text or entries or finish:
-                        yield self._chunk([self._choice_delta(g, text, entries, finish)])
+                    dirty[g] = dirty.get(g) or finish
+                    if self.queue.empty():  # else behind the engine: the tokens piling up go out as one chunk
+                        for chunk in self._flush(dirty):
+                            yield chunk
             except ApiError as e:
                 yield f"data: {json.dumps(e.body())}\n\n"
                 return
+            for chunk in self._flush(dirty):
+                yield chunk
             if self.params.include_usage:
                 yield self._chunk([], self._usage())
             yield "data: [DONE]\n\n"
