@@ -209,10 +209,12 @@ def split_prompt(length: int, chunk: int) -> list[tuple[int, int]]:
 
 class Engine:
     """Continuous batching over `slots` KV-cache rows of up to `max_context` positions for one model. `submit`
-    queues a `Request` (QueueFull past `max_queue` waiting); `start` runs the loop in a thread; `close` drains."""
+    queues a `Request` (QueueFull past `max_queue` waiting); `start` runs the loop in a thread; `close` drains. Each
+    step prefills prompt chunks of `chunk` tokens (or a half or a quarter) up to `prefill_budget` tokens (default
+    4 chunks), then decodes every decoding row once."""
 
     def __init__(self, model: GPTNeoX, slots: int = 8, max_context: int | None = None, chunk: int = 64,
-                 max_queue: int = 64, copies: bool | None = None):
+                 max_queue: int = 64, prefill_budget: int | None = None, copies: bool | None = None):
         require_lm_head(model.config)
         cfg = model.config
         max_context = max_context or cfg.max_position_embeddings
@@ -228,9 +230,12 @@ class Engine:
             problems.append(f"max_context={max_context} is not a multiple of prefill_chunk={chunk}")
         if max_queue < 0:
             problems.append(f"max_queue={max_queue}: must be >= 0")
+        if prefill_budget is not None and prefill_budget < 1:
+            problems.append(f"prefill_budget={prefill_budget}: must be at least 1")
         if problems:
             raise ValueError("; ".join(problems))
         self.config, self.slots, self.max_context, self.chunk, self.max_queue = cfg, slots, max_context, chunk, max_queue
+        self.prefill_budget = prefill_budget or 4 * chunk
         self.lengths = length_buckets(chunk, max_context)
         self.graphdef, self.params = nnx.split(model)
         leaf = jax.tree.leaves(self.params)[0]
@@ -407,7 +412,7 @@ class Engine:
                         return
                 self._reap()
                 self._admit()
-                self._prefill_next()
+                self._prefill()
                 step = self._dispatch()
                 if in_flight is not None:
                     self._deliver(*in_flight)
@@ -461,17 +466,23 @@ class Engine:
                 self.rows[s] = _Row(request, choice)
             self.prefilling.append((request, slots, split_prompt(len(request.prompt), self.chunk), []))
 
-    def _prefill_next(self):
-        """One chunk of the oldest prompt being prefilled; after its last one, its choices start decoding."""
-        if not self.prefilling:
-            return
+    def _prefill(self):
+        """Prompt chunks, oldest first, up to `prefill_budget` tokens (at least one chunk): the decoding rows wait
+        that long for their next token, and a burst of requests fills the batch in a few steps, not one per row."""
+        spent = 0
+        while self.prefilling and (spent == 0 or spent + self.prefilling[0][2][0][1] <= self.prefill_budget):
+            spent += self._prefill_next()
+
+    def _prefill_next(self) -> int:
+        """One chunk of the oldest prompt being prefilled (its size returned); after its last one, the prompt's
+        choices start decoding."""
         request, slots, chunks, scored = self.prefilling[0]
         start, size = chunks.pop(0)
         out = self._prefill_chunk(slots[0], request.prompt, start, size, request.prompt_logprobs)
         if out is not None:
             scored.append((start, out))
         if chunks:
-            return
+            return size
         self.prefilling.popleft()
         if request.prompt_logprobs:
             request.on_event(("prompt", *_prompt_scores(request.prompt, scored)))
@@ -483,6 +494,7 @@ class Engine:
                 self._free(s, "length")
             else:
                 self.rows[s].decoding = True
+        return size
 
     def _dispatch(self):
         """A decode step of every decoding row that has tokens left to draw -> (outputs, [(slot, row, count)])."""

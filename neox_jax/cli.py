@@ -402,7 +402,7 @@ def cmd_serve(args):
     model = _inference_model(args)
     check_vocab(tok, model.config, "--tokenizer")
     engine = Engine(model, slots=args.max_batch, max_context=args.max_context, chunk=args.prefill_chunk,
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, prefill_budget=args.prefill_budget)
     cfg = model.config
     kv_bytes = 2 * cfg.num_layers * args.max_batch * engine.max_context * cfg.hidden_size * jnp_itemsize(cfg.dtype)
     log.info("warming up: %d slots x %d positions (KV cache at most %.1f MB), cache lengths %s, prefill chunks %s",
@@ -635,6 +635,8 @@ def main(argv=None):
     p.add_argument("--max-batch", type=int, default=16, help="KV-cache slots: sequences decoded together")
     p.add_argument("--max-context", type=int, help="positions per slot (default: the model's context)")
     p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens prefilled per program call")
+    p.add_argument("--prefill-budget", type=int, help="prompt tokens prefilled between two decode steps at most "
+                                                      "(default 4 chunks)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503")
     p.add_argument("--api-keys", help="file of API keys, one per line (# comments); or NEOX_JAX_API_KEYS=k1,k2")
     p.add_argument("--rate-limit", help="per key, e.g. requests=60/m,tokens=40000/m (units s, m, h)")

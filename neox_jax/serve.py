@@ -11,6 +11,7 @@ asks for `Authorization: Bearer KEY` when the server has keys, and counts agains
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -89,6 +90,12 @@ class Service:
                          max_n=engine.slots)
         self.draining = False
         self.in_flight = 0
+        self._mailbox = None
+
+    def mailbox(self) -> "Mailbox":
+        if self._mailbox is None:
+            self._mailbox = Mailbox(asyncio.get_running_loop())
+        return self._mailbox
 
     # ---- plumbing -------------------------------------------------------------------------------------
     def app(self):
@@ -220,6 +227,26 @@ class Service:
         return JSONResponse(body)
 
 
+class Mailbox:
+    """Events from the engine's thread to the requests' queues on the event loop, with one wake-up of the loop for
+    all that arrive together (a decode step's tokens), not one per token."""
+
+    def __init__(self, loop):
+        self.loop, self.items, self.scheduled = loop, collections.deque(), False
+
+    def post(self, queue: asyncio.Queue, item):  # the engine's thread: append first, then look at the flag
+        self.items.append((queue, item))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self):  # the event loop
+        self.scheduled = False
+        while self.items:
+            queue, item = self.items.popleft()
+            queue.put_nowait(item)
+
+
 class Run:
     """One HTTP request's generation: its engine requests (one per prompt), their events, the answer."""
 
@@ -230,7 +257,7 @@ class Run:
         self.created = now()
         self.prompt_tokens = sum(len(p) for p in params.prompts)
         self.queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        mailbox = service.mailbox()
         n = params.n
         stops = {service.chat.eos} if params.chat and service.chat is not None else set()
         stop_ids = tuple(stops | {self.tok.eod_id})
@@ -243,7 +270,7 @@ class Run:
         try:
             for i, prompt in enumerate(params.prompts):
                 def emit(event, i=i):
-                    loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
+                    mailbox.post(self.queue, (i, event))
                 request = Request(prompt, params.max_tokens, emit, params.sampling, n=n, stop_ids=stop_ids,
                                   logprobs=params.logprobs is not None,
                                   prompt_logprobs=params.echo and params.logprobs is not None)
