@@ -156,26 +156,37 @@ def _fork(state, src, dst, heads: int):
             "logits": state["logits"].at[dst].set(state["logits"][src])}
 
 
+def _first_rows(cache, rows: int, heads: int):
+    """The first `rows` slots' caches (the rows a decode step of that bucket reads and writes)."""
+    return jax.tree.map(lambda x: x[:rows * heads] if x.ndim == 3 else x[:, :rows], cache)
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def _decode(graphdef, params, copies, state, rows):
-    """Every row's next token drawn from its logits, written at its position `rows["pos"]` (past the cache's end:
-    not written), and its next logits. -> (state, (tokens, their log-probs, top ids, top log-probs)), the scores
-    computed only when a row asks for them (`rows["logprobs"]`; the vocabulary's softmax at every step otherwise)."""
+    """A step of the first b slots (b = the length of `rows`' arrays, a bucket holding every decoding row): each
+    row's next token drawn from its logits, written at its position `rows["pos"]` (past the cache's end: not
+    written), and its next logits. -> (state, (tokens, their log-probs, top ids, top log-probs)), the scores computed
+    only when a row asks for them (`rows["logprobs"]`; the vocabulary's softmax at every step otherwise)."""
     model = nnx.merge(graphdef, params)
-    logits_bv = state["logits"]
-    b = logits_bv.shape[0]
+    b = rows["pos"].shape[0]
+    whole = b == state["logits"].shape[0]
+    logits_bv = state["logits"][:b]
     token_b = sample(logits_bv, row_keys(rows["seed"], rows["count"]), rows["temperature"], rows["top_k"],
                      rows["top_p"])
     scores = jax.lax.cond(jnp.any(rows["logprobs"]), lambda: _logprobs(logits_bv, token_b),
                           lambda: (jnp.zeros((b,)), jnp.zeros((b, TOP_LOGPROBS), jnp.int32),
                                    jnp.zeros((b, TOP_LOGPROBS))))
     pos_b = rows["pos"]
-    s = cache_length(state["cache"])
-    mask_b1s = (jnp.arange(s)[None] <= pos_b[:, None])[:, None]
+    cache = state["cache"] if whole else _first_rows(state["cache"], b, model.config.num_heads)
+    mask_b1s = (jnp.arange(cache_length(cache))[None] <= pos_b[:, None])[:, None]
     weights = _weights(copies, b)
-    x_b1d, cache = model.apply_layers(model.embed(token_b[:, None]), pos_b[:, None], mask_b1s, state["cache"], pos_b,
+    x_b1d, cache = model.apply_layers(model.embed(token_b[:, None]), pos_b[:, None], mask_b1s, cache, pos_b,
                                       weights.get("layer_weights"))
     logits_bv = model.logits(x_b1d, weights.get("output_kernel_vd"))[:, 0]
+    if not whole:  # written back in place (the state is donated)
+        cache = jax.tree.map(lambda x, part: jax.lax.dynamic_update_slice(x, part, (0,) * x.ndim), state["cache"],
+                             cache)
+        logits_bv = state["logits"].at[:b].set(logits_bv)
     return {"cache": cache, "logits": logits_bv}, (token_b, *scores)
 
 
@@ -187,6 +198,15 @@ def length_buckets(chunk: int, max_context: int) -> tuple[int, ...]:
     out = [min(chunk, max_context)]
     while out[-1] < max_context:
         out.append(min(2 * out[-1], max_context))
+    return tuple(out)
+
+
+def row_buckets(slots: int) -> tuple[int, ...]:
+    """The row counts decode steps are compiled for: powers of two below `slots`, and `slots` (a step computes the
+    first bucket's worth of slots that holds every decoding row; new sequences take the lowest free slots)."""
+    out = [1]
+    while out[-1] < slots:
+        out.append(min(2 * out[-1], slots))
     return tuple(out)
 
 
@@ -211,7 +231,7 @@ class Engine:
     """Continuous batching over `slots` KV-cache rows of up to `max_context` positions for one model. `submit`
     queues a `Request` (QueueFull past `max_queue` waiting); `start` runs the loop in a thread; `close` drains. Each
     step prefills prompt chunks of `chunk` tokens (or a half or a quarter) up to `prefill_budget` tokens (default
-    4 chunks), then decodes every decoding row once."""
+    4 chunks), then decodes every decoding row once (the first `row_buckets` slots that hold them all)."""
 
     def __init__(self, model: GPTNeoX, slots: int = 8, max_context: int | None = None, chunk: int = 64,
                  max_queue: int = 64, prefill_budget: int | None = None, copies: bool | None = None):
@@ -294,8 +314,7 @@ class Engine:
         self.stats["prefilled_tokens"] += len(part)
         return out
 
-    def _rows_args(self, decoding: list[int]):
-        b = self.slots
+    def _rows_args(self, decoding: list[int], b: int):
         rows = {"pos": np.full(b, self.length, np.int32), "seed": np.zeros(b, np.uint32),
                 "count": np.zeros(b, np.int32), "temperature": np.zeros(b, np.float32), "top_k": np.zeros(b, np.int32),
                 "top_p": np.zeros(b, np.float32), "logprobs": np.zeros(b, bool)}
@@ -309,11 +328,12 @@ class Engine:
             rows["logprobs"][s] = row.request.logprobs
         return rows
 
-    def warmup(self):
-        """Compile every program traffic can need (each cache length, prefill chunk size, with and without echo
-        scores, a fork, a decode step): none compiles under load. Run before `start`."""
+    def warmup(self) -> int:
+        """Compile every program traffic can need (for each cache length: each prefill chunk size with and without
+        echo scores, a fork, a decode step of each row bucket): none compiles under load. Run before `start`; returns the compilations."""
         assert self.thread is None, "warm up before start"
-        for i, length in enumerate(self.lengths):
+        before = _COMPILES[0]
+        for length in self.lengths:
             self._resize_to(length)
             for size in chunk_sizes(self.chunk):
                 if size <= length:
@@ -321,11 +341,14 @@ class Engine:
                         self._prefill_chunk(0, [0], length - size, size, scores)
             if self.slots > 1:
                 self.state = _fork(self.state, np.int32(0), np.int32(1), self.config.num_heads)
-            self.state, out = _decode(self.graphdef, self.params, self.copies, self.state, self._rows_args([]))
+            for rows in row_buckets(self.slots):
+                self.state, out = _decode(self.graphdef, self.params, self.copies, self.state,
+                                          self._rows_args([], rows))
         self._resize_to(1)
         jax.block_until_ready(self.state)
         self.stats.clear()
         self.compiled = _COMPILES[0]
+        return self.compiled - before
 
     @property
     def compilations(self) -> int:
@@ -503,7 +526,8 @@ class Engine:
         if not decoding:
             return None
         self._resize_to(max(max(int(self.pos[s]) + 1 for s in decoding), self.length))
-        self.state, out = _decode(self.graphdef, self.params, self.copies, self.state, self._rows_args(decoding))
+        rows = next(b for b in row_buckets(self.slots) if b > max(decoding))
+        self.state, out = _decode(self.graphdef, self.params, self.copies, self.state, self._rows_args(decoding, rows))
         taken = []
         for s in decoding:
             row = self.rows[s]

@@ -408,8 +408,8 @@ def cmd_serve(args):
     log.info("warming up: %d slots x %d positions (KV cache at most %.1f MB), cache lengths %s, prefill chunks %s",
              engine.slots, engine.max_context, kv_bytes / 1e6, engine.lengths, engine.chunk)
     started = time.monotonic()
-    engine.warmup()
-    log.info("compiled in %.1f s", time.monotonic() - started)
+    programs = engine.warmup()
+    log.info("compiled %d programs in %.1f s", programs, time.monotonic() - started)
     engine.start()
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without API keys: anyone who can reach it can use it (--api-keys FILE)", args.host)
@@ -418,9 +418,12 @@ def cmd_serve(args):
                         max_prompt_tokens=args.max_prompt_tokens, max_tokens_cap=args.max_tokens_cap,
                         log_prompts=args.log_prompts)
     service = Service(engine, tok, settings, chat)
-    return run(service, args.host, args.port, args.grace,
-               ready=lambda: log.info("serving %s on http://%s:%d (%d API keys)", name, args.host, args.port,
-                                      len(keys)))
+    try:
+        return run(service, args.host, args.port, args.grace,
+                   ready=lambda: log.info("serving %s on http://%s:%d (%d API keys)", name, args.host, args.port,
+                                          len(keys)))
+    finally:
+        engine.close(0)
 
 
 def jnp_itemsize(dtype: str) -> int:

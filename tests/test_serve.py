@@ -218,6 +218,25 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server, engine):
     assert post(url, {"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
+def test_a_client_leaving_before_its_answer_cancels_its_sequence(server, engine, caplog):
+    """Not streaming: the server watches the connection while the sequence decodes and cancels it when it closes."""
+    import logging
+
+    url, _ = server
+    caplog.set_level(logging.INFO, "neox_jax.serve")
+    generated = engine.stats["generated_tokens"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.05,
+                   json={"prompt": [5, 6], "max_tokens": 120, "temperature": 0})
+    deadline = time.monotonic() + 5
+    while "the client disconnected" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "the client disconnected; its sequences are cancelled" in caplog.text
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.active == 0 and engine.stats["generated_tokens"] - generated < 120
+
+
 def test_metrics_parse_and_count_the_requests(engine, serving_model):
     from prometheus_client.parser import text_string_to_metric_families
 
