@@ -1,7 +1,7 @@
 """`neox-jax serve` under load, beside `Generator`'s own batch throughput and a naive server, in one run.
 
     python scripts/bench_serve.py [--presets pythia-70m pythia-160m] [--clients 1 4 16 64] [--runs 3]
-                                  [--prompt-len 32] [--new-tokens 64] [--requests-per-client 2]
+                                  [--prompt-len 32] [--new-tokens 64] [--requests-per-client 4]
                                   [--rss-requests 200 2000] [--tokenizer ../shared/data/20B_tokenizer.json]
 
 For each preset: random weights of its shape written as a Hugging Face folder; `Generator`'s batch-16 throughput
@@ -241,7 +241,7 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--rss-requests", nargs=2, type=int, default=[200, 2000])
     p.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER)
     p.add_argument("--naive", help=argparse.SUPPRESS)

@@ -204,37 +204,65 @@ def test_keys_limits_caps_and_a_full_queue(engine, serving_model, caplog):
     assert KEY not in caplog.text and "wrong-key" not in caplog.text
 
 
+def hold_engine(engine):
+    """(held, gate): a request whose first token blocks the engine's thread until `gate` is set, `held` set once it
+    does (so what the test does next happens while nothing decodes)."""
+    from neox_jax.batching import Request
+
+    held, gate = threading.Event(), threading.Event()
+
+    def hold(event):
+        if event[0] == "token" and not held.is_set():
+            held.set()
+            gate.wait(10)
+
+    engine.submit(Request([5, 6], 2, hold))
+    assert held.wait(10)
+    return gate
+
+
+def wait_for(condition, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
 def test_a_client_leaving_mid_stream_frees_its_slot(server, engine):
-    url, _ = server
+    """A stream of 120 tokens is left after its first chunk, while the engine is held: its sequence is cancelled
+    (the request closed) before the engine goes on, so it draws at most one more token, and the next request runs."""
+    url, service = server
     with httpx.stream("POST", url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
                       json={"prompt": [5, 6], "max_tokens": 120, "temperature": 0, "stream": True}) as r:
-        lines = r.iter_lines()
-        assert next(line for line in lines if line.startswith("data:"))
-        assert engine.active == 1
-    deadline = time.monotonic() + 5
-    while engine.active and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.active == 0 and engine.stats["generated_tokens"]  # freed long before its 120 tokens
+        assert next(line for line in r.iter_lines() if line.startswith("data:"))
+        gate = hold_engine(engine)
+        generated = engine.stats["generated_tokens"]
+    try:
+        assert wait_for(lambda: service.in_flight == 0), "the stream's request was not closed"
+    finally:
+        gate.set()
+    assert wait_for(engine.idle)
+    assert engine.stats["generated_tokens"] - generated <= 3  # the holder's second token, one step in flight
     assert post(url, {"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
 def test_a_client_leaving_before_its_answer_cancels_its_sequence(server, engine, caplog):
-    """Not streaming: the server watches the connection while the sequence decodes and cancels it when it closes."""
+    """Not streaming: the server watches the connection while the request waits and cancels it when the client
+    goes (here while the engine is held, so the request is still queued: it is dropped unprefilled)."""
     import logging
 
     url, _ = server
     caplog.set_level(logging.INFO, "neox_jax.serve")
-    generated = engine.stats["generated_tokens"]
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.05,
-                   json={"prompt": [5, 6], "max_tokens": 120, "temperature": 0})
-    deadline = time.monotonic() + 5
-    while "the client disconnected" not in caplog.text and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert "the client disconnected; its sequences are cancelled" in caplog.text
-    while engine.active and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.active == 0 and engine.stats["generated_tokens"] - generated < 120
+    gate = hold_engine(engine)
+    prefilled = engine.stats["prefilled_tokens"]
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3,
+                       json={"prompt": [7, 8, 9], "max_tokens": 100, "temperature": 0})
+        assert wait_for(lambda: "the client disconnected; its sequences are cancelled" in caplog.text)
+    finally:
+        gate.set()
+    assert wait_for(engine.idle) and engine.stats["prefilled_tokens"] == prefilled  # dropped from the queue
 
 
 def test_metrics_parse_and_count_the_requests(engine, serving_model):
