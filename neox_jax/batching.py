@@ -7,13 +7,14 @@ bucket (the chunk size doubled up to the context), grown and shrunk one bucket a
 so that a step reads all of it as it lies (generation.py's spans). A decode step draws every decoding row's token
 from its logits with the row's own key and knobs (`generation.row_keys`: its seed and how many it has drawn), writes
 the token's keys and values at the row's own position (attention's per-row `cache_index`) and computes its next
-logits; a row that is not decoding is given the position past the cache's end, which nothing writes. A prompt is
+logits; a row that is not decoding is given the position past the cache's end, which nothing writes. A step runs
+the first 1, 2, 4, ... slots that hold every decoding row (new sequences take the lowest free slots). A prompt is
 prefilled once, into its slot, in chunks (a long prompt spread over several steps, so decoding rows are not
 stalled); a request's n choices are copies of that slot (`_fork`).
 
 Host side: `Engine` runs the loop in a thread: drop cancelled sequences, admit waiting requests to free slots,
-prefill a chunk, dispatch a decode step and, while the device runs it, hand the previous step's tokens to their
-requests (one step in flight; JAX dispatches asynchronously). Requests see their tokens through a callback.
+prefill chunks up to a budget, dispatch a decode step and, while the device runs it, hand the previous step's tokens
+to their requests (one step in flight; JAX dispatches asynchronously). Requests see their tokens through a callback.
 """
 
 from __future__ import annotations
@@ -35,9 +36,15 @@ from neox_jax import sharding as shd
 from neox_jax.generation import Sampling, _weights, row_keys, sample
 from neox_jax.model import GPTNeoX, cache_length, require_lm_head
 
-_COMPILES = [0]  # XLA compilations in this process (jax.monitoring): serving must not compile under traffic
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, *_, **__: _COMPILES.__setitem__(0, _COMPILES[0] + (event == "/jax/core/compile/backend_compile_duration")))
+_COMPILES = [0]  # XLA compilations in this process: serving must not compile under traffic
+
+
+def _count_compiles(event: str, *_, **__):
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
 TOP_LOGPROBS = 5  # the most alternatives a token's log-probabilities list (OpenAI's completions cap)
 CACHE_AXES = ("layers", "batch", "heads", "length", "head_dim")
@@ -52,8 +59,8 @@ class Request:
     """One prompt's generation: `n` choices of up to `max_tokens` each. `on_event` is called from the engine's
     thread with ("prompt", logprobs [len(prompt)] (the first None), top [(ids, logprobs)]) once prefilled when
     `prompt_logprobs`; ("token", choice, id, logprob, top) per token (with `logprobs`: its log-probability and the
-    TOP_LOGPROBS most likely (ids, logprobs); else None, None); ("done", choice, reason) with reason "stop" (a stop id, not sent), "length",
-    "cancelled"."""
+    TOP_LOGPROBS most likely (ids, logprobs); else None, None); ("done", choice, reason) with reason "stop" (a stop
+    id, not sent), "length" or "cancelled"; ("error", message) if the engine failed."""
 
     prompt: list[int]
     max_tokens: int
@@ -104,14 +111,14 @@ def _resize(state, length: int):
     return dict(state, cache=jax.tree.map(resize, state["cache"]))
 
 
-def _row_slice(cache, slot, heads: int, get=None):
-    """One slot's cache (batch 1) out of the state's, or (`get`, a row's cache) written back into it."""
+def _row_slice(cache, slot, heads: int, row=None):
+    """One slot's cache (batch 1) out of the state's, or, given `row` (such a cache), the state's with it written in."""
     def one(x, new=None):
         per_layer = x.ndim == 3  # [slots * heads, S, h], else [layers, slots, heads, S, h]
         start = (slot * heads, 0, 0) if per_layer else (0, slot, 0, 0, 0)
         size = (heads,) + x.shape[1:] if per_layer else x.shape[:1] + (1,) + x.shape[2:]
         return jax.lax.dynamic_slice(x, start, size) if new is None else jax.lax.dynamic_update_slice(x, new, start)
-    return jax.tree.map(one, cache) if get is None else jax.tree.map(one, cache, get)
+    return jax.tree.map(one, cache) if row is None else jax.tree.map(one, cache, row)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=3)
@@ -129,7 +136,7 @@ def _prefill(graphdef, params, copies, state, slot, ids_c, start, last, scores: 
     weights = _weights(copies, 1)
     x_1cd, row = model.apply_layers(model.embed(ids_c[None]), positions_1c, mask_1cs, row, start,
                                     weights.get("layer_weights"))
-    cache = _row_slice(state["cache"], slot, cfg.num_heads, get=row)
+    cache = _row_slice(state["cache"], slot, cfg.num_heads, row=row)
     if scores:
         logits_cv = model.logits(x_1cd)[0]
         logits_v = jax.lax.dynamic_index_in_dim(logits_cv, last, keepdims=False)
@@ -152,7 +159,7 @@ def _logprobs(logits_bv, token_b):
 def _fork(state, src, dst, heads: int):
     """Slot `dst` a copy of slot `src`: a request's other choices share its prefill."""
     row = _row_slice(state["cache"], src, heads)
-    return {"cache": _row_slice(state["cache"], dst, heads, get=row),
+    return {"cache": _row_slice(state["cache"], dst, heads, row=row),
             "logits": state["logits"].at[dst].set(state["logits"][src])}
 
 
@@ -254,7 +261,8 @@ class Engine:
             problems.append(f"prefill_budget={prefill_budget}: must be at least 1")
         if problems:
             raise ValueError("; ".join(problems))
-        self.config, self.slots, self.max_context, self.chunk, self.max_queue = cfg, slots, max_context, chunk, max_queue
+        self.config, self.slots, self.max_context, self.chunk = cfg, slots, max_context, chunk
+        self.max_queue = max_queue
         self.prefill_budget = prefill_budget or 4 * chunk
         self.lengths = length_buckets(chunk, max_context)
         self.graphdef, self.params = nnx.split(model)
@@ -330,7 +338,8 @@ class Engine:
 
     def warmup(self) -> int:
         """Compile every program traffic can need (for each cache length: each prefill chunk size with and without
-        echo scores, a fork, a decode step of each row bucket): none compiles under load. Run before `start`; returns the compilations."""
+        echo scores, a fork, a decode step of each row bucket): none compiles under load. Run before `start`; returns
+        the number of compilations."""
         assert self.thread is None, "warm up before start"
         before = _COMPILES[0]
         for length in self.lengths:

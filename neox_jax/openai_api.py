@@ -272,17 +272,28 @@ def token_text(tokenizer, token: int) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
+def text_offsets(tokenizer, ids: list[int]) -> list[int]:
+    """Where each token's text starts in the decoded text (characters), in one pass over the tokens' bytes."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    offsets, length = [], 0
+    for token in ids:
+        offsets.append(length)
+        length += len(decoder.decode(token_bytes(tokenizer, token)))
+    return offsets
+
+
 class ChoiceText:
     """One choice's text as its tokens come: what can be sent now (whole characters, no possible start of a stop
     string), where a stop string ended it, and its tokens' log-probabilities as the text holds them."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...], prefix_text: str = ""):
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
         self.tok, self.stops = tokenizer, stops
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
         self.stopped = False
-        self.prefix = len(prefix_text)  # text offsets count from the echoed prompt's start
         self.entries: list[tuple[int, str, float, dict | None]] = []  # (offset, token text, logprob, top)
         self.entries_sent = 0
 
@@ -313,9 +324,9 @@ class ChoiceText:
             end -= held
         end = max(end, self.sent)
         out, self.sent = self.text[self.sent:end], end
-        n = len(self.entries) if final or self.stopped else sum(e[0] < end for e in self.entries)
-        entries, self.entries_sent = self.entries[self.entries_sent:max(n, self.entries_sent)], max(n,
-                                                                                                    self.entries_sent)
+        ready = len(self.entries) if final or self.stopped else sum(e[0] < end for e in self.entries)
+        entries = self.entries[self.entries_sent:ready]
+        self.entries_sent = max(ready, self.entries_sent)
         return out, entries
 
 

@@ -23,7 +23,7 @@ import weakref
 from neox_jax import access
 from neox_jax.batching import Engine, QueueFull, Request
 from neox_jax.openai_api import (ApiError, Caps, ChoiceText, Params, chat_logprobs, completion_logprobs, new_id, now,
-                                 parse_chat, parse_completion, token_text, top_dict)
+                                 parse_chat, parse_completion, text_offsets, token_text, top_dict)
 
 log = logging.getLogger("neox_jax.serve")
 
@@ -74,7 +74,8 @@ class Metrics:
         self.rejections.labels(reason).inc()
 
 
-REASONS = {401: "unauthorized", 413: "too_large", 429: "rate_limited", 503: "unavailable"}
+REASONS = {400: "invalid", 401: "unauthorized", 404: "not_found", 405: "invalid", 413: "too_large",
+           429: "rate_limited", 503: "unavailable"}  # rejections by status; any other: "error"
 
 
 class Service:
@@ -119,7 +120,7 @@ class Service:
     def _error(self, e: ApiError, endpoint: str):
         from starlette.responses import JSONResponse
 
-        self.metrics.reject(REASONS.get(e.status, "invalid"))
+        self.metrics.reject(REASONS.get(e.status, "error"))
         self.metrics.requests.labels(endpoint, str(e.status)).inc()
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -190,8 +191,9 @@ class Service:
             if self.draining:
                 raise ApiError(503, "the server is shutting down", kind="server_error")
             body = await self._body(request)
-            params = parse_chat(body, self.tok, self.chat, self.caps) if chat else \
-                parse_completion(body, self.tok, self.caps)
+            # in a thread: tokenizing a long prompt (or rendering a chat) would hold up every stream
+            params = await asyncio.to_thread(*((parse_chat, body, self.tok, self.chat, self.caps) if chat else
+                                               (parse_completion, body, self.tok, self.caps)))
             model = body.get("model")
             if model is not None and model != self.settings.name:
                 raise ApiError(404, f"model {model!r} is not served here (this server serves {self.settings.name!r})",
@@ -259,14 +261,15 @@ class Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         mailbox = service.mailbox()
         n = params.n
-        stops = {service.chat.eos} if params.chat and service.chat is not None else set()
-        stop_ids = tuple(stops | {self.tok.eod_id})
+        chat_eos = service.chat.eos if params.chat else None  # the template's end of turn, if the vocabulary has it
+        stop_ids = tuple({self.tok.eod_id} | ({chat_eos} if chat_eos is not None else set()))
         self.echo_text = [self.tok.decode(p) if params.echo else "" for p in params.prompts]
         self.texts = [ChoiceText(self.tok, params.stop) for _ in range(len(params.prompts) * n)]
         self.finish: dict[int, str] = {}
         self.last_token: dict[int, float] = {}
         self.prompt_entries: dict[int, list] = {}
         self.requests: list[Request] = []
+        self.open = False
         try:
             for i, prompt in enumerate(params.prompts):
                 def emit(event, i=i):
@@ -292,7 +295,7 @@ class Run:
 
     def close(self):
         self.cancel()
-        if getattr(self, "open", False):
+        if self.open:
             self.open = False
             self.service.in_flight -= 1
 
@@ -301,7 +304,8 @@ class Run:
         return len(self.finish) == len(self.texts)
 
     async def _events(self):
-        """(choice index, kind, text, log-prob entries, finish reason) as they become sendable."""
+        """(choice index, "echo" or "text", finish reason or None) as each event from the engine comes; raises the
+        ApiError of a failed or shut-down generation."""
         n, metrics = self.params.n, self.service.metrics
         while not self.done:
             i, event = await self.queue.get()
@@ -338,12 +342,9 @@ class Run:
 
     def _prompt_entries(self, i: int, logprobs: list, top: list) -> list:
         prompt, k = self.params.prompts[i], self.params.logprobs or 0
-        entries, offset = [], 0
-        for j, token in enumerate(prompt):
-            entries.append((offset, token_text(self.tok, token), logprobs[j],
-                            None if top[j] is None else top_dict(self.tok, top[j], k)))
-            offset = len(self.tok.decode(prompt[:j + 1]))
-        return entries
+        return [(offset, token_text(self.tok, token), lp, None if alternatives is None else
+                 top_dict(self.tok, alternatives, k))
+                for offset, token, lp, alternatives in zip(text_offsets(self.tok, prompt), prompt, logprobs, top)]
 
     def _usage(self) -> dict:
         completion = sum(len(t.ids) for t in self.texts)

@@ -8,9 +8,9 @@ For each preset: random weights of its shape written as a Hugging Face folder; `
 (prompts of --prompt-len, --new-tokens each, prefill included) measured in this process; then a real
 `neox-jax serve` process (16 slots) driven by this one asyncio process: C streaming clients, each sending
 --requests-per-client requests (more for few clients, so every load sends at least 16), greedy, token-id prompts.
-Figures: output tokens/s over the load's wall time, time to first token and inter-token latency (p50, p99; gaps
-between a stream's chunks) at each C; the server's resident memory after the first and second --rss-requests
-sequential requests; the same 16-client load against a naive server (this script with --naive: `generate()` per
+Figures: the engine alone (in this process, 16 threads submitting, no HTTP); output tokens/s over the load's wall
+time, time to first token and inter-token latency (p50, p99; gaps between a stream's chunks) at each C; the server's
+resident memory after the first and second --rss-requests sequential requests; the same 16-client load against a naive server (this script with --naive: `generate()` per
 request, one at a time, the whole answer as one event). Each figure is the median of --runs loads. One JSON line per
 preset, then a summary against the targets (16 clients: >= 85% of Generator, >= 3x the naive server; RSS growth <=
 50 MB).
@@ -71,6 +71,43 @@ def generator_throughput(folder: Path, args) -> float:
         start = time.perf_counter()
         out = gen(ids, args.new_tokens)
         rates.append(sum(map(len, out)) / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def engine_throughput(folder: Path, args, context: int) -> float:
+    """The engine alone, in this process, no HTTP: 16 threads each submitting requests one after another."""
+    import threading
+
+    import neox_jax
+    from neox_jax.batching import Engine, Request
+
+    engine = Engine(neox_jax.from_pretrained(folder), slots=16, max_context=context)
+    engine.warmup()
+    engine.start()
+    rates = []
+    for seed in range(args.runs):
+        tokens = []
+
+        def client(c: int):
+            for prompt in prompts(args.requests_per_client, args.prompt_len, args.vocab, seed * 1000 + c):
+                done = threading.Event()
+                def on_event(event, done=done):
+                    if event[0] == "token":
+                        tokens.append(1)
+                    elif event[0] == "done":
+                        done.set()
+
+                engine.submit(Request(prompt, args.new_tokens, on_event))
+                done.wait()
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(16)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rates.append(len(tokens) / (time.perf_counter() - start))
+    engine.close()
     return statistics.median(rates)
 
 
@@ -162,9 +199,11 @@ def bench(preset: str, args) -> dict:
         args.vocab = min(NeoXConfig.preset(preset).vocab_size, 50277)
         row["generator_batch16_tokens_per_s"] = generator_throughput(folder, args)
         print(f"[{preset}] Generator batch 16: {row['generator_batch16_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+        context = -(-(args.prompt_len + args.new_tokens) // 64) * 64
+        row["engine_16_tokens_per_s"] = engine_throughput(folder, args, context)
+        print(f"[{preset}] the engine alone, 16 threads: {row['engine_16_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        context = -(-(args.prompt_len + args.new_tokens) // 64) * 64
         proc = start_server([sys.executable, "-m", "neox_jax.cli", "serve", "--model", str(folder), "--port",
                              str(port), "--max-batch", "16", "--max-context", str(context), "--max-queue", "256"], url)
         try:

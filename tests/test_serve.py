@@ -79,9 +79,41 @@ def test_completions_through_the_openai_client(server, serving_model):
     assert r.choices[0].text == prompt + tok.decode(want[:3])
     assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert lp.tokens[:len(ids)] == [tok.decode([t]) for t in ids]
-    assert lp.text_offset[len(ids)] == len(prompt)
+    assert lp.text_offset[:len(ids) + 1] == [len(tok.decode(ids[:j])) for j in range(len(ids) + 1)]
     assert all(len(top) == 2 and max(top.values()) == lp.token_logprobs[len(ids) + i]
                for i, top in enumerate(lp.top_logprobs[len(ids):]))  # greedy: each token is its position's best
+
+
+def test_a_mixed_concurrent_load_through_the_openai_client(server, serving_model, engine):
+    """32 requests at once from 16 threads (prompts of 1-60 tokens, 1-40 new, n 1 or 2, streamed or not, greedy or
+    seeded): every choice's text is generate()'s for its prompt alone, each prompt was prefilled once whatever its n,
+    and nothing compiled under the load."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, _ = server
+    _, model, tok = serving_model
+    c = client(url)
+    rng = np.random.RandomState(5)
+    jobs = [dict(prompt=rng.randint(1, 384, rng.randint(1, 61)).tolist(), max_tokens=int(rng.randint(1, 41)),
+                 n=1 + (i % 5 == 0), temperature=0.0 if i % 2 else 0.7, seed=i, stream=i % 3 == 0) for i in range(32)]
+
+    def run(job):
+        if not job["stream"]:
+            return [ch.text for ch in c.completions.create(model="tiny", **job).choices]
+        texts = [""] * job["n"]
+        for chunk in c.completions.create(model="tiny", **job):
+            texts[chunk.choices[0].index] += chunk.choices[0].text
+        return texts
+
+    compiled, prefilled = engine.compilations, engine.stats["prefilled_tokens"]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(run, jobs))
+    assert engine.compilations == compiled
+    assert engine.stats["prefilled_tokens"] - prefilled == sum(len(job["prompt"]) for job in jobs)  # once each
+    for job, texts in zip(jobs, answers):
+        want = generate(model, [job["prompt"]] * job["n"], job["max_tokens"], temperature=job["temperature"],
+                        seed=job["seed"], stop_ids=[tok.eod_id])
+        assert texts == [tok.decode([t for t in row if t != tok.eod_id]) for row in want], job
 
 
 def test_sampling_is_reproducible_from_the_seed(server, serving_model):
@@ -176,8 +208,11 @@ def test_every_problem_is_named_at_once_and_malformed_json_is_refused(server):
 
 
 def test_keys_limits_caps_and_a_full_queue(engine, serving_model, caplog):
-    """401 without or with a wrong key (the key never logged); 429 past the request limit with a Retry-After after
+    """401 without or with a wrong key (the key, and prompts, never logged); 429 past the request limit with a Retry-After after
     which the request goes through; 413 past the body cap; 400 past the prompt cap; 503 with a full queue."""
+    import logging
+
+    caplog.set_level(logging.INFO, "neox_jax.serve")
     tok = serving_model[2]
     with serving(engine, tok, limits={"requests": (2.0, 2.0)}, max_body_bytes=400,
                  max_prompt_tokens=20) as (url, _):
@@ -192,6 +227,7 @@ def test_keys_limits_caps_and_a_full_queue(engine, serving_model, caplog):
         time.sleep(1.5)
         big = post(url, {"prompt": "x" * 500})
         assert big.status_code == 413 and "cap of 400 (--max-body-bytes)" in big.json()["error"]["message"]
+        assert post(url, {"prompt": "private words here", "max_tokens": 1}).status_code == 200
         long = post(url, {"prompt": list(range(1, 30))})
         assert long.status_code == 400 and "more than this server's cap of 20 (--max-prompt-tokens)" in long.text
         time.sleep(1.0)
@@ -201,7 +237,8 @@ def test_keys_limits_caps_and_a_full_queue(engine, serving_model, caplog):
         finally:
             engine.max_queue = held
         assert busy.status_code == 503 and busy.headers["Retry-After"]
-    assert KEY not in caplog.text and "wrong-key" not in caplog.text
+    assert KEY not in caplog.text and "wrong-key" not in caplog.text and "private words" not in caplog.text
+    assert "request cmpl-" in caplog.text  # the requests were logged, by counts
 
 
 def hold_engine(engine):
@@ -304,7 +341,8 @@ def test_lm_eval_local_completions_equals_the_neox_jax_backend(server, serving_m
             for i in range(4)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "mc.yaml").write_text(
-        f"task: neox_serve_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
+        "task: neox_serve_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'data.jsonl'}\n"
         'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
         'doc_to_choice: "{{choices}}"\nmetric_list:\n  - metric: acc\n')
     import neox_jax.harness  # noqa: F401
@@ -372,3 +410,44 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(serving_model, tmp_path):
             proc.kill()
     log = proc.stdout.read()
     assert "shutting down" in log and KEY not in log
+
+
+def test_text_is_sent_in_whole_characters_and_never_shows_a_stop_strings_start(serving_model):
+    """Byte-level tokens that split a character: nothing is sent until the character is whole; text that may begin
+    a stop string is held back, and sent when it turns out not to."""
+    from neox_jax.openai_api import ChoiceText, token_text
+
+    tok = serving_model[2]
+    ids = [i for ch in "日本" for i in tok.tokenizer.encode(ch).ids]
+    split = [t for t in ids if "\ufffd" in tok.decode([t])]
+    assert split, "the test tokenizer has byte tokens inside a character"
+    assert token_text(tok, split[0]).startswith("bytes:\\x")
+    text = ChoiceText(tok, ())
+    sent = []
+    for t in ids:
+        text.push(t)
+        sent.append(text.take()[0])
+    assert all("\ufffd" not in piece for piece in sent) and "".join(sent) == "日本"
+    text = ChoiceText(tok, ("cat sat",))
+    pieces = []
+    for t in tok.encode("the cat ran"):
+        text.push(t)
+        pieces.append(text.take()[0])
+    assert not any(p.endswith("cat") for p in pieces), "'cat' may begin the stop string: held back"
+    assert "".join(pieces) + text.take(final=True)[0] == "the cat ran" and not text.stopped
+
+
+def test_token_limits_count_prompt_and_max_tokens_per_key():
+    from neox_jax.access import RateLimiter, authenticate, key_id, parse_limits
+
+    limiter = RateLimiter(parse_limits("tokens=100/m"))
+    assert limiter.take("a", 60) == 0 and limiter.take("b", 60) == 0  # per key
+    wait = limiter.take("a", 60)
+    assert 0 < wait <= 60 * 20 / 100 + 1e-6  # 20 more tokens at 100 per minute
+    assert "needs 101 tokens" in limiter.check_cost(101)
+    with pytest.raises(ValueError, match="'tokens=5/day' is not requests=N/UNIT"):
+        parse_limits("requests=2/s,tokens=5/day")
+    keys = [b"k" * 20, b"j" * 20]
+    assert authenticate(keys, "Bearer " + "j" * 20) == key_id(b"j" * 20)
+    assert authenticate(keys, "Bearer " + "j" * 19) is None and authenticate(keys, None) is None
+    assert authenticate([], None) == ""
