@@ -286,12 +286,14 @@ def text_offsets(tokenizer, ids: list[int]) -> list[int]:
 
 class ChoiceText:
     """One choice's text as its tokens come: what can be sent now (whole characters, no possible start of a stop
-    string), where a stop string ended it, and its tokens' log-probabilities as the text holds them."""
+    string), where a stop string ended it, and its tokens' log-probabilities as the text holds them. Detokenized
+    incrementally (each token decodes only the few tokens since the last whole character, not the whole text)."""
 
     def __init__(self, tokenizer, stops: tuple[str, ...]):
         self.tok, self.stops = tokenizer, stops
         self.ids: list[int] = []
-        self.text = ""
+        self.text = ""  # whole characters so far
+        self.start = self.read = 0  # ids[start:read] decode to the end of `text`; ids[read:] are not in it yet
         self.sent = 0
         self.stopped = False
         self.entries: list[tuple[int, str, float, dict | None]] = []  # (offset, token text, logprob, top)
@@ -303,25 +305,36 @@ class ChoiceText:
             return
         offset = len(self.text)
         self.ids.append(token)
-        self.text = self.tok.decode(self.ids)
         if logprob is not None:
             self.entries.append((offset, token_text(self.tok, token), logprob, top))
-        hits = [i for i in (self.text.find(s, max(0, offset - max(map(len, self.stops)))) for s in self.stops)
-                if i >= 0] if self.stops else []
+        done = self.tok.decode(self.ids[self.start:self.read])
+        now = self.tok.decode(self.ids[self.start:])
+        if len(now) > len(done) and not now.endswith("\ufffd"):  # else a character's bytes are still to come
+            self.text += now[len(done):]
+            self.start, self.read = self.read, len(self.ids)
+        self._find_stop(offset)
+
+    def _find_stop(self, since: int):
+        if not self.stops:
+            return
+        hits = [i for i in (self.text.find(s, max(0, since - max(map(len, self.stops)))) for s in self.stops)
+                if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]
             self.stopped = True
             self.entries = [e for e in self.entries if e[0] < len(self.text)]
 
     def take(self, final: bool = False) -> tuple[str, list]:
-        """(text not yet sent that is safe to send, the log-prob entries of its tokens); `final`: all of it."""
+        """(text not yet sent that is safe to send, the log-prob entries of its tokens); `final`: all of it (bytes
+        that never made a character as replacement characters)."""
+        if final and not self.stopped and self.read < len(self.ids):
+            offset = len(self.text)
+            self.text += self.tok.decode(self.ids[self.start:])[len(self.tok.decode(self.ids[self.start:self.read])):]
+            self.start = self.read = len(self.ids)
+            self._find_stop(offset)
         end = len(self.text)
         if not final and not self.stopped:
-            while end > self.sent and self.text[end - 1] == "\ufffd":
-                end -= 1  # a character whose other bytes are still to come
-            held = max((k for s in self.stops for k in range(1, len(s)) if self.text[:end].endswith(s[:k])),
-                       default=0)
-            end -= held
+            end -= max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
         end = max(end, self.sent)
         out, self.sent = self.text[self.sent:end], end
         ready = len(self.entries) if final or self.stopped else sum(e[0] < end for e in self.entries)

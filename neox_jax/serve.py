@@ -383,6 +383,7 @@ class Run:
         choices = []
         for g, text in enumerate(self.texts):
             i = g // self.params.n
+            text.take(final=True)  # the bytes of a character the output ended inside, as a replacement character
             content = self.echo_text[i] + text.text
             logprobs = self._logprobs(g, self.prompt_entries.get(i, []) + _shift(text.entries, len(self.echo_text[i])),
                                       echo=True)

@@ -428,6 +428,14 @@ def test_text_is_sent_in_whole_characters_and_never_shows_a_stop_strings_start(s
         text.push(t)
         sent.append(text.take()[0])
     assert all("\ufffd" not in piece for piece in sent) and "".join(sent) == "日本"
+    for seed in range(5):  # incremental detokenization equals decoding the whole output, broken bytes included
+        ids = np.random.RandomState(seed).randint(0, 384, 200).tolist()
+        text = ChoiceText(tok, ())
+        pieces = []
+        for t in ids:
+            text.push(t)
+            pieces.append(text.take()[0])
+        assert "".join(pieces) + text.take(final=True)[0] == tok.decode(ids)
     text = ChoiceText(tok, ("cat sat",))
     pieces = []
     for t in tok.encode("the cat ran"):
