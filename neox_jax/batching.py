@@ -1,39 +1,34 @@
 """Continuous batching, serving's engine: a fixed number of KV-cache slots, each row at its own position, sequences
 joining and leaving between decode steps.
 
-Device side: pure functions of (weights, state), compiled once per shape bucket and warmed up before traffic. The
-state is every slot's KV cache and next-token logits [slots, vocab]. The positions the cache holds, `length`, is a
-bucket (the chunk size doubled up to the context), grown and shrunk one bucket at a time with the longest sequence,
-so that a step reads all of it as it lies (generation.py's spans). A decode step draws every decoding row's token
-from its logits with the row's own key and knobs (`generation.row_keys`: its seed and how many it has drawn), writes
-the token's keys and values at the row's own position (attention's per-row `cache_index`) and computes its next
-logits; a row that is not decoding is given the position past the cache's end, which nothing writes. A step runs
-the first 1, 2, 4, ... slots that hold every decoding row (new sequences take the lowest free slots). A prompt is
-prefilled once, into its slot, in chunks (a long prompt spread over several steps, so decoding rows are not
-stalled); a request's n choices are copies of that slot (`_fork`).
+The device programs (slots.py) are compiled per shape bucket and warmed up before traffic. The positions the cache
+holds are a bucket (the chunk size doubled up to the context), grown and shrunk one bucket at a time with the longest
+sequence, so that a step reads all of it as it lies (generation.py's spans). A decode step runs the first 1, 2, 4,
+... slots that hold every decoding row (new sequences take the lowest free slots). A prompt is prefilled once, into
+its slot, in chunks under a per-step budget (a long prompt spread over several steps, so decoding rows are not
+stalled for long); a request's n choices are copies of that slot.
 
-Host side: `Engine` runs the loop in a thread: drop cancelled sequences, admit waiting requests to free slots,
-prefill chunks up to a budget, dispatch a decode step and, while the device runs it, hand the previous step's tokens
-to their requests (one step in flight; JAX dispatches asynchronously). Requests see their tokens through a callback.
+`Engine` runs the loop in a thread: drop cancelled sequences, admit waiting requests to free slots, prefill chunks,
+dispatch a decode step and, while the device runs it, hand the previous step's tokens to their requests (one step in
+flight; JAX dispatches asynchronously). Requests see their tokens through a callback.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import threading
 import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
 from neox_jax import sharding as shd
-from neox_jax.generation import Sampling, _weights, row_keys, sample
+from neox_jax import slots as programs
+from neox_jax.generation import Sampling
 from neox_jax.model import GPTNeoX, cache_length, require_lm_head
 
 _COMPILES = [0]  # XLA compilations in this process: serving must not compile under traffic
@@ -46,10 +41,6 @@ def _count_compiles(event: str, *_, **__):
 
 jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
-TOP_LOGPROBS = 5  # the most alternatives a token's log-probabilities list (OpenAI's completions cap)
-CACHE_AXES = ("layers", "batch", "heads", "length", "head_dim")
-
-
 class QueueFull(Exception):
     """The engine's queue of waiting requests is full (a server answers 503)."""
 
@@ -59,8 +50,8 @@ class Request:
     """One prompt's generation: `n` choices of up to `max_tokens` each. `on_event` is called from the engine's
     thread with ("prompt", logprobs [len(prompt)] (the first None), top [(ids, logprobs)]) once prefilled when
     `prompt_logprobs`; ("token", choice, id, logprob, top) per token (with `logprobs`: its log-probability and the
-    TOP_LOGPROBS most likely (ids, logprobs); else None, None); ("done", choice, reason) with reason "stop" (a stop
-    id, not sent), "length" or "cancelled"; ("error", message) if the engine failed."""
+    slots.TOP_LOGPROBS most likely (ids, logprobs); else None, None); ("done", choice, reason) with reason "stop" (a
+    stop id, not sent), "length" or "cancelled"; ("error", message) if the engine failed."""
 
     prompt: list[int]
     max_tokens: int
@@ -89,115 +80,6 @@ class _Row:  # a slot's occupant
     choice: int
     count: int = 0  # tokens drawn
     decoding: bool = False
-
-
-# ---- device programs ------------------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
-def _init(graphdef, params, slots: int, length: int, per_layer: bool):
-    model = nnx.merge(graphdef, params)
-    cache = model.init_cache(slots, length, per_layer=per_layer)
-    return {"cache": cache, "logits": jnp.zeros((slots, model.config.vocab_size), jnp.float32)}
-
-
-@functools.partial(jax.jit, static_argnums=1)  # a new shape: nothing to donate to
-def _resize(state, length: int):
-    """The cache holding `length` positions: padded, or cut to its first `length`."""
-    def resize(x):
-        have = x.shape[-2]
-        return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, length - have), (0, 0)]) if length > have else \
-            x[..., :length, :]
-    return dict(state, cache=jax.tree.map(resize, state["cache"]))
-
-
-def _row_slice(cache, slot, heads: int, row=None):
-    """One slot's cache (batch 1) out of the state's, or, given `row` (such a cache), the state's with it written in."""
-    def one(x, new=None):
-        per_layer = x.ndim == 3  # [slots * heads, S, h], else [layers, slots, heads, S, h]
-        start = (slot * heads, 0, 0) if per_layer else (0, slot, 0, 0, 0)
-        size = (heads,) + x.shape[1:] if per_layer else x.shape[:1] + (1,) + x.shape[2:]
-        return jax.lax.dynamic_slice(x, start, size) if new is None else jax.lax.dynamic_update_slice(x, new, start)
-    return jax.tree.map(one, cache) if row is None else jax.tree.map(one, cache, row)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=3)
-def _prefill(graphdef, params, copies, state, slot, ids_c, start, last, scores: bool, next_ids_c=None):
-    """Prompt tokens `ids_c` at positions start .. start + c of `slot`'s cache; the slot's logits become those after
-    the chunk's token `last`. `scores`: also each position's log-probability of the next prompt token
-    (`next_ids_c`) and its TOP_LOGPROBS alternatives (echo)."""
-    model = nnx.merge(graphdef, params)
-    cfg = model.config
-    c = ids_c.shape[0]
-    row = _row_slice(state["cache"], slot, cfg.num_heads)
-    s = cache_length(row)
-    positions_1c = (start + jnp.arange(c))[None]
-    mask_1cs = (jnp.arange(s)[None, None] <= positions_1c[..., None])
-    weights = _weights(copies, 1)
-    x_1cd, row = model.apply_layers(model.embed(ids_c[None]), positions_1c, mask_1cs, row, start,
-                                    weights.get("layer_weights"))
-    cache = _row_slice(state["cache"], slot, cfg.num_heads, row=row)
-    if scores:
-        logits_cv = model.logits(x_1cd)[0]
-        logits_v = jax.lax.dynamic_index_in_dim(logits_cv, last, keepdims=False)
-        out = _logprobs(logits_cv, next_ids_c)
-    else:
-        logits_v = model.logits(jax.lax.dynamic_slice_in_dim(x_1cd, last, 1, axis=1))[0, 0]
-        out = None
-    return {"cache": cache, "logits": state["logits"].at[slot].set(logits_v)}, out
-
-
-def _logprobs(logits_bv, token_b):
-    """(log-probability of `token_b`, the TOP_LOGPROBS most likely ids, their log-probabilities), the model's own
-    distribution (before temperature and filters, as OpenAI reports them)."""
-    logp_bv = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
-    top_lp, top_ids = jax.lax.top_k(logp_bv, TOP_LOGPROBS)
-    return jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0], top_ids, top_lp
-
-
-@functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
-def _fork(state, src, dst, heads: int):
-    """Slot `dst` a copy of slot `src`: a request's other choices share its prefill."""
-    row = _row_slice(state["cache"], src, heads)
-    return {"cache": _row_slice(state["cache"], dst, heads, row=row),
-            "logits": state["logits"].at[dst].set(state["logits"][src])}
-
-
-def _first_rows(cache, rows: int, heads: int):
-    """The first `rows` slots' caches (the rows a decode step of that bucket reads and writes)."""
-    return jax.tree.map(lambda x: x[:rows * heads] if x.ndim == 3 else x[:, :rows], cache)
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _decode(graphdef, params, copies, state, rows):
-    """A step of the first b slots (b = the length of `rows`' arrays, a bucket holding every decoding row): each
-    row's next token drawn from its logits, written at its position `rows["pos"]` (past the cache's end: not
-    written), and its next logits. -> (state, (tokens, their log-probs, top ids, top log-probs)), the scores computed
-    only when a row asks for them (`rows["logprobs"]`; the vocabulary's softmax at every step otherwise)."""
-    model = nnx.merge(graphdef, params)
-    b = rows["pos"].shape[0]
-    whole = b == state["logits"].shape[0]
-    logits_bv = state["logits"][:b]
-    token_b = sample(logits_bv, row_keys(rows["seed"], rows["count"]), rows["temperature"], rows["top_k"],
-                     rows["top_p"])
-    scores = jax.lax.cond(jnp.any(rows["logprobs"]), lambda: _logprobs(logits_bv, token_b),
-                          lambda: (jnp.zeros((b,)), jnp.zeros((b, TOP_LOGPROBS), jnp.int32),
-                                   jnp.zeros((b, TOP_LOGPROBS))))
-    pos_b = rows["pos"]
-    cache = state["cache"] if whole else _first_rows(state["cache"], b, model.config.num_heads)
-    mask_b1s = (jnp.arange(cache_length(cache))[None] <= pos_b[:, None])[:, None]
-    weights = _weights(copies, b)
-    x_b1d, cache = model.apply_layers(model.embed(token_b[:, None]), pos_b[:, None], mask_b1s, cache, pos_b,
-                                      weights.get("layer_weights"))
-    logits_bv = model.logits(x_b1d, weights.get("output_kernel_vd"))[:, 0]
-    if not whole:  # written back in place (the state is donated)
-        cache = jax.tree.map(lambda x, part: jax.lax.dynamic_update_slice(x, part, (0,) * x.ndim), state["cache"],
-                             cache)
-        logits_bv = state["logits"].at[:b].set(logits_bv)
-    return {"cache": cache, "logits": logits_bv}, (token_b, *scores)
-
-
-# ---- host -----------------------------------------------------------------------------------------------
 
 
 def length_buckets(chunk: int, max_context: int) -> tuple[int, ...]:
@@ -276,7 +158,8 @@ class Engine:
             kernel = self.params["embed_out"]["kernel"][...]
             self.copies = {"layer_weights": model.fused_layers(),
                            "output_kernel_vd": kernel.T.copy() if slots > 1 else None}
-        self.state = self._place(_init(self.graphdef, self.params, slots, self.lengths[0], self.copies is not None))
+        self.state = self._place(programs.init_state(self.graphdef, self.params, slots, self.lengths[0],
+                                                     self.copies is not None))
         self.rows: list[_Row | None] = [None] * slots
         self.pos = np.zeros(slots, np.int32)  # where each row's next token is written
         self.waiting: collections.deque[Request] = collections.deque()
@@ -293,7 +176,8 @@ class Engine:
     def _place(self, state):
         if self.mesh is None:
             return state
-        spec = shd._trim(shd.logical_to_spec(CACHE_AXES), dict(self.mesh.shape))
+        axes = ("layers", "batch", "heads", "length", "head_dim")  # model.init_cache's
+        spec = shd._trim(shd.logical_to_spec(axes), dict(self.mesh.shape))
         return {"cache": jax.device_put(state["cache"], NamedSharding(self.mesh, spec)),
                 "logits": jax.device_put(state["logits"], NamedSharding(self.mesh, jax.sharding.PartitionSpec()))}
 
@@ -306,7 +190,7 @@ class Engine:
         target = next(n for n in self.lengths if n >= need)
         while self.length != target:
             i = self.lengths.index(self.length)
-            self.state = _resize(self.state, self.lengths[i + 1 if target > self.length else i - 1])
+            self.state = programs.resize(self.state, self.lengths[i + 1 if target > self.length else i - 1])
             self.stats["resizes"] += 1
 
     def _prefill_chunk(self, slot: int, prompt: list[int], start: int, size: int, scores: bool):
@@ -317,7 +201,7 @@ class Engine:
         following = prompt[start + 1:start + size + 1]
         nxt[:len(following)] = following
         self._resize_to(max(start + size, self.length))
-        self.state, out = _prefill(self.graphdef, self.params, self.copies, self.state, np.int32(slot), ids,
+        self.state, out = programs.prefill(self.graphdef, self.params, self.copies, self.state, np.int32(slot), ids,
                                    np.int32(start), np.int32(len(part) - 1), scores, nxt if scores else None)
         self.stats["prefilled_tokens"] += len(part)
         return out
@@ -349,9 +233,9 @@ class Engine:
                     for scores in (False, True):
                         self._prefill_chunk(0, [0], length - size, size, scores)
             if self.slots > 1:
-                self.state = _fork(self.state, np.int32(0), np.int32(1), self.config.num_heads)
+                self.state = programs.fork(self.state, np.int32(0), np.int32(1), self.config.num_heads)
             for rows in row_buckets(self.slots):
-                self.state, out = _decode(self.graphdef, self.params, self.copies, self.state,
+                self.state, out = programs.decode(self.graphdef, self.params, self.copies, self.state,
                                           self._rows_args([], rows))
         self._resize_to(1)
         jax.block_until_ready(self.state)
@@ -519,7 +403,7 @@ class Engine:
         if request.prompt_logprobs:
             request.on_event(("prompt", *_prompt_scores(request.prompt, scored)))
         for s in slots[1:]:
-            self.state = _fork(self.state, np.int32(slots[0]), np.int32(s), self.config.num_heads)
+            self.state = programs.fork(self.state, np.int32(slots[0]), np.int32(s), self.config.num_heads)
         for s in slots:
             self.pos[s] = len(request.prompt)
             if request.max_tokens == 0:
@@ -536,7 +420,8 @@ class Engine:
             return None
         self._resize_to(max(max(int(self.pos[s]) + 1 for s in decoding), self.length))
         rows = next(b for b in row_buckets(self.slots) if b > max(decoding))
-        self.state, out = _decode(self.graphdef, self.params, self.copies, self.state, self._rows_args(decoding, rows))
+        self.state, out = programs.decode(self.graphdef, self.params, self.copies, self.state,
+                                          self._rows_args(decoding, rows))
         taken = []
         for s in decoding:
             row = self.rows[s]

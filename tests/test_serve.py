@@ -363,8 +363,8 @@ def test_lm_eval_local_completions_equals_the_neox_jax_backend(server, serving_m
 
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits_0(serving_model, tmp_path):
-    """A real `neox-jax serve` process with one slot: seven of eight requests decoding or queued when SIGTERM comes
-    are all answered in full, new
+    """A real `neox-jax serve` process with one slot: eight requests accepted (one decoding, the rest queued) when
+    SIGTERM comes are all answered in full, new
     connections are refused, and the process exits 0; the API key is in no log line."""
     folder = serving_model[0]
     keys = tmp_path / "keys"
@@ -372,7 +372,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(serving_model, tmp_path):
     port = 18000 + os.getpid() % 1000
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     proc = subprocess.Popen([sys.executable, "-m", "neox_jax.cli", "serve", "--model", str(folder), "--port",
-                             str(port), "--max-batch", "1", "--max-context", "64", "--prefill-chunk", "16",
+                             str(port), "--max-batch", "1", "--max-context", "256", "--prefill-chunk", "16",
                              "--api-keys", str(keys), "--grace", "60"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -388,14 +388,17 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(serving_model, tmp_path):
         results = []
 
         def one(i):
-            r = post(url, {"prompt": [5 + i, 6], "max_tokens": 60, "temperature": 0})
+            r = post(url, {"prompt": [5 + i, 6], "max_tokens": 200, "temperature": 0})
             results.append((r.status_code, r.json()["choices"][0]["finish_reason"], r.json()["usage"]))
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
-        while not results:  # one slot: the others are decoding or queued
-            time.sleep(0.001)
+        def accepted():
+            health = httpx.get(url + "/health").json()
+            return health["active"] + health["waiting"] + len(results) == 8
+
+        assert wait_for(accepted, 30)  # one slot: one decoding, the others queued
         proc.send_signal(signal.SIGTERM)
         answered_before = len(results)
         for t in threads:
