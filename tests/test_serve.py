@@ -328,6 +328,7 @@ def test_metrics_parse_and_count_the_requests(engine, serving_model):
     assert ("neox_jax_queue_length", ()) in samples and ("neox_jax_active_sequences", ()) in samples
 
 
+@pytest.mark.slow
 def test_lm_eval_local_completions_equals_the_neox_jax_backend(server, serving_model, tmp_path, monkeypatch):
     """lm-eval's `local-completions` model (token-id prompts, echo, logprobs=1, max_tokens=1) through the server
     gives the log-likelihoods and greedy flags `neox-jax lm-eval`'s backend computes in process."""
