@@ -202,7 +202,8 @@ def attend_qkv(qkv_btnkh, cos_btr, sin_btr, mask_bts, backend: str, cache=None, 
     is causal attention over this call's tokens. With a KV cache, `cache` = (the stacked {k, v} [layers, b, n, S, h],
     this layer's index), or (this layer's own {k, v} [b * n, S, h], None): this call's keys and values are written at
     `cache_index` (one token's per layer in a decode step; a [b] vector: each row at its own) and the queries attend
-    over the cache's first `mask_bts.shape[-1]` positions, all that is read of it. `drop`: (attention_dropout, keys per row), training's."""
+    over the cache's first `mask_bts.shape[-1]` positions, all that is read of it. `drop`: (attention_dropout, keys
+    per row), training's."""
     q, k, v = qkv_btnkh[:, :, :, 0], qkv_btnkh[:, :, :, 1], qkv_btnkh[:, :, :, 2]
     q, k = apply_rotary(q, cos_btr, sin_btr), apply_rotary(k, cos_btr, sin_btr)
     if cache is None:

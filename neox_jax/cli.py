@@ -369,6 +369,8 @@ def cmd_serve(args):
     import logging
     import os
 
+    import jax
+
     from neox_jax import access
     from neox_jax.pretrained import check_vocab, load_tokenizer
 
@@ -404,7 +406,8 @@ def cmd_serve(args):
     engine = Engine(model, slots=args.max_batch, max_context=args.max_context, chunk=args.prefill_chunk,
                     max_queue=args.max_queue, prefill_budget=args.prefill_budget)
     cfg = model.config
-    kv_bytes = 2 * cfg.num_layers * args.max_batch * engine.max_context * cfg.hidden_size * jnp_itemsize(cfg.dtype)
+    kv_bytes = 2 * cfg.num_layers * args.max_batch * engine.max_context * cfg.hidden_size * \
+        jax.numpy.dtype(cfg.dtype).itemsize
     log.info("warming up: %d slots x %d positions (KV cache at most %.1f MB), cache lengths %s, prefill chunks %s",
              engine.slots, engine.max_context, kv_bytes / 1e6, engine.lengths, engine.chunk)
     started = time.monotonic()
@@ -424,12 +427,6 @@ def cmd_serve(args):
                                           len(keys)))
     finally:
         engine.close(0)
-
-
-def jnp_itemsize(dtype: str) -> int:
-    import numpy as np
-
-    return 2 if dtype in ("bfloat16", "float16") else np.dtype(dtype).itemsize
 
 
 def _chat_encoder(tok, template):

@@ -174,7 +174,7 @@ def _step(graphdef, params, copies, carry, knobs, read: int):
     i, index = carry["i"], carry["index"]
     b = carry["done"].shape[0]
     assert cache_length(carry["cache"]) == read, "the cache is sized to the span it reads (_grow)"
-    # row r of a generation seeded s draws as a one-row generation seeded s + r (and as serving's request seeded s + r)
+    # row r of a generation seeded s draws as a one-row generation seeded s + r (and as choice r of serving's request)
     keys_b = row_keys(seed + jnp.arange(b, dtype=seed.dtype), jnp.full((b,), i))
     token = sample(carry["logits"], keys_b, temperature, top_k, top_p)
     token = jnp.where(carry["done"], stop_ids[0], token)
