@@ -83,7 +83,9 @@ def test_the_launcher_forwards_a_signal_and_reports_no_failure():
     """)
     ready = 0
     while ready < 2:
-        ready += proc.stdout.readline() == "ready\n"
+        line = proc.stdout.readline()
+        assert line, f"the launcher ended before its processes were ready (status {proc.wait()})"  # not a spin
+        ready += line == "ready\n"
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 130, out
