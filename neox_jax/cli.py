@@ -395,6 +395,13 @@ def cmd_serve(args):
                 ("max_body_bytes", "max_prompt_tokens", "max_tokens_cap") if (getattr(args, name) or 1) < 1]
     if args.grace < 0:
         problems.append(f"--grace={args.grace}: must be >= 0")
+    if args.mesh:
+        from neox_jax.sharding import parse_mesh
+
+        other = {axis: size for axis, size in parse_mesh(args.mesh).items() if axis != "tensor" and size != 1}
+        if other:
+            problems.append(f"--mesh {args.mesh}: the server splits a model over `tensor` only, on one host (give "
+                            f"tensor=N; {', '.join(f'{a}={s}' for a, s in other.items())} is not supported)")
     if problems:  # all before the model loads
         raise ValueError("; ".join(problems))
     keys = access.load_keys(args.api_keys)
@@ -402,6 +409,9 @@ def cmd_serve(args):
     tok = load_tokenizer(args.model, args.tokenizer)
     chat = _chat_encoder(tok, args.chat_template)
     model = _inference_model(args)
+    if jax.process_count() > 1:  # SLURM's or Open MPI's variables made it join a multi-process launch
+        raise ValueError(f"`neox-jax serve` runs in one process on one host; it was started as one of "
+                         f"{jax.process_count()}: start it outside the launcher")
     check_vocab(tok, model.config, "--tokenizer")
     engine = Engine(model, slots=args.max_batch, max_context=args.max_context, chunk=args.prefill_chunk,
                     max_queue=args.max_queue, prefill_budget=args.prefill_budget)

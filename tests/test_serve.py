@@ -449,6 +449,20 @@ def test_text_is_sent_in_whole_characters_and_never_shows_a_stop_strings_start(s
     assert "".join(pieces) + text.take(final=True)[0] == "the cat ran" and not text.stopped
 
 
+def test_serve_refuses_bad_settings_before_loading(serving_model, tmp_path, capsys):
+    from neox_jax.cli import main as cli
+
+    folder = str(serving_model[0])
+    assert cli(["serve", "--model", folder, "--mesh", "data=2,tensor=2", "--grace", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--grace=-1.0: must be >= 0" in err and "over `tensor` only" in err and "data=2 is not supported" in err
+    assert cli(["serve", "--model", folder, "--rate-limit", "requests=5/day"]) == 2
+    assert "'requests=5/day' is not requests=N/UNIT" in capsys.readouterr().err
+    (tmp_path / "keys").write_text("short\n")
+    assert cli(["serve", "--model", folder, "--api-keys", str(tmp_path / "keys")]) == 2
+    assert "shorter than 16 characters" in capsys.readouterr().err
+
+
 def test_token_limits_count_prompt_and_max_tokens_per_key():
     from neox_jax.access import RateLimiter, authenticate, key_id, parse_limits
 
