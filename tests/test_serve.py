@@ -32,7 +32,7 @@ def serving(engine, tok, chat=True, **settings):
 
     encoder = None
     if chat:
-        from neox_jax.cli import _chat_encoder
+        from neox_jax.inference_commands import _chat_encoder
 
         encoder = _chat_encoder(tok, None)
     service = Service(engine, tok, Settings(name="tiny", keys=[KEY.encode()], **settings), encoder)
