@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 
 from neox_jax import sharding as shd
 from neox_jax import slots as programs
-from neox_jax.generation import Sampling
+from neox_jax.generation import Sampling, weight_copies
 from neox_jax.model import GPTNeoX, cache_length, require_lm_head
 
 _COMPILES = [0]  # XLA compilations in this process: serving must not compile under traffic
@@ -153,11 +153,7 @@ class Engine:
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         if copies is None:  # generation.Generator's measured choice: on one CPU device, fused per-layer copies
             copies = jax.default_backend() == "cpu" and self.mesh is None and jax.process_count() == 1
-        self.copies = None
-        if copies:
-            kernel = self.params["embed_out"]["kernel"][...]
-            self.copies = {"layer_weights": model.fused_layers(),
-                           "output_kernel_vd": kernel.T.copy() if slots > 1 else None}
+        self.copies = weight_copies(model, output_kernel=slots > 1) if copies else None
         self.state = self._place(programs.init_state(self.graphdef, self.params, slots, self.lengths[0],
                                                      self.copies is not None))
         self.rows: list[_Row | None] = [None] * slots
@@ -194,15 +190,16 @@ class Engine:
             self.stats["resizes"] += 1
 
     def _prefill_chunk(self, slot: int, prompt: list[int], start: int, size: int, scores: bool):
-        ids = np.zeros(size, np.int32)
+        def padded(tokens):
+            ids = np.zeros(size, np.int32)
+            ids[:len(tokens)] = tokens
+            return ids
+
         part = prompt[start:start + size]
-        ids[:len(part)] = part
-        nxt = np.zeros(size, np.int32)
-        following = prompt[start + 1:start + size + 1]
-        nxt[:len(following)] = following
+        following = padded(prompt[start + 1:start + size + 1]) if scores else None  # what each position predicts
         self._resize_to(max(start + size, self.length))
-        self.state, out = programs.prefill(self.graphdef, self.params, self.copies, self.state, np.int32(slot), ids,
-                                   np.int32(start), np.int32(len(part) - 1), scores, nxt if scores else None)
+        self.state, out = programs.prefill(self.graphdef, self.params, self.copies, self.state, np.int32(slot),
+                                           padded(part), np.int32(start), np.int32(len(part) - 1), scores, following)
         self.stats["prefilled_tokens"] += len(part)
         return out
 
@@ -236,7 +233,7 @@ class Engine:
                 self.state = programs.fork(self.state, np.int32(0), np.int32(1), self.config.num_heads)
             for rows in row_buckets(self.slots):
                 self.state, out = programs.decode(self.graphdef, self.params, self.copies, self.state,
-                                          self._rows_args([], rows))
+                                                  self._rows_args([], rows))
         self._resize_to(1)
         jax.block_until_ready(self.state)
         self.stats.clear()
@@ -306,11 +303,7 @@ class Engine:
             drained = self.idle()
             for request in list(self.waiting) + [row.request for row in self.rows if row is not None]:
                 request.cancel()
-            self.lock.notify()
-        while self.thread is not None and self.thread.is_alive() and not self.idle():
-            time.sleep(0.01)
-        with self.lock:
-            self.thread_stop = True
+            self.thread_stop = True  # the loop frees the cancelled requests' slots, then returns
             self.lock.notify()
         if self.thread is not None:
             self.thread.join()

@@ -148,6 +148,20 @@ def _prefill(graphdef, params, copies, ids_bp, mask_bs, length: int):
     return logits[:, -1], cache
 
 
+def weight_copies(model: GPTNeoX, output_kernel: bool) -> dict:
+    """The decode layouts XLA's CPU backend reads fastest (see Generator): each layer's fused weights and, for
+    batches of 2 or more rows (`output_kernel`, or made later by `with_output_kernel`), the output kernel transposed."""
+    copies = {"layer_weights": model.fused_layers(), "output_kernel_vd": None}
+    return with_output_kernel(copies, nnx.state(model)) if output_kernel else copies
+
+
+def with_output_kernel(copies: dict, params) -> dict:
+    """`copies` with the [vocab, embed] output kernel (made once)."""
+    if copies["output_kernel_vd"] is None:
+        copies["output_kernel_vd"] = params["embed_out"]["kernel"][...].T.copy()
+    return copies
+
+
 def _weights(copies, batch: int) -> dict:
     """The model's keyword arguments for the generator's weight copies at this batch size (one row reads the
     model's own output kernel)."""
@@ -228,7 +242,7 @@ class Generator:
             raise ValueError("Generator(copies=True) makes its weight copies in one process: with several processes "
                              "the model's own weights are read (copies=None or False)")
         # the output kernel's: made at the first batch of 2 or more rows
-        self.copies = {"layer_weights": model.fused_layers(), "output_kernel_vd": None} if copies else None
+        self.copies = weight_copies(model, output_kernel=False) if copies else None
         sharding = getattr(jax.tree.leaves(self.params)[0], "sharding", None)
         self.replicated = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
 
@@ -254,8 +268,8 @@ class Generator:
         stop = np.asarray(list(stop_ids) or [-1], np.int32)
         ids, prompt_mask = pad_prompts(prompts, bucket, int(stop[0]) if stop[0] >= 0 else 0)
         b, p = ids.shape
-        if self.copies is not None and b > 1 and self.copies["output_kernel_vd"] is None:
-            self.copies["output_kernel_vd"] = self.params["embed_out"]["kernel"][...].T.copy()
+        if self.copies is not None and b > 1:
+            with_output_kernel(self.copies, self.params)
         length = round_up(p + max_new_tokens, bucket)
         mask = np.zeros((b, length), np.int32)
         mask[:, :p] = prompt_mask

@@ -14,6 +14,7 @@ import secrets
 import time
 
 from neox_jax.generation import Sampling
+from neox_jax.slots import TOP_LOGPROBS
 
 MAX_STOPS = 4  # OpenAI's
 UNSUPPORTED = {  # field: when it is refused
@@ -170,7 +171,7 @@ def parse_completion(body, tokenizer, caps: Caps) -> Params:
     c = _Checker(body, COMPLETION_FIELDS)
     common = _common(c, caps)
     echo = c.flag("echo")
-    logprobs = c.number("logprobs", None, 0, 5, whole=True)
+    logprobs = c.number("logprobs", None, 0, TOP_LOGPROBS, whole=True)
     max_tokens = _max_tokens(c, "max_tokens", 16, caps, floor=0)
     best_of = c.number("best_of", None, 1, whole=True)
     if best_of is not None and best_of != common["n"]:
@@ -212,7 +213,7 @@ def parse_chat(body, tokenizer, chat, caps: Caps) -> Params:
     c = _Checker(body, CHAT_FIELDS)
     common = _common(c, caps)
     want = c.flag("logprobs")
-    top = c.number("top_logprobs", 0, 0, 5, whole=True)
+    top = c.number("top_logprobs", 0, 0, TOP_LOGPROBS, whole=True)
     if top and not want:
         c.fail("top_logprobs", "top_logprobs: only with logprobs=true")
     limit_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"

@@ -19,8 +19,8 @@ being a mask times the value, is applied to each device's partial sums with the 
 masks one device draws), and attention dropout to each device's heads with their own keys (dropout.head_keys).
 
 The vocab-parallel embedding reduce-scatters its lookup into the split stream (`embed`); the output layer reads the
-final LayerNorm's output gathered (`GPTNeoX.final_hidden`): the vocab-parallel logits need every position of their vocabulary
-slice, and gathering [b, t, d] sends far fewer bytes than gathering the [d, V] kernel would.
+final LayerNorm's output gathered (`GPTNeoX.final_hidden`): the vocab-parallel logits need every position of their
+vocabulary slice, and gathering [b, t, d] sends far fewer bytes than gathering the [d, V] kernel would.
 """
 
 from __future__ import annotations

@@ -208,8 +208,9 @@ def test_every_problem_is_named_at_once_and_malformed_json_is_refused(server):
 
 
 def test_keys_limits_caps_and_a_full_queue(engine, serving_model, caplog):
-    """401 without or with a wrong key (the key, and prompts, never logged); 429 past the request limit with a Retry-After after
-    which the request goes through; 413 past the body cap; 400 past the prompt cap; 503 with a full queue."""
+    """401 without or with a wrong key (the key, and prompts, never logged); 429 past the request limit with a
+    Retry-After after which the request goes through; 413 past the body cap; 400 past the prompt cap; 503 with a full
+    queue."""
     import logging
 
     caplog.set_level(logging.INFO, "neox_jax.serve")
